@@ -1,0 +1,138 @@
+"""Loaders for GSM8K and BIG-Bench Mistake JSONL files, with errors that point at the bad line.
+
+Each loader reads the whole file before returning anything, so a malformed line
+fails the load cleanly instead of leaving a half-read data set behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from misstep.data.records import Chain
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read: names the file, the 1-based line and the field."""
+
+    def __init__(self, path: Path | str, line: int | None, field: str | None, problem: str):
+        self.path, self.line, self.field, self.problem = Path(path), line, field, problem
+        where = f"{path}:{line}" if line is not None else str(path)
+        what = f"field '{field}': " if field else ""
+        super().__init__(f"{where}: {what}{problem}")
+
+
+def sample_path(name: str) -> Path:
+    """A sample shipped inside the package, e.g. 'gsm8k/test.jsonl'."""
+    path = Path(str(files("misstep.data") / "samples" / name))
+    if not path.exists():
+        raise FileNotFoundError(f"no shipped sample named {name!r} (looked at {path})")
+    return path
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    if not path.exists():
+        raise DataFileError(path, None, None, "file does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(path, number, None, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise DataFileError(path, number, None, f"expected a JSON object, got {type(record).__name__}")
+            rows.append((number, record))
+    if not rows:
+        raise DataFileError(path, None, None, "file holds no records")
+    return rows
+
+
+def _field(path: Path, line: int, record: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in record:
+        raise DataFileError(path, line, name, "missing")
+    value = record[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int to Python, but `true` is never a step index or a count.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise DataFileError(path, line, name, f"expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def normalize_number(text: str) -> str:
+    """'1,000' -> '1000', '$18' -> '18': how GSM8K writes final answers."""
+    return text.replace(",", "").replace("$", "").strip()
+
+
+def load_gsm8k(path: Path | str) -> list[Chain]:
+    """GSM8K: the `answer` field is the valid chain, one step a line, final answer after '####'."""
+    path = Path(path)
+    chains = []
+    for line, record in _read_jsonl(path):
+        question = _field(path, line, record, "question", str)
+        solution = _field(path, line, record, "answer", str)
+        body, separator, final = solution.rpartition("####")
+        if not separator:
+            raise DataFileError(path, line, "answer", "has no final answer after '####'")
+        steps = tuple(step.strip() for step in body.strip().splitlines() if step.strip())
+        if not steps:
+            raise DataFileError(path, line, "answer", "has no reasoning steps before '####'")
+        answer = normalize_number(final)
+        chains.append(Chain(question=question, steps=steps, answer=answer, reference_answer=answer,
+                            source_id=f"{path.parent.name}/{path.name}:{line}", task="gsm8k", mistake_index=None))
+    return chains
+
+
+def load_big_bench_mistake(path: Path | str) -> list[Chain]:
+    """BIG-Bench Mistake: model-written traces with `mistake_index`, the people-labelled first mistake."""
+    path = Path(path)
+    chains = []
+    for line, record in _read_jsonl(path):
+        question = _field(path, line, record, "input", str)
+        steps = _field(path, line, record, "steps", list)
+        for i, step in enumerate(steps):
+            if not isinstance(step, str):
+                raise DataFileError(path, line, f"steps[{i}]", f"expected str, got {type(step).__name__}")
+        if not steps:
+            raise DataFileError(path, line, "steps", "is empty")
+        answer = _field(path, line, record, "answer", (str, int, float))
+        target = _field(path, line, record, "target", (str, int, float))
+        mistake = _field(path, line, record, "mistake_index", (int, type(None)))
+        if mistake is not None and not 0 <= mistake < len(steps):
+            raise DataFileError(path, line, "mistake_index", f"{mistake} is outside the {len(steps)} steps")
+        chains.append(Chain(question=question, steps=tuple(steps), answer=str(answer), reference_answer=str(target),
+                            source_id=f"{path.parent.name}/{path.name}:{line}", task=path.stem, mistake_index=mistake))
+    return chains
+
+
+LOADERS: dict[str, Callable[[Path], list[Chain]]] = {
+    "gsm8k": load_gsm8k,
+    "big-bench-mistake": load_big_bench_mistake,
+}
+
+
+def detect_format(path: Path | str) -> str:
+    """Which loader fits a file, from the keys of its first record."""
+    path = Path(path)
+    first_line, first = _read_jsonl(path)[0]
+    if {"question", "answer"} <= first.keys():
+        return "gsm8k"
+    if {"input", "steps", "mistake_index"} <= first.keys():
+        return "big-bench-mistake"
+    raise DataFileError(path, first_line, None,
+                        f"unknown format (keys {sorted(first)}): expected GSM8K (question, answer) "
+                        "or BIG-Bench Mistake (input, steps, answer, target, mistake_index)")
+
+
+def load_chains(path: Path | str, data_format: str | None = None) -> list[Chain]:
+    """Load any supported file; the format is detected unless given."""
+    data_format = data_format or detect_format(path)
+    if data_format not in LOADERS:
+        raise ValueError(f"unknown data format {data_format!r}; known: {', '.join(LOADERS)}")
+    return LOADERS[data_format](Path(path))

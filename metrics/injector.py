@@ -1,0 +1,247 @@
+"""A deterministic error injector: corrupts a valid GSM8K chain at a chosen step, with a
+chosen error type, and carries the wrong value through every later step.
+
+It is a program, not a model: held-out sets built with it have exact first-error
+labels, and it checks what stage 2 (the model's own corruption) should look like.
+The error-type names match the stage-1 signatures in misstep.signatures.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import replace
+
+from misstep.data.records import Chain
+from misstep.metrics.oracle import ANNOTATION, evaluate, first_error
+
+INJECTABLE_TYPES = ("arithmetic_slip", "wrong_operand", "wrong_operation", "skipped_step", "misread_quantity")
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|\*\*|[-+*/()%]")
+_SWAPS = {"+": "-", "-": "+", "*": "/", "/": "*"}
+
+
+class InjectionError(ValueError):
+    """This chain, step and error type cannot make a labelled error."""
+
+
+def format_number(value: float) -> str:
+    return str(int(round(value))) if abs(value - round(value)) < 1e-9 else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(n) for n in re.findall(r"\d+(?:\.\d+)?", text.replace(",", ""))]
+
+
+class _Step:
+    """One annotated step, split into the text before the annotation, the expression tokens and the rest."""
+
+    def __init__(self, text: str):
+        match = ANNOTATION.search(text)
+        self.text, self.match = text, match
+        self.tokens = _TOKEN.findall(match.group(1)) if match else []
+        self.value = evaluate(match.group(2)) if match and _is_number(match.group(2)) else None
+
+    @property
+    def annotated(self) -> bool:
+        return self.match is not None and self.value is not None and bool(self.tokens)
+
+    def operands(self) -> list[int]:
+        return [i for i, token in enumerate(self.tokens) if token[0].isdigit()]
+
+    def rewrite(self, tokens: list[str], value: float) -> str:
+        """The step's text with a new expression and result, visible arithmetic included."""
+        old_expr, old_result = self.match.group(1), self.match.group(2)
+        new_expr, new_result = "".join(tokens), format_number(value)
+        before, after = self.text[: self.match.start()], self.text[self.match.end():]
+        # The visible copy: '16 - 3 - 4 = <<16-3-4=9>>9' shows the expression and the result again.
+        visible = re.search(r"([\d.,$\s+\-*/x×÷()]+)=\s*\$?\s*$", before)
+        if visible and _numbers(visible.group(1)) == _numbers(old_expr):
+            pretty = " ".join(tokens).replace("( ", "(").replace(" )", ")")
+            before = before[: visible.start(1)] + (" " if visible.group(1).startswith(" ") else "") + pretty + " " + before[visible.end(1):]
+        shown = re.match(r"\$?(\d[\d,]*(?:\.\d+)?)", after)
+        if shown and shown.group(1).replace(",", "") == old_result:
+            after = after[: shown.start(1)] + new_result + after[shown.end(1):]
+        return f"{before}<<{new_expr}={new_result}>>{after}"
+
+
+def _is_number(text: str) -> bool:
+    return re.fullmatch(r"\s*-?\d+(?:\.\d+)?\s*", text) is not None
+
+
+def _value(tokens: list[str]) -> float:
+    value = evaluate("".join(tokens))
+    if value != value or abs(value) == float("inf"):
+        raise InjectionError(f"'{''.join(tokens)}' has no value (division by zero)")
+    return value
+
+
+def _replace_numbers(text: str, changed: dict[str, str]) -> str:
+    """Swap whole-number mentions of changed results in prose ('she has 9 eggs left')."""
+    for old, new in changed.items():
+        text = re.sub(rf"(?<![\d.]){re.escape(old)}(?![\d]|\.\d)", new, text)
+    return text
+
+
+def _propagate(steps: list[str], start: int, changed: dict[str, str]) -> list[str]:
+    """Recompute every step after `start` whose operands used a changed value."""
+    out = steps[:start]
+    for text in steps[start:]:
+        step = _Step(text)
+        if not step.annotated:
+            out.append(_replace_numbers(text, changed))
+            continue
+        tokens = [changed.get(t, t) if t[0].isdigit() else t for t in step.tokens]
+        if tokens == step.tokens:
+            out.append(text)
+            continue
+        value = _value(tokens)
+        old_result = format_number(step.value)
+        new_text = step.rewrite(tokens, value)
+        if format_number(value) != old_result:
+            changed = {**changed, old_result: format_number(value)}
+        out.append(new_text)
+    return out
+
+
+def applicable_steps(chain: Chain, error_type: str) -> list[int]:
+    """The steps of `chain` where `error_type` can be injected with an exact label."""
+    if error_type not in INJECTABLE_TYPES:
+        raise InjectionError(f"unknown error type {error_type!r}; injectable: {', '.join(INJECTABLE_TYPES)}")
+    parsed = [_Step(s) for s in chain.steps]
+    question_numbers = {format_number(n) for n in _numbers(chain.question)}
+    found = []
+    for k, step in enumerate(parsed):
+        if not step.annotated:
+            continue
+        operands = [step.tokens[i] for i in step.operands()]
+        if error_type == "arithmetic_slip":
+            found.append(k)
+        elif error_type == "wrong_operation" and any(t in _SWAPS for t in step.tokens):
+            found.append(k)
+        elif error_type == "misread_quantity" and any(format_number(float(t)) in question_numbers for t in operands):
+            found.append(k)
+        elif error_type == "wrong_operand" and _earlier_values(chain, parsed, k) - {format_number(float(t)) for t in operands}:
+            found.append(k)
+        elif error_type == "skipped_step" and _first_use(parsed, k) is not None and _start_value(step) is not None:
+            found.append(k)
+    return found
+
+
+def _earlier_values(chain: Chain, parsed: list[_Step], k: int) -> set[str]:
+    values = {format_number(n) for n in _numbers(chain.question)}
+    values |= {format_number(s.value) for s in parsed[:k] if s.annotated}
+    return values
+
+
+def _start_value(step: _Step) -> str | None:
+    """The value a step starts from (its first operand that is not its result)."""
+    result = format_number(step.value)
+    return next((step.tokens[i] for i in step.operands() if format_number(float(step.tokens[i])) != result), None)
+
+
+def _first_use(parsed: list[_Step], k: int) -> int | None:
+    result = format_number(parsed[k].value)
+    for j in range(k + 1, len(parsed)):
+        if parsed[j].annotated and result in [format_number(float(parsed[j].tokens[i])) for i in parsed[j].operands()]:
+            return j
+    return None
+
+
+def inject(chain: Chain, error_type: str, step: int | None = None, seed: int = 0) -> Chain:
+    """A copy of `chain` whose first error is of `error_type`, labelled in `mistake_index`.
+
+    `step` is the 0-based step to corrupt (chosen with `seed` among the applicable
+    ones when None). For a skipped step the label is where the chain first goes
+    wrong without it: the first later step that needed the skipped result.
+    """
+    if not chain.is_valid:
+        raise InjectionError(f"{chain.source_id}: the chain already has a mistake at step {chain.mistake_index}")
+    candidates = applicable_steps(chain, error_type)
+    if step is None:
+        if not candidates:
+            raise InjectionError(f"{chain.source_id}: no step where '{error_type}' applies")
+        step = random.Random(f"{seed}:{chain.source_id}:{error_type}").choice(candidates)
+    elif step not in candidates:
+        raise InjectionError(f"{chain.source_id}: '{error_type}' does not apply at step {step} (applicable: {candidates})")
+    rng = random.Random(f"{seed}:{chain.source_id}:{error_type}:{step}")
+    steps = list(chain.steps)
+    parsed = _Step(steps[step])
+    old_result = format_number(parsed.value)
+    tokens = list(parsed.tokens)
+    label = step
+
+    if error_type == "skipped_step":
+        # Drop the step; the next step that used its result takes the value the step started from.
+        use = _first_use([_Step(s) for s in steps], step)
+        changed = {old_result: format_number(float(_start_value(parsed)))}
+        steps = steps[:step] + steps[step + 1:]
+        return _finish(chain, _propagate(steps, step, changed), use - 1, changed)
+
+    if error_type == "arithmetic_slip":
+        value = parsed.value
+        wrong = value + rng.choice([1, -1, 2, 10, -10] if value >= 10 else [1, 2, 3, 10])
+        new_text = parsed.rewrite(tokens, wrong)
+    else:
+        if error_type == "wrong_operation":
+            ops = [i for i, t in enumerate(tokens) if t in _SWAPS]
+            rng.shuffle(ops)
+            for i in ops:
+                trial = tokens[:i] + [_SWAPS[tokens[i]]] + tokens[i + 1:]
+                if format_number(_value(trial)) != old_result:
+                    tokens = trial
+                    break
+        elif error_type == "misread_quantity":
+            question_numbers = {format_number(n) for n in _numbers(chain.question)}
+            i = rng.choice([i for i in parsed.operands() if format_number(float(tokens[i])) in question_numbers])
+            original = float(tokens[i])
+            tokens[i] = format_number(rng.choice([original + 1, original * 10, original + 10] if original < 10 else [original + 1, original - 1, original * 2]))
+        elif error_type == "wrong_operand":
+            i = rng.choice(parsed.operands())
+            others = sorted(_earlier_values(chain, [_Step(s) for s in chain.steps], step) - {tokens[i]})
+            tokens[i] = rng.choice(others)
+        wrong = _value(tokens)
+        if format_number(wrong) == old_result:
+            raise InjectionError(f"{chain.source_id}: '{error_type}' at step {step} leaves the result unchanged")
+        new_text = parsed.rewrite(tokens, wrong)
+    steps[step] = new_text
+    changed = {old_result: format_number(wrong)}
+    return _finish(chain, _propagate(steps, step + 1, changed), label, changed)
+
+
+def _finish(chain: Chain, steps: list[str], label: int, changed: dict[str, str]) -> Chain:
+    # The final answer moves with the values it was computed from.
+    answer = chain.answer
+    final_results = [format_number(s.value) for s in map(_Step, steps) if s.annotated]
+    original_results = [format_number(s.value) for s in map(_Step, chain.steps) if s.annotated]
+    if original_results and answer == original_results[-1] and final_results:
+        answer = final_results[-1]
+    else:
+        answer = changed.get(answer, answer)
+    # Every label must be one the oracle confirms, so a held-out set never holds an
+    # error that is only there by the injector's say-so (a wrong value that happens to
+    # equal another right one, say).
+    found = first_error(steps, reference=chain.steps)
+    if found != label:
+        raise InjectionError(f"{chain.source_id}: the oracle finds the first error at {found}, not at {label}")
+    return replace(chain, steps=tuple(steps), answer=answer, mistake_index=label)
+
+
+def inject_many(chains: list[Chain], error_types: list[str] | tuple[str, ...] = INJECTABLE_TYPES,
+                seed: int = 0, require_answer_change: bool = True) -> list[tuple[Chain, Chain, str]]:
+    """(valid, corrupted, error type) for each chain, cycling through error types and
+    skipping chains where none applies. With `require_answer_change`, only errors that
+    change the final answer count: an error that does not matter is no test of recovery.
+    The result is a pure function of the inputs."""
+    out = []
+    for n, chain in enumerate(chains):
+        order = list(error_types[n % len(error_types):]) + list(error_types[: n % len(error_types)])
+        for error_type in order:
+            try:
+                corrupted = inject(chain, error_type, seed=seed)
+            except InjectionError:
+                continue
+            if require_answer_change and corrupted.answer == chain.answer:
+                continue
+            out.append((chain, corrupted, error_type))
+            break
+    return out
