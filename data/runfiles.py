@@ -1,0 +1,70 @@
+"""Run-directory files that survive a kill: atomic JSON, and JSONL that is appended record by record."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2, default=str)
+            out.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class JsonlLog:
+    """An append-only JSONL file of finished records, for runs that resume.
+
+    Each record is one line, flushed as it is written. On reopening, a last line cut
+    short by a kill is dropped from the file, so only whole records are ever read back.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.records = list(self._read_whole_records())
+        self._out = path.open("a", encoding="utf-8")
+
+    def _read_whole_records(self) -> Iterator[dict[str, Any]]:
+        if not self.path.exists():
+            return
+        good_bytes = 0
+        with self.path.open("rb") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the torn tail of a killed run; everything before it is whole
+                if not line.endswith(b"\n"):
+                    break
+                good_bytes += len(line)
+                yield record
+        if good_bytes < self.path.stat().st_size:
+            with self.path.open("r+b") as handle:
+                handle.truncate(good_bytes)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._out.write(json.dumps(record, default=str) + "\n")
+        self._out.flush()
+        self.records.append(record)
+
+    def close(self) -> None:
+        self._out.close()
+
+    def __enter__(self) -> "JsonlLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,33 @@
+"""`local_lm`: a `dspy.LM` over a local model, the one door the programs use to reach weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dspy
+
+from misstep.lm.engine import EmbeddedEngine
+from misstep.lm.models import DEFAULT_MODEL, fingerprint, resolve_model
+
+# ChatAdapter ends every answer with this marker; stopping there saves a small model
+# from rambling on to its token limit (the adapter parses fields, not the marker).
+CHAT_STOP = ("[[ ## completed ## ]]",)
+
+
+def lm_name(model_dir: Path) -> str:
+    """`local/<folder>-<weights hash>`: DSPy caches by model name alone, so new weights need a new name."""
+    return f"local/{model_dir.name}-{fingerprint(model_dir)}"
+
+
+def local_lm(model: str | Path = DEFAULT_MODEL, *, engine: EmbeddedEngine | None = None,
+             temperature: float = 0.0, max_tokens: int = 384, seed: int | None = 0, cache: bool = True,
+             max_batch_size: int = 8, cache_dir: Path | str | None = None) -> dspy.LM:
+    """A `dspy.LM` whose requests run in-process on `model` (a registry name or a model folder).
+
+    Pass `engine` to share one loaded model between several LMs (say, student and judge
+    at different temperatures).
+    """
+    model_dir = engine.model_dir if engine is not None else resolve_model(model, cache_dir)
+    engine = engine or EmbeddedEngine(model_dir, max_batch_size=max_batch_size)
+    return dspy.LM(lm_name(model_dir), engine=engine, temperature=temperature, max_tokens=max_tokens,
+                   seed=seed, stop=list(CHAT_STOP), cache=cache, num_retries=0)

@@ -1,0 +1,235 @@
+"""The embedded engine: in-process generation with transformers behind a `dspy.LM`.
+
+DSPy evaluates examples on threads and each thread calls `complete` on its own.
+One worker thread owns the model; it gathers the requests that arrive together
+into one batch and decodes them in a single loop with a shared KV cache, dropping
+each row as it finishes. Every row keeps its own temperature, top-p/top-k, token
+limit, stop strings and random generator, so a seeded request samples the same text
+whatever else is in its batch; temperature 0 is greedy and deterministic.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from dspy.clients.engines.base import validate_request
+from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, response_to_events
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+
+@dataclass
+class _Job:
+    messages: list[dict[str, str]]
+    max_new_tokens: int
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    stop: tuple[str, ...]
+    seed: int | None
+    future: Future = field(default_factory=Future)
+    prompt_ids: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters for benchmarks: what the engine did and how long decoding took."""
+
+    requests: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    busy_seconds: float = 0.0
+
+
+class EmbeddedEngine:
+    """A DSPy engine (`complete(Request) -> Response`) running a local Hugging Face model."""
+
+    def __init__(self, model_dir: Path | str, *, max_batch_size: int = 8, gather_window_s: float = 0.02,
+                 default_max_tokens: int = 512, device: str | None = None):
+        self.model_dir = Path(model_dir)
+        self.max_batch_size = max_batch_size
+        self.gather_window_s = gather_window_s
+        self.default_max_tokens = default_max_tokens
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer.padding_side = "left"
+        # fp32 on CPU: bf16 there was slower and gave degenerate text (ENVIRONMENT.md).
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        self.max_context = getattr(self.model.config, "max_position_embeddings", 2048)
+        self.eos_ids = self._eos_ids()
+        self.stats = EngineStats()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._serve, name=f"misstep-engine-{self.model_dir.name}", daemon=True)
+        self._closed = False
+        self._worker.start()
+        # Stop the worker before the interpreter tears torch down under it.
+        atexit.register(self.close)
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = self.model.generation_config.eos_token_id
+        ids |= set(eos) if isinstance(eos, list) else {eos}
+        return {i for i in ids if i is not None}
+
+    # ---- the DSPy engine contract -------------------------------------------------
+    def complete(self, request) -> Response:
+        validate_request(request)
+        if self._closed:
+            raise RuntimeError("the embedded engine is closed")
+        config = request.config
+        messages = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+            messages.append({"role": "system", "content": system})
+        messages += [{"role": m.role if m.role != "developer" else "system", "content": m.text or ""}
+                     for m in request.messages]
+        job = _Job(messages=messages, max_new_tokens=config.max_tokens or self.default_max_tokens,
+                   temperature=config.temperature or 0.0, top_p=config.top_p, top_k=config.top_k,
+                   stop=tuple(config.stop or ()), seed=config.seed)
+        self._queue.put(job)
+        job.future.result()
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        for stop in job.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        return Response(id=None, model=self.model_dir.name, message=Message.assistant([TextPart(text)]),
+                        finish_reason=job.finish_reason,
+                        usage=Usage(input_tokens=len(job.prompt_ids), output_tokens=len(job.tokens)))
+
+    def stream(self, request):
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._worker.join(timeout=30)
+
+    def dump_state(self) -> dict:
+        return {"model_dir": str(self.model_dir), "max_batch_size": self.max_batch_size}
+
+    @classmethod
+    def load_state(cls, state: dict) -> "EmbeddedEngine":
+        return cls(state["model_dir"], max_batch_size=state.get("max_batch_size", 8))
+
+    # ---- the worker ------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            deadline = time.monotonic() + self.gather_window_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(more)
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # a failed batch fails its requests, never the worker
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+
+    def _prepare(self, job: _Job) -> None:
+        text = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
+        job.prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        room = self.max_context - len(job.prompt_ids)
+        if room <= 0:
+            raise ContextLengthError(f"prompt of {len(job.prompt_ids)} tokens does not fit the "
+                                     f"{self.max_context}-token context of {self.model_dir.name}")
+        job.max_new_tokens = min(job.max_new_tokens, room)
+        if job.temperature > 0:
+            job.generator = torch.Generator(device=self.device)
+            job.generator.manual_seed(job.seed if job.seed is not None else random.randrange(2**63))
+
+    @torch.inference_mode()
+    def _run_batch(self, batch: list[_Job]) -> None:
+        started = time.perf_counter()
+        jobs = []
+        for job in batch:
+            try:
+                self._prepare(job)
+                jobs.append(job)
+            except Exception as exc:
+                job.future.set_exception(exc)
+        if not jobs:
+            return
+        width = max(len(j.prompt_ids) for j in jobs)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        active = list(jobs)
+        while active:
+            next_tokens = self._pick(logits, active)
+            keep = []
+            for row, (job, token) in enumerate(zip(active, next_tokens.tolist())):
+                if token in self.eos_ids:
+                    job.finish_reason = "stop"
+                else:
+                    job.tokens.append(token)
+                    if job.stop and self._hit_stop(job):
+                        job.finish_reason = "stop"
+                    elif len(job.tokens) < job.max_new_tokens:
+                        keep.append(row)
+                        continue
+                job.future.set_result(None)
+            if not keep:
+                break
+            if len(keep) < len(active):  # finished rows leave the batch and the KV cache
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
+                active = [active[row] for row in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = self.model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True).logits[:, -1, :]
+        self.stats.requests += len(jobs)
+        self.stats.batches += 1
+        self.stats.prompt_tokens += sum(len(j.prompt_ids) for j in jobs)
+        self.stats.generated_tokens += sum(len(j.tokens) for j in jobs)
+        self.stats.busy_seconds += time.perf_counter() - started
+
+    def _hit_stop(self, job: _Job) -> bool:
+        tail = self.tokenizer.decode(job.tokens[-16:], skip_special_tokens=True)
+        return any(stop in tail for stop in job.stop)
+
+    def _pick(self, logits: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:
+        """The next token of every row: greedy at temperature 0, else sampled with the row's own generator."""
+        picks = logits.argmax(dim=-1)
+        for row, job in enumerate(jobs):
+            if job.temperature <= 0:
+                continue
+            scores = logits[row].float() / job.temperature
+            if job.top_k:
+                cutoff = torch.topk(scores, min(job.top_k, scores.numel())).values[-1]
+                scores = scores.masked_fill(scores < cutoff, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            if job.top_p is not None and job.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                drop = sorted_probs.cumsum(-1) - sorted_probs > job.top_p
+                probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+            picks[row] = torch.multinomial(probs, 1, generator=job.generator)[0]
+        return picks

@@ -1,0 +1,80 @@
+"""Held-out evaluation of the self-corrector against labels no model wrote.
+
+Location: the model reads a chain and names its first wrong step, or "no mistake"
+(BIG-Bench Mistake's protocol: only the exact step counts). Recovery: the model is
+told the labelled first-error step and rewrites the chain from there (the paper's
+backtracking setting); success is reaching the correct final answer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import dspy
+
+from misstep.data.records import Chain
+from misstep.metrics.checks import location_correct
+from misstep.metrics.injector import inject_many
+from misstep.metrics.oracle import answers_match, first_error
+from misstep.metrics.stats import majority_baseline, rate
+from misstep.programs.parallel import map_threads
+from misstep.programs.self_corrector import SelfCorrector
+
+
+def injected_gsm8k(chains: list[Chain], limit: int, seed: int = 0) -> list[Chain]:
+    """`limit` oracle-labelled invalid chains from valid GSM8K chains, error types in turn."""
+    valid = [c for c in chains if first_error(c.steps) is None]  # a few GSM8K solutions have slips of their own
+    return [corrupted for _, corrupted, _ in inject_many(valid, seed=seed)][:limit]
+
+
+def evaluate_chain(corrector: SelfCorrector, chain: Chain, recover: bool = True) -> dict[str, Any]:
+    """Locate the first error of one labelled chain and, where it has one, recover from it."""
+    located = corrector(question=chain.question, steps=chain.steps)
+    record: dict[str, Any] = {
+        "source_id": chain.source_id, "task": chain.task, "gold": chain.mistake_index,
+        "parsed": located.locate.ok, "predicted": located.first_error,
+        "location_ok": located.locate.ok and location_correct(located.first_error, chain.mistake_index),
+        "locate_raw": located.locate.raw,
+    }
+    if recover and chain.mistake_index is not None:
+        recovered = corrector(question=chain.question, steps=chain.steps, error_index=chain.mistake_index)
+        record["recover_parsed"] = recovered.recover.ok
+        record["final_answer"] = recovered.final_answer
+        record["recovery_ok"] = answers_match(recovered.final_answer, chain.reference_answer)
+    return record
+
+
+def evaluate_chains(corrector: SelfCorrector, chains: list[Chain], *, lm: dspy.LM, num_threads: int = 8,
+                    recover: bool = True, done: set[str] = frozenset(), on_record=None) -> list[dict[str, Any]]:
+    """Evaluate every chain not in `done`; `on_record` sees each record as it finishes (to checkpoint it)."""
+    records = []
+    todo = [c for c in chains if c.source_id not in done]
+    for _, record in map_threads(lambda c: evaluate_chain(corrector, c, recover), todo, lm=lm,
+                                 num_threads=num_threads, description="evaluating"):
+        records.append(record)
+        if on_record:
+            on_record(record)
+    return records
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task (and 'all'): location accuracy, parse rate, recovery success, each with a 95% interval,
+    beside the majority-label baseline a model must beat."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_task[record["task"]].append(record)
+    if len(by_task) > 1:
+        by_task["all"] = list(records)
+    summary = {}
+    for task, rows in sorted(by_task.items()):
+        with_mistake = [r for r in rows if r["gold"] is not None and "recovery_ok" in r]
+        summary[task] = {
+            "n": len(rows),
+            "location_accuracy": rate(r["location_ok"] for r in rows),
+            "majority_baseline": majority_baseline([r["gold"] for r in rows]),
+            "locate_parsed": rate(r["parsed"] for r in rows),
+            "recovery_success": rate(r["recovery_ok"] for r in with_mistake),
+            "recover_parsed": rate(r["recover_parsed"] for r in with_mistake),
+        }
+    return summary

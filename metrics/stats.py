@@ -1,0 +1,64 @@
+"""Rates with 95% confidence intervals, and the judge's agreement with ground truth."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Rate:
+    """k successes out of n, with a Wilson 95% interval (well-behaved at 0, n and small n)."""
+
+    k: int
+    n: int
+
+    @property
+    def value(self) -> float:
+        return self.k / self.n if self.n else math.nan
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.k, self.n)
+
+    def to_dict(self) -> dict:
+        low, high = self.interval
+        return {**asdict(self), "value": self.value, "low": low, "high": high}
+
+    def __str__(self) -> str:
+        if not self.n:
+            return "n/a (0)"
+        low, high = self.interval
+        return f"{self.value:.3f} [{low:.3f}, {high:.3f}] ({self.k}/{self.n})"
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate(flags) -> Rate:
+    flags = list(flags)
+    return Rate(sum(bool(f) for f in flags), len(flags))
+
+
+def agreement(predicted: list[bool], truth: list[bool]) -> dict[str, Rate]:
+    """Precision and recall of `predicted` against `truth` (say, the judge against the oracle)."""
+    pairs = list(zip(predicted, truth))
+    return {
+        "precision": rate(t for p, t in pairs if p),
+        "recall": rate(p for p, t in pairs if t),
+        "accuracy": rate(p == t for p, t in pairs),
+    }
+
+
+def majority_baseline(labels: list) -> Rate:
+    """Accuracy of always answering the most common label: the floor a real model must beat."""
+    if not labels:
+        return Rate(0, 0)
+    return Rate(Counter(labels).most_common(1)[0][1], len(labels))

@@ -1,0 +1,75 @@
+"""Few-shot demonstrations built from ground truth, so a small model learns each stage's format.
+
+SmolLM2-135M, shown only the ChatAdapter instructions, answers with Python code; one
+or two worked examples in the prompt make it answer in fields. The examples come from
+the deterministic injector on training chains (never the held-out ones), so they are
+exact and no model wrote them. Rounds of compiling replace them with the model's own
+kept traces.
+"""
+
+from __future__ import annotations
+
+import dspy
+
+from misstep.data.records import Chain, format_steps
+from misstep.metrics.injector import inject_many
+from misstep.metrics.oracle import ANNOTATION, first_error
+
+# Error types whose corrupted chain keeps the valid chain's step count, so that the valid
+# steps from the error on are exactly the recovery (a skipped step would need one back).
+_ALIGNED_TYPES = ("arithmetic_slip", "wrong_operand", "wrong_operation", "misread_quantity")
+
+
+def _describe(valid: Chain, invalid: Chain) -> str:
+    step = invalid.mistake_index
+    right, wrong = ANNOTATION.search(valid.steps[step]), ANNOTATION.search(invalid.steps[step])
+    return (f"Step {step + 1} computes {wrong.group(1)} = {wrong.group(2)} "
+            f"where the correct calculation is {right.group(1)} = {right.group(2)}.")
+
+
+def _recovery(steps, answer: str) -> str:
+    return format_steps(steps) + f"\nFinal answer: {answer}"
+
+
+def ground_truth_demos(chains: list[Chain], k: int = 2, seed: int = 0) -> dict[str, list[dspy.Example]]:
+    """Up to `k` demos for each of the six stages, by predictor name, from valid chains."""
+    valid_chains = [c for c in chains if c.is_valid and first_error(c.steps) is None]
+    triples = inject_many(valid_chains, error_types=_ALIGNED_TYPES, seed=seed)[:k]
+    demos: dict[str, list[dspy.Example]] = {name: [] for name in
+                                            ("describe", "corrupt", "locate", "recover", "judge", "curate")}
+    for n, (valid, invalid, _) in enumerate(triples):
+        step, description = invalid.mistake_index, _describe(valid, invalid)
+        valid_text, invalid_text = format_steps(valid.steps), format_steps(invalid.steps)
+        # The judge is shown whole recovered chains, as the Judge program formats them.
+        good = _recovery(valid.steps, valid.answer)
+        bad = _recovery(invalid.steps, invalid.answer)
+        demos["describe"].append(dspy.Example(question=valid.question, valid_chain=valid_text, mistake_step=step + 1,
+                                              mistake_description=description))
+        demos["corrupt"].append(dspy.Example(question=valid.question, valid_chain=valid_text, mistake_step=step + 1,
+                                             mistake_description=description, invalid_chain=invalid_text,
+                                             invalid_answer=invalid.answer))
+        demos["locate"].append(dspy.Example(question=valid.question, chain=invalid_text, has_mistake=True,
+                                            first_error_step=step + 1))
+        demos["recover"].append(dspy.Example(question=valid.question, chain=invalid_text, first_error_step=step + 1,
+                                             recovered_steps="\n".join(valid.steps[step:]), final_answer=valid.answer))
+        # The judge sees one recovery that works and one that repeats the mistake, in turn.
+        succeeded = n % 2 == 0
+        recovery = good if succeeded else bad
+        demos["judge"].append(dspy.Example(question=valid.question, invalid_chain=invalid_text, recovery=recovery,
+                                           correct_chain=valid_text, recovery_succeeded=succeeded, confidence=0.9))
+        demos["curate"].append(dspy.Example(
+            question=valid.question, correct_chain=valid_text, mistake_description=description,
+            invalid_chain=invalid_text, first_error_step=step + 1, recovery=recovery, recovery_succeeded=succeeded,
+            keep=succeeded, quality=0.9 if succeeded else 0.1,
+            reason="The mistake is located and fixed." if succeeded else "The recovery repeats the mistake."))
+    return demos
+
+
+def attach_demos(program: dspy.Module, demos: dict[str, list[dspy.Example]]) -> dspy.Module:
+    """Give every stage predictor of `program` its demos (matched by predictor name)."""
+    for name, predictor in program.named_predictors():
+        stage = name.rsplit(".", 1)[-1]
+        if stage in demos:
+            predictor.demos = list(demos[stage])
+    return program
+

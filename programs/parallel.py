@@ -1,0 +1,51 @@
+"""Run a function over many items on threads, with a progress bar, yielding results as they finish.
+
+DSPy modules are thread-safe and the embedded engine batches requests that arrive
+together, so the number of threads is the batch size the engine gets to fill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import TypeVar
+
+import dspy
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def default_adapter() -> dspy.ChatAdapter:
+    """ChatAdapter without its JSON-mode retry: a local engine ignores response_format,
+    so the retry would only spend a second call on the same unparsable answer."""
+    return dspy.ChatAdapter(use_json_adapter_fallback=False)
+
+
+def progress_bar(**kwargs) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), **kwargs)
+
+
+def map_threads(function: Callable[[Item], Result], items: Iterable[Item], *, lm: dspy.LM,
+                adapter: dspy.Adapter | None = None, num_threads: int = 8, description: str = "working",
+                show_progress: bool = True) -> Iterator[tuple[Item, Result]]:
+    """(item, function(item)) in completion order, each call under `lm` and `adapter`.
+
+    They are passed explicitly because DSPy's `dspy.context` is per thread: a worker
+    thread would not see the caller's.
+    """
+    items = list(items)
+    adapter = adapter or default_adapter()
+
+    def call(item: Item) -> Result:
+        with dspy.context(lm=lm, adapter=adapter):
+            return function(item)
+
+    with progress_bar(disable=not show_progress) as progress, ThreadPoolExecutor(num_threads) as pool:
+        task = progress.add_task(description, total=len(items))
+        futures = {pool.submit(call, item): item for item in items}
+        for future in as_completed(futures):
+            progress.advance(task)
+            yield futures[future], future.result()
