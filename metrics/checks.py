@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from misstep.data.records import Scenario
+from misstep.data.records import STAGES, Scenario
+from misstep.metrics.stats import agreement, rate
 from misstep.metrics.oracle import answers_match, first_error
 from misstep.programs.self_corrector import SelfCorrector
 
@@ -35,5 +36,30 @@ def check_scenario(scenario: Scenario) -> dict[str, Any]:
         checks["recovered_first_error"] = first_error(scenario.recovered_steps)
     verdict = scenario.output("judge", "recovery_succeeded")
     if verdict is not None and "recovery_ok" in checks:
+        checks["judge_verdict"] = bool(verdict)
         checks["judge_agrees"] = bool(verdict) == checks["recovery_ok"]
     return checks
+
+
+def summarize_scenarios(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a generate run produced: per stage how many parsed, failed or were skipped, and the
+    oracle's view of the scenarios (injection, location, recovery, judge agreement)."""
+    stages = {}
+    for stage in STAGES:
+        results = [r["stages"].get(stage) for r in records]
+        stages[stage] = {
+            "parsed": sum(1 for s in results if s and s["ok"]),
+            "unparsable": sum(1 for s in results if s and not s["ok"] and s["error"] == "unparsable output"),
+            "skipped": sum(1 for s in results if s is None or (s["error"] or "").startswith("skipped")),
+        }
+        stages[stage]["other_errors"] = len(results) - sum(stages[stage].values())
+    checked = [r["oracle"] for r in records if r["oracle"]]
+    judged = [c for c in checked if "judge_agrees" in c]
+    return {
+        "scenarios": len(records),
+        "stages": stages,
+        "injection_ok": rate(c["injection_ok"] for c in checked),
+        "location_ok": rate(c["location_ok"] for c in checked if "location_ok" in c),
+        "recovery_ok": rate(c["recovery_ok"] for c in checked if "recovery_ok" in c),
+        "judge": agreement([c["judge_verdict"] for c in judged], [c["recovery_ok"] for c in judged]),
+    }

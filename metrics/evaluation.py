@@ -11,14 +11,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-import dspy
-
 from misstep.data.records import Chain
 from misstep.metrics.checks import location_correct
 from misstep.metrics.injector import inject_many
 from misstep.metrics.oracle import answers_match, first_error
 from misstep.metrics.stats import majority_baseline, rate
-from misstep.programs.parallel import map_threads
 from misstep.programs.self_corrector import SelfCorrector
 
 
@@ -43,19 +40,6 @@ def evaluate_chain(corrector: SelfCorrector, chain: Chain, recover: bool = True)
         record["final_answer"] = recovered.final_answer
         record["recovery_ok"] = answers_match(recovered.final_answer, chain.reference_answer)
     return record
-
-
-def evaluate_chains(corrector: SelfCorrector, chains: list[Chain], *, lm: dspy.LM, num_threads: int = 8,
-                    recover: bool = True, done: set[str] = frozenset(), on_record=None) -> list[dict[str, Any]]:
-    """Evaluate every chain not in `done`; `on_record` sees each record as it finishes (to checkpoint it)."""
-    records = []
-    todo = [c for c in chains if c.source_id not in done]
-    for _, record in map_threads(lambda c: evaluate_chain(corrector, c, recover), todo, lm=lm,
-                                 num_threads=num_threads, description="evaluating"):
-        records.append(record)
-        if on_record:
-            on_record(record)
-    return records
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -30,19 +30,22 @@ class NotArithmetic(ValueError):
     """The text is not a plain arithmetic expression the oracle can evaluate."""
 
 
-def _normalize(expression: str) -> str:
+def _normalize(expression: str, percent: str = "fraction") -> str:
     text = expression.replace("$", "").replace(",", "").replace("−", "-")
     text = text.replace("×", "*").replace("÷", "/").replace("^", "**")
     text = re.sub(r"(?<=[\d)])(\s*)x(\s*)(?=[\d(.])", r"\1*\2", text)  # '3 x 4', never the '3x' of algebra
-    text = re.sub(r"(\d(?:\.\d+)?)%", r"(\1/100)", text)
+    text = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)" if percent == "fraction" else r"\1", text)
     text = re.sub(r"(?<![\d.])0+(?=\d)", "", text)  # '01' is a number on paper, not to Python
     return text.strip()
 
 
-def evaluate(expression: str) -> float:
-    """Evaluate +, -, *, /, //, %, ** over numbers, by walking the syntax tree."""
+def evaluate(expression: str, percent: str = "fraction") -> float:
+    """Evaluate +, -, *, /, //, %, ** over numbers, by walking the syntax tree.
+
+    `percent` reads '20%' as 0.2 ("fraction") or as 20 ("drop"): people write both.
+    """
     try:
-        tree = ast.parse(_normalize(expression), mode="eval")
+        tree = ast.parse(_normalize(expression, percent), mode="eval")
     except SyntaxError:
         raise NotArithmetic(expression) from None
 
@@ -89,10 +92,15 @@ class Claim:
     claimed_text: str
     actual: float
     claimed: float
+    # Where a '%' makes two readings possible ('12/20 x 100% = 60%', '18/450 x 100 = 4%'),
+    # the (actual, claimed) pair of the other reading; the claim holds if either does.
+    other_reading: tuple[float, float] | None = None
 
     @property
     def ok(self) -> bool:
-        return same_number(self.actual, self.claimed, _claimed_literal(self.claimed_text))
+        literal = _claimed_literal(self.claimed_text)
+        readings = [(self.actual, self.claimed)] + ([self.other_reading] if self.other_reading else [])
+        return any(same_number(actual, claimed, literal) for actual, claimed in readings)
 
 
 def _claimed_literal(text: str) -> str:
@@ -122,8 +130,8 @@ def _whole_expression(candidate: str, *, at_start: bool) -> tuple[str, float] | 
     """
     if at_start:  # leading punctuation ends the sentence before; '.25' is a number
         expression = re.sub(r"^(?:[\s,;:]|\.(?!\d))+", "", candidate).strip()
-    else:  # '= 4%.' claims the number 4, as people write percentages
-        expression = re.sub(r"%?[\s,.;:]*$", "", candidate).strip()
+    else:
+        expression = re.sub(r"[\s,.;:]*$", "", candidate).strip()
     if not re.search(r"\d", expression) or re.match(r"([+*/x×÷^]|-\s)", expression):
         return None
     try:
@@ -138,7 +146,7 @@ def plain_claims(text: str) -> list[Claim]:
     claims = []
     for left_text, right_text in zip(segments, segments[1:]):
         right_run = _arith_prefix(right_text.lstrip())
-        if re.match(r"[A-Za-z]", right_text.lstrip()[len(right_run):]):
+        if re.search(r"\d$", right_run) and re.match(r"[A-Za-z]", right_text.lstrip()[len(right_run):]):
             continue  # '240g/5': a unit glued to the number means the run goes on past it
         left = _whole_expression(_arith_suffix(left_text), at_start=True)
         right = _whole_expression(right_run, at_start=False)
@@ -146,7 +154,10 @@ def plain_claims(text: str) -> list[Claim]:
             continue
         if not (_has_operator(left[0]) or _has_operator(right[0])):
             continue  # '5 = 5' states nothing to check
-        claims.append(Claim(left[0], right[0], left[1], right[1]))
+        other = None
+        if "%" in left[0] + right[0]:
+            other = (evaluate(left[0], percent="drop"), evaluate(right[0], percent="drop"))
+        claims.append(Claim(left[0], right[0], left[1], right[1], other))
     return claims
 
 

@@ -1,0 +1,177 @@
+"""The `misstep` command line: a thin shell over misstep.optimize.jobs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
+from misstep.data import DataFileError, load_chains, sample_path
+from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
+from misstep.optimize.demos import ground_truth_demos
+from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
+from misstep.signatures import ERROR_TYPES
+
+app = typer.Typer(help="Teach a local language model to find and recover from reasoning errors.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+
+ModelOption = Annotated[str, typer.Option(help=f"registered model ({', '.join(REGISTRY)}) or a local HF model folder")]
+ThreadsOption = Annotated[int, typer.Option(min=1, help="concurrent requests (the engine batches them)")]
+DemosOption = Annotated[int, typer.Option(min=0, help="ground-truth demos per stage, built from --demo-data")]
+DemoDataOption = Annotated[Path | None, typer.Option(help="valid GSM8K chains for demos (default: shipped train sample)")]
+RunDirOption = Annotated[Path | None, typer.Option(help="where results go; rerun with the same one to resume")]
+MaxTokensOption = Annotated[int, typer.Option(min=1, help="token limit per model answer")]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _load(path: Path):
+    try:
+        return load_chains(path)
+    except (DataFileError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _run_dir(run_dir: Path | None, job: str) -> Path:
+    return run_dir or Path("runs") / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _demos(k: int, demo_data: Path | None, seed: int, exclude: set[str]):
+    if not k:
+        return {}
+    chains = [c for c in _load(demo_data or sample_path("gsm8k/train.jsonl")) if c.source_id not in exclude]
+    return ground_truth_demos(chains, k=k, seed=seed)
+
+
+def _lm(model: str, temperature: float, max_tokens: int, seed: int, threads: int):
+    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)  # one "truncated" warning per answer drowns the bar
+    try:
+        model_dir = resolve_model(model)
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+    return local_lm(model_dir, temperature=temperature, max_tokens=max_tokens, seed=seed, max_batch_size=threads)
+
+
+def _rate_cell(rate: dict) -> str:
+    if not rate["n"]:
+        return "n/a"
+    return f"{rate['value']:.3f} [{rate['low']:.2f}, {rate['high']:.2f}] ({rate['k']}/{rate['n']})"
+
+
+@app.command("generate")
+def generate_command(
+    data: Annotated[Path | None, typer.Option(help="valid chains (GSM8K JSONL); default: shipped train sample")] = None,
+    chains: Annotated[int, typer.Option(min=1, help="how many chains to run the cycle over")] = 8,
+    error_type: Annotated[list[str] | None, typer.Option(help="error type(s) to use, in turn; default: all")] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    run_dir: RunDirOption = None,
+    threads: ThreadsOption = 8,
+    demos: DemosOption = 2,
+    demo_data: DemoDataOption = None,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    max_tokens: MaxTokensOption = 320,
+    seed: int = 0,
+) -> None:
+    """Run all six stages over N valid chains; write the scenarios and a summary into a run directory."""
+    types = error_type or sorted(ERROR_TYPES)
+    for name in types:
+        if name not in ERROR_TYPES:
+            _fail(f"unknown --error-type {name!r}; registered: {', '.join(sorted(ERROR_TYPES))}")
+    loaded = [c for c in _load(data or sample_path("gsm8k/train.jsonl")) if c.is_valid]
+    demo_chains = _demos(demos, demo_data, seed, exclude=set())
+    used_for_demos = {e.question for examples in demo_chains.values() for e in examples}
+    selected = [c for c in loaded if c.question not in used_for_demos][:chains]
+    if not selected:
+        _fail("no valid chains to start from in the data")
+    settings = JobSettings(run_dir=_run_dir(run_dir, "generate"), num_threads=threads, demos=demo_chains, seed=seed)
+    console.print(f"generate: {len(selected)} chains, error types {', '.join(types)} -> {settings.run_dir}")
+    summary = generate(selected, types, _lm(model, temperature, max_tokens, seed, threads), settings)
+
+    table = Table(title="stages")
+    for column in ("stage", "parsed", "unparsable", "skipped", "other errors"):
+        table.add_column(column)
+    for stage, counts in summary["stages"].items():
+        table.add_row(stage, *(str(counts[k]) for k in ("parsed", "unparsable", "skipped", "other_errors")))
+    console.print(table)
+    checks = Table(title="ground truth (oracle)")
+    checks.add_column("check")
+    checks.add_column("rate [95% CI]")
+    for key, label in (("injection_ok", "stage 2 put the first error where stage 1 said"),
+                       ("location_ok", "stage 3 found the true first error"),
+                       ("recovery_ok", "stage 4 reached the right answer")):
+        checks.add_row(label, _rate_cell(summary[key]))
+    for key in ("precision", "recall"):
+        checks.add_row(f"judge {key} vs oracle", _rate_cell(summary["judge"][key]))
+    console.print(checks)
+    console.print(f"scenarios: {settings.run_dir / 'scenarios.jsonl'}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    data: Annotated[list[Path] | None, typer.Option(
+        help="labelled chains: BIG-Bench Mistake JSONL, or GSM8K (labelled by the injector); "
+             "repeatable; default: the shipped samples")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="at most this many chains per file")] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    run_dir: RunDirOption = None,
+    threads: ThreadsOption = 8,
+    demos: DemosOption = 2,
+    demo_data: DemoDataOption = None,
+    recover: Annotated[bool, typer.Option(help="also recover from the labelled first error")] = True,
+    max_tokens: MaxTokensOption = 320,
+    seed: int = 0,
+) -> None:
+    """First-error location accuracy and recovery success, per task, with 95% intervals."""
+    paths = data or [sample_path(f"big-bench-mistake/{t}.jsonl")
+                     for t in ("logical_deduction", "multistep_arithmetic", "word_sorting")] + [sample_path("gsm8k/test.jsonl")]
+    chains = [c for path in paths for c in labelled_chains(_load(path), limit, seed)]
+    if not chains:
+        _fail("no labelled chains in the data")
+    settings = JobSettings(run_dir=_run_dir(run_dir, "evaluate"), num_threads=threads,
+                           demos=_demos(demos, demo_data, seed, exclude={c.source_id for c in chains}), seed=seed)
+    console.print(f"evaluate: {len(chains)} labelled chains from {len(paths)} file(s) -> {settings.run_dir}")
+    metrics = evaluate(chains, _lm(model, 0.0, max_tokens, seed, threads), settings, recover=recover)
+
+    table = Table(title="self-correction, 95% Wilson intervals")
+    for column in ("task", "n", "location accuracy", "majority baseline", "parsed", "recovery success"):
+        table.add_column(column)
+    for task, row in metrics.items():
+        if task.startswith("_"):
+            continue
+        table.add_row(task, str(row["n"]), _rate_cell(row["location_accuracy"]), _rate_cell(row["majority_baseline"]),
+                      _rate_cell(row["locate_parsed"]), _rate_cell(row["recovery_success"]))
+    console.print(table)
+    console.print(f"metrics: {settings.run_dir / 'metrics.json'}")
+
+
+@app.command("models")
+def models_command(
+    prepare: Annotated[str | None, typer.Option(help="convert this registered model now (else on first use)")] = None,
+) -> None:
+    """List the registered base models, or convert one into the cache."""
+    if prepare:
+        try:
+            console.print(f"{prepare}: {resolve_model(prepare)}")
+        except ModelNotFoundError as exc:
+            _fail(str(exc))
+        return
+    for name, spec in REGISTRY.items():
+        console.print(f"{name}: {spec.gguf_file} from the '{spec.package}' package ({spec.install_hint})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The two jobs of a run directory: generate scenarios with the full cycle, and evaluate a model.
+
+Both append each finished record to a JSONL file as it completes, so a killed job
+rerun with the same run directory picks up where it stopped; the summary is
+recomputed from every record on disk and written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from misstep.data.records import Chain
+from misstep.data.runfiles import JsonlLog, write_json_atomic
+from misstep.metrics.checks import check_scenario, summarize_scenarios
+from misstep.metrics.evaluation import evaluate_chain, injected_gsm8k, summarize
+from misstep.metrics.stats import Rate
+from misstep.optimize.demos import attach_demos
+from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
+from misstep.programs.parallel import map_threads
+from misstep.signatures import DescribeMistake, error_type_name, get_error_type
+
+
+@dataclass
+class JobSettings:
+    """What a job needs besides its data; the CLI fills it from its options."""
+
+    run_dir: Path
+    num_threads: int = 8
+    demos: dict[str, list[dspy.Example]] = field(default_factory=dict)
+    seed: int = 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Rate):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def generate(chains: list[Chain], error_types: list[str | type[DescribeMistake]], lm: dspy.LM,
+             settings: JobSettings) -> dict[str, Any]:
+    """Run the six-stage cycle over each valid chain (error types in turn); write scenarios.jsonl
+    and summary.json into the run directory and return the summary."""
+    signatures = [get_error_type(e) for e in error_types]
+    corrector, judge = attach_demos(SelfCorrector(), settings.demos), attach_demos(Judge(), settings.demos)
+    cycles = {error_type_name(s): attach_demos(SelfCorrectionCycle(s, corrector=corrector, judge=judge), settings.demos)
+              for s in signatures}
+    names = list(cycles)
+    work = [(chain, names[i % len(names)]) for i, chain in enumerate(c for c in chains if c.is_valid)]
+
+    started = time.perf_counter()
+    with JsonlLog(settings.run_dir / "scenarios.jsonl") as log:
+        done = {(r["source_id"], r["error_type"]) for r in log.records}
+        todo = [(c, e) for c, e in work if (c.source_id, e) not in done]
+
+        def run(item: tuple[Chain, str]):
+            chain, error_type = item
+            scenario = cycles[error_type](chain)
+            if chain.task == "gsm8k":
+                scenario.oracle = check_scenario(scenario)
+            return scenario
+
+        for _, scenario in map_threads(run, todo, lm=lm, num_threads=settings.num_threads, description="generating"):
+            log.append(scenario.to_dict())
+        summary = summarize_scenarios(log.records)
+    summary["wall_seconds_this_run"] = time.perf_counter() - started
+    summary["engine"] = asdict(lm.engine.stats) if hasattr(lm.engine, "stats") else None
+    summary = _jsonable(summary)
+    write_json_atomic(settings.run_dir / "summary.json", summary)
+    return summary
+
+
+def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover: bool = True) -> dict[str, Any]:
+    """Location accuracy and recovery success of the self-corrector on labelled chains; writes
+    predictions.jsonl and metrics.json into the run directory and returns the metrics."""
+    corrector = attach_demos(SelfCorrector(), settings.demos)
+    started = time.perf_counter()
+    with JsonlLog(settings.run_dir / "predictions.jsonl") as log:
+        done = {r["source_id"] for r in log.records}
+        todo = [c for c in chains if c.source_id not in done]
+        for _, record in map_threads(lambda c: evaluate_chain(corrector, c, recover), todo, lm=lm,
+                                     num_threads=settings.num_threads, description="evaluating"):
+            log.append(record)
+        wanted = {c.source_id for c in chains}
+        metrics = summarize([r for r in log.records if r["source_id"] in wanted])
+    metrics = _jsonable(metrics)
+    metrics["_run"] = {"wall_seconds_this_run": time.perf_counter() - started,
+                       "engine": asdict(lm.engine.stats) if hasattr(lm.engine, "stats") else None}
+    write_json_atomic(settings.run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def labelled_chains(chains: list[Chain], limit: int | None, seed: int) -> list[Chain]:
+    """Chains with first-error labels: BIG-Bench Mistake's as they are, GSM8K's from the injector."""
+    if chains and chains[0].task == "gsm8k":
+        return injected_gsm8k(chains, limit or len(chains), seed=seed)
+    return chains[:limit] if limit else chains

@@ -1,0 +1,72 @@
+import json
+
+from typer.testing import CliRunner
+
+from misstep.cli import app
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_every_command_has_help():
+    for command in ([], ["generate"], ["evaluate"], ["models"]):
+        result = _invoke(*command, "--help")
+        assert result.exit_code == 0, result.output
+        assert "Usage" in result.output
+
+
+def test_generate_writes_scenarios_and_resumes_without_repeating(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    args = ["generate", "--model", tiny_model_dir, "--chains", 3, "--demos", 1, "--threads", 3,
+            "--max-tokens", 16, "--run-dir", run_dir]
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    lines = (run_dir / "scenarios.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    records = [json.loads(line) for line in lines]
+    assert {r["error_type"] for r in records} <= {"arithmetic_slip", "misread_quantity", "skipped_step"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["scenarios"] == 3
+    assert summary["stages"]["describe"]["unparsable"] == 3
+
+    # A run killed mid-write leaves a torn last line; the rerun drops it and redoes that scenario only.
+    with (run_dir / "scenarios.jsonl").open("a") as handle:
+        handle.write('{"source_id": "gsm8k/train.jsonl:9", "err')
+    lines[-1:] = []
+    (run_dir / "scenarios.jsonl").write_text("\n".join(lines) + "\n" + '{"source_id": "torn')
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    again = [json.loads(line) for line in (run_dir / "scenarios.jsonl").read_text().splitlines()]
+    assert len(again) == 3
+    assert [r["source_id"] for r in again[:2]] == [r["source_id"] for r in records[:2]]
+
+
+def test_evaluate_reports_each_task_with_intervals(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "eval"
+    result = _invoke("evaluate", "--model", tiny_model_dir, "--limit", 2, "--demos", 1, "--max-tokens", 12,
+                     "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"gsm8k", "logical_deduction", "multistep_arithmetic", "word_sorting", "all"} <= set(metrics)
+    assert metrics["all"]["n"] == 8
+    accuracy = metrics["all"]["location_accuracy"]
+    assert accuracy["n"] == 8 and 0.0 <= accuracy["low"] <= accuracy["high"] <= 1.0
+    assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 8
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q?", "answer": "1\\n#### 1"}\n{"question": "q?"}\n')
+    result = _invoke("generate", "--data", bad, "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2
+    assert f"{bad}:2: field 'answer': missing" in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()
+
+    result = _invoke("generate", "--error-type", "typo", "--model", tiny_model_dir)
+    assert result.exit_code == 2 and "unknown --error-type 'typo'" in result.output
+    result = _invoke("evaluate", "--model", tmp_path, "--limit", 1)
+    assert result.exit_code == 2 and "no config.json" in result.output

@@ -1,0 +1,56 @@
+import pytest
+
+from misstep.metrics.injector import INJECTABLE_TYPES, InjectionError, applicable_steps, inject, inject_many
+from misstep.metrics.oracle import answers_match, first_error
+
+
+@pytest.mark.parametrize("error_type", INJECTABLE_TYPES)
+def test_every_injection_is_labelled_where_the_oracle_finds_it(gsm8k_test, error_type):
+    made = 0
+    for chain in gsm8k_test:
+        try:
+            corrupted = inject(chain, error_type, seed=3)
+        except InjectionError:
+            continue
+        made += 1
+        assert corrupted.mistake_index is not None
+        assert first_error(corrupted.steps, reference=chain.steps) == corrupted.mistake_index
+        if len(corrupted.steps) == len(chain.steps):  # all but a skipped step keep the steps before the error
+            assert corrupted.steps[: corrupted.mistake_index] == chain.steps[: corrupted.mistake_index]
+        assert corrupted.reference_answer == chain.reference_answer
+    assert made >= 30
+
+
+def test_arithmetic_slip_propagates_to_the_final_answer(gsm8k_test):
+    chain = gsm8k_test[0]  # 16-3-4=9 ; 9*2=18
+    corrupted = inject(chain, "arithmetic_slip", step=0, seed=0)
+    assert corrupted.mistake_index == 0
+    assert first_error(corrupted.steps) == 0  # a false claim, visible without the original
+    assert not answers_match(corrupted.answer, chain.answer)
+    assert corrupted.answer in corrupted.steps[1]  # the wrong value was carried into step 2
+
+
+def test_skipped_step_drops_a_step_and_labels_its_first_use(gsm8k_test):
+    made = inject_many([c for c in gsm8k_test if applicable_steps(c, "skipped_step")], ["skipped_step"])
+    assert len(made) >= 20
+    for chain, corrupted, _ in made:
+        assert len(corrupted.steps) == len(chain.steps) - 1
+
+
+def test_injection_is_deterministic_and_seeded(gsm8k_test):
+    a = inject_many(gsm8k_test, seed=5)
+    b = inject_many(gsm8k_test, seed=5)
+    assert [x[1] for x in a] == [x[1] for x in b]
+    assert {t for _, _, t in a} == set(INJECTABLE_TYPES)
+    assert all(not answers_match(bad.answer, good.answer) for good, bad, _ in a)
+
+
+def test_inapplicable_requests_are_refused(gsm8k_test):
+    chain = gsm8k_test[0]
+    with pytest.raises(InjectionError, match="does not apply at step 5"):
+        inject(chain, "arithmetic_slip", step=5)
+    with pytest.raises(InjectionError, match="unknown error type"):
+        inject(chain, "typo")
+    corrupted = inject(chain, "arithmetic_slip", seed=0)
+    with pytest.raises(InjectionError, match="already has a mistake"):
+        inject(corrupted, "arithmetic_slip")

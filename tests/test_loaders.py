@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from misstep.data import DataFileError, detect_format, load_big_bench_mistake, load_chains, load_gsm8k, sample_path
+from misstep.data.records import format_steps, parse_steps
+
+
+def test_gsm8k_sample_splits_steps_and_final_answer():
+    chains = load_gsm8k(sample_path("gsm8k/test.jsonl"))
+    assert len(chains) == 40
+    first = chains[0]
+    assert first.question.startswith("Janet’s ducks lay 16 eggs")
+    assert first.steps == ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.",
+                           "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer’s market.")
+    assert first.answer == first.reference_answer == "18"
+    assert first.source_id == "gsm8k/test.jsonl:1"
+    assert first.is_valid
+
+
+def test_big_bench_mistake_keeps_label_target_and_answer():
+    chains = load_big_bench_mistake(sample_path("big-bench-mistake/multistep_arithmetic.jsonl"))
+    first = chains[0]
+    assert first.task == "multistep_arithmetic"
+    assert first.mistake_index == 3
+    assert first.answer == "1244" and first.reference_answer == "-2116"
+    assert len(first.steps) == 5
+    assert any(c.mistake_index is None for c in load_chains(sample_path("big-bench-mistake/word_sorting.jsonl")))
+
+
+def test_format_detection():
+    assert detect_format(sample_path("gsm8k/train.jsonl")) == "gsm8k"
+    assert detect_format(sample_path("big-bench-mistake/logical_deduction.jsonl")) == "big-bench-mistake"
+
+
+def test_steps_round_trip_through_the_numbered_format():
+    steps = ("Add 2 and 3 to get 5.", "Double it: 5 * 2 = 10.")
+    assert parse_steps(format_steps(steps)) == steps
+    assert parse_steps("1. first\n\n2) second\nStep 3: third") == ("first", "second", "third")
+
+
+def _write(tmp_path, lines):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD_GSM8K = json.dumps({"question": "q?", "answer": "1+1=<<1+1=2>>2\n#### 2"})
+
+
+@pytest.mark.parametrize("bad_line, field, problem", [
+    ('{"question": "q?", "answer": ', None, "not valid JSON"),
+    ('{"question": "q?"}', "answer", "missing"),
+    ('{"question": 7, "answer": "x\\n#### 1"}', "question", "expected str, got int"),
+    ('{"question": "q?", "answer": "no final answer"}', "answer", "no final answer"),
+    ('[1, 2]', None, "expected a JSON object"),
+])
+def test_malformed_gsm8k_names_file_line_and_field(tmp_path, bad_line, field, problem):
+    path = _write(tmp_path, [GOOD_GSM8K, bad_line])
+    with pytest.raises(DataFileError) as error:
+        load_gsm8k(path)
+    assert error.value.path == path and error.value.line == 2 and error.value.field == field
+    assert str(error.value).startswith(f"{path}:2: ")
+    assert problem in str(error.value)
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"input": "x", "steps": ["a", 3], "answer": "1", "target": "1", "mistake_index": 0}, "steps[1]"),
+    ({"input": "x", "steps": ["a"], "answer": "1", "target": "1", "mistake_index": 4}, "mistake_index"),
+    ({"input": "x", "steps": ["a"], "answer": "1", "target": "1", "mistake_index": True}, "mistake_index"),
+    ({"input": "x", "steps": ["a"], "answer": "1", "mistake_index": None}, "target"),
+])
+def test_malformed_big_bench_mistake_names_the_field(tmp_path, record, field):
+    path = _write(tmp_path, [json.dumps(record)])
+    with pytest.raises(DataFileError) as error:
+        load_big_bench_mistake(path)
+    assert error.value.line == 1 and error.value.field == field
+
+
+def test_unknown_format_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(DataFileError, match="unknown format"):
+        load_chains(_write(tmp_path, ['{"text": "hello"}']))
+    with pytest.raises(DataFileError, match="does not exist"):
+        load_chains(tmp_path / "nope.jsonl")

@@ -1,0 +1,27 @@
+import math
+
+import pytest
+
+from misstep.metrics.stats import Rate, agreement, majority_baseline, wilson_interval
+
+
+def test_wilson_interval_matches_published_values():
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_agreement_precision_and_recall():
+    predicted = [True, True, True, False, False]
+    truth = [True, False, True, True, False]
+    result = agreement(predicted, truth)
+    assert (result["precision"].k, result["precision"].n) == (2, 3)
+    assert (result["recall"].k, result["recall"].n) == (2, 3)
+    assert result["accuracy"] == Rate(3, 5)
+
+
+def test_majority_baseline():
+    assert majority_baseline([None, 1, 1, 2]) == Rate(2, 4)
+    assert str(Rate(0, 0)) == "n/a (0)"
