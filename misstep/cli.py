@@ -27,7 +27,6 @@ ThreadsOption = Annotated[int, typer.Option(min=1, help="concurrent requests (th
 DemosOption = Annotated[int, typer.Option(min=0, help="ground-truth demos per stage, built from --demo-data")]
 DemoDataOption = Annotated[Path | None, typer.Option(help="valid GSM8K chains for demos (default: shipped train sample)")]
 RunDirOption = Annotated[Path | None, typer.Option(help="where results go; rerun with the same one to resume")]
-MaxTokensOption = Annotated[int, typer.Option(min=1, help="token limit per model answer")]
 
 
 def _fail(message: str) -> None:
@@ -53,13 +52,14 @@ def _demos(k: int, demo_data: Path | None, seed: int, exclude: set[str]):
     return ground_truth_demos(chains, k=k, seed=seed)
 
 
-def _lm(model: str, temperature: float, max_tokens: int, seed: int, threads: int):
+def _lm(model: str, temperature: float, seed: int, threads: int):
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)  # one "truncated" warning per answer drowns the bar
     try:
         model_dir = resolve_model(model)
     except ModelNotFoundError as exc:
         _fail(str(exc))
-    return local_lm(model_dir, temperature=temperature, max_tokens=max_tokens, seed=seed, max_batch_size=threads)
+    # Each stage sets its own answer budget (misstep.programs.stage.STAGE_MAX_TOKENS).
+    return local_lm(model_dir, temperature=temperature, seed=seed, max_batch_size=threads)
 
 
 def _rate_cell(rate: dict) -> str:
@@ -79,7 +79,6 @@ def generate_command(
     demos: DemosOption = 2,
     demo_data: DemoDataOption = None,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
-    max_tokens: MaxTokensOption = 320,
     seed: int = 0,
 ) -> None:
     """Run all six stages over N valid chains; write the scenarios and a summary into a run directory."""
@@ -95,7 +94,7 @@ def generate_command(
         _fail("no valid chains to start from in the data")
     settings = JobSettings(run_dir=_run_dir(run_dir, "generate"), num_threads=threads, demos=demo_chains, seed=seed)
     console.print(f"generate: {len(selected)} chains, error types {', '.join(types)} -> {settings.run_dir}")
-    summary = generate(selected, types, _lm(model, temperature, max_tokens, seed, threads), settings)
+    summary = generate(selected, types, _lm(model, temperature, seed, threads), settings)
 
     table = Table(title="stages")
     for column in ("stage", "parsed", "unparsable", "skipped", "other errors"):
@@ -128,7 +127,6 @@ def evaluate_command(
     demos: DemosOption = 2,
     demo_data: DemoDataOption = None,
     recover: Annotated[bool, typer.Option(help="also recover from the labelled first error")] = True,
-    max_tokens: MaxTokensOption = 320,
     seed: int = 0,
 ) -> None:
     """First-error location accuracy and recovery success, per task, with 95% intervals."""
@@ -140,7 +138,7 @@ def evaluate_command(
     settings = JobSettings(run_dir=_run_dir(run_dir, "evaluate"), num_threads=threads,
                            demos=_demos(demos, demo_data, seed, exclude={c.source_id for c in chains}), seed=seed)
     console.print(f"evaluate: {len(chains)} labelled chains from {len(paths)} file(s) -> {settings.run_dir}")
-    metrics = evaluate(chains, _lm(model, 0.0, max_tokens, seed, threads), settings, recover=recover)
+    metrics = evaluate(chains, _lm(model, 0.0, seed, threads), settings, recover=recover)
 
     table = Table(title="self-correction, 95% Wilson intervals")
     for column in ("task", "n", "location accuracy", "majority baseline", "parsed", "recovery success"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dspy
 
 from misstep.data.records import format_steps
-from misstep.programs.stage import run_stage
+from misstep.programs.stage import run_stage, stage_predictor
 from misstep.signatures import CurateScenario, JudgeRecovery
 
 
@@ -14,8 +14,8 @@ class Judge(dspy.Module):
 
     def __init__(self):
         super().__init__()
-        self.judge = dspy.Predict(JudgeRecovery)
-        self.curate = dspy.Predict(CurateScenario)
+        self.judge = stage_predictor(JudgeRecovery, "judge")
+        self.curate = stage_predictor(CurateScenario, "curate")
 
     def forward(self, question: str, valid_steps, invalid_steps, recovered_steps, final_answer: str | None,
                 first_error: int | None, mistake_description: str = "") -> dspy.Prediction:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dspy
 
 from misstep.data.records import format_steps, parse_steps
-from misstep.programs.stage import run_stage
+from misstep.programs.stage import run_stage, stage_predictor
 from misstep.signatures import DescribeMistake, WriteMistakenChain, error_type_name, get_error_type
 
 
@@ -16,8 +16,8 @@ class ScenarioWriter(dspy.Module):
         super().__init__()
         signature = get_error_type(error_type)
         self.error_type = error_type_name(signature)
-        self.describe = dspy.Predict(signature)
-        self.corrupt = dspy.Predict(WriteMistakenChain)
+        self.describe = stage_predictor(signature, "describe")
+        self.corrupt = stage_predictor(WriteMistakenChain, "corrupt")
 
     def forward(self, question: str, steps: tuple[str, ...] | list[str]) -> dspy.Prediction:
         valid_chain = format_steps(steps)

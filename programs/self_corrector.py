@@ -5,7 +5,7 @@ from __future__ import annotations
 import dspy
 
 from misstep.data.records import format_steps, parse_steps
-from misstep.programs.stage import run_stage
+from misstep.programs.stage import run_stage, stage_predictor
 from misstep.signatures import LocateFirstError, RecoverFromError
 
 
@@ -20,8 +20,8 @@ class SelfCorrector(dspy.Module):
 
     def __init__(self):
         super().__init__()
-        self.locate = dspy.Predict(LocateFirstError)
-        self.recover = dspy.Predict(RecoverFromError)
+        self.locate = stage_predictor(LocateFirstError, "locate")
+        self.recover = stage_predictor(RecoverFromError, "recover")
 
     def forward(self, question: str, steps: tuple[str, ...] | list[str], error_index: int | None = None) -> dspy.Prediction:
         steps = tuple(steps)

@@ -21,8 +21,7 @@ def test_every_command_has_help():
 
 def test_generate_writes_scenarios_and_resumes_without_repeating(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
-    args = ["generate", "--model", tiny_model_dir, "--chains", 3, "--demos", 1, "--threads", 3,
-            "--max-tokens", 16, "--run-dir", run_dir]
+    args = ["generate", "--model", tiny_model_dir, "--chains", 3, "--demos", 1, "--threads", 3, "--run-dir", run_dir]
     result = _invoke(*args)
     assert result.exit_code == 0, result.output
     lines = (run_dir / "scenarios.jsonl").read_text().splitlines()
@@ -47,8 +46,7 @@ def test_generate_writes_scenarios_and_resumes_without_repeating(tmp_path, tiny_
 
 def test_evaluate_reports_each_task_with_intervals(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "eval"
-    result = _invoke("evaluate", "--model", tiny_model_dir, "--limit", 2, "--demos", 1, "--max-tokens", 12,
-                     "--run-dir", run_dir)
+    result = _invoke("evaluate", "--model", tiny_model_dir, "--limit", 2, "--demos", 1, "--run-dir", run_dir)
     assert result.exit_code == 0, result.output
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"gsm8k", "logical_deduction", "multistep_arithmetic", "word_sorting", "all"} <= set(metrics)
