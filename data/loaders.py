@@ -101,12 +101,14 @@ def load_big_bench_mistake(path: Path | str) -> list[Chain]:
                 raise DataFileError(path, line, f"steps[{i}]", f"expected str, got {type(step).__name__}")
         if not steps:
             raise DataFileError(path, line, "steps", "is empty")
-        answer = _field(path, line, record, "answer", (str, int, float))
+        # null where the trace never reached an answer (one logical_deduction trace does this)
+        answer = _field(path, line, record, "answer", (str, int, float, type(None)))
         target = _field(path, line, record, "target", (str, int, float))
         mistake = _field(path, line, record, "mistake_index", (int, type(None)))
         if mistake is not None and not 0 <= mistake < len(steps):
             raise DataFileError(path, line, "mistake_index", f"{mistake} is outside the {len(steps)} steps")
-        chains.append(Chain(question=question, steps=tuple(steps), answer=str(answer), reference_answer=str(target),
+        chains.append(Chain(question=question, steps=tuple(steps), answer=None if answer is None else str(answer),
+                            reference_answer=str(target),
                             source_id=f"{path.parent.name}/{path.name}:{line}", task=path.stem, mistake_index=mistake))
     return chains
 

@@ -15,8 +15,9 @@ from typing import Any
 class Chain:
     """A question and a chain of reasoning steps that ends in an answer.
 
-    `answer` is what this chain concludes; `reference_answer` is the correct answer
-    to the question (they differ when the chain is wrong). `mistake_index` is the
+    `answer` is what this chain concludes (None if it never gets there);
+    `reference_answer` is the correct answer to the question (they differ when the
+    chain is wrong). `mistake_index` is the
     0-based step of the first error, or None when the chain has no mistake: a
     ground-truth label set by people (BIG-Bench Mistake), by construction (GSM8K's
     reference solutions) or by the deterministic injector.
@@ -24,7 +25,7 @@ class Chain:
 
     question: str
     steps: tuple[str, ...]
-    answer: str
+    answer: str | None
     reference_answer: str
     source_id: str
     task: str

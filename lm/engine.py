@@ -11,10 +11,12 @@ whatever else is in its batch; temperature 0 is greedy and deterministic.
 from __future__ import annotations
 
 import atexit
+import copy
 import queue
 import random
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ class EngineStats:
     requests: int = 0
     batches: int = 0
     prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens served from the prefix cache instead of computed
     generated_tokens: int = 0
     busy_seconds: float = 0.0
 
@@ -56,8 +59,14 @@ class EmbeddedEngine:
     """A DSPy engine (`complete(Request) -> Response`) running a local Hugging Face model."""
 
     def __init__(self, model_dir: Path | str, *, max_batch_size: int = 8, gather_window_s: float = 0.02,
-                 default_max_tokens: int = 512, device: str | None = None):
+                 default_max_tokens: int = 512, device: str | None = None, prefix_cache_size: int = 8,
+                 min_prefix_tokens: int = 128):
         self.model_dir = Path(model_dir)
+        # Prompts of one stage share a long head (instructions and demos) and differ only in
+        # the example: its KV cache is computed once and reused (prefill is most of the work).
+        self.prefix_cache_size = prefix_cache_size
+        self.min_prefix_tokens = min_prefix_tokens
+        self._prefixes: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
         self.max_batch_size = max_batch_size
         self.gather_window_s = gather_window_s
         self.default_max_tokens = default_max_tokens
@@ -118,11 +127,13 @@ class EmbeddedEngine:
             self._worker.join(timeout=30)
 
     def dump_state(self) -> dict:
-        return {"model_dir": str(self.model_dir), "max_batch_size": self.max_batch_size}
+        return {"model_dir": str(self.model_dir), "max_batch_size": self.max_batch_size,
+                "prefix_cache_size": self.prefix_cache_size}
 
     @classmethod
     def load_state(cls, state: dict) -> "EmbeddedEngine":
-        return cls(state["model_dir"], max_batch_size=state.get("max_batch_size", 8))
+        return cls(state["model_dir"], max_batch_size=state.get("max_batch_size", 8),
+                   prefix_cache_size=state.get("prefix_cache_size", 8))
 
     # ---- the worker ------------------------------------------------------------------
     def _serve(self) -> None:
@@ -172,14 +183,18 @@ class EmbeddedEngine:
                 job.future.set_exception(exc)
         if not jobs:
             return
-        width = max(len(j.prompt_ids) for j in jobs)
+        prefix, cache = self._shared_prefix(jobs)
+        suffixes = [j.prompt_ids[len(prefix):] for j in jobs]
+        width = max(len(x) for x in suffixes)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        # Layout of each row: [shared prefix][left padding][own suffix]; the mask hides the padding.
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=self.device)
+        mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(x)) + [1] * len(x) for x in suffixes],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):]
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        self.stats.reused_prompt_tokens += len(prefix) * len(jobs)
         active = list(jobs)
         while active:
             next_tokens = self._pick(logits, active)
@@ -211,6 +226,32 @@ class EmbeddedEngine:
         self.stats.prompt_tokens += sum(len(j.prompt_ids) for j in jobs)
         self.stats.generated_tokens += sum(len(j.tokens) for j in jobs)
         self.stats.busy_seconds += time.perf_counter() - started
+
+    def _shared_prefix(self, jobs: list[_Job]) -> tuple[list[int], DynamicCache]:
+        """The longest prompt head all rows share that is worth caching, and a KV cache already
+        holding it (expanded to the batch). Without one: no prefix and an empty cache."""
+        shortest = min(len(j.prompt_ids) for j in jobs)
+        known = [p for p in self._prefixes if len(p) < shortest and all(tuple(j.prompt_ids[:len(p)]) == p for j in jobs)]
+        prefix = max(known, key=len, default=None)
+        if prefix is None and len(jobs) > 1 and self.prefix_cache_size:
+            common = 0
+            first = jobs[0].prompt_ids
+            while common < shortest - 1 and all(j.prompt_ids[common] == first[common] for j in jobs):
+                common += 1
+            if common >= self.min_prefix_tokens:
+                prefix = tuple(first[:common])
+                head = DynamicCache()
+                self.model(input_ids=torch.tensor([prefix], device=self.device), past_key_values=head, use_cache=True,
+                           logits_to_keep=1)
+                self._prefixes[prefix] = head
+                while len(self._prefixes) > self.prefix_cache_size:
+                    self._prefixes.popitem(last=False)
+        if prefix is None:
+            return [], DynamicCache()
+        self._prefixes.move_to_end(prefix)
+        cache = copy.deepcopy(self._prefixes[prefix])
+        cache.batch_repeat_interleave(len(jobs))
+        return list(prefix), cache
 
     def _hit_stop(self, job: _Job) -> bool:
         tail = self.tokenizer.decode(job.tokens[-16:], skip_special_tokens=True)

@@ -27,18 +27,18 @@ def injected_gsm8k(chains: list[Chain], limit: int, seed: int = 0) -> list[Chain
 
 def evaluate_chain(corrector: SelfCorrector, chain: Chain, recover: bool = True) -> dict[str, Any]:
     """Locate the first error of one labelled chain and, where it has one, recover from it."""
-    located = corrector(question=chain.question, steps=chain.steps)
+    located, predicted = corrector.find_error(chain.question, chain.steps)
     record: dict[str, Any] = {
         "source_id": chain.source_id, "task": chain.task, "gold": chain.mistake_index,
-        "parsed": located.locate.ok, "predicted": located.first_error,
-        "location_ok": located.locate.ok and location_correct(located.first_error, chain.mistake_index),
-        "locate_raw": located.locate.raw,
+        "parsed": located.ok, "predicted": predicted,
+        "location_ok": located.ok and location_correct(predicted, chain.mistake_index),
+        "locate_raw": located.raw,
     }
     if recover and chain.mistake_index is not None:
-        recovered = corrector(question=chain.question, steps=chain.steps, error_index=chain.mistake_index)
-        record["recover_parsed"] = recovered.recover.ok
-        record["final_answer"] = recovered.final_answer
-        record["recovery_ok"] = answers_match(recovered.final_answer, chain.reference_answer)
+        recovered = corrector.recover_from(chain.question, chain.steps, chain.mistake_index)
+        record["recover_parsed"] = recovered["recover"].ok
+        record["final_answer"] = recovered["final_answer"]
+        record["recovery_ok"] = answers_match(recovered["final_answer"], chain.reference_answer)
     return record
 
 

@@ -60,3 +60,23 @@ def test_works_as_the_lm_of_a_dspy_program(tiny_lm):
         with pytest.raises(Exception, match="failed to parse"):  # a random model cannot fill fields
             dspy.Predict("question -> answer")(question="2+2?")
     assert tiny_lm.history[-1]["response"] is not None
+
+
+def test_a_reused_prompt_prefix_gives_the_same_answers(tiny_model_dir, tiny_engine):
+    """Prompts that share a long head (instructions, demos) reuse its KV cache, unchanged answers."""
+    from misstep.lm import EmbeddedEngine
+
+    head = "You check arithmetic. " * 40  # well over min_prefix_tokens
+    prompts = [head + f"Question {n}: what is {n} + {n}?" for n in range(6)]
+    plain = EmbeddedEngine(tiny_model_dir, prefix_cache_size=0)
+    try:
+        expected = [local_lm(engine=plain, max_tokens=10, cache=False)(p)[0] for p in prompts]
+    finally:
+        plain.close()
+    lm = local_lm(engine=tiny_engine, max_tokens=10, cache=False)
+    reused_before = tiny_engine.stats.reused_prompt_tokens
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda p: lm(p)[0], prompts))
+    again = lm(prompts[2])[0]  # alone, served from the cached head
+    assert together == expected and again == expected[2]
+    assert tiny_engine.stats.reused_prompt_tokens - reused_before > 6 * 128

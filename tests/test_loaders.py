@@ -28,6 +28,13 @@ def test_big_bench_mistake_keeps_label_target_and_answer():
     assert any(c.mistake_index is None for c in load_chains(sample_path("big-bench-mistake/word_sorting.jsonl")))
 
 
+def test_a_trace_that_reached_no_answer_loads(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"input": "x", "steps": ["a"], "answer": None, "target": "(A)", "mistake_index": 0}))
+    [chain] = load_big_bench_mistake(path)
+    assert chain.answer is None and chain.reference_answer == "(A)"
+
+
 def test_format_detection():
     assert detect_format(sample_path("gsm8k/train.jsonl")) == "gsm8k"
     assert detect_format(sample_path("big-bench-mistake/logical_deduction.jsonl")) == "big-bench-mistake"
