@@ -18,6 +18,7 @@ from misstep.data.records import Chain
 from misstep.data.runfiles import JsonlLog, write_json_atomic
 from misstep.metrics.checks import check_scenario, summarize_scenarios
 from misstep.metrics.evaluation import evaluate_chain, injected_gsm8k, summarize
+from misstep.metrics.plots import plot_evaluation, plot_generation
 from misstep.metrics.stats import Rate
 from misstep.optimize.demos import attach_demos
 from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
@@ -45,8 +46,8 @@ def _jsonable(value: Any) -> Any:
 
 def generate(chains: list[Chain], error_types: list[str | type[DescribeMistake]], lm: dspy.LM,
              settings: JobSettings) -> dict[str, Any]:
-    """Run the six-stage cycle over each valid chain (error types in turn); write scenarios.jsonl
-    and summary.json into the run directory and return the summary."""
+    """Run the six-stage cycle over each valid chain (error types in turn); write scenarios.jsonl,
+    summary.json and stages.png into the run directory and return the summary."""
     signatures = [get_error_type(e) for e in error_types]
     corrector, judge = attach_demos(SelfCorrector(), settings.demos), attach_demos(Judge(), settings.demos)
     cycles = {error_type_name(s): attach_demos(SelfCorrectionCycle(s, corrector=corrector, judge=judge), settings.demos)
@@ -73,12 +74,13 @@ def generate(chains: list[Chain], error_types: list[str | type[DescribeMistake]]
     summary["engine"] = asdict(lm.engine.stats) if hasattr(lm.engine, "stats") else None
     summary = _jsonable(summary)
     write_json_atomic(settings.run_dir / "summary.json", summary)
+    plot_generation(summary, settings.run_dir / "stages.png")
     return summary
 
 
 def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover: bool = True) -> dict[str, Any]:
     """Location accuracy and recovery success of the self-corrector on labelled chains; writes
-    predictions.jsonl and metrics.json into the run directory and returns the metrics."""
+    predictions.jsonl, metrics.json and metrics.png into the run directory and returns the metrics."""
     corrector = attach_demos(SelfCorrector(), settings.demos)
     started = time.perf_counter()
     with JsonlLog(settings.run_dir / "predictions.jsonl") as log:
@@ -93,6 +95,7 @@ def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover
     metrics["_run"] = {"wall_seconds_this_run": time.perf_counter() - started,
                        "engine": asdict(lm.engine.stats) if hasattr(lm.engine, "stats") else None}
     write_json_atomic(settings.run_dir / "metrics.json", metrics)
+    plot_evaluation(metrics, settings.run_dir / "metrics.png")
     return metrics
 
 

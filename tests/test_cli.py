@@ -28,6 +28,7 @@ def test_generate_writes_scenarios_and_resumes_without_repeating(tmp_path, tiny_
     assert len(lines) == 3
     records = [json.loads(line) for line in lines]
     assert {r["error_type"] for r in records} <= {"arithmetic_slip", "misread_quantity", "skipped_step"}
+    assert (run_dir / "stages.png").read_bytes().startswith(b"\x89PNG")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["scenarios"] == 3
     assert summary["stages"]["describe"]["unparsable"] == 3
@@ -54,6 +55,7 @@ def test_evaluate_reports_each_task_with_intervals(tmp_path, tiny_model_dir):
     accuracy = metrics["all"]["location_accuracy"]
     assert accuracy["n"] == 8 and 0.0 <= accuracy["low"] <= accuracy["high"] <= 1.0
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 8
+    assert (run_dir / "metrics.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir):
