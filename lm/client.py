@@ -21,13 +21,13 @@ def lm_name(model_dir: Path) -> str:
 
 def local_lm(model: str | Path = DEFAULT_MODEL, *, engine: EmbeddedEngine | None = None,
              temperature: float = 0.0, max_tokens: int = 384, seed: int | None = 0, cache: bool = True,
-             max_batch_size: int = 8, cache_dir: Path | str | None = None) -> dspy.LM:
+             max_batch_size: int = 8, cache_dir: Path | str | None = None, provider=None) -> dspy.LM:
     """A `dspy.LM` whose requests run in-process on `model` (a registry name or a model folder).
 
     Pass `engine` to share one loaded model between several LMs (say, student and judge
-    at different temperatures).
+    at different temperatures), and a `LocalProvider` to make the LM fine-tunable.
     """
     model_dir = engine.model_dir if engine is not None else resolve_model(model, cache_dir)
     engine = engine or EmbeddedEngine(model_dir, max_batch_size=max_batch_size)
     return dspy.LM(lm_name(model_dir), engine=engine, temperature=temperature, max_tokens=max_tokens,
-                   seed=seed, stop=list(CHAT_STOP), cache=cache, num_retries=0)
+                   seed=seed, stop=list(CHAT_STOP), cache=cache, num_retries=0, provider=provider)

@@ -73,3 +73,18 @@ def attach_demos(program: dspy.Module, demos: dict[str, list[dspy.Example]]) -> 
             predictor.demos = list(demos[stage])
     return program
 
+
+
+def ground_truth_chat_data(program: dspy.Module, demos: dict[str, list[dspy.Example]],
+                           adapter: dspy.ChatAdapter | None = None) -> list[dict]:
+    """The demos as chat fine-tuning records for `program`'s predictors, formatted exactly as
+    `BootstrapFinetune` formats traces (ChatAdapter, no demos in the prompt)."""
+    adapter = adapter or dspy.ChatAdapter()
+    records = []
+    for name, predictor in program.named_predictors():
+        signature = predictor.signature
+        for example in demos.get(name.rsplit(".", 1)[-1], []):
+            inputs = {k: example[k] for k in signature.input_fields}
+            outputs = {k: example[k] for k in signature.output_fields}
+            records.append(adapter.format_finetune_data(signature=signature, demos=[], inputs=inputs, outputs=outputs))
+    return records

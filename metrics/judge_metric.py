@@ -1,0 +1,87 @@
+"""The judge (stages 5-6) as the DSPy metric of a compile: keep a self-corrector trace or not.
+
+The thresholds are explicit parameters (Optuna tunes them across rounds). The judge
+runs on its own LM, by default the frozen base model, so compiling the student never
+trains the judge by accident. Where ground truth exists, every decision is recorded
+beside it, so a compile reports how often the judge agreed with the oracle.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dspy
+
+from misstep.metrics.oracle import answers_match
+from misstep.metrics.stats import agreement
+from misstep.programs import Judge
+from misstep.programs.parallel import default_adapter
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What a trace needs to be kept: a succeeded verdict at least this sure, and a kept
+    curation at least this good."""
+
+    min_confidence: float = 0.5
+    min_quality: float = 0.5
+
+
+class JudgeMetric:
+    """`metric(example, prediction, trace=None) -> bool` for `BootstrapFinetune`.
+
+    `example` carries the invalid chain (`question`, `steps`) as inputs and, as labels,
+    `valid_steps`, `reference_answer` and `mistake_index`; `prediction` is what
+    `SelfCorrector` returned.
+    """
+
+    def __init__(self, judge_lm: dspy.LM, thresholds: Thresholds = Thresholds(), judge: Judge | None = None):
+        self.judge_lm = judge_lm
+        self.thresholds = thresholds
+        self.judge = judge or Judge()
+        self.decisions: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, example: dspy.Example, prediction: dspy.Prediction, trace=None) -> bool:
+        decision: dict[str, Any] = {"source_id": example.get("source_id"), "kept": False}
+        if prediction.get("final_answer") is None:
+            decision["reason"] = "no recovery to judge"
+        else:
+            with dspy.context(lm=self.judge_lm, adapter=default_adapter()):
+                judged = self.judge(question=example.question, valid_steps=example.valid_steps, invalid_steps=example.steps,
+                                    recovered_steps=prediction.recovered_steps, final_answer=prediction.final_answer,
+                                    first_error=prediction.first_error)
+            decision.update(self._decide(judged))
+        if example.get("reference_answer") is not None:  # ground truth no model wrote
+            decision["oracle_location_ok"] = prediction.get("first_error") == example.get("mistake_index")
+            decision["oracle_recovery_ok"] = answers_match(prediction.get("final_answer"), example.reference_answer)
+        with self._lock:
+            self.decisions.append(decision)
+        return decision["kept"]
+
+    def _decide(self, judged: dspy.Prediction) -> dict[str, Any]:
+        if not judged.judge.ok:
+            return {"reason": "judge answer unparsable"}
+        verdict = bool(judged.judge.outputs["recovery_succeeded"])
+        confidence = float(judged.judge.outputs["confidence"])
+        out: dict[str, Any] = {"verdict": verdict, "confidence": confidence}
+        if judged.curate is None or not judged.curate.ok:
+            return {**out, "reason": "curator answer unparsable"}
+        keep = bool(judged.curate.outputs["keep"])
+        quality = float(judged.curate.outputs["quality"])
+        kept = verdict and confidence >= self.thresholds.min_confidence and keep and quality >= self.thresholds.min_quality
+        return {**out, "keep": keep, "quality": quality, "kept": kept,
+                "reason": str(judged.curate.outputs.get("reason", ""))}
+
+    def report(self) -> dict[str, Any]:
+        """How many traces were kept, and the judge's agreement with the oracle's recovery verdict."""
+        checked = [d for d in self.decisions if "oracle_recovery_ok" in d]
+        return {
+            "thresholds": asdict(self.thresholds),
+            "judged": len(self.decisions),
+            "kept": sum(d["kept"] for d in self.decisions),
+            "oracle_agreement": {k: v.to_dict() for k, v in agreement(
+                [d["kept"] for d in checked], [d["oracle_recovery_ok"] for d in checked]).items()},
+        }

@@ -1,0 +1,137 @@
+"""Compile the self-corrector into new weights: DSPy's BootstrapFinetune, the judge as its metric,
+and `LocalProvider` training a local checkpoint.
+
+    compiled = compile_program(SelfCorrector(), trainset, lm=student_lm, judge_lm=base_lm,
+                               provider=provider, run_dir=Path("runs/c1"))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dspy
+from dspy.teleprompt.bootstrap_finetune import BootstrapFinetune, assert_all_predictors_have_lms, prepare_teacher
+from dspy.teleprompt.bootstrap_trace import FailedPrediction, bootstrap_trace_data
+
+from misstep.data.records import Chain
+from misstep.data.runfiles import write_json_atomic
+from misstep.lm.client import local_lm
+from misstep.lm.provider import LocalProvider
+from misstep.metrics.judge_metric import JudgeMetric, Thresholds
+from misstep.programs import SelfCorrector
+from misstep.programs.parallel import default_adapter
+
+
+class NothingToTrainOn(RuntimeError):
+    """Every trace failed or was rejected by the metric."""
+
+
+def _failed(item: dict[str, Any]) -> bool:
+    return isinstance(item["prediction"], FailedPrediction) or any(
+        isinstance(outputs, FailedPrediction) for _, _, outputs in item["trace"])
+
+
+class RobustBootstrapFinetune(BootstrapFinetune):
+    """`BootstrapFinetune` that drops failed examples and counts them instead of crashing.
+
+    Upstream lets a `FailedPrediction` through (its score of -1 is truthy) and then fails
+    formatting it, and a program that raises aborts the whole compile (DSPy #10362).
+    Here such traces are dropped; `self.report` says how many and why.
+    """
+
+    report: dict[str, int]
+
+    def compile(self, student: dspy.Module, trainset: list[dspy.Example], teacher: dspy.Module | None = None):
+        assert_all_predictors_have_lms(student, role="student")
+        traces = bootstrap_trace_data(program=prepare_teacher(student, teacher), dataset=trainset, metric=self.metric,
+                                      num_threads=self.num_threads or dspy.settings.num_threads,
+                                      raise_on_error=False, capture_crashes=True)
+        clean = [t for t in traces if not _failed(t)]
+        kept = [t for t in clean if t.get("score")] if self.metric else clean
+        self.report = {"examples": len(trainset), "traced": len(traces), "dropped_failed": len(traces) - len(clean),
+                       "dropped_by_metric": len(clean) - len(kept), "kept_traces": len(kept)}
+        if not kept:
+            raise NothingToTrainOn(f"no trace to train on: {self.report}")
+
+        jobs: dict[dspy.LM, dict[str, Any]] = {}
+        for predictor in student.predictors():
+            if predictor.lm not in jobs:  # one fine-tune per distinct LM, on all its predictors' calls
+                data, data_format = self._prepare_finetune_data(trace_data=kept, lm=predictor.lm)
+                jobs[predictor.lm] = {"lm": predictor.lm, "train_data": data, "train_data_format": data_format,
+                                      "train_kwargs": self.train_kwargs[predictor.lm]}
+        self.report["train_records"] = sum(len(job["train_data"]) for job in jobs.values())
+        if not self.report["train_records"]:
+            raise NothingToTrainOn(f"the kept traces hold no predictor call to train on: {self.report}")
+        finetuned = self.finetune_lms(jobs)
+        for predictor in student.predictors():
+            predictor.lm = finetuned[predictor.lm]
+            if self.exclude_demos:
+                predictor.demos = []
+        student._compiled = True
+        return student
+
+
+@dataclass
+class CompileResult:
+    program: SelfCorrector
+    model_dir: Path
+    report: dict[str, Any]
+
+
+def training_examples(pairs: list[tuple[Chain, Chain]]) -> list[dspy.Example]:
+    """(valid, invalid) chains as examples: the invalid chain is the input, the rest are labels."""
+    return [dspy.Example(question=bad.question, steps=bad.steps, valid_steps=good.steps,
+                         reference_answer=good.reference_answer, mistake_index=bad.mistake_index,
+                         source_id=bad.source_id).with_inputs("question", "steps")
+            for good, bad in pairs]
+
+
+def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm: dspy.LM, judge_lm: dspy.LM,
+                    provider: LocalProvider, run_dir: Path, thresholds: Thresholds = Thresholds(),
+                    num_threads: int = 8) -> CompileResult:
+    """Compile `student` (running on `lm`, whose provider is `provider`) on the traces the judge keeps.
+
+    Writes compile_report.json and judge_decisions.jsonl into `run_dir`; the new
+    checkpoint lies under the provider's checkpoint root. Demos are left out of the
+    training prompts and of the compiled program: the weights carry the format now.
+    """
+    metric = JudgeMetric(judge_lm, thresholds)
+    optimizer = RobustBootstrapFinetune(metric=metric, adapter=default_adapter(), exclude_demos=True,
+                                        num_threads=num_threads, train_kwargs={"settings": provider.settings})
+    student.set_lm(lm)
+    with dspy.context(adapter=default_adapter()):
+        compiled = optimizer.compile(student, trainset)
+    # DSPy copied the LM under the new name; give it an engine that runs the new weights.
+    new_lm = compiled.predictors()[0].lm
+    engine = provider.engine_for(new_lm, max_batch_size=getattr(lm.engine, "max_batch_size", 8))
+    compiled.set_lm(new_lm.copy(engine=engine))
+    model_dir = provider.checkpoints[new_lm.model]
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "judge_decisions.jsonl").open("w") as out:
+        for decision in metric.decisions:
+            out.write(json.dumps(decision) + "\n")
+    report = {"bootstrap": optimizer.report, "judge": metric.report(), "model_dir": str(model_dir),
+              "model_name": new_lm.model, "training": provider.summaries[new_lm.model]}
+    write_json_atomic(run_dir / "compile_report.json", report)
+    return CompileResult(program=compiled, model_dir=model_dir, report=report)
+
+
+def save_compiled(program: SelfCorrector, model_dir: Path, path: Path) -> None:
+    """The program's JSON state (signatures, demos) and the weights' folder: nothing pickled."""
+    state = program.dump_state()
+    for predictor_state in state.values():
+        predictor_state.pop("lm", None)  # the engine is rebuilt from model_dir on load
+    write_json_atomic(path, {"model_dir": str(model_dir), "program": state})
+
+
+def load_compiled(path: Path, **lm_options) -> SelfCorrector:
+    """A `SelfCorrector` from `save_compiled`'s file, running on the weights it names."""
+    saved = json.loads(Path(path).read_text())
+    program = SelfCorrector()
+    program.load_state(saved["program"])
+    program.set_lm(local_lm(Path(saved["model_dir"]), **lm_options))
+    return program

@@ -1,0 +1,85 @@
+"""Fine-tuning and the provider on the tiny model: real training steps on ground-truth chat data."""
+
+import json
+
+import dspy
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from misstep.lm import local_lm
+from misstep.lm.provider import LocalProvider
+from misstep.lm.training import TrainSettings, tokenize_chat
+from misstep.metrics.injector import inject_many
+from misstep.optimize.compile import NothingToTrainOn, RobustBootstrapFinetune, training_examples
+from misstep.optimize.demos import ground_truth_chat_data, ground_truth_demos
+from misstep.programs import SelfCorrector
+
+
+@pytest.fixture(scope="module")
+def chat_records(gsm8k_train):
+    return ground_truth_chat_data(SelfCorrector(), ground_truth_demos(gsm8k_train, k=4))
+
+
+def test_only_the_answer_carries_loss(tiny_model_dir, chat_records):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, labels = tokenize_chat(tokenizer, chat_records[0]["messages"], max_length=4096)
+    answer = [t for t in labels if t != -100]
+    assert tokenizer.decode(answer).startswith("[[ ## has_mistake ## ]]")
+    assert answer[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # so the model learns to stop
+    assert labels[: len(labels) - len(answer)] == [-100] * (len(labels) - len(answer))
+    limit = 2 * len(answer) + 10
+    short_ids, short_labels = tokenize_chat(tokenizer, chat_records[0]["messages"], max_length=limit)
+    assert len(short_ids) == limit and [t for t in short_labels if t != -100] == answer  # the prompt is cut, not the answer
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_provider_trains_a_new_checkpoint_with_a_new_name(tmp_path, tiny_model_dir, tiny_engine, chat_records, method):
+    settings = TrainSettings(method=method, epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=512,
+                             lora_rank=4, lora_alpha=8)
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
+    base_lm = local_lm(engine=tiny_engine, max_tokens=8, cache=True, provider=provider)
+    prompt = "Which step is wrong?"
+    before = base_lm(prompt)[0]
+
+    job = base_lm.finetune(chat_records, "chat")
+    compiled_lm = job.result()
+    assert isinstance(compiled_lm, dspy.LM), compiled_lm
+    folder = provider.checkpoints[compiled_lm.model]
+    assert compiled_lm.model != base_lm.model
+
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and log[-1]["loss"] < log[0]["loss"]  # 8 records, batch 4: two steps
+    assert len((folder / "train_data.jsonl").read_text().splitlines()) == len(chat_records)
+    new, old = load_file(folder / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert set(new) == set(old)  # LoRA is merged: a plain folder any engine loads
+    assert any(not (new[k] == old[k]).all() for k in old)
+
+    # DSPy's cache ignores where a model runs: the compiled LM must not get the base model's cached answer.
+    engine = provider.engine_for(compiled_lm)
+    try:
+        fresh = compiled_lm.copy(engine=engine)
+        assert fresh(prompt)[0] is not None
+        assert engine.stats.requests == 1  # answered by the new weights, not by the cache
+    finally:
+        engine.close()
+    assert base_lm(prompt)[0] == before
+
+
+def test_failed_examples_are_dropped_and_counted_not_fatal(tiny_lm, gsm8k_train):
+    class Flaky(SelfCorrector):  # the injected fault: the program raises on some examples
+        def forward(self, question, steps, error_index=None):
+            if "Natalia" in question:
+                raise RuntimeError("injected failure")
+            return super().forward(question, steps, error_index)
+
+    trainset = training_examples([(good, bad) for good, bad, _ in inject_many(gsm8k_train, seed=0)[:4]])
+    student = Flaky()
+    student.set_lm(tiny_lm)
+    optimizer = RobustBootstrapFinetune(metric=lambda example, prediction, trace=None: True, num_threads=2)
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)), \
+            pytest.raises(NothingToTrainOn, match="no predictor call to train on"):
+        optimizer.compile(student, trainset)
+    assert optimizer.report["examples"] == 4
+    assert optimizer.report["dropped_failed"] == 1  # the Natalia example
+    assert optimizer.report["kept_traces"] == 3  # a random model's answers never parse: nothing in their traces
