@@ -14,8 +14,14 @@ from rich.table import Table
 import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
 from misstep.data import DataFileError, load_chains, sample_path
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
-from misstep.optimize.demos import ground_truth_demos
+from misstep.optimize.demos import attach_demos, ground_truth_demos
+from misstep.programs import SelfCorrector
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
+from misstep.lm.provider import LocalProvider
+from misstep.lm.training import TrainSettings
+from misstep.metrics.injector import inject_many
+from misstep.metrics.judge_metric import Thresholds
+from misstep.optimize.compile import NothingToTrainOn, compile_program, save_compiled, training_examples
 from misstep.signatures import ERROR_TYPES
 
 app = typer.Typer(help="Teach a local language model to find and recover from reasoning errors.",
@@ -150,6 +156,72 @@ def evaluate_command(
                       _rate_cell(row["locate_parsed"]), _rate_cell(row["recovery_success"]))
     console.print(table)
     console.print(f"metrics: {settings.run_dir / 'metrics.json'}")
+
+
+@app.command("compile")
+def compile_command(
+    data: Annotated[Path | None, typer.Option(help="valid GSM8K chains to train on, corrupted by the injector "
+                                                   "(default: shipped train sample)")] = None,
+    train_size: Annotated[int, typer.Option(min=1, help="training examples (invalid chains)")] = 32,
+    heldout: Annotated[Path | None, typer.Option(help="held-out GSM8K chains (default: shipped test sample)")] = None,
+    heldout_size: Annotated[int, typer.Option(min=1, help="held-out examples for before/after accuracy")] = 20,
+    model: ModelOption = DEFAULT_MODEL,
+    run_dir: RunDirOption = None,
+    threads: ThreadsOption = 8,
+    demos: DemosOption = 2,
+    method: Annotated[str, typer.Option(help="lora or full")] = "lora",
+    epochs: Annotated[float, typer.Option(min=0.01)] = 1.0,
+    learning_rate: Annotated[float | None, typer.Option(help="default 2e-4 (LoRA) or 2e-5 (full)")] = None,
+    lora_rank: Annotated[int, typer.Option(min=1)] = 16,
+    max_length: Annotated[int, typer.Option(min=16, help="training sequence length in tokens")] = 1024,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    grad_accum: Annotated[int, typer.Option(min=1, help="gradient accumulation steps")] = 1,
+    min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="judge confidence to keep a trace")] = 0.5,
+    min_quality: Annotated[float, typer.Option(min=0.0, max=1.0, help="curation quality to keep a trace")] = 0.5,
+    seed: int = 0,
+) -> None:
+    """Compile the self-corrector into new weights (BootstrapFinetune, the judge as metric); print
+    held-out location accuracy before and after."""
+    try:
+        settings = TrainSettings(method=method, epochs=epochs, learning_rate=learning_rate, lora_rank=lora_rank,
+                                 lora_alpha=2 * lora_rank, max_length=max_length, batch_size=batch_size,
+                                 gradient_accumulation=grad_accum, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
+    heldout_chains = labelled_chains(_load(heldout or sample_path("gsm8k/test.jsonl")), heldout_size, seed)
+    run = _run_dir(run_dir, "compile")
+    demo_sets = _demos(demos, data, seed, exclude=set())
+    demo_questions = {e.question for examples in demo_sets.values() for e in examples}
+    pairs = [(good, bad) for good, bad, _ in inject_many([c for c in train_chains if c.question not in demo_questions],
+                                                          seed=seed)][:train_size]
+    if not pairs:
+        _fail("no training examples: the injector found no valid chain to corrupt in the data")
+    base = _lm(model, 0.0, seed, threads)
+    provider = LocalProvider(base.engine.model_dir, run / "checkpoints", settings)
+    student_lm = base.copy(provider=provider)
+    console.print(f"compile: {len(pairs)} training examples, {len(heldout_chains)} held out -> {run}")
+
+    before = evaluate(heldout_chains, base, JobSettings(run_dir=run / "before", num_threads=threads, demos=demo_sets))
+    student = attach_demos(SelfCorrector(), demo_sets)  # demos let the base model answer in fields at all
+    try:
+        result = compile_program(student, training_examples(pairs), lm=student_lm, judge_lm=base, provider=provider,
+                                 run_dir=run, thresholds=Thresholds(min_confidence, min_quality), num_threads=threads)
+    except NothingToTrainOn as exc:
+        _fail(str(exc))
+    save_compiled(result.program, result.model_dir, run / "program.json")
+    after = evaluate(heldout_chains, result.program.predictors()[0].lm,
+                     JobSettings(run_dir=run / "after", num_threads=threads, demos={}))
+
+    table = Table(title="held-out GSM8K (injected errors), 95% Wilson intervals")
+    for column in ("", "location accuracy", "recovery success"):
+        table.add_column(column)
+    for label, metrics in (("before (base + demos)", before), ("after (compiled)", after)):
+        row = metrics["gsm8k"]
+        table.add_row(label, _rate_cell(row["location_accuracy"]), _rate_cell(row["recovery_success"]))
+    console.print(table)
+    console.print(f"bootstrap: {result.report['bootstrap']}")
+    console.print(f"weights: {result.model_dir}\nprogram: {run / 'program.json'}")
 
 
 @app.command("models")

@@ -70,3 +70,13 @@ def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "unknown --error-type 'typo'" in result.output
     result = _invoke("evaluate", "--model", tmp_path, "--limit", 1)
     assert result.exit_code == 2 and "no config.json" in result.output
+
+
+def test_compile_stops_clearly_when_the_judge_keeps_nothing(tmp_path, tiny_model_dir):
+    """A random model's answers never parse, so there is no trace to train on: a clear error, no crash."""
+    run_dir = tmp_path / "compile"
+    result = _invoke("compile", "--model", tiny_model_dir, "--train-size", 2, "--heldout-size", 2, "--demos", 1,
+                     "--threads", 2, "--run-dir", run_dir)
+    assert result.exit_code == 2, result.output
+    assert "no trace to train on" in result.output and "dropped_by_metric" in result.output
+    assert (run_dir / "before" / "metrics.json").exists()  # the work done before the failure is kept
