@@ -32,10 +32,7 @@ def plot_evaluation(metrics: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("rate (95% Wilson interval)")
     ax.legend(fontsize=8)
     ax.set_title("self-correction against ground-truth labels")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_generation(summary: dict[str, Any], path: Path) -> Path:
@@ -50,6 +47,10 @@ def plot_generation(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel(f"scenarios (of {summary['scenarios']})")
     ax.legend(fontsize=8)
     ax.set_title("what each stage produced")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

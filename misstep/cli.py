@@ -1,4 +1,4 @@
-"""The `misstep` command line: a thin shell over misstep.optimize.jobs."""
+"""The `misstep` command line: a thin shell over misstep.optimize (jobs and compile)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from rich.table import Table
 import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
 from misstep.data import DataFileError, load_chains, sample_path
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
-from misstep.optimize.demos import attach_demos, ground_truth_demos
-from misstep.programs import SelfCorrector
-from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.injector import inject_many
 from misstep.metrics.judge_metric import Thresholds
 from misstep.optimize.compile import NothingToTrainOn, compile_program, save_compiled, training_examples
+from misstep.optimize.demos import attach_demos, ground_truth_demos
+from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
+from misstep.programs import SelfCorrector
 from misstep.signatures import ERROR_TYPES
 
 app = typer.Typer(help="Teach a local language model to find and recover from reasoning errors.",
