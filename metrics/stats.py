@@ -23,6 +23,9 @@ class Rate:
         return wilson_interval(self.k, self.n)
 
     def to_dict(self) -> dict:
+        """JSON-ready; an empty rate has no value (null, not NaN, which JSON does not allow)."""
+        if not self.n:
+            return {**asdict(self), "value": None, "low": None, "high": None}
         low, high = self.interval
         return {**asdict(self), "value": self.value, "low": low, "high": high}
 

@@ -25,3 +25,4 @@ def test_agreement_precision_and_recall():
 def test_majority_baseline():
     assert majority_baseline([None, 1, 1, 2]) == Rate(2, 4)
     assert str(Rate(0, 0)) == "n/a (0)"
+    assert Rate(0, 0).to_dict() == {"k": 0, "n": 0, "value": None, "low": None, "high": None}
