@@ -91,19 +91,21 @@ def training_examples(pairs: list[tuple[Chain, Chain]]) -> list[dspy.Example]:
 
 def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm: dspy.LM, judge_lm: dspy.LM,
                     provider: LocalProvider, run_dir: Path, thresholds: Thresholds = Thresholds(),
-                    num_threads: int = 8) -> CompileResult:
+                    num_threads: int = 8, teacher: SelfCorrector | None = None) -> CompileResult:
     """Compile `student` (running on `lm`, whose provider is `provider`) on the traces the judge keeps.
 
-    Writes compile_report.json and judge_decisions.jsonl into `run_dir`; the new
-    checkpoint lies under the provider's checkpoint root. Demos are left out of the
-    training prompts and of the compiled program: the weights carry the format now.
+    The traces come from `student` itself (self-distillation), or from `teacher`, a
+    `SelfCorrector` running on another LM. Writes compile_report.json and
+    judge_decisions.jsonl into `run_dir`; the new checkpoint lies under the provider's
+    checkpoint root. Demos are left out of the training prompts and of the compiled
+    program: the weights carry the format now.
     """
     metric = JudgeMetric(judge_lm, thresholds)
     optimizer = RobustBootstrapFinetune(metric=metric, adapter=default_adapter(), exclude_demos=True,
                                         num_threads=num_threads, train_kwargs={"settings": provider.settings})
     student.set_lm(lm)
     with dspy.context(adapter=default_adapter()):
-        compiled = optimizer.compile(student, trainset)
+        compiled = optimizer.compile(student, trainset, teacher=teacher)
     # DSPy copied the LM under the new name; give it an engine that runs the new weights.
     new_lm = compiled.predictors()[0].lm
     engine = provider.engine_for(new_lm, max_batch_size=getattr(lm.engine, "max_batch_size", 8))

@@ -33,3 +33,4 @@ def test_with_demos_the_real_model_answers_in_fields(smollm2, gsm8k_train, gsm8k
         located = corrector(question=chain.question, steps=chain.steps)
     assert located.locate.ok, located.locate.raw
     assert located.first_error is None or -1 <= located.first_error < len(chain.steps)
+
