@@ -58,6 +58,11 @@ def _demos(k: int, demo_data: Path | None, seed: int, exclude: set[str]):
     return ground_truth_demos(chains, k=k, seed=seed)
 
 
+def _demo_questions(demo_sets) -> set[str]:
+    """The questions the demos show, kept out of the chains a job runs on."""
+    return {e.question for examples in demo_sets.values() for e in examples}
+
+
 def _lm(model: str, temperature: float, seed: int, threads: int):
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)  # one "truncated" warning per answer drowns the bar
     try:
@@ -94,7 +99,7 @@ def generate_command(
             _fail(f"unknown --error-type {name!r}; registered: {', '.join(sorted(ERROR_TYPES))}")
     loaded = [c for c in _load(data or sample_path("gsm8k/train.jsonl")) if c.is_valid]
     demo_chains = _demos(demos, demo_data, seed, exclude=set())
-    used_for_demos = {e.question for examples in demo_chains.values() for e in examples}
+    used_for_demos = _demo_questions(demo_chains)
     selected = [c for c in loaded if c.question not in used_for_demos][:chains]
     if not selected:
         _fail("no valid chains to start from in the data")
@@ -192,7 +197,7 @@ def compile_command(
     heldout_chains = labelled_chains(_load(heldout or sample_path("gsm8k/test.jsonl")), heldout_size, seed)
     run = _run_dir(run_dir, "compile")
     demo_sets = _demos(demos, data, seed, exclude=set())
-    demo_questions = {e.question for examples in demo_sets.values() for e in examples}
+    demo_questions = _demo_questions(demo_sets)
     pairs = [(good, bad) for good, bad, _ in inject_many([c for c in train_chains if c.question not in demo_questions],
                                                           seed=seed)][:train_size]
     if not pairs:

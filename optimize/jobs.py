@@ -49,7 +49,7 @@ def generate(chains: list[Chain], error_types: list[str | type[DescribeMistake]]
     """Run the six-stage cycle over each valid chain (error types in turn); write scenarios.jsonl,
     summary.json and stages.png into the run directory and return the summary."""
     signatures = [get_error_type(e) for e in error_types]
-    corrector, judge = attach_demos(SelfCorrector(), settings.demos), attach_demos(Judge(), settings.demos)
+    corrector, judge = SelfCorrector(), Judge()  # shared by every error type's cycle
     cycles = {error_type_name(s): attach_demos(SelfCorrectionCycle(s, corrector=corrector, judge=judge), settings.demos)
               for s in signatures}
     names = list(cycles)
