@@ -63,6 +63,12 @@ class LocalProvider(Provider):
         self.summaries[name] = summary
         return name
 
+    def adopt(self, name: str, folder: Path) -> None:
+        """Know an existing checkpoint (say, from a resumed run) so compiles train on from it."""
+        self.checkpoints[name] = Path(folder)
+        summary = Path(folder) / "train_summary.json"
+        self.summaries[name] = json.loads(summary.read_text()) if summary.exists() else {}
+
     def engine_for(self, lm, **engine_options):
         """An engine over the checkpoint `lm` is named after (None if it names no new checkpoint)."""
         folder = self.checkpoints.get(lm.model)

@@ -79,9 +79,38 @@ class JudgeMetric:
         """How many traces were kept, and the judge's agreement with the oracle's recovery verdict."""
         checked = [d for d in self.decisions if "oracle_recovery_ok" in d]
         return {
+            "metric": "judge",
             "thresholds": asdict(self.thresholds),
             "judged": len(self.decisions),
             "kept": sum(d["kept"] for d in self.decisions),
             "oracle_agreement": {k: v.to_dict() for k, v in agreement(
                 [d["kept"] for d in checked], [d["oracle_recovery_ok"] for d in checked]).items()},
         }
+
+
+class OracleMetric:
+    """Keep a trace when ground truth confirms it: the first error found at the labelled step
+    and (with `require_recovery`) a recovery that reaches the reference answer.
+
+    No model's opinion is involved, so a compile with this metric is the upper bound that a
+    judge-metric compile can be compared with, and the way to train on the location stage
+    alone while recoveries do not yet parse (`require_recovery=False`).
+    """
+
+    def __init__(self, require_recovery: bool = True):
+        self.require_recovery = require_recovery
+        self.decisions: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, example: dspy.Example, prediction: dspy.Prediction, trace=None) -> bool:
+        location_ok = prediction.get("first_error") is not None and prediction.get("first_error") == example.mistake_index
+        recovery_ok = answers_match(prediction.get("final_answer"), example.reference_answer)
+        kept = location_ok and (recovery_ok or not self.require_recovery)
+        with self._lock:
+            self.decisions.append({"source_id": example.get("source_id"), "kept": kept,
+                                   "oracle_location_ok": location_ok, "oracle_recovery_ok": recovery_ok})
+        return kept
+
+    def report(self) -> dict[str, Any]:
+        return {"metric": "oracle", "require_recovery": self.require_recovery, "judged": len(self.decisions),
+                "kept": sum(d["kept"] for d in self.decisions)}

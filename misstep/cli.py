@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,11 +18,12 @@ from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, re
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.injector import inject_many
-from misstep.metrics.judge_metric import Thresholds
-from misstep.optimize.compile import NothingToTrainOn, compile_program, save_compiled, training_examples
+from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
+from misstep.optimize.compile import (NothingToTrainOn, compile_program, load_compiled, save_compiled,
+                                      training_examples, warm_up)
 from misstep.optimize.demos import attach_demos, ground_truth_demos
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
-from misstep.programs import SelfCorrector
+from misstep.programs import Judge, SelfCorrector
 from misstep.signatures import ERROR_TYPES
 
 app = typer.Typer(help="Teach a local language model to find and recover from reasoning errors.",
@@ -167,13 +169,20 @@ def evaluate_command(
 def compile_command(
     data: Annotated[Path | None, typer.Option(help="valid GSM8K chains to train on, corrupted by the injector "
                                                    "(default: shipped train sample)")] = None,
-    train_size: Annotated[int, typer.Option(min=1, help="training examples (invalid chains)")] = 32,
+    train_size: Annotated[int, typer.Option(min=1, help="training examples (invalid chains) to trace")] = 32,
+    ground_truth: Annotated[int, typer.Option(min=0, help="ground-truth worked examples per stage, trained on "
+                                                          "beside the kept traces")] = 16,
+    warm_up_first: Annotated[bool, typer.Option("--warm-up/--no-warm-up", help="first fine-tune on the ground "
+                                                "truth alone, so the student's own traces parse")] = False,
+    metric: Annotated[str, typer.Option(help="which traces to keep: judge (stages 5-6 on the frozen base model) "
+                                             "or oracle (ground truth)")] = "judge",
     heldout: Annotated[Path | None, typer.Option(help="held-out GSM8K chains (default: shipped test sample)")] = None,
     heldout_size: Annotated[int, typer.Option(min=1, help="held-out examples for before/after accuracy")] = 20,
     model: ModelOption = DEFAULT_MODEL,
     run_dir: RunDirOption = None,
     threads: ThreadsOption = 8,
     demos: DemosOption = 2,
+    demo_data: DemoDataOption = None,
     method: Annotated[str, typer.Option(help="lora or full")] = "lora",
     epochs: Annotated[float, typer.Option(min=0.01)] = 1.0,
     learning_rate: Annotated[float | None, typer.Option(help="default 2e-4 (LoRA) or 2e-5 (full)")] = None,
@@ -186,47 +195,82 @@ def compile_command(
     seed: int = 0,
 ) -> None:
     """Compile the self-corrector into new weights (BootstrapFinetune, the judge as metric); print
-    held-out location accuracy before and after."""
+    held-out location accuracy and recovery success before and after. Rerun with the same
+    --run-dir to resume: finished evaluations and trainings are not repeated."""
+    if metric not in ("judge", "oracle"):
+        _fail(f"--metric must be 'judge' or 'oracle', not {metric!r}")
     try:
         settings = TrainSettings(method=method, epochs=epochs, learning_rate=learning_rate, lora_rank=lora_rank,
                                  lora_alpha=2 * lora_rank, max_length=max_length, batch_size=batch_size,
                                  gradient_accumulation=grad_accum, seed=seed)
     except ValueError as exc:
         _fail(str(exc))
+    if warm_up_first and not ground_truth:
+        _fail("--warm-up needs ground truth to train on: set --ground-truth above 0")
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
     heldout_chains = labelled_chains(_load(heldout or sample_path("gsm8k/test.jsonl")), heldout_size, seed)
     run = _run_dir(run_dir, "compile")
-    demo_sets = _demos(demos, data, seed, exclude=set())
+    demo_sets = _demos(demos, demo_data, seed, exclude=set())
+    # Demos, ground truth and traced examples come from disjoint training chains.
     demo_questions = _demo_questions(demo_sets)
-    pairs = [(good, bad) for good, bad, _ in inject_many([c for c in train_chains if c.question not in demo_questions],
+    pool = [c for c in train_chains if c.question not in demo_questions]
+    truth = ground_truth_demos(pool, k=ground_truth, seed=seed + 1) if ground_truth else {}
+    taken = demo_questions | {e.question for examples in truth.values() for e in examples}
+    pairs = [(good, bad) for good, bad, _ in inject_many([c for c in pool if c.question not in taken],
                                                           seed=seed)][:train_size]
     if not pairs:
         _fail("no training examples: the injector found no valid chain to corrupt in the data")
     base = _lm(model, 0.0, seed, threads)
     provider = LocalProvider(base.engine.model_dir, run / "checkpoints", settings)
-    student_lm = base.copy(provider=provider)
-    console.print(f"compile: {len(pairs)} training examples, {len(heldout_chains)} held out -> {run}")
+    console.print(f"compile: {len(pairs)} training examples, {ground_truth} ground-truth examples per stage, "
+                  f"{len(heldout_chains)} held out -> {run}")
 
-    before = evaluate(heldout_chains, base, JobSettings(run_dir=run / "before", num_threads=threads, demos=demo_sets))
-    student = attach_demos(SelfCorrector(), demo_sets)  # demos let the base model answer in fields at all
+    def held_out(lm, folder: str, stage_demos) -> dict:
+        return evaluate(heldout_chains, lm, JobSettings(run_dir=run / folder, num_threads=threads, demos=stage_demos))
+
+    rows = [("before (base + demos)", held_out(base, "before", demo_sets))]
+    student, student_lm = attach_demos(SelfCorrector(), demo_sets), base.copy(provider=provider)
+    if warm_up_first:
+        warmed = _resume_or(run / "warm-up", lambda: warm_up(SelfCorrector(), truth, lm=student_lm, provider=provider,
+                                                             run_dir=run / "warm-up"), provider, threads)
+        student, student_lm = warmed, warmed.predictors()[0].lm
+        rows.append(("after warm-up (ground truth only)", held_out(student_lm, "after-warm-up", {})))
+    keep = (JudgeMetric(base, Thresholds(min_confidence, min_quality), judge=attach_demos(Judge(), demo_sets))
+            if metric == "judge" else OracleMetric())
     try:
-        result = compile_program(student, training_examples(pairs), lm=student_lm, judge_lm=base, provider=provider,
-                                 run_dir=run, thresholds=Thresholds(min_confidence, min_quality), num_threads=threads)
+        compiled = _resume_or(run, lambda: compile_program(student, training_examples(pairs), lm=student_lm,
+                                                           metric=keep, provider=provider, run_dir=run,
+                                                           ground_truth=truth, num_threads=threads), provider, threads)
     except NothingToTrainOn as exc:
         _fail(str(exc))
-    save_compiled(result.program, result.model_dir, run / "program.json")
-    after = evaluate(heldout_chains, result.program.predictors()[0].lm,
-                     JobSettings(run_dir=run / "after", num_threads=threads, demos={}))
+    rows.append(("after compile", held_out(compiled.predictors()[0].lm, "after", {})))
 
     table = Table(title="held-out GSM8K (injected errors), 95% Wilson intervals")
     for column in ("", "location accuracy", "recovery success"):
         table.add_column(column)
-    for label, metrics in (("before (base + demos)", before), ("after (compiled)", after)):
-        row = metrics["gsm8k"]
-        table.add_row(label, _rate_cell(row["location_accuracy"]), _rate_cell(row["recovery_success"]))
+    for label, metrics in rows:
+        table.add_row(label, _rate_cell(metrics["gsm8k"]["location_accuracy"]),
+                      _rate_cell(metrics["gsm8k"]["recovery_success"]))
     console.print(table)
-    console.print(f"bootstrap: {result.report['bootstrap']}")
-    console.print(f"weights: {result.model_dir}\nprogram: {run / 'program.json'}")
+    report = json.loads((run / "compile_report.json").read_text())
+    console.print(f"bootstrap: {report.get('bootstrap')}")
+    console.print(f"weights: {report['model_dir']}\nprogram: {run / 'program.json'}")
+
+
+def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int) -> SelfCorrector:
+    """The program saved in `folder` by an earlier run, or `compile_step()`'s, saved there now.
+
+    Its LM stays fine-tunable by `provider`, which learns the checkpoint, so a later
+    compile trains on from these weights."""
+    saved = folder / "program.json"
+    if saved.exists():
+        program = load_compiled(saved, max_batch_size=threads, provider=provider)
+        provider.adopt(program.predictors()[0].lm.model, Path(json.loads(saved.read_text())["model_dir"]))
+        console.print(f"resumed: {saved}")
+        return program
+    result = compile_step()
+    save_compiled(result.program, result.model_dir, saved)
+    return result.program
 
 
 @app.command("models")

@@ -1,7 +1,7 @@
 """Compile the self-corrector into new weights: DSPy's BootstrapFinetune, the judge as its metric,
 and `LocalProvider` training a local checkpoint.
 
-    compiled = compile_program(SelfCorrector(), trainset, lm=student_lm, judge_lm=base_lm,
+    compiled = compile_program(SelfCorrector(), trainset, lm=student_lm, metric=JudgeMetric(base_lm),
                                provider=provider, run_dir=Path("runs/c1"))
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import dspy
 from dspy.teleprompt.bootstrap_finetune import BootstrapFinetune, assert_all_predictors_have_lms, prepare_teacher
@@ -20,9 +20,12 @@ from misstep.data.records import Chain
 from misstep.data.runfiles import write_json_atomic
 from misstep.lm.client import local_lm
 from misstep.lm.provider import LocalProvider
-from misstep.metrics.judge_metric import JudgeMetric, Thresholds
+from misstep.optimize.demos import chat_records, ground_truth_chat_data, stage_name
 from misstep.programs import SelfCorrector
 from misstep.programs.parallel import default_adapter
+
+
+Metric = Callable[..., bool]  # metric(example, prediction, trace=None) -> keep the trace?
 
 
 class NothingToTrainOn(RuntimeError):
@@ -44,6 +47,13 @@ class RobustBootstrapFinetune(BootstrapFinetune):
 
     report: dict[str, int]
 
+    def __init__(self, *args, ground_truth: dict[str, list[dspy.Example]] | None = None, **kwargs):
+        """`ground_truth`: worked examples by stage name ("locate", "recover", ...), formatted
+        like the traces and trained on beside them, so a round never trains on model output
+        alone (the known road to collapse) and a model whose traces all fail still learns."""
+        super().__init__(*args, **kwargs)
+        self.ground_truth = ground_truth or {}
+
     def compile(self, student: dspy.Module, trainset: list[dspy.Example], teacher: dspy.Module | None = None):
         assert_all_predictors_have_lms(student, role="student")
         traces = bootstrap_trace_data(program=prepare_teacher(student, teacher), dataset=trainset, metric=self.metric,
@@ -53,16 +63,22 @@ class RobustBootstrapFinetune(BootstrapFinetune):
         kept = [t for t in clean if t.get("score")] if self.metric else clean
         self.report = {"examples": len(trainset), "traced": len(traces), "dropped_failed": len(traces) - len(clean),
                        "dropped_by_metric": len(clean) - len(kept), "kept_traces": len(kept)}
-        if not kept:
+        if not kept and not self.ground_truth:
             raise NothingToTrainOn(f"no trace to train on: {self.report}")
 
         jobs: dict[dspy.LM, dict[str, Any]] = {}
         for predictor in student.predictors():
             if predictor.lm not in jobs:  # one fine-tune per distinct LM, on all its predictors' calls
-                data, data_format = self._prepare_finetune_data(trace_data=kept, lm=predictor.lm)
+                data, data_format = self._prepare_finetune_data(trace_data=kept, lm=predictor.lm) if kept else ([], "chat")
                 jobs[predictor.lm] = {"lm": predictor.lm, "train_data": data, "train_data_format": data_format,
                                       "train_kwargs": self.train_kwargs[predictor.lm]}
-        self.report["train_records"] = sum(len(job["train_data"]) for job in jobs.values())
+        self.report["trace_records"] = sum(len(job["train_data"]) for job in jobs.values())
+        for name, predictor in student.named_predictors():
+            jobs[predictor.lm]["train_data"] += chat_records(predictor, self.ground_truth.get(stage_name(name), []),
+                                                             self.adapter[predictor.lm] or dspy.settings.adapter)
+        self.report["ground_truth_records"] = sum(len(job["train_data"]) for job in jobs.values()) \
+            - self.report["trace_records"]
+        self.report["train_records"] = self.report["trace_records"] + self.report["ground_truth_records"]
         if not self.report["train_records"]:
             raise NothingToTrainOn(f"the kept traces hold no predictor call to train on: {self.report}")
         finetuned = self.finetune_lms(jobs)
@@ -89,35 +105,64 @@ def training_examples(pairs: list[tuple[Chain, Chain]]) -> list[dspy.Example]:
             for good, bad in pairs]
 
 
-def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm: dspy.LM, judge_lm: dspy.LM,
-                    provider: LocalProvider, run_dir: Path, thresholds: Thresholds = Thresholds(),
+def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm: dspy.LM, metric: Metric,
+                    provider: LocalProvider, run_dir: Path, ground_truth: dict[str, list[dspy.Example]] | None = None,
                     num_threads: int = 8, teacher: SelfCorrector | None = None) -> CompileResult:
-    """Compile `student` (running on `lm`, whose provider is `provider`) on the traces the judge keeps.
+    """Compile `student` (running on `lm`, whose provider is `provider`) on the traces `metric` keeps:
+    usually a `JudgeMetric` (stages 5-6 on their own LM), or an `OracleMetric`.
 
     The traces come from `student` itself (self-distillation), or from `teacher`, a
-    `SelfCorrector` running on another LM. Writes compile_report.json and
-    judge_decisions.jsonl into `run_dir`; the new checkpoint lies under the provider's
-    checkpoint root. Demos are left out of the training prompts and of the compiled
-    program: the weights carry the format now.
+    `SelfCorrector` running on another LM. `ground_truth` examples (by stage) are trained
+    on beside the kept traces. Writes compile_report.json and judge_decisions.jsonl into
+    `run_dir`; the new checkpoint lies under the provider's checkpoint root. Demos are left
+    out of the training prompts and of the compiled program: the weights carry the format now.
     """
-    metric = JudgeMetric(judge_lm, thresholds)
     optimizer = RobustBootstrapFinetune(metric=metric, adapter=default_adapter(), exclude_demos=True,
-                                        num_threads=num_threads, train_kwargs={"settings": provider.settings})
+                                        num_threads=num_threads, train_kwargs={"settings": provider.settings},
+                                        ground_truth=ground_truth)
     student.set_lm(lm)
     with dspy.context(adapter=default_adapter()):
         compiled = optimizer.compile(student, trainset, teacher=teacher)
-    # DSPy copied the LM under the new name; give it an engine that runs the new weights.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "metric_decisions.jsonl").open("w") as out:  # every keep/drop, beside the ground truth
+        for decision in getattr(metric, "decisions", []):
+            out.write(json.dumps(decision) + "\n")
+    metric_report = metric.report() if hasattr(metric, "report") else {}
+    return _finish(compiled, lm, provider, run_dir, {"bootstrap": optimizer.report, "metric": metric_report})
+
+
+def warm_up(student: SelfCorrector, ground_truth: dict[str, list[dspy.Example]], *, lm: dspy.LM,
+            provider: LocalProvider, run_dir: Path) -> CompileResult:
+    """Round 0: fine-tune `lm` on ground-truth examples alone, with no traces.
+
+    A base model too small to answer in the adapter's fields leaves every trace
+    unparsable, so a compile from it has nothing of its own to keep. Training first on
+    worked examples (built by the injector, checked by the oracle) teaches the format;
+    later compiles then have traces to judge.
+    """
+    data = ground_truth_chat_data(student, ground_truth, default_adapter())
+    if not data:
+        raise NothingToTrainOn("no ground-truth example for any stage of the program")
+    new_lm = lm.finetune(train_data=data, train_data_format="chat",
+                         train_kwargs={"settings": provider.settings}).result()
+    if isinstance(new_lm, Exception):  # DSPy's training job hands back the exception it caught
+        raise new_lm
+    for predictor in student.predictors():
+        predictor.lm, predictor.demos = new_lm, []
+    return _finish(student, lm, provider, run_dir, {"warm_up": {"ground_truth_records": len(data)}})
+
+
+def _finish(compiled: SelfCorrector, lm: dspy.LM, provider: LocalProvider, run_dir: Path,
+            report: dict[str, Any]) -> CompileResult:
+    """Point the compiled program at an engine over its new weights and write compile_report.json."""
+    # DSPy copied the LM under the new name, still holding the old engine: swap in one over the new weights.
     new_lm = compiled.predictors()[0].lm
     engine = provider.engine_for(new_lm, max_batch_size=getattr(lm.engine, "max_batch_size", 8))
     compiled.set_lm(new_lm.copy(engine=engine))
     model_dir = provider.checkpoints[new_lm.model]
-
+    report = {**report, "model_dir": str(model_dir), "model_name": new_lm.model,
+              "training": provider.summaries[new_lm.model]}
     run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / "judge_decisions.jsonl").open("w") as out:
-        for decision in metric.decisions:
-            out.write(json.dumps(decision) + "\n")
-    report = {"bootstrap": optimizer.report, "judge": metric.report(), "model_dir": str(model_dir),
-              "model_name": new_lm.model, "training": provider.summaries[new_lm.model]}
     write_json_atomic(run_dir / "compile_report.json", report)
     return CompileResult(program=compiled, model_dir=model_dir, report=report)
 
@@ -126,7 +171,7 @@ def save_compiled(program: SelfCorrector, model_dir: Path, path: Path) -> None:
     """The program's JSON state (signatures, demos) and the weights' folder: nothing pickled."""
     state = program.dump_state()
     for predictor_state in state.values():
-        predictor_state.pop("lm", None)  # the engine is rebuilt from model_dir on load
+        predictor_state["lm"] = None  # the engine is rebuilt from model_dir on load
     write_json_atomic(path, {"model_dir": str(model_dir), "program": state})
 
 

@@ -68,23 +68,31 @@ def ground_truth_demos(chains: list[Chain], k: int = 2, seed: int = 0) -> dict[s
 def attach_demos(program: dspy.Module, demos: dict[str, list[dspy.Example]]) -> dspy.Module:
     """Give every stage predictor of `program` its demos (matched by predictor name)."""
     for name, predictor in program.named_predictors():
-        stage = name.rsplit(".", 1)[-1]
+        stage = stage_name(name)
         if stage in demos:
             predictor.demos = list(demos[stage])
     return program
 
 
+def stage_name(predictor_name: str) -> str:
+    """"corrector.locate" -> "locate": demos and ground truth are keyed by stage, wherever it sits."""
+    return predictor_name.rsplit(".", 1)[-1]
 
-def ground_truth_chat_data(program: dspy.Module, demos: dict[str, list[dspy.Example]],
-                           adapter: dspy.ChatAdapter | None = None) -> list[dict]:
-    """The demos as chat fine-tuning records for `program`'s predictors, formatted exactly as
+
+def chat_records(predictor: dspy.Predict, examples: list[dspy.Example],
+                 adapter: dspy.ChatAdapter | None = None) -> list[dict]:
+    """`examples` as chat fine-tuning records for `predictor`, formatted exactly as
     `BootstrapFinetune` formats traces (ChatAdapter, no demos in the prompt)."""
     adapter = adapter or dspy.ChatAdapter()
-    records = []
-    for name, predictor in program.named_predictors():
-        signature = predictor.signature
-        for example in demos.get(name.rsplit(".", 1)[-1], []):
-            inputs = {k: example[k] for k in signature.input_fields}
-            outputs = {k: example[k] for k in signature.output_fields}
-            records.append(adapter.format_finetune_data(signature=signature, demos=[], inputs=inputs, outputs=outputs))
-    return records
+    signature = predictor.signature
+    return [adapter.format_finetune_data(signature=signature, demos=[],
+                                         inputs={k: example[k] for k in signature.input_fields},
+                                         outputs={k: example[k] for k in signature.output_fields})
+            for example in examples]
+
+
+def ground_truth_chat_data(program: dspy.Module, examples: dict[str, list[dspy.Example]],
+                           adapter: dspy.ChatAdapter | None = None) -> list[dict]:
+    """Ground-truth examples (by stage name) as chat records for all of `program`'s predictors."""
+    return [record for name, predictor in program.named_predictors()
+            for record in chat_records(predictor, examples.get(stage_name(name), []), adapter)]

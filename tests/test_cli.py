@@ -76,7 +76,31 @@ def test_compile_stops_clearly_when_the_judge_keeps_nothing(tmp_path, tiny_model
     """A random model's answers never parse, so there is no trace to train on: a clear error, no crash."""
     run_dir = tmp_path / "compile"
     result = _invoke("compile", "--model", tiny_model_dir, "--train-size", 2, "--heldout-size", 2, "--demos", 1,
-                     "--threads", 2, "--run-dir", run_dir)
+                     "--ground-truth", 0, "--threads", 2, "--run-dir", run_dir)
     assert result.exit_code == 2, result.output
     assert "no trace to train on" in result.output and "dropped_by_metric" in result.output
     assert (run_dir / "before" / "metrics.json").exists()  # the work done before the failure is kept
+
+
+def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "compile"
+    args = ("compile", "--model", tiny_model_dir, "--train-size", 2, "--heldout-size", 2, "--demos", 1,
+            "--ground-truth", 2, "--warm-up", "--method", "full", "--learning-rate", 1e-3, "--threads", 2,
+            "--run-dir", run_dir)
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    for label in ("before (base + demos)", "after warm-up", "after compile"):
+        assert label in result.output
+    for folder in ("before", "after-warm-up", "after"):
+        assert (run_dir / folder / "metrics.json").exists()
+    report = json.loads((run_dir / "compile_report.json").read_text())
+    assert report["bootstrap"]["ground_truth_records"] == 4 and report["bootstrap"]["traced"] == 2
+    warm = json.loads((run_dir / "warm-up" / "compile_report.json").read_text())
+    assert report["training"]["base_model"] == warm["model_dir"]  # the compile trained on from the warmed weights
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert len(checkpoints) == 2
+
+    again = _invoke(*args)  # everything is done: nothing is trained again
+    assert again.exit_code == 0, again.output
+    assert again.output.count("resumed:") == 2
+    assert sorted((run_dir / "checkpoints").iterdir()) == checkpoints

@@ -1,0 +1,80 @@
+"""Compiling into weights end to end on the tiny model: the real BootstrapFinetune, the judge
+metric, the provider's training and the embedded engine over the new checkpoint."""
+
+import json
+
+import dspy
+from safetensors.torch import load_file
+
+from misstep.lm import local_lm
+from misstep.lm.provider import LocalProvider
+from misstep.lm.training import TrainSettings
+from misstep.metrics.injector import inject_many
+from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
+from misstep.optimize.compile import compile_program, load_compiled, save_compiled, training_examples, warm_up
+from misstep.optimize.demos import ground_truth_demos
+from misstep.programs import SelfCorrector
+from misstep.programs.parallel import default_adapter
+
+
+def _locate_raw(program, chain) -> str:
+    with dspy.context(adapter=default_adapter()):
+        located, _ = program.find_error(question=chain.question, steps=chain.steps)
+    return located.raw
+
+
+def test_compile_trains_new_weights_through_bootstrap_finetune_and_loads_back(tmp_path, tiny_model_dir, gsm8k_train,
+                                                                              gsm8k_test):
+    settings = TrainSettings(method="full", epochs=3.0, learning_rate=5e-3, batch_size=4, max_length=768)
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
+    base = local_lm(tiny_model_dir, max_tokens=24, cache=False, provider=provider)
+    truth = ground_truth_demos(gsm8k_train[:20], k=4)
+    pairs = [(good, bad) for good, bad, _ in inject_many(gsm8k_train[20:], seed=0)[:4]]
+
+    result = compile_program(SelfCorrector(), training_examples(pairs), lm=base, metric=JudgeMetric(base, Thresholds()),
+                             provider=provider, run_dir=tmp_path / "run", ground_truth=truth, num_threads=4)
+
+    bootstrap = result.report["bootstrap"]
+    assert bootstrap["traced"] == 4  # every example ran through the program and the metric
+    assert bootstrap["kept_traces"] == 0  # a random model's recoveries never parse: the judge keeps none
+    assert bootstrap["ground_truth_records"] == 8  # 4 worked examples for each of locate and recover
+    decisions = (tmp_path / "run" / "metric_decisions.jsonl").read_text().splitlines()
+    assert len(decisions) == 4 and all("oracle_location_ok" in json.loads(d) for d in decisions)
+
+    log = [json.loads(line) for line in (result.model_dir / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and log[-1]["loss"] < log[0]["loss"]  # 8 records, batch 4, 3 epochs
+    new, old = load_file(result.model_dir / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert any(not (new[k] == old[k]).all() for k in old)
+    compiled_lm = result.program.predictors()[0].lm
+    assert compiled_lm.model != base.model and all(p.lm is compiled_lm for p in result.program.predictors())
+    assert all(p.demos == [] for p in result.program.predictors())
+
+    # Saved as JSON plus the weights' folder, loaded back: the same answers from the same weights.
+    save_compiled(result.program, result.model_dir, tmp_path / "program.json")
+    assert json.loads((tmp_path / "program.json").read_text())["model_dir"] == str(result.model_dir)
+    loaded = load_compiled(tmp_path / "program.json", max_tokens=24, cache=False)
+    assert loaded.predictors()[0].lm.model == compiled_lm.model  # the name carries the weights' hash
+    assert loaded.predictors()[0].lm.engine.model_dir == result.model_dir
+    chain = inject_many(gsm8k_test, seed=1)[0][1]
+    assert _locate_raw(loaded, chain) == _locate_raw(result.program, chain)
+
+
+def test_warm_up_trains_on_ground_truth_alone_and_compiles_on_from_it(tmp_path, tiny_model_dir, gsm8k_train):
+    settings = TrainSettings(method="lora", epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=768, lora_rank=4,
+                             lora_alpha=8)
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
+    base = local_lm(tiny_model_dir, max_tokens=16, cache=False, provider=provider)
+    truth = ground_truth_demos(gsm8k_train, k=2)
+
+    warmed = warm_up(SelfCorrector(), truth, lm=base, provider=provider, run_dir=tmp_path / "warm")
+    assert warmed.report["warm_up"]["ground_truth_records"] == 4
+    assert json.loads((warmed.model_dir / "train_summary.json").read_text())["base_model"] == str(tiny_model_dir)
+
+    pairs = [(good, bad) for good, bad, _ in inject_many(gsm8k_train[5:], seed=0)[:2]]
+    warm_lm = warmed.program.predictors()[0].lm
+    again = compile_program(warmed.program, training_examples(pairs), lm=warm_lm, metric=OracleMetric(),
+                            provider=provider, run_dir=tmp_path / "run", ground_truth=truth, num_threads=2)
+    # The second compile starts from the warmed weights, not from the base model's.
+    assert again.report["training"]["base_model"] == str(warmed.model_dir)
+    assert again.report["metric"]["metric"] == "oracle" and again.report["metric"]["judged"] == 2
+    assert again.model_dir != warmed.model_dir
