@@ -2,9 +2,15 @@
 trains a new checkpoint with `misstep.lm.training`, and the compiled LM points at it.
 
 DSPy's own `LocalProvider` needs SGLang and is stale against transformers 5, hence
-this one. DSPy calls `finetune` on a thread and then copies the LM under the name it
-returns; that copy still holds the old engine, so `engine_for` gives the compile an
-engine over the new weights to swap in.
+this one. It serves its checkpoints one of two ways, chosen by `serving`:
+
+- "embedded": in this process, on `EmbeddedEngine` (the default; needs nothing more);
+- "vllm": each checkpoint on its own vLLM OpenAI-compatible server on 127.0.0.1,
+  talked to as `hosted_vllm/<name>` (`launch`/`kill` start and stop it).
+
+DSPy calls `finetune` on a thread and then copies the LM under the name it returns;
+that copy still points at the old weights, so `lm_for` gives the compile an LM over
+the new ones to swap in.
 """
 
 from __future__ import annotations
@@ -14,12 +20,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dspy
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
-from misstep.lm.client import lm_name
+from misstep.lm.client import local_lm, served_lm
 from misstep.lm.engine import EmbeddedEngine
+from misstep.lm.models import fingerprint
+from misstep.lm.serving import VllmOptions, VllmServer
 from misstep.lm.training import TrainSettings, train_chat
+
+SERVINGS = ("embedded", "vllm")
 
 
 class LocalTrainingJob(TrainingJob):
@@ -31,20 +42,74 @@ class LocalProvider(Provider):
     """Trains local Hugging Face checkpoints under `checkpoint_root`, one folder per compile.
 
     `train_kwargs` (from `BootstrapFinetune(train_kwargs=...)`) may hold a `TrainSettings`
-    under "settings"; `base_model_dir` is the folder the student's LM runs.
+    under "settings"; `base_model_dir` is the folder the student starts from.
     """
 
     def __init__(self, base_model_dir: Path, checkpoint_root: Path, settings: TrainSettings | None = None,
-                 show_progress: bool = True):
+                 show_progress: bool = True, serving: str = "embedded", vllm: VllmOptions | None = None):
         super().__init__()
+        if serving not in SERVINGS:
+            raise ValueError(f"serving must be one of {SERVINGS}, not {serving!r}")
         self.finetunable = True
         self.TrainingJob = LocalTrainingJob
         self.base_model_dir = Path(base_model_dir)
         self.checkpoint_root = Path(checkpoint_root)
         self.settings = settings or TrainSettings()
         self.show_progress = show_progress
+        self.serving = serving
+        self.vllm = vllm or VllmOptions()
         self.checkpoints: dict[str, Path] = {}  # model name -> folder, for every compile so far
         self.summaries: dict[str, dict[str, Any]] = {}
+        self.servers: dict[str, VllmServer] = {}  # model name -> its vLLM server (serving="vllm")
+
+    # -- naming and serving ---------------------------------------------------------------
+
+    def name_for(self, folder: Path) -> str:
+        """DSPy caches by model name alone, so the weights' hash is in every name."""
+        prefix = "hosted_vllm" if self.serving == "vllm" else "local"
+        return f"{prefix}/{folder.name}-{fingerprint(folder)}"
+
+    def lm(self, folder: Path | None = None, *, max_batch_size: int = 8, **lm_options) -> dspy.LM:
+        """A fine-tunable LM over `folder` (default: the base model), served this provider's way.
+
+        `lm_options` go to the LM: temperature, max_tokens, seed, cache."""
+        folder = Path(folder or self.base_model_dir)
+        name = self.name_for(folder)
+        self.checkpoints.setdefault(name, folder)
+        if self.serving == "embedded":
+            return local_lm(folder, max_batch_size=max_batch_size, provider=self, **lm_options)
+        return served_lm(self._server(name), provider=self, **lm_options)
+
+    def _server(self, name: str) -> VllmServer:
+        if name not in self.servers:
+            folder = self.checkpoints[name]
+            served = name.split("/", 1)[1]
+            self.servers[name] = VllmServer(folder, served, self.checkpoint_root / "vllm-logs" / f"{served}.log",
+                                            self.vllm)
+        return self.servers[name].start()
+
+    def launch(self, lm: dspy.LM, launch_kwargs: dict[str, Any] | None = None) -> None:
+        if self.serving == "vllm":
+            self._server(lm.model)
+
+    def kill(self, lm: dspy.LM, launch_kwargs: dict[str, Any] | None = None) -> None:
+        """Free what serves `lm` (DSPy calls this before training it); `launch` brings it back."""
+        if lm.model in self.servers:
+            self.servers[lm.model].stop()
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+    def lm_for(self, lm: dspy.LM) -> dspy.LM:
+        """A copy of `lm` (named after a checkpoint of this provider) that runs that checkpoint's weights."""
+        folder = self.checkpoints[lm.model]
+        if self.serving == "embedded":
+            engine = EmbeddedEngine(folder, max_batch_size=getattr(lm.engine, "max_batch_size", 8))
+            return lm.copy(engine=engine)
+        return lm.copy(api_base=self._server(lm.model).api_base)
+
+    # -- training -------------------------------------------------------------------------
 
     def finetune(self, job: TrainingJob, model: str, train_data: list[dict[str, Any]],
                  train_data_format: TrainDataFormat | str | None, train_kwargs: dict[str, Any] | None = None) -> str:
@@ -52,26 +117,13 @@ class LocalProvider(Provider):
             raise ValueError(f"LocalProvider trains on chat data, not {train_data_format!r} (use ChatAdapter)")
         settings = (train_kwargs or {}).get("settings") or self.settings
         source = self.checkpoints.get(model, self.base_model_dir)  # a compiled model compiles on from its own weights
-        folder = self.checkpoint_root / f"compile-{time.strftime('%Y%m%d-%H%M%S')}-{len(self.checkpoints):03d}"
+        folder = self.checkpoint_root / f"compile-{time.strftime('%Y%m%d-%H%M%S')}-{len(self.summaries):03d}"
         folder.mkdir(parents=True)
         with (folder / "train_data.jsonl").open("w") as out:  # the exact data, kept beside the weights
             for record in train_data:
                 out.write(json.dumps(record) + "\n")
         summary = train_chat(source, train_data, folder, settings, show_progress=self.show_progress)
-        name = lm_name(folder)  # the weights' hash is in the name: no stale cached answers
+        name = self.name_for(folder)
         self.checkpoints[name] = folder
         self.summaries[name] = summary
         return name
-
-    def adopt(self, name: str, folder: Path) -> None:
-        """Know an existing checkpoint (say, from a resumed run) so compiles train on from it."""
-        self.checkpoints[name] = Path(folder)
-        summary = Path(folder) / "train_summary.json"
-        self.summaries[name] = json.loads(summary.read_text()) if summary.exists() else {}
-
-    def engine_for(self, lm, **engine_options):
-        """An engine over the checkpoint `lm` is named after (None if it names no new checkpoint)."""
-        folder = self.checkpoints.get(lm.model)
-        if folder is None:
-            return None
-        return EmbeddedEngine(folder, **engine_options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,8 @@ from rich.table import Table
 import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
 from misstep.data import DataFileError, load_chains, sample_path
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
-from misstep.lm.provider import LocalProvider
+from misstep.lm.provider import SERVINGS, LocalProvider
+from misstep.lm.serving import VllmOptions, vllm_available
 from misstep.lm.training import TrainSettings
 from misstep.metrics.injector import inject_many
 from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
@@ -65,12 +67,16 @@ def _demo_questions(demo_sets) -> set[str]:
     return {e.question for examples in demo_sets.values() for e in examples}
 
 
-def _lm(model: str, temperature: float, seed: int, threads: int):
+def _model_dir(model: str) -> Path:
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)  # one "truncated" warning per answer drowns the bar
     try:
-        model_dir = resolve_model(model)
+        return resolve_model(model)
     except ModelNotFoundError as exc:
         _fail(str(exc))
+
+
+def _lm(model: str, temperature: float, seed: int, threads: int):
+    model_dir = _model_dir(model)
     # Each stage sets its own answer budget (misstep.programs.stage.STAGE_MAX_TOKENS).
     return local_lm(model_dir, temperature=temperature, seed=seed, max_batch_size=threads)
 
@@ -192,6 +198,9 @@ def compile_command(
     grad_accum: Annotated[int, typer.Option(min=1, help="gradient accumulation steps")] = 1,
     min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="judge confidence to keep a trace")] = 0.5,
     min_quality: Annotated[float, typer.Option(min=0.0, max=1.0, help="curation quality to keep a trace")] = 0.5,
+    engine: Annotated[str, typer.Option(help="embedded (in-process) or vllm (a local vLLM server per checkpoint)")]
+    = "embedded",
+    vllm_python: Annotated[str | None, typer.Option(help="the Python that has vLLM, if not this one")] = None,
     seed: int = 0,
 ) -> None:
     """Compile the self-corrector into new weights (BootstrapFinetune, the judge as metric); print
@@ -199,6 +208,12 @@ def compile_command(
     --run-dir to resume: finished evaluations and trainings are not repeated."""
     if metric not in ("judge", "oracle"):
         _fail(f"--metric must be 'judge' or 'oracle', not {metric!r}")
+    if engine not in SERVINGS:
+        _fail(f"--engine must be one of {', '.join(SERVINGS)}, not {engine!r}")
+    vllm = VllmOptions(python=vllm_python or sys.executable)
+    if engine == "vllm" and not vllm_available(vllm.python):
+        _fail(f"--engine vllm: {vllm.python} cannot import vllm; install it with `bash scripts/install.sh --vllm` "
+              "or point --vllm-python at a Python that has it")
     try:
         settings = TrainSettings(method=method, epochs=epochs, learning_rate=learning_rate, lora_rank=lora_rank,
                                  lora_alpha=2 * lora_rank, max_length=max_length, batch_size=batch_size,
@@ -220,8 +235,8 @@ def compile_command(
                                                           seed=seed)][:train_size]
     if not pairs:
         _fail("no training examples: the injector found no valid chain to corrupt in the data")
-    base = _lm(model, 0.0, seed, threads)
-    provider = LocalProvider(base.engine.model_dir, run / "checkpoints", settings)
+    provider = LocalProvider(_model_dir(model), run / "checkpoints", settings, serving=engine, vllm=vllm)
+    base = provider.lm(max_batch_size=threads, seed=seed)
     console.print(f"compile: {len(pairs)} training examples, {ground_truth} ground-truth examples per stage, "
                   f"{len(heldout_chains)} held out -> {run}")
 
@@ -229,7 +244,7 @@ def compile_command(
         return evaluate(heldout_chains, lm, JobSettings(run_dir=run / folder, num_threads=threads, demos=stage_demos))
 
     rows = [("before (base + demos)", held_out(base, "before", demo_sets))]
-    student, student_lm = attach_demos(SelfCorrector(), demo_sets), base.copy(provider=provider)
+    student, student_lm = attach_demos(SelfCorrector(), demo_sets), base
     if warm_up_first:
         warmed = _resume_or(run / "warm-up", lambda: warm_up(SelfCorrector(), truth, lm=student_lm, provider=provider,
                                                              run_dir=run / "warm-up"), provider, threads)
@@ -255,6 +270,7 @@ def compile_command(
     report = json.loads((run / "compile_report.json").read_text())
     console.print(f"bootstrap: {report.get('bootstrap')}")
     console.print(f"weights: {report['model_dir']}\nprogram: {run / 'program.json'}")
+    provider.close()
 
 
 def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int) -> SelfCorrector:
@@ -264,8 +280,7 @@ def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int
     compile trains on from these weights."""
     saved = folder / "program.json"
     if saved.exists():
-        program = load_compiled(saved, max_batch_size=threads, provider=provider)
-        provider.adopt(program.predictors()[0].lm.model, Path(json.loads(saved.read_text())["model_dir"]))
+        program = load_compiled(saved, provider=provider, max_batch_size=threads)
         console.print(f"resumed: {saved}")
         return program
     result = compile_step()

@@ -155,10 +155,9 @@ def warm_up(student: SelfCorrector, ground_truth: dict[str, list[dspy.Example]],
 def _finish(compiled: SelfCorrector, lm: dspy.LM, provider: LocalProvider, run_dir: Path,
             report: dict[str, Any]) -> CompileResult:
     """Point the compiled program at an engine over its new weights and write compile_report.json."""
-    # DSPy copied the LM under the new name, still holding the old engine: swap in one over the new weights.
+    # DSPy copied the LM under the new name, still pointing at the old weights: swap in one over the new.
     new_lm = compiled.predictors()[0].lm
-    engine = provider.engine_for(new_lm, max_batch_size=getattr(lm.engine, "max_batch_size", 8))
-    compiled.set_lm(new_lm.copy(engine=engine))
+    compiled.set_lm(provider.lm_for(new_lm))
     model_dir = provider.checkpoints[new_lm.model]
     report = {**report, "model_dir": str(model_dir), "model_name": new_lm.model,
               "training": provider.summaries[new_lm.model]}
@@ -175,10 +174,12 @@ def save_compiled(program: SelfCorrector, model_dir: Path, path: Path) -> None:
     write_json_atomic(path, {"model_dir": str(model_dir), "program": state})
 
 
-def load_compiled(path: Path, **lm_options) -> SelfCorrector:
-    """A `SelfCorrector` from `save_compiled`'s file, running on the weights it names."""
+def load_compiled(path: Path, provider: LocalProvider | None = None, **lm_options) -> SelfCorrector:
+    """A `SelfCorrector` from `save_compiled`'s file, running on the weights it names: through
+    `provider` (its serving, and fine-tunable on from there) or in-process."""
     saved = json.loads(Path(path).read_text())
     program = SelfCorrector()
     program.load_state(saved["program"])
-    program.set_lm(local_lm(Path(saved["model_dir"]), **lm_options))
+    model_dir = Path(saved["model_dir"])
+    program.set_lm(provider.lm(model_dir, **lm_options) if provider else local_lm(model_dir, **lm_options))
     return program

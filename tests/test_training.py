@@ -56,9 +56,10 @@ def test_provider_trains_a_new_checkpoint_with_a_new_name(tmp_path, tiny_model_d
     assert any(not (new[k] == old[k]).all() for k in old)
 
     # DSPy's cache ignores where a model runs: the compiled LM must not get the base model's cached answer.
-    engine = provider.engine_for(compiled_lm)
+    fresh = provider.lm_for(compiled_lm)
+    engine = fresh.engine
     try:
-        fresh = compiled_lm.copy(engine=engine)
+        assert engine.model_dir == folder
         assert fresh(prompt)[0] is not None
         assert engine.stats.requests == 1  # answered by the new weights, not by the cache
     finally:
