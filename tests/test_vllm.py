@@ -4,6 +4,7 @@ Skipped where vLLM is not installed (`bash scripts/install.sh --vllm` installs i
 .ci/run does). Each server start takes ~30-60 s on a 2-core CPU.
 """
 
+import json
 import os
 import signal
 import socket
@@ -110,3 +111,21 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not open(f"/proc/{pid}/stat").read().split()[2] == "Z"  # a zombie is dead, only not yet reaped
+
+
+def test_the_same_compile_runs_on_vllm_by_one_option(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from misstep.cli import app
+
+    run_dir = tmp_path / "compile"
+    args = ["compile", "--engine", "vllm", "--model", tiny_model_dir, "--train-size", 2, "--heldout-size", 2,
+            "--demos", 1, "--ground-truth", 2, "--method", "full", "--learning-rate", 1e-3, "--threads", 2,
+            "--run-dir", run_dir]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run_dir / "compile_report.json").read_text())
+    assert report["model_name"].startswith("hosted_vllm/") and report["bootstrap"]["traced"] == 2
+    logs = sorted((run_dir / "checkpoints" / "vllm-logs").iterdir())
+    assert len(logs) == 2  # the base model's server, then the compiled checkpoint's
+    assert (run_dir / "after" / "metrics.json").exists()
