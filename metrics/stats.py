@@ -65,3 +65,17 @@ def majority_baseline(labels: list) -> Rate:
     if not labels:
         return Rate(0, 0)
     return Rate(Counter(labels).most_common(1)[0][1], len(labels))
+
+
+def two_proportion_p(better: Rate, worse: Rate) -> float:
+    """One-sided p-value that `better`'s true rate exceeds `worse`'s (pooled two-proportion z-test).
+
+    1.0 where either rate is empty or neither could differ (both 0 or both 1)."""
+    if not better.n or not worse.n:
+        return 1.0
+    pooled = (better.k + worse.k) / (better.n + worse.n)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / better.n + 1 / worse.n))
+    if spread == 0:
+        return 1.0
+    z = (better.value - worse.value) / spread
+    return 0.5 * math.erfc(z / math.sqrt(2))

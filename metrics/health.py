@@ -1,0 +1,102 @@
+"""Loop health: is the self-improvement loop still improving, has it plateaued, or is it collapsing?
+
+Two kinds of evidence, both on what the loop never trains on or cannot fake:
+- held-out accuracy per round (a `Rate`), compared round against round with a
+  one-sided two-proportion test, so noise on a few hundred examples is not read as
+  progress or decline;
+- the diversity of what was kept (distinct n-grams, near-duplicates): a loop that
+  feeds on its own output collapses into repeating itself, and diversity falls first.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import combinations
+
+from misstep.metrics.stats import Rate, two_proportion_p
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: list[str], n: int) -> float | None:
+    """Unique n-grams over all n-grams of `texts` (Li et al. 2016); None when there are none."""
+    grams = [g for text in texts for g in _ngrams(text, n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def near_duplicate_rate(texts: list[str], threshold: float = 0.8, n: int = 3) -> float | None:
+    """Share of texts with another text whose word n-gram sets overlap by Jaccard >= `threshold`.
+
+    Quadratic in the number of texts, which is fine for the hundreds a round keeps."""
+    if len(texts) < 2:
+        return None
+    shingles = [set(_ngrams(t, n)) or {tuple(_WORD.findall(t.lower()))} for t in texts]
+    duplicated = set()
+    for i, j in combinations(range(len(texts)), 2):
+        union = len(shingles[i] | shingles[j])
+        if union and len(shingles[i] & shingles[j]) / union >= threshold:
+            duplicated.update((i, j))
+    return len(duplicated) / len(texts)
+
+
+def diversity(texts: list[str]) -> dict[str, float | int | None]:
+    return {"texts": len(texts), "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+            "distinct_3": distinct_n(texts, 3), "near_duplicates": near_duplicate_rate(texts)}
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When the loop stops, in one place.
+
+    - collapse: the latest round is significantly worse (p < `alpha`) than the best
+      round so far, or its kept set's distinct-2 fell below `min_diversity_ratio` of the
+      first round's;
+    - plateau: no round in the last `patience` rounds was significantly better than the
+      best before it.
+    """
+
+    patience: int = 2
+    alpha: float = 0.05
+    min_diversity_ratio: float = 0.7
+
+
+@dataclass(frozen=True)
+class Verdict:
+    stop: bool
+    reason: str  # "continue", "plateau" or "collapse"
+    best_round: int
+    detail: str
+
+
+def judge_health(accuracy: list[Rate], distinct_2: list[float | None], rule: StopRule = StopRule()) -> Verdict:
+    """The stop rule over a history (one entry per finished round, round 0 = before any training).
+
+    `accuracy` is the primary held-out metric per round; `distinct_2` the kept set's
+    distinct-2 per round (None where nothing was kept)."""
+    if not accuracy:
+        raise ValueError("no rounds to judge")
+    best = max(range(len(accuracy)), key=lambda r: (accuracy[r].value if accuracy[r].n else -1.0, -r))
+    latest = len(accuracy) - 1
+    p_drop = two_proportion_p(accuracy[best], accuracy[latest]) if best != latest else 1.0
+    if p_drop < rule.alpha:
+        return Verdict(True, "collapse", best, f"round {latest} accuracy {accuracy[latest]} is below round {best}'s "
+                                               f"{accuracy[best]} (one-sided p={p_drop:.3g})")
+    seen = [d for d in distinct_2 if d is not None]
+    if len(seen) >= 2 and distinct_2[latest] is not None and distinct_2[latest] < rule.min_diversity_ratio * seen[0]:
+        return Verdict(True, "collapse", best, f"kept-set distinct-2 fell to {distinct_2[latest]:.3f} from "
+                                               f"{seen[0]:.3f} (below {rule.min_diversity_ratio:.0%})")
+    if latest >= rule.patience:
+        gains = []
+        for r in range(latest - rule.patience + 1, latest + 1):
+            earlier = max(accuracy[:r], key=lambda a: a.value if a.n else -1.0)
+            gains.append(two_proportion_p(accuracy[r], earlier) < rule.alpha)
+        if not any(gains):
+            return Verdict(True, "plateau", best, f"no significant gain (p < {rule.alpha}) in the last "
+                                                  f"{rule.patience} rounds; best is round {best}: {accuracy[best]}")
+    return Verdict(False, "continue", best, f"best so far is round {best}: {accuracy[best]}")
