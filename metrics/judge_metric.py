@@ -28,6 +28,13 @@ class Thresholds:
     min_confidence: float = 0.5
     min_quality: float = 0.5
 
+    def admit(self, decision: dict[str, Any]) -> bool:
+        """Keep a judged trace? `decision` holds the judge's verdict and confidence and the
+        curator's keep and quality (missing where that stage's answer did not parse)."""
+        if not decision.get("verdict") or not decision.get("keep"):
+            return False
+        return decision["confidence"] >= self.min_confidence and decision["quality"] >= self.min_quality
+
 
 class JudgeMetric:
     """`metric(example, prediction, trace=None) -> bool` for `BootstrapFinetune`.
@@ -71,8 +78,8 @@ class JudgeMetric:
             return {**out, "reason": "curator answer unparsable"}
         keep = bool(judged.curate.outputs["keep"])
         quality = float(judged.curate.outputs["quality"])
-        kept = verdict and confidence >= self.thresholds.min_confidence and keep and quality >= self.thresholds.min_quality
-        return {**out, "keep": keep, "quality": quality, "kept": kept,
+        out.update(keep=keep, quality=quality)
+        return {**out, "kept": self.thresholds.admit(out),
                 "reason": str(judged.curate.outputs.get("reason", ""))}
 
     def report(self) -> dict[str, Any]:
