@@ -24,7 +24,10 @@ from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
 from misstep.optimize.compile import (NothingToTrainOn, compile_program, load_compiled, save_compiled,
                                       training_examples, warm_up)
 from misstep.optimize.demos import attach_demos, ground_truth_demos
+from misstep.metrics.health import StopRule
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
+from misstep.optimize.report import write_report
+from misstep.optimize.rounds import LoopSettings, run_loop
 from misstep.programs import Judge, SelfCorrector
 from misstep.signatures import ERROR_TYPES
 
@@ -37,6 +40,18 @@ ThreadsOption = Annotated[int, typer.Option(min=1, help="concurrent requests (th
 DemosOption = Annotated[int, typer.Option(min=0, help="ground-truth demos per stage, built from --demo-data")]
 DemoDataOption = Annotated[Path | None, typer.Option(help="valid GSM8K chains for demos (default: shipped train sample)")]
 RunDirOption = Annotated[Path | None, typer.Option(help="where results go; rerun with the same one to resume")]
+# Training and serving options, shared by `compile` and `optimize`.
+MethodOption = Annotated[str, typer.Option(help="lora or full")]
+EpochsOption = Annotated[float, typer.Option(min=0.01)]
+LearningRateOption = Annotated[float | None, typer.Option(help="default 2e-4 (LoRA) or 2e-5 (full)")]
+LoraRankOption = Annotated[int, typer.Option(min=1)]
+MaxLengthOption = Annotated[int, typer.Option(min=16, help="training sequence length in tokens")]
+BatchSizeOption = Annotated[int, typer.Option(min=1)]
+GradAccumOption = Annotated[int, typer.Option(min=1, help="gradient accumulation steps")]
+EngineOption = Annotated[str, typer.Option(help="embedded (in-process) or vllm (a local vLLM server per checkpoint)")]
+VllmPythonOption = Annotated[str | None, typer.Option(help="the Python that has vLLM, if not this one")]
+GroundTruthOption = Annotated[int, typer.Option(min=0, help="ground-truth worked examples per stage, trained on "
+                                                           "beside the kept traces")]
 
 
 def _fail(message: str) -> None:
@@ -101,10 +116,7 @@ def generate_command(
     seed: int = 0,
 ) -> None:
     """Run all six stages over N valid chains; write the scenarios and a summary into a run directory."""
-    types = error_type or sorted(ERROR_TYPES)
-    for name in types:
-        if name not in ERROR_TYPES:
-            _fail(f"unknown --error-type {name!r}; registered: {', '.join(sorted(ERROR_TYPES))}")
+    types = _error_types(error_type)
     loaded = [c for c in _load(data or sample_path("gsm8k/train.jsonl")) if c.is_valid]
     demo_chains = _demos(demos, demo_data, seed, exclude=set())
     used_for_demos = _demo_questions(demo_chains)
@@ -176,8 +188,7 @@ def compile_command(
     data: Annotated[Path | None, typer.Option(help="valid GSM8K chains to train on, corrupted by the injector "
                                                    "(default: shipped train sample)")] = None,
     train_size: Annotated[int, typer.Option(min=1, help="training examples (invalid chains) to trace")] = 32,
-    ground_truth: Annotated[int, typer.Option(min=0, help="ground-truth worked examples per stage, trained on "
-                                                          "beside the kept traces")] = 16,
+    ground_truth: GroundTruthOption = 16,
     warm_up_first: Annotated[bool, typer.Option("--warm-up/--no-warm-up", help="first fine-tune on the ground "
                                                 "truth alone, so the student's own traces parse")] = False,
     metric: Annotated[str, typer.Option(help="which traces to keep: judge (stages 5-6 on the frozen base model) "
@@ -189,18 +200,17 @@ def compile_command(
     threads: ThreadsOption = 8,
     demos: DemosOption = 2,
     demo_data: DemoDataOption = None,
-    method: Annotated[str, typer.Option(help="lora or full")] = "lora",
-    epochs: Annotated[float, typer.Option(min=0.01)] = 1.0,
-    learning_rate: Annotated[float | None, typer.Option(help="default 2e-4 (LoRA) or 2e-5 (full)")] = None,
-    lora_rank: Annotated[int, typer.Option(min=1)] = 16,
-    max_length: Annotated[int, typer.Option(min=16, help="training sequence length in tokens")] = 1024,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
-    grad_accum: Annotated[int, typer.Option(min=1, help="gradient accumulation steps")] = 1,
+    method: MethodOption = "lora",
+    epochs: EpochsOption = 1.0,
+    learning_rate: LearningRateOption = None,
+    lora_rank: LoraRankOption = 16,
+    max_length: MaxLengthOption = 1024,
+    batch_size: BatchSizeOption = 4,
+    grad_accum: GradAccumOption = 1,
     min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="judge confidence to keep a trace")] = 0.5,
     min_quality: Annotated[float, typer.Option(min=0.0, max=1.0, help="curation quality to keep a trace")] = 0.5,
-    engine: Annotated[str, typer.Option(help="embedded (in-process) or vllm (a local vLLM server per checkpoint)")]
-    = "embedded",
-    vllm_python: Annotated[str | None, typer.Option(help="the Python that has vLLM, if not this one")] = None,
+    engine: EngineOption = "embedded",
+    vllm_python: VllmPythonOption = None,
     seed: int = 0,
 ) -> None:
     """Compile the self-corrector into new weights (BootstrapFinetune, the judge as metric); print
@@ -208,18 +218,8 @@ def compile_command(
     --run-dir to resume: finished evaluations and trainings are not repeated."""
     if metric not in ("judge", "oracle"):
         _fail(f"--metric must be 'judge' or 'oracle', not {metric!r}")
-    if engine not in SERVINGS:
-        _fail(f"--engine must be one of {', '.join(SERVINGS)}, not {engine!r}")
-    vllm = VllmOptions(python=vllm_python or sys.executable)
-    if engine == "vllm" and not vllm_available(vllm.python):
-        _fail(f"--engine vllm: {vllm.python} cannot import vllm; install it with `bash scripts/install.sh --vllm` "
-              "or point --vllm-python at a Python that has it")
-    try:
-        settings = TrainSettings(method=method, epochs=epochs, learning_rate=learning_rate, lora_rank=lora_rank,
-                                 lora_alpha=2 * lora_rank, max_length=max_length, batch_size=batch_size,
-                                 gradient_accumulation=grad_accum, seed=seed)
-    except ValueError as exc:
-        _fail(str(exc))
+    vllm = _vllm_options(engine, vllm_python)
+    settings = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum, seed)
     if warm_up_first and not ground_truth:
         _fail("--warm-up needs ground truth to train on: set --ground-truth above 0")
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
@@ -255,7 +255,7 @@ def compile_command(
     try:
         compiled = _resume_or(run, lambda: compile_program(student, training_examples(pairs), lm=student_lm,
                                                            metric=keep, provider=provider, run_dir=run,
-                                                           ground_truth=truth, num_threads=threads), provider, threads)
+                                                           extra_examples=truth, num_threads=threads), provider, threads)
     except NothingToTrainOn as exc:
         _fail(str(exc))
     rows.append(("after compile", held_out(compiled.predictors()[0].lm, "after", {})))
@@ -273,6 +273,34 @@ def compile_command(
     provider.close()
 
 
+def _vllm_options(engine: str, vllm_python: str | None) -> VllmOptions:
+    if engine not in SERVINGS:
+        _fail(f"--engine must be one of {', '.join(SERVINGS)}, not {engine!r}")
+    vllm = VllmOptions(python=vllm_python or sys.executable)
+    if engine == "vllm" and not vllm_available(vllm.python):
+        _fail(f"--engine vllm: {vllm.python} cannot import vllm; install it with `bash scripts/install.sh --vllm` "
+              "or point --vllm-python at a Python that has it")
+    return vllm
+
+
+def _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
+                    seed) -> TrainSettings:
+    try:
+        return TrainSettings(method=method, epochs=epochs, learning_rate=learning_rate, lora_rank=lora_rank,
+                             lora_alpha=2 * lora_rank, max_length=max_length, batch_size=batch_size,
+                             gradient_accumulation=grad_accum, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _error_types(names: list[str] | None) -> list[str]:
+    types = names or sorted(ERROR_TYPES)
+    for name in types:
+        if name not in ERROR_TYPES:
+            _fail(f"unknown --error-type {name!r}; registered: {', '.join(sorted(ERROR_TYPES))}")
+    return types
+
+
 def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int) -> SelfCorrector:
     """The program saved in `folder` by an earlier run, or `compile_step()`'s, saved there now.
 
@@ -286,6 +314,80 @@ def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int
     result = compile_step()
     save_compiled(result.program, result.model_dir, saved)
     return result.program
+
+
+@app.command("optimize")
+def optimize_command(
+    rounds: Annotated[int, typer.Option(min=1, help="rounds of write, judge, keep, compile, measure")] = 3,
+    data: Annotated[Path | None, typer.Option(help="valid GSM8K chains the loop draws seeds and ground truth from "
+                                                   "(default: shipped train sample)")] = None,
+    heldout: Annotated[Path | None, typer.Option(help="held-out GSM8K chains, corrupted by the injector "
+                                                      "(default: shipped test sample)")] = None,
+    heldout_size: Annotated[int, typer.Option(min=1, help="held-out GSM8K chains measured each round")] = 20,
+    bbm: Annotated[list[Path] | None, typer.Option(help="BIG-Bench Mistake file(s) measured each round, per task")]
+    = None,
+    bbm_size: Annotated[int, typer.Option(min=1, help="traces per BIG-Bench Mistake file")] = 50,
+    seed_chains: Annotated[int, typer.Option(min=1, help="valid chains the model writes scenarios from, per round")]
+    = 32,
+    error_type: Annotated[list[str] | None, typer.Option(help="error type(s); default: all registered")] = None,
+    ground_truth: GroundTruthOption = 16,
+    warm_up_first: Annotated[bool, typer.Option("--warm-up/--no-warm-up", help="round 0 fine-tunes on the ground "
+                                                "truth alone")] = True,
+    active_selection: Annotated[bool, typer.Option("--active/--no-active", help="prefer the error types and chains "
+                                                   "the model failed on last round")] = True,
+    trials: Annotated[int, typer.Option(min=1, help="Optuna trials per round for the thresholds")] = 60,
+    patience: Annotated[int, typer.Option(min=1, help="rounds without significant gain before stopping")] = 2,
+    model: ModelOption = DEFAULT_MODEL,
+    engine: EngineOption = "embedded",
+    vllm_python: VllmPythonOption = None,
+    run_dir: RunDirOption = None,
+    threads: ThreadsOption = 8,
+    demos: DemosOption = 2,
+    method: MethodOption = "lora",
+    epochs: EpochsOption = 1.0,
+    learning_rate: LearningRateOption = None,
+    lora_rank: LoraRankOption = 16,
+    max_length: MaxLengthOption = 1024,
+    batch_size: BatchSizeOption = 4,
+    grad_accum: GradAccumOption = 1,
+    seed: int = 0,
+) -> None:
+    """The self-improvement loop: each round the model writes scenarios, the frozen judge scores
+    them, Optuna-tuned thresholds keep some, the student is compiled on everything kept so far,
+    and held-out accuracy decides whether to go on. Rerun with the same --run-dir to resume."""
+    types = _error_types(error_type)
+    vllm = _vllm_options(engine, vllm_python)
+    train = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum, seed)
+    train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
+    held = {"gsm8k": labelled_chains(_load(heldout or sample_path("gsm8k/test.jsonl")), heldout_size, seed)}
+    for path in bbm or []:
+        chains = labelled_chains(_load(path), bbm_size, seed)
+        held[f"bbm-{chains[0].task}" if chains else path.stem] = chains
+    settings = LoopSettings(rounds=rounds, seed_chains=seed_chains, error_types=types, ground_truth=ground_truth,
+                            warm_up=warm_up_first, demos=demos, active_selection=active_selection,
+                            tuning_trials=trials, stop=StopRule(patience=patience), num_threads=threads, seed=seed)
+    run = _run_dir(run_dir, "optimize")
+    provider = LocalProvider(_model_dir(model), run / "checkpoints", train, serving=engine, vllm=vllm)
+    judge_lm = provider.lm(max_batch_size=threads, seed=seed).copy(provider=None)  # the frozen judge
+    console.print(f"optimize: {rounds} rounds of {seed_chains} seed chains, held out "
+                  f"{', '.join(f'{k} {len(v)}' for k, v in held.items())} -> {run}")
+    try:
+        history = run_loop(train_chains, held, provider=provider, judge_lm=judge_lm, settings=settings, run_dir=run)
+    finally:
+        provider.close()
+    report = write_report(run)
+    console.print(f"{history[-1]['verdict']['reason']}: {history[-1]['verdict']['detail']}")
+    console.print(f"report: {report}")
+
+
+@app.command("report")
+def report_command(run_dir: Annotated[Path, typer.Argument(help="an optimize run directory")]) -> None:
+    """Write RUN_DIR/report.md with plots from a loop's files (nothing is run)."""
+    try:
+        path = write_report(run_dir)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    console.print(f"report: {path}")
 
 
 @app.command("models")

@@ -47,23 +47,24 @@ class RobustBootstrapFinetune(BootstrapFinetune):
 
     report: dict[str, int]
 
-    def __init__(self, *args, ground_truth: dict[str, list[dspy.Example]] | None = None, **kwargs):
-        """`ground_truth`: worked examples by stage name ("locate", "recover", ...), formatted
-        like the traces and trained on beside them, so a round never trains on model output
-        alone (the known road to collapse) and a model whose traces all fail still learns."""
+    def __init__(self, *args, extra_examples: dict[str, list[dspy.Example]] | None = None, **kwargs):
+        """`extra_examples`: worked examples by stage name ("locate", "recover", ...) — ground
+        truth, earlier rounds' kept traces — formatted like the traces and trained on beside
+        them, so a compile never trains on the newest model output alone (the known road to
+        collapse) and a model whose traces all fail still learns."""
         super().__init__(*args, **kwargs)
-        self.ground_truth = ground_truth or {}
+        self.extra_examples = extra_examples or {}
 
     def compile(self, student: dspy.Module, trainset: list[dspy.Example], teacher: dspy.Module | None = None):
         assert_all_predictors_have_lms(student, role="student")
         traces = bootstrap_trace_data(program=prepare_teacher(student, teacher), dataset=trainset, metric=self.metric,
                                       num_threads=self.num_threads or dspy.settings.num_threads,
-                                      raise_on_error=False, capture_crashes=True)
+                                      raise_on_error=False, capture_crashes=True) if trainset else []
         clean = [t for t in traces if not _failed(t)]
         kept = [t for t in clean if t.get("score")] if self.metric else clean
         self.report = {"examples": len(trainset), "traced": len(traces), "dropped_failed": len(traces) - len(clean),
                        "dropped_by_metric": len(clean) - len(kept), "kept_traces": len(kept)}
-        if not kept and not self.ground_truth:
+        if not kept and not self.extra_examples:
             raise NothingToTrainOn(f"no trace to train on: {self.report}")
 
         jobs: dict[dspy.LM, dict[str, Any]] = {}
@@ -74,11 +75,11 @@ class RobustBootstrapFinetune(BootstrapFinetune):
                                       "train_kwargs": self.train_kwargs[predictor.lm]}
         self.report["trace_records"] = sum(len(job["train_data"]) for job in jobs.values())
         for name, predictor in student.named_predictors():
-            jobs[predictor.lm]["train_data"] += chat_records(predictor, self.ground_truth.get(stage_name(name), []),
+            jobs[predictor.lm]["train_data"] += chat_records(predictor, self.extra_examples.get(stage_name(name), []),
                                                              self.adapter[predictor.lm] or dspy.settings.adapter)
-        self.report["ground_truth_records"] = sum(len(job["train_data"]) for job in jobs.values()) \
+        self.report["extra_records"] = sum(len(job["train_data"]) for job in jobs.values()) \
             - self.report["trace_records"]
-        self.report["train_records"] = self.report["trace_records"] + self.report["ground_truth_records"]
+        self.report["train_records"] = self.report["trace_records"] + self.report["extra_records"]
         if not self.report["train_records"]:
             raise NothingToTrainOn(f"the kept traces hold no predictor call to train on: {self.report}")
         finetuned = self.finetune_lms(jobs)
@@ -106,20 +107,20 @@ def training_examples(pairs: list[tuple[Chain, Chain]]) -> list[dspy.Example]:
 
 
 def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm: dspy.LM, metric: Metric,
-                    provider: LocalProvider, run_dir: Path, ground_truth: dict[str, list[dspy.Example]] | None = None,
+                    provider: LocalProvider, run_dir: Path, extra_examples: dict[str, list[dspy.Example]] | None = None,
                     num_threads: int = 8, teacher: SelfCorrector | None = None) -> CompileResult:
     """Compile `student` (running on `lm`, whose provider is `provider`) on the traces `metric` keeps:
     usually a `JudgeMetric` (stages 5-6 on their own LM), or an `OracleMetric`.
 
     The traces come from `student` itself (self-distillation), or from `teacher`, a
-    `SelfCorrector` running on another LM. `ground_truth` examples (by stage) are trained
-    on beside the kept traces. Writes compile_report.json and judge_decisions.jsonl into
+    `SelfCorrector` running on another LM. `extra_examples` (by stage: ground truth,
+    earlier rounds' kept traces) are trained on beside the kept traces. Writes compile_report.json and judge_decisions.jsonl into
     `run_dir`; the new checkpoint lies under the provider's checkpoint root. Demos are left
     out of the training prompts and of the compiled program: the weights carry the format now.
     """
     optimizer = RobustBootstrapFinetune(metric=metric, adapter=default_adapter(), exclude_demos=True,
                                         num_threads=num_threads, train_kwargs={"settings": provider.settings},
-                                        ground_truth=ground_truth)
+                                        extra_examples=extra_examples)
     student.set_lm(lm)
     with dspy.context(adapter=default_adapter()):
         compiled = optimizer.compile(student, trainset, teacher=teacher)

@@ -94,7 +94,7 @@ def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny
     for folder in ("before", "after-warm-up", "after"):
         assert (run_dir / folder / "metrics.json").exists()
     report = json.loads((run_dir / "compile_report.json").read_text())
-    assert report["bootstrap"]["ground_truth_records"] == 4 and report["bootstrap"]["traced"] == 2
+    assert report["bootstrap"]["extra_records"] == 4 and report["bootstrap"]["traced"] == 2
     warm = json.loads((run_dir / "warm-up" / "compile_report.json").read_text())
     assert report["training"]["base_model"] == warm["model_dir"]  # the compile trained on from the warmed weights
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
@@ -104,3 +104,28 @@ def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny
     assert again.exit_code == 0, again.output
     assert again.output.count("resumed:") == 2
     assert sorted((run_dir / "checkpoints").iterdir()) == checkpoints
+
+
+def test_optimize_runs_a_round_and_writes_a_report_readable_alone(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "loop"
+    result = _invoke("optimize", "--rounds", 1, "--model", tiny_model_dir, "--seed-chains", 2, "--heldout-size", 2,
+                     "--ground-truth", 2, "--demos", 1, "--trials", 3, "--method", "full", "--learning-rate", 1e-3,
+                     "--threads", 2, "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    report = (run_dir / "report.md").read_text()
+    assert "| 0 |" in report and "| 1 |" in report and "Best round" in report
+    for plot in ("heldout.png", "judge.png", "diversity.png"):
+        assert (run_dir / plot).stat().st_size > 1000
+    (run_dir / "report.md").unlink()
+    again = _invoke("report", run_dir)  # the report comes from the run's files alone
+    assert again.exit_code == 0 and (run_dir / "report.md").read_text() == report
+
+
+def test_optimize_refuses_bad_arguments_before_any_work(tmp_path, tiny_model_dir):
+    result = _invoke("optimize", "--error-type", "typo", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2 and "unknown --error-type 'typo'" in result.output
+    result = _invoke("optimize", "--engine", "tpu", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2 and "--engine must be one of" in result.output
+    assert not (tmp_path / "r").exists()
+    result = _invoke("report", tmp_path / "nothing")
+    assert result.exit_code == 2 and "no finished round" in " ".join(result.output.split())

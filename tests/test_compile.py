@@ -32,12 +32,12 @@ def test_compile_trains_new_weights_through_bootstrap_finetune_and_loads_back(tm
     pairs = [(good, bad) for good, bad, _ in inject_many(gsm8k_train[20:], seed=0)[:4]]
 
     result = compile_program(SelfCorrector(), training_examples(pairs), lm=base, metric=JudgeMetric(base, Thresholds()),
-                             provider=provider, run_dir=tmp_path / "run", ground_truth=truth, num_threads=4)
+                             provider=provider, run_dir=tmp_path / "run", extra_examples=truth, num_threads=4)
 
     bootstrap = result.report["bootstrap"]
     assert bootstrap["traced"] == 4  # every example ran through the program and the metric
     assert bootstrap["kept_traces"] == 0  # a random model's recoveries never parse: the judge keeps none
-    assert bootstrap["ground_truth_records"] == 8  # 4 worked examples for each of locate and recover
+    assert bootstrap["extra_records"] == 8  # 4 worked examples for each of locate and recover
     decisions = (tmp_path / "run" / "metric_decisions.jsonl").read_text().splitlines()
     assert len(decisions) == 4 and all("oracle_location_ok" in json.loads(d) for d in decisions)
 
@@ -67,13 +67,13 @@ def test_warm_up_trains_on_ground_truth_alone_and_compiles_on_from_it(tmp_path, 
     truth = ground_truth_demos(gsm8k_train, k=2)
 
     warmed = warm_up(SelfCorrector(), truth, lm=base, provider=provider, run_dir=tmp_path / "warm")
-    assert warmed.report["warm_up"]["ground_truth_records"] == 4
+    assert warmed.report["warm_up"]["extra_records"] == 4
     assert json.loads((warmed.model_dir / "train_summary.json").read_text())["base_model"] == str(tiny_model_dir)
 
     pairs = [(good, bad) for good, bad, _ in inject_many(gsm8k_train[5:], seed=0)[:2]]
     warm_lm = warmed.program.predictors()[0].lm
     again = compile_program(warmed.program, training_examples(pairs), lm=warm_lm, metric=OracleMetric(),
-                            provider=provider, run_dir=tmp_path / "run", ground_truth=truth, num_threads=2)
+                            provider=provider, run_dir=tmp_path / "run", extra_examples=truth, num_threads=2)
     # The second compile starts from the warmed weights, not from the base model's.
     assert again.report["training"]["base_model"] == str(warmed.model_dir)
     assert again.report["metric"]["metric"] == "oracle" and again.report["metric"]["judged"] == 2

@@ -1,0 +1,137 @@
+"""`misstep report RUN_DIR`: a markdown report of a loop's run, with PNG plots, from its files alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load_history(run_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for folder in sorted(run_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+        if (folder / "round.json").exists():
+            rows.append(json.loads((folder / "round.json").read_text()))
+    if not rows:
+        raise FileNotFoundError(f"{run_dir}: no finished round (round-*/round.json) to report on")
+    return rows
+
+
+def _cell(rate: dict | None) -> str:
+    if not rate or rate.get("value") is None:
+        return "n/a"
+    return f"{rate['value']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] ({rate['k']}/{rate['n']})"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _series(rows: list[dict[str, Any]], get) -> tuple[list[int], list[float], list[float], list[float]]:
+    xs, values, lows, highs = [], [], [], []
+    for row in rows:
+        rate = get(row)
+        if rate and rate.get("value") is not None:
+            xs.append(row["round"])
+            values.append(rate["value"])
+            lows.append(rate["value"] - rate["low"])
+            highs.append(rate["high"] - rate["value"])
+    return xs, values, lows, highs
+
+
+def _plot_rates(rows, lines: dict[str, Any], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, get in lines.items():
+        xs, values, lows, highs = _series(rows, get)
+        if xs:
+            ax.errorbar(xs, values, yerr=[lows, highs], marker="o", capsize=3, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:  # nothing measured yet (say, no recovery parsed): say so rather than draw an empty legend
+        ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/report.md and its plots; return the report's path."""
+    run_dir = Path(run_dir)
+    rows = load_history(run_dir)
+    tasks = sorted({(name, task) for row in rows for name, tasks in row["heldout"].items() for task in tasks})
+
+    def heldout(name, task, metric):
+        return lambda row: row["heldout"].get(name, {}).get(task, {}).get(metric)
+
+    _plot_rates(rows, {f"{task} location": heldout(name, task, "location_accuracy") for name, task in tasks}
+                | {"gsm8k recovery": heldout("gsm8k", "gsm8k", "recovery_success")},
+                "held-out accuracy (95% Wilson)", run_dir / "heldout.png")
+    _plot_rates(rows, {"judge precision": lambda r: r.get("judge", {}).get("precision"),
+                       "judge recall": lambda r: r.get("judge", {}).get("recall"),
+                       "acceptance": lambda r: r.get("acceptance")},
+                "the judge against the oracle, and what it kept", run_dir / "judge.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("distinct_1", "distinct_2", "distinct_3", "near_duplicates"):
+        points = [(r["round"], r["diversity"][key]) for r in rows if r.get("diversity", {}).get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=key)
+    ax.set_xlabel("round")
+    ax.set_ylim(0, 1)
+    ax.set_title("diversity of the kept recoveries")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "nothing kept", ha="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "diversity.png", dpi=110)
+    plt.close(fig)
+
+    loop = json.loads((run_dir / "loop.json").read_text()) if (run_dir / "loop.json").exists() else {}
+    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").exists() else None
+    lines = [f"# misstep run: {run_dir.name}", ""]
+    if best:
+        lines += [f"**Stop rule:** {best['verdict']['reason']} — {best['verdict']['detail']}. "
+                  f"**Best round:** {best['round']} (`{best['program']}`).", ""]
+    else:
+        lines += [f"**Status:** unfinished; last verdict: {rows[-1]['verdict']['reason']} — "
+                  f"{rows[-1]['verdict']['detail']}.", ""]
+    lines += ["## Held-out accuracy per round (95% Wilson intervals)", "",
+              "| round | " + " | ".join(f"{task} location" for _, task in tasks) + " | gsm8k recovery |",
+              "|---|" + "---|" * (len(tasks) + 1)]
+    for row in rows:
+        cells = [_cell(heldout(name, task, "location_accuracy")(row)) for name, task in tasks]
+        lines.append(f"| {row['round']} | " + " | ".join(cells)
+                     + f" | {_cell(heldout('gsm8k', 'gsm8k', 'recovery_success')(row))} |")
+    lines += ["", "![held-out accuracy](heldout.png)", "",
+              "## The judge, the thresholds and what was kept", "",
+              "| round | judge precision | judge recall | kept / scenarios | thresholds (confidence, quality) "
+              "| distinct-2 | near-duplicates | error types kept |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows[1:]:
+        chosen = (row.get("thresholds") or {}).get("thresholds") or {}
+        thresholds = (f"{chosen['min_confidence']:.2f}, {chosen['min_quality']:.2f}" if chosen else "n/a")
+        judge = row.get("judge", {})
+        diversity = row.get("diversity", {})
+        lines.append(f"| {row['round']} | {_cell(judge.get('precision'))} | {_cell(judge.get('recall'))} "
+                     f"| {row.get('kept', 0)} / {row.get('scenarios', 0)} | {thresholds} "
+                     f"| {_number(diversity.get('distinct_2'))} | {_number(diversity.get('near_duplicates'))} "
+                     f"| {row.get('kept_error_types', {})} |")
+    lines += ["", "![judge](judge.png) ![diversity](diversity.png)", "",
+              "Judge precision: of the recoveries the judge called successful, the share the oracle confirms; "
+              "recall: of the recoveries the oracle confirms, the share the judge called successful. "
+              "Thresholds are chosen each round by Optuna on a validation slice of that round's judged "
+              "scenarios (`optuna.db`).", ""]
+    if loop:
+        lines += ["## Settings", "", "```json", json.dumps(loop.get("settings", {}), indent=2), "```", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,105 @@
+"""The self-improvement loop on the tiny model: two rounds end to end, resume after an injected
+failure, no held-out leakage, and active selection's choice."""
+
+import json
+import random
+
+import pytest
+
+from misstep.lm import local_lm
+from misstep.lm.provider import LocalProvider
+from misstep.lm.training import TrainSettings
+from misstep.metrics.evaluation import injected_gsm8k
+from misstep.optimize.rounds import LoopSettings, run_loop, select_seeds
+
+
+def _settings(**overrides):
+    values = dict(rounds=2, seed_chains=3, ground_truth=2, demos=1, num_threads=4, tuning_trials=5)
+    return LoopSettings(**{**values, **overrides})
+
+
+class FailingOnce(LocalProvider):
+    """The injected fault: the second fine-tune dies, as a killed process would mid-round."""
+
+    calls = 0
+
+    def finetune(self, *args, **kwargs):
+        FailingOnce.calls += 1
+        if FailingOnce.calls == 2:
+            raise RuntimeError("injected failure in round 1's compile")
+        return super().finetune(*args, **kwargs)
+
+
+@pytest.fixture()
+def loop_parts(tmp_path, tiny_model_dir, gsm8k_train, gsm8k_test):
+    train = TrainSettings(method="full", epochs=1.0, learning_rate=1e-3, batch_size=4, max_length=512)
+    heldout = {"gsm8k": injected_gsm8k(gsm8k_test, 3)}
+    # The held-out questions are slipped into the training file too: the loop must keep them out.
+    train_chains = gsm8k_train + [c for c in gsm8k_test[:6]]
+    judge_lm = local_lm(tiny_model_dir, max_tokens=16, cache=False)
+    return train, heldout, train_chains, judge_lm
+
+
+def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny_model_dir, loop_parts):
+    train, heldout, train_chains, judge_lm = loop_parts
+    run_dir = tmp_path / "loop"
+    failing = FailingOnce(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_loop(train_chains, heldout, provider=failing, judge_lm=judge_lm, settings=_settings(), run_dir=run_dir)
+    assert (run_dir / "round-0" / "round.json").exists() and not (run_dir / "round-1" / "program.json").exists()
+    scenarios_before = (run_dir / "round-1" / "scenarios.jsonl").read_text()
+    selection_before = (run_dir / "round-1" / "selection.json").read_text()
+
+    provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
+    history = run_loop(train_chains, heldout, provider=provider, judge_lm=judge_lm, settings=_settings(),
+                       run_dir=run_dir)
+
+    # Resumed: round 0 was not trained again and round 1's finished steps were not redone.
+    assert (run_dir / "round-1" / "scenarios.jsonl").read_text() == scenarios_before
+    assert (run_dir / "round-1" / "selection.json").read_text() == selection_before
+    assert len(list((run_dir / "checkpoints").glob("compile-*"))) == 3  # warm-up, round 1, round 2
+    assert [row["round"] for row in history] == [0, 1, 2]
+    for r in (1, 2):
+        folder = run_dir / f"round-{r}"
+        for name in ("selection.json", "scenarios.jsonl", "tuning.json", "kept.jsonl", "program.json",
+                     "compile_report.json", "round.json"):
+            assert (folder / name).exists(), f"round {r}: {name}"
+        row = json.loads((folder / "round.json").read_text())
+        assert row["heldout"]["gsm8k"]["gsm8k"]["location_accuracy"]["n"] == 3
+        assert row["verdict"]["reason"] in ("continue", "plateau", "collapse")
+        report = json.loads((folder / "compile_report.json").read_text())
+        assert report["training"]["base_model"].endswith(history[r - 1]["model"].split("/")[-1].rsplit("-", 1)[0])
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["round"] in (0, 1, 2) and best["program"].endswith("program.json")
+
+    # Nothing held out reached any training data, nor any scenario.
+    held = {c.question for c in heldout["gsm8k"]}
+    for data in (run_dir / "checkpoints").glob("compile-*/train_data.jsonl"):
+        text = data.read_text()
+        assert not any(q in text for q in held), data
+    for r in (1, 2):
+        for line in (run_dir / f"round-{r}" / "scenarios.jsonl").read_text().splitlines():
+            assert json.loads(line)["chain"]["question"] not in held
+
+
+def test_active_selection_prefers_the_error_types_that_failed(gsm8k_train):
+    previous = []
+    for n, chain in enumerate(gsm8k_train[:20]):
+        error_type = ("arithmetic_slip", "wrong_operand")[n % 2]
+        solved = error_type == "arithmetic_slip"  # the model always recovers slips, never wrong operands
+        previous.append({"source_id": chain.source_id, "error_type": error_type,
+                         "oracle": {"location_ok": solved, "recovery_ok": solved}})
+    settings = _settings(seed_chains=40, error_types=["arithmetic_slip", "wrong_operand"], exploration=0.2)
+    chosen = select_seeds(gsm8k_train, previous, settings, random.Random(0), round_index=2)
+    assert chosen["weights"]["wrong_operand"] > 0.8 and chosen["mix"]["wrong_operand"] > chosen["mix"].get(
+        "arithmetic_slip", 0)
+    assert chosen["revisited"] > 0 and "failure rate" in chosen["reason"]
+    failed = {p["source_id"] for p in previous if p["error_type"] == "wrong_operand"}
+    revisited = [(s, e) for s, e in chosen["seeds"] if s in failed]
+    assert revisited and all(e == "arithmetic_slip" for _, e in revisited)  # under another error type
+
+    off = select_seeds(gsm8k_train, previous, _settings(seed_chains=40, active_selection=False,
+                                                        error_types=["arithmetic_slip", "wrong_operand"]),
+                       random.Random(0), round_index=2)
+    assert off["weights"] == {"arithmetic_slip": 0.5, "wrong_operand": 0.5} and off["revisited"] == 0
+    assert "off" in off["reason"]
