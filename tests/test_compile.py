@@ -67,7 +67,7 @@ def test_warm_up_trains_on_ground_truth_alone_and_compiles_on_from_it(tmp_path, 
     truth = ground_truth_demos(gsm8k_train, k=2)
 
     warmed = warm_up(SelfCorrector(), truth, lm=base, provider=provider, run_dir=tmp_path / "warm")
-    assert warmed.report["warm_up"]["extra_records"] == 4
+    assert warmed.report["warm_up"]["ground_truth_records"] == 4
     assert json.loads((warmed.model_dir / "train_summary.json").read_text())["base_model"] == str(tiny_model_dir)
 
     pairs = [(good, bad) for good, bad, _ in inject_many(gsm8k_train[5:], seed=0)[:2]]
