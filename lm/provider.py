@@ -93,8 +93,11 @@ class LocalProvider(Provider):
             self._server(lm.model)
 
     def kill(self, lm: dspy.LM, launch_kwargs: dict[str, Any] | None = None) -> None:
-        """Free what serves `lm` (DSPy calls this before training it); `launch` brings it back."""
-        if lm.model in self.servers:
+        """Free what serves `lm` (DSPy calls this before training it); `launch` brings it back.
+
+        The base model's server stays up: the frozen judge runs on it, and would otherwise
+        lose its server the first time the student is trained from the base weights."""
+        if lm.model in self.servers and self.checkpoints.get(lm.model) != self.base_model_dir:
             self.servers[lm.model].stop()
 
     def close(self) -> None:

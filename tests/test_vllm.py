@@ -60,6 +60,13 @@ def test_vllm_serves_relaunches_with_new_weights_and_leaves_nothing_running(tmp_
         assert new_server.port != server.port and compiled.kwargs["api_base"] == new_server.api_base
         assert new_server.model_dir == provider.checkpoints[compiled.model]
         assert isinstance(compiled("Which step is wrong?")[0], str)
+
+        provider.kill(compiled)  # what BootstrapFinetune does before training a served model
+        assert not new_server.running() and not _listening(new_server.port)
+        provider.launch(compiled)  # back, on the same port the LM knows
+        assert compiled.kwargs["api_base"] == new_server.api_base and isinstance(compiled("Again?")[0], str)
+        provider.kill(base)  # the base model's server stays up: the frozen judge runs on it
+        assert server.healthy()
     finally:
         provider.close()
     for s in (server, new_server):
