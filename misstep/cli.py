@@ -48,6 +48,8 @@ LoraRankOption = Annotated[int, typer.Option(min=1)]
 MaxLengthOption = Annotated[int, typer.Option(min=16, help="training sequence length in tokens")]
 BatchSizeOption = Annotated[int, typer.Option(min=1)]
 GradAccumOption = Annotated[int, typer.Option(min=1, help="gradient accumulation steps")]
+CheckpointingOption = Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
+                                                   help="recompute activations: less memory, slower steps")]
 EngineOption = Annotated[str, typer.Option(help="embedded (in-process) or vllm (a local vLLM server per checkpoint)")]
 VllmPythonOption = Annotated[str | None, typer.Option(help="the Python that has vLLM, if not this one")]
 GroundTruthOption = Annotated[int, typer.Option(min=0, help="ground-truth worked examples per stage, trained on "
@@ -207,6 +209,7 @@ def compile_command(
     max_length: MaxLengthOption = 1024,
     batch_size: BatchSizeOption = 4,
     grad_accum: GradAccumOption = 1,
+    gradient_checkpointing: CheckpointingOption = False,
     min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="judge confidence to keep a trace")] = 0.5,
     min_quality: Annotated[float, typer.Option(min=0.0, max=1.0, help="curation quality to keep a trace")] = 0.5,
     engine: EngineOption = "embedded",
@@ -219,7 +222,8 @@ def compile_command(
     if metric not in ("judge", "oracle"):
         _fail(f"--metric must be 'judge' or 'oracle', not {metric!r}")
     vllm = _vllm_options(engine, vllm_python)
-    settings = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum, seed)
+    settings = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
+                               gradient_checkpointing, seed)
     if warm_up_first and not ground_truth:
         _fail("--warm-up needs ground truth to train on: set --ground-truth above 0")
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
@@ -284,11 +288,12 @@ def _vllm_options(engine: str, vllm_python: str | None) -> VllmOptions:
 
 
 def _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
-                    seed) -> TrainSettings:
+                    gradient_checkpointing, seed) -> TrainSettings:
     try:
         return TrainSettings(method=method, epochs=epochs, learning_rate=learning_rate, lora_rank=lora_rank,
                              lora_alpha=2 * lora_rank, max_length=max_length, batch_size=batch_size,
-                             gradient_accumulation=grad_accum, seed=seed)
+                             gradient_accumulation=grad_accum, gradient_checkpointing=gradient_checkpointing,
+                             seed=seed)
     except ValueError as exc:
         _fail(str(exc))
 
@@ -350,6 +355,7 @@ def optimize_command(
     max_length: MaxLengthOption = 1024,
     batch_size: BatchSizeOption = 4,
     grad_accum: GradAccumOption = 1,
+    gradient_checkpointing: CheckpointingOption = False,
     seed: int = 0,
 ) -> None:
     """The self-improvement loop: each round the model writes scenarios, the frozen judge scores
@@ -357,7 +363,8 @@ def optimize_command(
     and held-out accuracy decides whether to go on. Rerun with the same --run-dir to resume."""
     types = _error_types(error_type)
     vllm = _vllm_options(engine, vllm_python)
-    train = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum, seed)
+    train = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
+                               gradient_checkpointing, seed)
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
     held = {"gsm8k": labelled_chains(_load(heldout or sample_path("gsm8k/test.jsonl")), heldout_size, seed)}
     for path in bbm or []:
