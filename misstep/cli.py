@@ -195,6 +195,10 @@ def compile_command(
                                                 "truth alone, so the student's own traces parse")] = False,
     metric: Annotated[str, typer.Option(help="which traces to keep: judge (stages 5-6 on the frozen base model) "
                                              "or oracle (ground truth)")] = "judge",
+    judge_warm_up: Annotated[bool, typer.Option("--judge-warm-up/--no-judge-warm-up", help="give the judge its own "
+                                                "weights: the base model fine-tuned on the ground truth's judge and "
+                                                "curation examples alone (the 135M base model cannot answer in the "
+                                                "judge's fields)")] = False,
     heldout: Annotated[Path | None, typer.Option(help="held-out GSM8K chains (default: shipped test sample)")] = None,
     heldout_size: Annotated[int, typer.Option(min=1, help="held-out examples for before/after accuracy")] = 20,
     model: ModelOption = DEFAULT_MODEL,
@@ -224,8 +228,8 @@ def compile_command(
     vllm = _vllm_options(engine, vllm_python)
     settings = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
                                gradient_checkpointing, seed)
-    if warm_up_first and not ground_truth:
-        _fail("--warm-up needs ground truth to train on: set --ground-truth above 0")
+    if (warm_up_first or judge_warm_up) and not ground_truth:
+        _fail("--warm-up and --judge-warm-up need ground truth to train on: set --ground-truth above 0")
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
     heldout_chains = labelled_chains(_load(heldout or sample_path("gsm8k/test.jsonl")), heldout_size, seed)
     run = _run_dir(run_dir, "compile")
@@ -254,8 +258,15 @@ def compile_command(
                                                              run_dir=run / "warm-up"), provider, threads)
         student, student_lm = warmed, warmed.predictors()[0].lm
         rows.append(("after warm-up (ground truth only)", held_out(student_lm, "after-warm-up", {})))
-    keep = (JudgeMetric(base, Thresholds(min_confidence, min_quality), judge=attach_demos(Judge(), demo_sets))
-            if metric == "judge" else OracleMetric())
+    if metric == "oracle":
+        keep = OracleMetric()
+    elif judge_warm_up:  # frozen once trained: the judge program carries its own LM, no demos needed
+        judge = _resume_or(run / "judge-warm-up", lambda: warm_up(Judge(), truth, lm=base, provider=provider,
+                                                                  run_dir=run / "judge-warm-up"),
+                           provider, threads, program=Judge())
+        keep = JudgeMetric(judge.predictors()[0].lm, Thresholds(min_confidence, min_quality), judge=judge)
+    else:
+        keep = JudgeMetric(base, Thresholds(min_confidence, min_quality), judge=attach_demos(Judge(), demo_sets))
     try:
         compiled = _resume_or(run, lambda: compile_program(student, training_examples(pairs), lm=student_lm,
                                                            metric=keep, provider=provider, run_dir=run,
@@ -306,14 +317,14 @@ def _error_types(names: list[str] | None) -> list[str]:
     return types
 
 
-def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int) -> SelfCorrector:
+def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int, program=None):
     """The program saved in `folder` by an earlier run, or `compile_step()`'s, saved there now.
 
     Its LM stays fine-tunable by `provider`, which learns the checkpoint, so a later
     compile trains on from these weights."""
     saved = folder / "program.json"
     if saved.exists():
-        program = load_compiled(saved, provider=provider, max_batch_size=threads)
+        program = load_compiled(saved, provider=provider, program=program, max_batch_size=threads)
         console.print(f"resumed: {saved}")
         return program
     result = compile_step()

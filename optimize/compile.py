@@ -132,14 +132,16 @@ def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm:
     return _finish(compiled, lm, provider, run_dir, {"bootstrap": optimizer.report, "metric": metric_report})
 
 
-def warm_up(student: SelfCorrector, ground_truth: dict[str, list[dspy.Example]], *, lm: dspy.LM,
+def warm_up(student: dspy.Module, ground_truth: dict[str, list[dspy.Example]], *, lm: dspy.LM,
             provider: LocalProvider, run_dir: Path) -> CompileResult:
-    """Round 0: fine-tune `lm` on ground-truth examples alone, with no traces.
+    """Round 0: fine-tune `lm` on ground-truth examples alone, with no traces, for the stages of
+    `student` (a `SelfCorrector`; or a `Judge`, to give the judge weights of its own).
 
     A base model too small to answer in the adapter's fields leaves every trace
     unparsable, so a compile from it has nothing of its own to keep. Training first on
     worked examples (built by the injector, checked by the oracle) teaches the format;
-    later compiles then have traces to judge.
+    later compiles then have traces to judge. A judge warmed up this way has seen ground
+    truth only, never the student's output, and no compile of the student trains it.
     """
     data = ground_truth_chat_data(student, ground_truth, default_adapter())
     if not data:
@@ -175,11 +177,12 @@ def save_compiled(program: SelfCorrector, model_dir: Path, path: Path) -> None:
     write_json_atomic(path, {"model_dir": str(model_dir), "program": state})
 
 
-def load_compiled(path: Path, provider: LocalProvider | None = None, **lm_options) -> SelfCorrector:
-    """A `SelfCorrector` from `save_compiled`'s file, running on the weights it names: through
-    `provider` (its serving, and fine-tunable on from there) or in-process."""
+def load_compiled(path: Path, provider: LocalProvider | None = None, program: dspy.Module | None = None,
+                  **lm_options) -> dspy.Module:
+    """`program` (a `SelfCorrector` unless given: a `Judge`, say) from `save_compiled`'s file, running
+    on the weights it names: through `provider` (its serving, fine-tunable on from there) or in-process."""
     saved = json.loads(Path(path).read_text())
-    program = SelfCorrector()
+    program = program or SelfCorrector()
     program.load_state(saved["program"])
     model_dir = Path(saved["model_dir"])
     program.set_lm(provider.lm(model_dir, **lm_options) if provider else local_lm(model_dir, **lm_options))

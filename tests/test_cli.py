@@ -85,7 +85,7 @@ def test_compile_stops_clearly_when_the_judge_keeps_nothing(tmp_path, tiny_model
 def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "compile"
     args = ("compile", "--model", tiny_model_dir, "--train-size", 2, "--heldout-size", 2, "--demos", 1,
-            "--ground-truth", 2, "--warm-up", "--method", "full", "--learning-rate", 1e-3, "--threads", 2,
+            "--ground-truth", 2, "--warm-up", "--judge-warm-up", "--method", "full", "--learning-rate", 1e-3, "--threads", 2,
             "--run-dir", run_dir)
     result = _invoke(*args)
     assert result.exit_code == 0, result.output
@@ -97,13 +97,16 @@ def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny
     assert report["bootstrap"]["extra_records"] == 4 and report["bootstrap"]["traced"] == 2
     warm = json.loads((run_dir / "warm-up" / "compile_report.json").read_text())
     assert report["training"]["base_model"] == warm["model_dir"]  # the compile trained on from the warmed weights
-    checkpoints = sorted((run_dir / "checkpoints").iterdir())
-    assert len(checkpoints) == 2
+    judge = json.loads((run_dir / "judge-warm-up" / "compile_report.json").read_text())
+    assert judge["warm_up"]["ground_truth_records"] == 4  # 2 judge + 2 curation examples
+    assert judge["training"]["base_model"] == str(tiny_model_dir)  # the judge never trains on the student
+    checkpoints = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("compile-"))
+    assert len(checkpoints) == 3  # student warm-up, judge warm-up, compile
 
     again = _invoke(*args)  # everything is done: nothing is trained again
     assert again.exit_code == 0, again.output
-    assert again.output.count("resumed:") == 2
-    assert sorted((run_dir / "checkpoints").iterdir()) == checkpoints
+    assert again.output.count("resumed:") == 3
+    assert sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("compile-")) == checkpoints
 
 
 def test_optimize_runs_a_round_and_writes_a_report_readable_alone(tmp_path, tiny_model_dir):
