@@ -349,6 +349,8 @@ def optimize_command(
     ground_truth: GroundTruthOption = 16,
     warm_up_first: Annotated[bool, typer.Option("--warm-up/--no-warm-up", help="round 0 fine-tunes on the ground "
                                                 "truth alone")] = True,
+    judge_warm_up: Annotated[bool, typer.Option("--judge-warm-up/--no-judge-warm-up", help="give the frozen judge "
+                                                "its own weights, fine-tuned on ground-truth judgements alone")] = True,
     active_selection: Annotated[bool, typer.Option("--active/--no-active", help="prefer the error types and chains "
                                                    "the model failed on last round")] = True,
     trials: Annotated[int, typer.Option(min=1, help="Optuna trials per round for the thresholds")] = 60,
@@ -382,7 +384,8 @@ def optimize_command(
         chains = labelled_chains(_load(path), bbm_size, seed)
         held[f"bbm-{chains[0].task}" if chains else path.stem] = chains
     settings = LoopSettings(rounds=rounds, seed_chains=seed_chains, error_types=types, ground_truth=ground_truth,
-                            warm_up=warm_up_first, demos=demos, active_selection=active_selection,
+                            warm_up=warm_up_first, judge_warm_up=judge_warm_up, demos=demos,
+                            active_selection=active_selection,
                             tuning_trials=trials, stop=StopRule(patience=patience), num_threads=threads, seed=seed)
     run = _run_dir(run_dir, "optimize")
     provider = LocalProvider(_model_dir(model), run / "checkpoints", train, serving=engine, vllm=vllm)

@@ -60,6 +60,7 @@ class LoopSettings:
     error_types: list[str] = field(default_factory=lambda: ["arithmetic_slip", "wrong_operand", "wrong_operation"])
     ground_truth: int = 16  # worked examples per stage in every compile (no model wrote them)
     warm_up: bool = True  # round 0 fine-tunes on the ground truth alone, so the model's answers parse
+    judge_warm_up: bool = True  # the judge gets its own weights, fine-tuned on ground-truth judgements alone
     demos: int = 2  # per stage, for the judge (and the student when there is no warm-up)
     active_selection: bool = True
     exploration: float = 0.3  # share of each round's seeds and error-type weight chosen at random
@@ -91,14 +92,22 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     pool = [c for c in pool if c.question not in used]
     write_json_atomic(run_dir / "loop.json", {"settings": _settings_dict(settings), "pool": len(pool),
                                               "heldout": {k: len(v) for k, v in heldout.items()}})
-    judge = attach_demos(Judge(), demos)
-    judge.set_lm(judge_lm)  # the frozen judge: compiling the student never trains it
+    # The frozen judge: compiling the student never trains it. The 135M base model cannot
+    # answer in the judge's fields, so by default the judge is the base model fine-tuned once
+    # on ground-truth judgements (it never sees the student's output in training).
+    if settings.judge_warm_up:
+        judge_dir = run_dir / "judge"
+        judge = _resumed_or(judge_dir, provider, lambda: warm_up(Judge(), truth, lm=judge_lm.copy(provider=provider),
+                                                                 provider=provider, run_dir=judge_dir), Judge())
+    else:
+        judge = attach_demos(Judge(), demos)
+        judge.set_lm(judge_lm)
 
     # Round 0: the model the loop starts from.
     start = _round_dir(run_dir, 0)
     if settings.warm_up:
-        student = _resumed_or(start, provider, lambda: warm_up(SelfCorrector(), truth, lm=provider.lm(), provider=provider,
-                                                              run_dir=start))
+        student = _resumed_or(start, provider, lambda: warm_up(SelfCorrector(), truth, lm=provider.lm(),
+                                                              provider=provider, run_dir=start), SelfCorrector())
     else:
         student = attach_demos(SelfCorrector(), demos)
         student.set_lm(provider.lm())
@@ -344,9 +353,9 @@ def _primary(row: dict[str, Any], metric: str) -> Rate:
 
 # -- small helpers -----------------------------------------------------------------------------
 
-def _resumed_or(folder: Path, provider: LocalProvider, train) -> SelfCorrector:
+def _resumed_or(folder: Path, provider: LocalProvider, train, program: dspy.Module) -> dspy.Module:
     if (folder / "program.json").exists():
-        return load_compiled(folder / "program.json", provider=provider)
+        return load_compiled(folder / "program.json", provider=provider, program=program)
     result = train()
     save_compiled(result.program, result.model_dir, folder / "program.json")
     return result.program

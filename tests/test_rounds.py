@@ -19,13 +19,13 @@ def _settings(**overrides):
 
 
 class FailingOnce(LocalProvider):
-    """The injected fault: the second fine-tune dies, as a killed process would mid-round."""
+    """The injected fault: the third fine-tune dies, as a killed process would mid-round."""
 
     calls = 0
 
     def finetune(self, *args, **kwargs):
         FailingOnce.calls += 1
-        if FailingOnce.calls == 2:
+        if FailingOnce.calls == 3:  # the judge's and the student's warm-ups pass; round 1's compile dies
             raise RuntimeError("injected failure in round 1's compile")
         return super().finetune(*args, **kwargs)
 
@@ -57,7 +57,9 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     # Resumed: round 0 was not trained again and round 1's finished steps were not redone.
     assert (run_dir / "round-1" / "scenarios.jsonl").read_text() == scenarios_before
     assert (run_dir / "round-1" / "selection.json").read_text() == selection_before
-    assert len(list((run_dir / "checkpoints").glob("compile-*"))) == 3  # warm-up, round 1, round 2
+    assert len(list((run_dir / "checkpoints").glob("compile-*"))) == 4  # judge, warm-up, round 1, round 2
+    judge_report = json.loads((run_dir / "judge" / "compile_report.json").read_text())
+    assert judge_report["training"]["base_model"] == str(tiny_model_dir)  # the judge never trains on the student
     assert [row["round"] for row in history] == [0, 1, 2]
     for r in (1, 2):
         folder = run_dir / f"round-{r}"
