@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -180,6 +181,9 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
         "first_loss": losses[0], "last_loss": losses[-1], "wall_seconds": wall,
         "seconds_per_step": wall / total_steps, "tokens_per_second": trained_tokens / wall,
         "device": str(device), "bf16": use_bf16,
+        # The process's peak so far (Linux reports KiB): an upper bound on what training needed.
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
