@@ -10,18 +10,26 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def _write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers see the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2, default=str)
-            out.write("\n")
+            out.write(text)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    _write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    """A whole JSONL file at once (a step's finished output), never seen half-written."""
+    _write_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
 
 
 class JsonlLog:

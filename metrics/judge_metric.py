@@ -36,6 +36,20 @@ class Thresholds:
         return decision["confidence"] >= self.min_confidence and decision["quality"] >= self.min_quality
 
 
+def verdicts(judge_outputs: dict[str, Any] | None, curate_outputs: dict[str, Any] | None) -> dict[str, Any]:
+    """The judge's verdict and confidence and the curator's keep, quality and reason, typed,
+    from the stages' parsed outputs (None where a stage's answer did not parse): what
+    `Thresholds.admit` reads, for a metric's trace and for a scenario record alike."""
+    if judge_outputs is None:
+        return {}
+    out: dict[str, Any] = {"verdict": bool(judge_outputs["recovery_succeeded"]),
+                           "confidence": float(judge_outputs["confidence"])}
+    if curate_outputs is not None:
+        out.update(keep=bool(curate_outputs["keep"]), quality=float(curate_outputs["quality"]),
+                   reason=str(curate_outputs.get("reason", "")))
+    return out
+
+
 class JudgeMetric:
     """`metric(example, prediction, trace=None) -> bool` for `BootstrapFinetune`.
 
@@ -71,16 +85,11 @@ class JudgeMetric:
     def _decide(self, judged: dspy.Prediction) -> dict[str, Any]:
         if not judged.judge.ok:
             return {"reason": "judge answer unparsable"}
-        verdict = bool(judged.judge.outputs["recovery_succeeded"])
-        confidence = float(judged.judge.outputs["confidence"])
-        out: dict[str, Any] = {"verdict": verdict, "confidence": confidence}
-        if judged.curate is None or not judged.curate.ok:
+        curated = judged.curate.outputs if judged.curate is not None and judged.curate.ok else None
+        out = verdicts(judged.judge.outputs, curated)
+        if curated is None:
             return {**out, "reason": "curator answer unparsable"}
-        keep = bool(judged.curate.outputs["keep"])
-        quality = float(judged.curate.outputs["quality"])
-        out.update(keep=keep, quality=quality)
-        return {**out, "kept": self.thresholds.admit(out),
-                "reason": str(judged.curate.outputs.get("reason", ""))}
+        return {**out, "kept": self.thresholds.admit(out)}
 
     def report(self) -> dict[str, Any]:
         """How many traces were kept, and the judge's agreement with the oracle's recovery verdict."""

@@ -21,9 +21,8 @@ from misstep.lm.serving import VllmOptions, vllm_available
 from misstep.lm.training import TrainSettings
 from misstep.metrics.injector import inject_many
 from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
-from misstep.optimize.compile import (NothingToTrainOn, compile_program, load_compiled, save_compiled,
-                                      training_examples, warm_up)
-from misstep.optimize.demos import attach_demos, ground_truth_demos
+from misstep.optimize.compile import NothingToTrainOn, compile_program, compiled_or_resumed, training_examples, warm_up
+from misstep.optimize.demos import attach_demos, ground_truth_demos, questions_of
 from misstep.metrics.health import StopRule
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
@@ -79,11 +78,6 @@ def _demos(k: int, demo_data: Path | None, seed: int, exclude: set[str]):
     return ground_truth_demos(chains, k=k, seed=seed)
 
 
-def _demo_questions(demo_sets) -> set[str]:
-    """The questions the demos show, kept out of the chains a job runs on."""
-    return {e.question for examples in demo_sets.values() for e in examples}
-
-
 def _model_dir(model: str) -> Path:
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)  # one "truncated" warning per answer drowns the bar
     try:
@@ -121,7 +115,7 @@ def generate_command(
     types = _error_types(error_type)
     loaded = [c for c in _load(data or sample_path("gsm8k/train.jsonl")) if c.is_valid]
     demo_chains = _demos(demos, demo_data, seed, exclude=set())
-    used_for_demos = _demo_questions(demo_chains)
+    used_for_demos = questions_of(demo_chains)
     selected = [c for c in loaded if c.question not in used_for_demos][:chains]
     if not selected:
         _fail("no valid chains to start from in the data")
@@ -235,10 +229,10 @@ def compile_command(
     run = _run_dir(run_dir, "compile")
     demo_sets = _demos(demos, demo_data, seed, exclude=set())
     # Demos, ground truth and traced examples come from disjoint training chains.
-    demo_questions = _demo_questions(demo_sets)
+    demo_questions = questions_of(demo_sets)
     pool = [c for c in train_chains if c.question not in demo_questions]
     truth = ground_truth_demos(pool, k=ground_truth, seed=seed + 1) if ground_truth else {}
-    taken = demo_questions | {e.question for examples in truth.values() for e in examples}
+    taken = demo_questions | questions_of(truth)
     pairs = [(good, bad) for good, bad, _ in inject_many([c for c in pool if c.question not in taken],
                                                           seed=seed)][:train_size]
     if not pairs:
@@ -318,18 +312,11 @@ def _error_types(names: list[str] | None) -> list[str]:
 
 
 def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int, program=None):
-    """The program saved in `folder` by an earlier run, or `compile_step()`'s, saved there now.
-
-    Its LM stays fine-tunable by `provider`, which learns the checkpoint, so a later
-    compile trains on from these weights."""
-    saved = folder / "program.json"
-    if saved.exists():
-        program = load_compiled(saved, provider=provider, program=program, max_batch_size=threads)
-        console.print(f"resumed: {saved}")
-        return program
-    result = compile_step()
-    save_compiled(result.program, result.model_dir, saved)
-    return result.program
+    program, resumed = compiled_or_resumed(folder, compile_step, provider=provider, program=program,
+                                           max_batch_size=threads)
+    if resumed:
+        console.print(f"resumed: {folder / 'program.json'}")
+    return program
 
 
 @app.command("optimize")

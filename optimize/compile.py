@@ -177,6 +177,21 @@ def save_compiled(program: SelfCorrector, model_dir: Path, path: Path) -> None:
     write_json_atomic(path, {"model_dir": str(model_dir), "program": state})
 
 
+def compiled_or_resumed(folder: Path, compile_step: Callable[[], CompileResult], *, provider: LocalProvider,
+                        program: dspy.Module | None = None, **lm_options) -> tuple[dspy.Module, bool]:
+    """(the program an earlier run saved in `folder`/program.json, True), or (`compile_step()`'s
+    program, saved there now, False): a rerun never trains the same step again.
+
+    A resumed program runs through `provider`, which learns its checkpoint, so a later
+    compile trains on from those weights."""
+    saved = folder / "program.json"
+    if saved.exists():
+        return load_compiled(saved, provider=provider, program=program, **lm_options), True
+    result = compile_step()
+    save_compiled(result.program, result.model_dir, saved)
+    return result.program, False
+
+
 def load_compiled(path: Path, provider: LocalProvider | None = None, program: dspy.Module | None = None,
                   **lm_options) -> dspy.Module:
     """`program` (a `SelfCorrector` unless given: a `Judge`, say) from `save_compiled`'s file, running

@@ -74,6 +74,11 @@ def attach_demos(program: dspy.Module, demos: dict[str, list[dspy.Example]]) -> 
     return program
 
 
+def questions_of(examples: dict[str, list[dspy.Example]]) -> set[str]:
+    """The questions a set of examples (by stage) shows: kept out of the chains a job runs on."""
+    return {e.question for stage_examples in examples.values() for e in stage_examples}
+
+
 def stage_name(predictor_name: str) -> str:
     """"corrector.locate" -> "locate": demos and ground truth are keyed by stage, wherever it sits."""
     return predictor_name.rsplit(".", 1)[-1]

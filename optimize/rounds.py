@@ -35,15 +35,15 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain, Scenario, format_steps
-from misstep.data.runfiles import JsonlLog, write_json_atomic
+from misstep.data.runfiles import JsonlLog, write_json_atomic, write_jsonl_atomic
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.checks import check_scenario
 from misstep.metrics.health import StopRule, diversity, judge_health
-from misstep.metrics.judge_metric import Thresholds
+from misstep.metrics.judge_metric import Thresholds, verdicts
 from misstep.metrics.stats import Rate, agreement, rate
-from misstep.optimize.compile import compile_program, load_compiled, save_compiled, warm_up
-from misstep.optimize.demos import attach_demos, ground_truth_demos
+from misstep.optimize.compile import compile_program, compiled_or_resumed, warm_up
+from misstep.optimize.demos import attach_demos, ground_truth_demos, questions_of, stage_name
 from misstep.optimize.jobs import JobSettings, evaluate
 from misstep.optimize.tuning import tune_thresholds
 from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
@@ -85,10 +85,10 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     heldout_questions = {c.question for chains in heldout.values() for c in chains}
     pool = [c for c in train_chains if c.is_valid and c.question not in heldout_questions]  # no held-out leaks in
     demos = ground_truth_demos(pool, k=settings.demos, seed=settings.seed) if settings.demos else {}
-    used = {e.question for examples in demos.values() for e in examples}
+    used = questions_of(demos)
     truth = ground_truth_demos([c for c in pool if c.question not in used], k=settings.ground_truth,
                                seed=settings.seed + 1) if settings.ground_truth else {}
-    used |= {e.question for examples in truth.values() for e in examples}
+    used |= questions_of(truth)
     pool = [c for c in pool if c.question not in used]
     write_json_atomic(run_dir / "loop.json", {"settings": _settings_dict(settings), "pool": len(pool),
                                               "heldout": {k: len(v) for k, v in heldout.items()}})
@@ -97,8 +97,9 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     # on ground-truth judgements (it never sees the student's output in training).
     if settings.judge_warm_up:
         judge_dir = run_dir / "judge"
-        judge = _resumed_or(judge_dir, provider, lambda: warm_up(Judge(), truth, lm=judge_lm.copy(provider=provider),
-                                                                 provider=provider, run_dir=judge_dir), Judge())
+        judge, _ = compiled_or_resumed(judge_dir, lambda: warm_up(Judge(), truth, lm=judge_lm.copy(provider=provider),
+                                                                  provider=provider, run_dir=judge_dir),
+                                       provider=provider, program=Judge())
     else:
         judge = attach_demos(Judge(), demos)
         judge.set_lm(judge_lm)
@@ -106,13 +107,14 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     # Round 0: the model the loop starts from.
     start = _round_dir(run_dir, 0)
     if settings.warm_up:
-        student = _resumed_or(start, provider, lambda: warm_up(SelfCorrector(), truth, lm=provider.lm(),
-                                                              provider=provider, run_dir=start), SelfCorrector())
+        student, _ = compiled_or_resumed(start, lambda: warm_up(SelfCorrector(), truth, lm=provider.lm(),
+                                                                provider=provider, run_dir=start), provider=provider)
     else:
         student = attach_demos(SelfCorrector(), demos)
         student.set_lm(provider.lm())
     history = [_finish_round(0, start, student, heldout, None, [], settings, history=[])]
 
+    chains = {c.source_id: c for c in pool}
     kept_so_far: dict[str, list[dspy.Example]] = {}
     for r in range(1, settings.rounds + 1):
         folder = _round_dir(run_dir, r)
@@ -120,7 +122,6 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
         selection = _step(folder / "selection.json",
                           lambda: select_seeds(pool, previous, settings, random.Random(settings.seed * 1009 + r),
                                                round_index=r))
-        chains = {c.source_id: c for c in pool}
         work = [(chains[s], e) for s, e in selection["seeds"]]
         scenarios = write_scenarios(work, student, judge, demos, folder, settings)
         tuning = _step(folder / "tuning.json", lambda: _tune(scenarios, run_dir, r, history, settings))
@@ -128,14 +129,11 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
         kept = _step_jsonl(folder / "kept.jsonl", lambda: keep(scenarios, thresholds))
         examples = [scenario_example(k) for k in kept]
         extra = _merge(truth, kept_so_far)  # accumulate: every earlier round's kept traces, and the ground truth
-        if (folder / "program.json").exists():
-            student = load_compiled(folder / "program.json", provider=provider, max_batch_size=settings.num_threads)
-        else:
-            result = compile_program(student, examples, lm=student.predictors()[0].lm,
-                                     metric=ReproducesKept(), provider=provider, run_dir=folder,
-                                     extra_examples=extra, num_threads=settings.num_threads)
-            save_compiled(result.program, result.model_dir, folder / "program.json")
-            student = result.program
+        student, _ = compiled_or_resumed(
+            folder, lambda: compile_program(student, examples, lm=student.predictors()[0].lm, metric=ReproducesKept(),
+                                            provider=provider, run_dir=folder, extra_examples=extra,
+                                            num_threads=settings.num_threads),
+            provider=provider, max_batch_size=settings.num_threads)
         for stage, stage_examples in stage_examples_of(kept).items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
         history.append(_finish_round(r, folder, student, heldout, scenarios, kept, settings, history,
@@ -225,13 +223,9 @@ def write_scenarios(work: list[tuple[Chain, str]], student: SelfCorrector, judge
 def decision(record: dict[str, Any]) -> dict[str, Any]:
     """The judge's and curator's verdicts on one scenario, beside the oracle's."""
     stages, oracle = record["stages"], record.get("oracle") or {}
-    out: dict[str, Any] = {"source_id": record["source_id"], "error_type": record["error_type"]}
-    if stages.get("judge", {}).get("ok"):
-        out.update(verdict=bool(stages["judge"]["outputs"]["recovery_succeeded"]),
-                   confidence=float(stages["judge"]["outputs"]["confidence"]))
-    if stages.get("curate", {}).get("ok"):
-        out.update(keep=bool(stages["curate"]["outputs"]["keep"]), quality=float(stages["curate"]["outputs"]["quality"]),
-                   reason=stages["curate"]["outputs"].get("reason", ""))
+    parsed = {name: result["outputs"] if result.get("ok") else None for name, result in stages.items()}
+    out: dict[str, Any] = {"source_id": record["source_id"], "error_type": record["error_type"],
+                           **verdicts(parsed.get("judge"), parsed.get("curate"))}
     if "recovery_ok" in oracle:
         out["oracle_recovery_ok"] = bool(oracle["recovery_ok"])
     if "location_ok" in oracle:
@@ -317,7 +311,7 @@ def _finish_round(r: int, folder: Path, student: SelfCorrector, heldout: dict[st
     if (folder / "round.json").exists():
         return json.loads((folder / "round.json").read_text())
     lm = student.predictors()[0].lm
-    demos = {name.rsplit(".", 1)[-1]: list(p.demos) for name, p in student.named_predictors() if p.demos}
+    demos = {stage_name(name): list(p.demos) for name, p in student.named_predictors() if p.demos}
     metrics = {}
     for name, chains in heldout.items():
         job = JobSettings(run_dir=folder / "heldout" / name, num_threads=settings.num_threads, demos=demos)
@@ -353,14 +347,6 @@ def _primary(row: dict[str, Any], metric: str) -> Rate:
 
 # -- small helpers -----------------------------------------------------------------------------
 
-def _resumed_or(folder: Path, provider: LocalProvider, train, program: dspy.Module) -> dspy.Module:
-    if (folder / "program.json").exists():
-        return load_compiled(folder / "program.json", provider=provider, program=program)
-    result = train()
-    save_compiled(result.program, result.model_dir, folder / "program.json")
-    return result.program
-
-
 def _step(path: Path, make) -> dict[str, Any]:
     """The step's saved output, or make it and save it atomically (so a half-written one is never read)."""
     if path.exists():
@@ -374,9 +360,7 @@ def _step_jsonl(path: Path, make) -> list[dict[str, Any]]:
     if path.exists():
         return _load_jsonl(path)
     records = make()
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    write_jsonl_atomic(path, records)
     return records
 
 
