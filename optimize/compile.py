@@ -47,13 +47,17 @@ class RobustBootstrapFinetune(BootstrapFinetune):
 
     report: dict[str, int]
 
-    def __init__(self, *args, extra_examples: dict[str, list[dspy.Example]] | None = None, **kwargs):
+    def __init__(self, *args, extra_examples: dict[str, list[dspy.Example]] | None = None,
+                 extra_records: list[dict] | None = None, **kwargs):
         """`extra_examples`: worked examples by stage name ("locate", "recover", ...) — ground
         truth, earlier rounds' kept traces — formatted like the traces and trained on beside
         them, so a compile never trains on the newest model output alone (the known road to
-        collapse) and a model whose traces all fail still learns."""
+        collapse) and a model whose traces all fail still learns. `extra_records`: chat records
+        already formatted, for stages that share the student's weights but are not its
+        predictors (the scenario writer's), trained on in the student's fine-tune."""
         super().__init__(*args, **kwargs)
         self.extra_examples = extra_examples or {}
+        self.extra_records = list(extra_records or [])
 
     def compile(self, student: dspy.Module, trainset: list[dspy.Example], teacher: dspy.Module | None = None):
         assert_all_predictors_have_lms(student, role="student")
@@ -64,7 +68,7 @@ class RobustBootstrapFinetune(BootstrapFinetune):
         kept = [t for t in clean if t.get("score")] if self.metric else clean
         self.report = {"examples": len(trainset), "traced": len(traces), "dropped_failed": len(traces) - len(clean),
                        "dropped_by_metric": len(clean) - len(kept), "kept_traces": len(kept)}
-        if not kept and not self.extra_examples:
+        if not kept and not self.extra_examples and not self.extra_records:
             raise NothingToTrainOn(f"no trace to train on: {self.report}")
 
         jobs: dict[dspy.LM, dict[str, Any]] = {}
@@ -77,6 +81,7 @@ class RobustBootstrapFinetune(BootstrapFinetune):
         for name, predictor in student.named_predictors():
             jobs[predictor.lm]["train_data"] += chat_records(predictor, self.extra_examples.get(stage_name(name), []),
                                                              self.adapter[predictor.lm] or dspy.settings.adapter)
+        jobs[student.predictors()[0].lm]["train_data"] += self.extra_records
         self.report["extra_records"] = sum(len(job["train_data"]) for job in jobs.values()) \
             - self.report["trace_records"]
         self.report["train_records"] = self.report["trace_records"] + self.report["extra_records"]
@@ -108,19 +113,21 @@ def training_examples(pairs: list[tuple[Chain, Chain]]) -> list[dspy.Example]:
 
 def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm: dspy.LM, metric: Metric,
                     provider: LocalProvider, run_dir: Path, extra_examples: dict[str, list[dspy.Example]] | None = None,
-                    num_threads: int = 8, teacher: SelfCorrector | None = None) -> CompileResult:
+                    extra_records: list[dict] | None = None, num_threads: int = 8,
+                    teacher: SelfCorrector | None = None) -> CompileResult:
     """Compile `student` (running on `lm`, whose provider is `provider`) on the traces `metric` keeps:
     usually a `JudgeMetric` (stages 5-6 on their own LM), or an `OracleMetric`.
 
     The traces come from `student` itself (self-distillation), or from `teacher`, a
     `SelfCorrector` running on another LM. `extra_examples` (by stage: ground truth,
-    earlier rounds' kept traces) are trained on beside the kept traces. Writes compile_report.json and judge_decisions.jsonl into
+    earlier rounds' kept traces) are trained on beside the kept traces, and so are `extra_records`
+    (chat records of other stages on the same weights: the scenario writer's). Writes compile_report.json and judge_decisions.jsonl into
     `run_dir`; the new checkpoint lies under the provider's checkpoint root. Demos are left
     out of the training prompts and of the compiled program: the weights carry the format now.
     """
     optimizer = RobustBootstrapFinetune(metric=metric, adapter=default_adapter(), exclude_demos=True,
                                         num_threads=num_threads, train_kwargs={"settings": provider.settings},
-                                        extra_examples=extra_examples)
+                                        extra_examples=extra_examples, extra_records=extra_records)
     student.set_lm(lm)
     with dspy.context(adapter=default_adapter()):
         compiled = optimizer.compile(student, trainset, teacher=teacher)
@@ -133,7 +140,7 @@ def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm:
 
 
 def warm_up(student: dspy.Module, ground_truth: dict[str, list[dspy.Example]], *, lm: dspy.LM,
-            provider: LocalProvider, run_dir: Path) -> CompileResult:
+            provider: LocalProvider, run_dir: Path, extra_records: list[dict] | None = None) -> CompileResult:
     """Round 0: fine-tune `lm` on ground-truth examples alone, with no traces, for the stages of
     `student` (a `SelfCorrector`; or a `Judge`, to give the judge weights of its own).
 
@@ -142,8 +149,9 @@ def warm_up(student: dspy.Module, ground_truth: dict[str, list[dspy.Example]], *
     worked examples (built by the injector, checked by the oracle) teaches the format;
     later compiles then have traces to judge. A judge warmed up this way has seen ground
     truth only, never the student's output, and no compile of the student trains it.
+    `extra_records` (the scenario writer's ground truth, say) train the same weights.
     """
-    data = ground_truth_chat_data(student, ground_truth, default_adapter())
+    data = ground_truth_chat_data(student, ground_truth, default_adapter()) + list(extra_records or [])
     if not data:
         raise NothingToTrainOn("no ground-truth example for any stage of the program")
     new_lm = lm.finetune(train_data=data, train_data_format="chat",
@@ -152,7 +160,8 @@ def warm_up(student: dspy.Module, ground_truth: dict[str, list[dspy.Example]], *
         raise new_lm
     for predictor in student.predictors():
         predictor.lm, predictor.demos = new_lm, []
-    return _finish(student, lm, provider, run_dir, {"warm_up": {"ground_truth_records": len(data)}})
+    return _finish(student, lm, provider, run_dir, {"warm_up": {"ground_truth_records": len(data),
+                                                                "of_which_extra": len(extra_records or [])}})
 
 
 def _finish(compiled: SelfCorrector, lm: dspy.LM, provider: LocalProvider, run_dir: Path,

@@ -14,6 +14,7 @@ import dspy
 from misstep.data.records import Chain, format_steps
 from misstep.metrics.injector import inject_many
 from misstep.metrics.oracle import ANNOTATION, first_error
+from misstep.programs.scenario_writer import ScenarioWriter
 
 # Error types whose corrupted chain keeps the valid chain's step count, so that the valid
 # steps from the error on are exactly the recovery (a skipped step would need one back).
@@ -31,10 +32,25 @@ def _recovery(steps, answer: str) -> str:
     return format_steps(steps) + f"\nFinal answer: {answer}"
 
 
+def _checkable(chains: list[Chain]) -> list[Chain]:
+    return [c for c in chains if c.is_valid and first_error(c.steps) is None]
+
+
+def _writer_examples(valid: Chain, invalid: Chain) -> tuple[dspy.Example, dspy.Example]:
+    """Stage 1 and 2 worked examples: the injected mistake, described and written."""
+    step, description = invalid.mistake_index, _describe(valid, invalid)
+    valid_text = format_steps(valid.steps)
+    described = dspy.Example(question=valid.question, valid_chain=valid_text, mistake_step=step + 1,
+                             mistake_description=description)
+    written = dspy.Example(question=valid.question, valid_chain=valid_text, mistake_step=step + 1,
+                           mistake_description=description, invalid_chain=format_steps(invalid.steps),
+                           invalid_answer=invalid.answer)
+    return described, written
+
+
 def ground_truth_demos(chains: list[Chain], k: int = 2, seed: int = 0) -> dict[str, list[dspy.Example]]:
     """Up to `k` demos for each of the six stages, by predictor name, from valid chains."""
-    valid_chains = [c for c in chains if c.is_valid and first_error(c.steps) is None]
-    triples = inject_many(valid_chains, error_types=_ALIGNED_TYPES, seed=seed)[:k]
+    triples = inject_many(_checkable(chains), error_types=_ALIGNED_TYPES, seed=seed)[:k]
     demos: dict[str, list[dspy.Example]] = {name: [] for name in
                                             ("describe", "corrupt", "locate", "recover", "judge", "curate")}
     for n, (valid, invalid, _) in enumerate(triples):
@@ -43,11 +59,9 @@ def ground_truth_demos(chains: list[Chain], k: int = 2, seed: int = 0) -> dict[s
         # The judge is shown whole recovered chains, as the Judge program formats them.
         good = _recovery(valid.steps, valid.answer)
         bad = _recovery(invalid.steps, invalid.answer)
-        demos["describe"].append(dspy.Example(question=valid.question, valid_chain=valid_text, mistake_step=step + 1,
-                                              mistake_description=description))
-        demos["corrupt"].append(dspy.Example(question=valid.question, valid_chain=valid_text, mistake_step=step + 1,
-                                             mistake_description=description, invalid_chain=invalid_text,
-                                             invalid_answer=invalid.answer))
+        described, written = _writer_examples(valid, invalid)
+        demos["describe"].append(described)
+        demos["corrupt"].append(written)
         demos["locate"].append(dspy.Example(question=valid.question, chain=invalid_text, has_mistake=True,
                                             first_error_step=step + 1))
         demos["recover"].append(dspy.Example(question=valid.question, chain=invalid_text, first_error_step=step + 1,
@@ -63,6 +77,32 @@ def ground_truth_demos(chains: list[Chain], k: int = 2, seed: int = 0) -> dict[s
             keep=succeeded, quality=0.9 if succeeded else 0.1,
             reason="The mistake is located and fixed." if succeeded else "The recovery repeats the mistake."))
     return demos
+
+
+def writer_ground_truth(chains: list[Chain], error_types: list[str], k: int,
+                        seed: int = 0) -> dict[str, dict[str, list[dspy.Example]]]:
+    """Up to `k` stage-1 and stage-2 worked examples for each error type the injector makes
+    exactly (by error type, then stage), from valid chains: what the scenario writer is trained
+    on, so that the chains it writes carry a mistake the oracle can find. Error types the
+    injector cannot make step-aligned (a skipped step, a user's own type) get none."""
+    types = [t for t in error_types if t in _ALIGNED_TYPES]
+    out: dict[str, dict[str, list[dspy.Example]]] = {t: {"describe": [], "corrupt": []} for t in types}
+    if not types:
+        return out
+    for valid, invalid, error_type in inject_many(_checkable(chains), error_types=types, seed=seed):
+        stages = out[error_type]
+        if len(stages["describe"]) < k:
+            described, written = _writer_examples(valid, invalid)
+            stages["describe"].append(described)
+            stages["corrupt"].append(written)
+    return out
+
+
+def writer_chat_data(truth: dict[str, dict[str, list[dspy.Example]]],
+                     adapter: dspy.ChatAdapter | None = None) -> list[dict]:
+    """`writer_ground_truth`'s examples as chat records, each under its own error type's signature."""
+    return [record for error_type, examples in truth.items()
+            for record in ground_truth_chat_data(ScenarioWriter(error_type), examples, adapter)]
 
 
 def attach_demos(program: dspy.Module, demos: dict[str, list[dspy.Example]]) -> dspy.Module:

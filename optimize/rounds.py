@@ -43,7 +43,8 @@ from misstep.metrics.health import StopRule, diversity, judge_health
 from misstep.metrics.judge_metric import Thresholds, verdicts
 from misstep.metrics.stats import Rate, agreement, rate
 from misstep.optimize.compile import compile_program, compiled_or_resumed, warm_up
-from misstep.optimize.demos import attach_demos, ground_truth_demos, questions_of, stage_name
+from misstep.optimize.demos import (attach_demos, ground_truth_demos, questions_of, stage_name, writer_chat_data,
+                                    writer_ground_truth)
 from misstep.optimize.jobs import JobSettings, evaluate
 from misstep.optimize.tuning import tune_thresholds
 from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
@@ -89,9 +90,19 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     truth = ground_truth_demos([c for c in pool if c.question not in used], k=settings.ground_truth,
                                seed=settings.seed + 1) if settings.ground_truth else {}
     used |= questions_of(truth)
+    # The writer (stages 1-2) shares the student's weights; it is trained on injected mistakes of
+    # each error type, in the warm-up and in every compile, so the chains it writes stay checkable.
+    writer_truth = writer_ground_truth([c for c in pool if c.question not in used], settings.error_types,
+                                       k=settings.ground_truth, seed=settings.seed + 2) if settings.ground_truth else {}
+    for examples in writer_truth.values():
+        used |= questions_of(examples)
+    writer_records = writer_chat_data(writer_truth, default_adapter())
+    trained_writers = {t for t, examples in writer_truth.items() if examples["describe"] and settings.warm_up}
     pool = [c for c in pool if c.question not in used]
     write_json_atomic(run_dir / "loop.json", {"settings": _settings_dict(settings), "pool": len(pool),
-                                              "heldout": {k: len(v) for k, v in heldout.items()}})
+                                              "heldout": {k: len(v) for k, v in heldout.items()},
+                                              "writer_ground_truth": {t: len(e["describe"])
+                                                                      for t, e in writer_truth.items()}})
     # The frozen judge: compiling the student never trains it. The 135M base model cannot
     # answer in the judge's fields, so by default the judge is the base model fine-tuned once
     # on ground-truth judgements (it never sees the student's output in training).
@@ -108,7 +119,8 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     start = _round_dir(run_dir, 0)
     if settings.warm_up:
         student, _ = compiled_or_resumed(start, lambda: warm_up(SelfCorrector(), truth, lm=provider.lm(),
-                                                                provider=provider, run_dir=start), provider=provider)
+                                                                provider=provider, run_dir=start,
+                                                                extra_records=writer_records), provider=provider)
     else:
         student = attach_demos(SelfCorrector(), demos)
         student.set_lm(provider.lm())
@@ -123,7 +135,7 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
                           lambda: select_seeds(pool, previous, settings, random.Random(settings.seed * 1009 + r),
                                                round_index=r))
         work = [(chains[s], e) for s, e in selection["seeds"]]
-        scenarios = write_scenarios(work, student, judge, demos, folder, settings)
+        scenarios = write_scenarios(work, student, judge, demos, folder, settings, trained_writers=trained_writers)
         tuning = _step(folder / "tuning.json", lambda: _tune(scenarios, run_dir, r, history, settings))
         thresholds = Thresholds(**tuning["thresholds"])
         kept = _step_jsonl(folder / "kept.jsonl", lambda: keep(scenarios, thresholds))
@@ -132,7 +144,7 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
         student, _ = compiled_or_resumed(
             folder, lambda: compile_program(student, examples, lm=student.predictors()[0].lm, metric=ReproducesKept(),
                                             provider=provider, run_dir=folder, extra_examples=extra,
-                                            num_threads=settings.num_threads),
+                                            extra_records=writer_records, num_threads=settings.num_threads),
             provider=provider, max_batch_size=settings.num_threads)
         for stage, stage_examples in stage_examples_of(kept).items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
@@ -193,16 +205,17 @@ def select_seeds(pool: list[Chain], previous: list[dict[str, Any]], settings: Lo
 
 
 def write_scenarios(work: list[tuple[Chain, str]], student: SelfCorrector, judge: Judge,
-                    demos: dict[str, list[dspy.Example]], folder: Path, settings: LoopSettings) -> list[dict[str, Any]]:
+                    demos: dict[str, list[dspy.Example]], folder: Path, settings: LoopSettings,
+                    trained_writers: set[str] = frozenset()) -> list[dict[str, Any]]:
     """Stages 1-4 on the current student, 5-6 on the frozen judge, the oracle beside them.
 
-    The writer (stages 1-2) runs on the student's weights with demos: compiles train the
-    corrector's stages, so the writer keeps learning its format from the prompt."""
+    The writer (stages 1-2) runs on the student's weights: without demos for the error types
+    those weights were trained to write (`trained_writers`), with demos for the others."""
     lm = student.predictors()[0].lm
     cycles = {}
     for name in {e for _, e in work}:
         cycle = SelfCorrectionCycle(get_error_type(name), corrector=student, judge=judge)
-        attach_demos(cycle.writer, demos).set_lm(lm)
+        attach_demos(cycle.writer, {} if name in trained_writers else demos).set_lm(lm)
         cycles[name] = cycle
     with JsonlLog(folder / "scenarios.jsonl") as log:
         done = {r["source_id"] for r in log.records}

@@ -1,7 +1,9 @@
 import pytest
 
 from misstep.metrics.injector import INJECTABLE_TYPES, InjectionError, applicable_steps, inject, inject_many
+from misstep.data.records import parse_steps
 from misstep.metrics.oracle import answers_match, first_error
+from misstep.optimize.demos import writer_chat_data, writer_ground_truth
 
 
 @pytest.mark.parametrize("error_type", INJECTABLE_TYPES)
@@ -54,3 +56,20 @@ def test_inapplicable_requests_are_refused(gsm8k_test):
     corrupted = inject(chain, "arithmetic_slip", seed=0)
     with pytest.raises(InjectionError, match="already has a mistake"):
         inject(corrupted, "arithmetic_slip")
+
+
+def test_writer_ground_truth_is_exact_for_each_error_type_it_can_make(gsm8k_train):
+    types = ["arithmetic_slip", "wrong_operation", "skipped_step"]
+    truth = writer_ground_truth(gsm8k_train, types, k=3)
+    assert set(truth) == {"arithmetic_slip", "wrong_operation"}  # a skipped step is not step-aligned: no examples
+    for error_type, stages in truth.items():
+        assert len(stages["describe"]) == len(stages["corrupt"]) == 3
+        for described, written in zip(stages["describe"], stages["corrupt"]):
+            # The chain the writer is taught to write has its first error exactly where it says.
+            invalid, valid = parse_steps(written.invalid_chain), parse_steps(written.valid_chain)
+            assert first_error(invalid, reference=valid) == written.mistake_step - 1
+            assert described.mistake_description.startswith(f"Step {described.mistake_step} computes")
+    records = writer_chat_data(truth)
+    assert len(records) == 2 * 2 * 3
+    # Each record is under its own error type's signature (its instructions name the mistake).
+    assert sum("arithmetic slip" in r["messages"][0]["content"] for r in records) == 3  # its describe records

@@ -3,6 +3,7 @@ failure, no held-out leakage, and active selection's choice."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,15 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
         assert row["verdict"]["reason"] in ("continue", "plateau", "collapse")
         report = json.loads((folder / "compile_report.json").read_text())
         assert report["training"]["base_model"].endswith(history[r - 1]["model"].split("/")[-1].rsplit("-", 1)[0])
+        # The writer's ground truth trains the same weights in every compile, so its chains stay checkable.
+        records = [json.loads(line) for line in (Path(report["model_dir"]) / "train_data.jsonl").open()]
+        answers = [r["messages"][-1]["content"] for r in records]
+        assert sum("[[ ## mistake_description ## ]]" in a for a in answers) == 3 * 2  # describe
+        assert sum("[[ ## invalid_chain ## ]]" in a for a in answers) == 3 * 2  # corrupt
+    warm = json.loads((run_dir / "round-0" / "compile_report.json").read_text())
+    assert warm["warm_up"]["of_which_extra"] == 3 * 2 * 2  # 3 error types x (describe, corrupt) x 2 examples
+    assert json.loads((run_dir / "loop.json").read_text())["writer_ground_truth"] == {
+        "arithmetic_slip": 2, "wrong_operand": 2, "wrong_operation": 2}
     best = json.loads((run_dir / "best.json").read_text())
     assert best["round"] in (0, 1, 2) and best["program"].endswith("program.json")
 
