@@ -5,15 +5,28 @@ whose last message is the assistant's answer. Only the answer's tokens (and the
 end-of-turn token, so the model learns to stop) carry loss; the prompt is context.
 SmolLM2 pads with its end-of-turn token, so labels are masked by the attention mask,
 never by the pad id.
+
+The same loop runs data-parallel under a standard launcher, configuration only:
+`TrainSettings(launcher="torchrun --standalone --nproc-per-node 4")` (or `accelerate launch
+--num_processes 4`) makes the provider run this module under it, one process per GPU
+(or CPU process, over gloo), each on its share of every batch, gradients averaged by
+DistributedDataParallel; rank 0 writes the weights.
+
+    python -m misstep.lm.training MODEL_DIR RECORDS.jsonl OUTPUT_DIR --settings settings.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import random
 import resource
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +54,9 @@ class TrainSettings:
     warmup_fraction: float = 0.1
     seed: int = 0
     device: str | None = None  # None: CUDA where present, else CPU
+    # A distributed launcher to train under, e.g. "torchrun --standalone --nproc-per-node 4" or
+    # "accelerate launch --num_processes 4"; None trains in this process.
+    launcher: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -69,6 +85,17 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int) ->
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
 
 
+class AnswerLoss(torch.nn.Module):
+    """The model with `answer_loss` as its forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        return answer_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+
+
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss over the answer tokens only.
 
@@ -93,21 +120,42 @@ def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     }
 
 
+def _distributed() -> tuple[bool, int, int, int]:
+    """(launched, rank, world size, local rank) from a launcher's environment; (False, 0, 1, 0) without one.
+    A launched process joins a process group even when it is the only one, so a one-GPU run
+    takes the multi-GPU code path."""
+    return ("RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path, settings: TrainSettings,
                show_progress: bool = True) -> dict[str, Any]:
     """Fine-tune `model_dir` on chat `records`; write a full Hugging Face folder (LoRA merged in)
-    to `output_dir` with `train_log.jsonl` (loss per step) and `train_summary.json`."""
+    to `output_dir` with `train_log.jsonl` (loss per step) and `train_summary.json`.
+
+    With `settings.launcher`, the training runs in processes that launcher starts (see the
+    module's docstring); this process waits for them and reads their summary."""
     if not records:
         raise ValueError("no training records: nothing to fine-tune on")
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if settings.launcher:  # the launched processes get the same settings without it
+        return launch_training(model_dir, records, output_dir, settings)
+    launched, rank, world, local_rank = _distributed()
+    wanted = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = wanted.startswith("cuda")
+    device = torch.device(f"cuda:{local_rank}" if cuda and launched else wanted)  # one GPU per process
+    if launched:
+        if cuda:
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    random.seed(settings.seed)
+    random.seed(settings.seed)  # the same on every rank: all ranks draw the same global batches
     torch.manual_seed(settings.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant checkpointing is the kind DistributedDataParallel works with.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -117,8 +165,12 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
                                                  task_type="CAUSAL_LM"))
         if settings.gradient_checkpointing:
             model.enable_input_require_grads()
+    loss_of = AnswerLoss(model)
+    if launched:
+        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, device_ids=[local_rank] if cuda else None)
     rows = [tokenize_chat(tokenizer, r["messages"], settings.max_length) for r in records]
-    steps_per_epoch = math.ceil(len(rows) / (settings.batch_size * settings.gradient_accumulation))
+    global_batch = settings.batch_size * world  # each rank trains on its slice of every batch
+    steps_per_epoch = math.ceil(len(rows) / (global_batch * settings.gradient_accumulation))
     total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
@@ -127,7 +179,7 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = output_dir / "train_log.jsonl"
+    log_path = output_dir / "train_log.jsonl" if rank == 0 else Path(os.devnull)
     order: list[int] = []
     model.train()
     started = time.perf_counter()
@@ -135,35 +187,44 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     losses = []
     with log_path.open("w") as log, Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                                              TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-                                             disable=not show_progress) as progress:
+                                             disable=not show_progress or rank != 0) as progress:
         task = progress.add_task("train", total=total_steps, loss=float("nan"))
         for step in range(total_steps):
             step_started = time.perf_counter()
-            step_loss, step_tokens = 0.0, 0
+            step_loss = torch.zeros(2, device=device)  # (loss, tokens), summed over ranks for the log
             for _ in range(settings.gradient_accumulation):
-                if len(order) < settings.batch_size:
+                while len(order) < global_batch:
                     order += random.sample(range(len(rows)), len(rows))
-                batch = _collate([rows[i] for i in order[:settings.batch_size]], tokenizer.pad_token_id)
-                del order[:settings.batch_size]
+                mine = order[:global_batch][rank::world]
+                del order[:global_batch]
+                batch = _collate([rows[i] for i in mine], tokenizer.pad_token_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = answer_loss(model, batch) / settings.gradient_accumulation
+                    loss = loss_of(**batch) / settings.gradient_accumulation
                 loss.backward()
-                step_loss += loss.item()
-                step_tokens += int(batch["attention_mask"].sum())
+                step_loss += torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()])
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if launched:
+                torch.distributed.all_reduce(step_loss)
+            step_loss_value, step_tokens = step_loss[0].item() / world, int(step_loss[1].item())
             trained_tokens += step_tokens
-            losses.append(step_loss)
+            losses.append(step_loss_value)
             seconds = time.perf_counter() - step_started
-            log.write(json.dumps({"step": step + 1, "loss": step_loss, "lr": schedule.get_last_lr()[0],
+            log.write(json.dumps({"step": step + 1, "loss": step_loss_value, "lr": schedule.get_last_lr()[0],
                                   "tokens": step_tokens, "seconds": seconds}) + "\n")
             log.flush()
-            progress.update(task, advance=1, loss=step_loss)
+            progress.update(task, advance=1, loss=step_loss_value)
 
     wall = time.perf_counter() - started
+    peak_rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=device)
+    if launched:  # the largest process's peak: what one machine's process needed
+        torch.distributed.all_reduce(peak_rss, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return {}
     model.eval()
     if settings.method == "lora":
         model = model.merge_and_unload()  # one plain folder that any engine (and vLLM) can load
@@ -180,10 +241,51 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
         "settings": asdict(settings), "base_model": str(model_dir), "records": len(records), "steps": total_steps,
         "first_loss": losses[0], "last_loss": losses[-1], "wall_seconds": wall,
         "seconds_per_step": wall / total_steps, "tokens_per_second": trained_tokens / wall,
-        "device": str(device), "bf16": use_bf16,
+        "device": str(device), "bf16": use_bf16, "world_size": world,
         # The process's peak so far (Linux reports KiB): an upper bound on what training needed.
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": float(peak_rss),
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
+                    settings: TrainSettings) -> dict[str, Any]:
+    """Run `train_chat` under `settings.launcher` (torchrun, accelerate launch, ...) and return its summary."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data, config = output_dir / "launch_records.jsonl", output_dir / "launch_settings.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config.write_text(json.dumps({**asdict(settings), "launcher": None}))
+    command = [*shlex.split(settings.launcher), "-m", "misstep.lm.training", str(model_dir), str(data),
+               str(output_dir), "--settings", str(config)]
+    log = output_dir / "launch.log"
+    with log.open("w") as out:
+        finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+    if finished.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"training under {settings.launcher!r} failed (exit {finished.returncode}); "
+                           f"log {log}:\n{tail}")
+    data.unlink()
+    summary_path = output_dir / "train_summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["settings"]["launcher"] = settings.launcher  # the processes ran without one: record it
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The entry point a launcher starts in each process."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("records", type=Path, help="chat records, one JSON object per line")
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--settings", type=Path, help="TrainSettings as JSON")
+    args = parser.parse_args(argv)
+    settings = TrainSettings(**json.loads(args.settings.read_text())) if args.settings else TrainSettings()
+    records = [json.loads(line) for line in args.records.read_text().splitlines() if line.strip()]
+    train_chat(args.model_dir, records, args.output_dir, settings, show_progress=sys.stderr.isatty())
+
+
+if __name__ == "__main__":
+    main()

@@ -49,8 +49,15 @@ BatchSizeOption = Annotated[int, typer.Option(min=1)]
 GradAccumOption = Annotated[int, typer.Option(min=1, help="gradient accumulation steps")]
 CheckpointingOption = Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
                                                    help="recompute activations: less memory, slower steps")]
+LauncherOption = Annotated[str | None, typer.Option(help="train under a distributed launcher, e.g. "
+                                                   "'torchrun --standalone --nproc-per-node 4' or "
+                                                   "'accelerate launch --num_processes 4' (one process per GPU)")]
 EngineOption = Annotated[str, typer.Option(help="embedded (in-process) or vllm (a local vLLM server per checkpoint)")]
 VllmPythonOption = Annotated[str | None, typer.Option(help="the Python that has vLLM, if not this one")]
+TensorParallelOption = Annotated[int, typer.Option(min=1, help="--engine vllm: GPUs each server shards the model "
+                                                            "over (vLLM's tensor parallelism)")]
+VllmArgOption = Annotated[list[str] | None, typer.Option(help="--engine vllm: an argument passed to every vLLM "
+                                                              "server as it is (repeat; e.g. --vllm-arg=--max-num-seqs=64)")]
 GroundTruthOption = Annotated[int, typer.Option(min=0, help="ground-truth worked examples per stage, trained on "
                                                            "beside the kept traces")]
 
@@ -208,10 +215,13 @@ def compile_command(
     batch_size: BatchSizeOption = 4,
     grad_accum: GradAccumOption = 1,
     gradient_checkpointing: CheckpointingOption = False,
+    launcher: LauncherOption = None,
     min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="judge confidence to keep a trace")] = 0.5,
     min_quality: Annotated[float, typer.Option(min=0.0, max=1.0, help="curation quality to keep a trace")] = 0.5,
     engine: EngineOption = "embedded",
     vllm_python: VllmPythonOption = None,
+    tensor_parallel: TensorParallelOption = 1,
+    vllm_arg: VllmArgOption = None,
     seed: int = 0,
 ) -> None:
     """Compile the self-corrector into new weights (BootstrapFinetune, the judge as metric); print
@@ -219,9 +229,9 @@ def compile_command(
     --run-dir to resume: finished evaluations and trainings are not repeated."""
     if metric not in ("judge", "oracle"):
         _fail(f"--metric must be 'judge' or 'oracle', not {metric!r}")
-    vllm = _vllm_options(engine, vllm_python)
+    vllm = _vllm_options(engine, vllm_python, tensor_parallel, vllm_arg)
     settings = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
-                               gradient_checkpointing, seed)
+                               gradient_checkpointing, launcher, seed)
     if (warm_up_first or judge_warm_up) and not ground_truth:
         _fail("--warm-up and --judge-warm-up need ground truth to train on: set --ground-truth above 0")
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
@@ -282,10 +292,12 @@ def compile_command(
     provider.close()
 
 
-def _vllm_options(engine: str, vllm_python: str | None) -> VllmOptions:
+def _vllm_options(engine: str, vllm_python: str | None, tensor_parallel: int = 1,
+                  vllm_args: list[str] | None = None) -> VllmOptions:
     if engine not in SERVINGS:
         _fail(f"--engine must be one of {', '.join(SERVINGS)}, not {engine!r}")
-    vllm = VllmOptions(python=vllm_python or sys.executable)
+    vllm = VllmOptions(python=vllm_python or sys.executable, tensor_parallel_size=tensor_parallel,
+                       extra_args=list(vllm_args or []))
     if engine == "vllm" and not vllm_available(vllm.python):
         _fail(f"--engine vllm: {vllm.python} cannot import vllm; install it with `bash scripts/install.sh --vllm` "
               "or point --vllm-python at a Python that has it")
@@ -293,12 +305,12 @@ def _vllm_options(engine: str, vllm_python: str | None) -> VllmOptions:
 
 
 def _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
-                    gradient_checkpointing, seed) -> TrainSettings:
+                    gradient_checkpointing, launcher, seed) -> TrainSettings:
     try:
         return TrainSettings(method=method, epochs=epochs, learning_rate=learning_rate, lora_rank=lora_rank,
                              lora_alpha=2 * lora_rank, max_length=max_length, batch_size=batch_size,
                              gradient_accumulation=grad_accum, gradient_checkpointing=gradient_checkpointing,
-                             seed=seed)
+                             launcher=launcher, seed=seed)
     except ValueError as exc:
         _fail(str(exc))
 
@@ -345,6 +357,8 @@ def optimize_command(
     model: ModelOption = DEFAULT_MODEL,
     engine: EngineOption = "embedded",
     vllm_python: VllmPythonOption = None,
+    tensor_parallel: TensorParallelOption = 1,
+    vllm_arg: VllmArgOption = None,
     run_dir: RunDirOption = None,
     threads: ThreadsOption = 8,
     demos: DemosOption = 2,
@@ -356,15 +370,16 @@ def optimize_command(
     batch_size: BatchSizeOption = 4,
     grad_accum: GradAccumOption = 1,
     gradient_checkpointing: CheckpointingOption = False,
+    launcher: LauncherOption = None,
     seed: int = 0,
 ) -> None:
     """The self-improvement loop: each round the model writes scenarios, the frozen judge scores
     them, Optuna-tuned thresholds keep some, the student is compiled on everything kept so far,
     and held-out accuracy decides whether to go on. Rerun with the same --run-dir to resume."""
     types = _error_types(error_type)
-    vllm = _vllm_options(engine, vllm_python)
+    vllm = _vllm_options(engine, vllm_python, tensor_parallel, vllm_arg)
     train = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
-                               gradient_checkpointing, seed)
+                               gradient_checkpointing, launcher, seed)
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
     held = {"gsm8k": labelled_chains(_load(heldout or sample_path("gsm8k/test.jsonl")), heldout_size, seed)}
     for path in bbm or []:

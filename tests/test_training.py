@@ -1,6 +1,7 @@
 """Fine-tuning and the provider on the tiny model: real training steps on ground-truth chat data."""
 
 import json
+import sys
 
 import dspy
 import pytest
@@ -9,7 +10,7 @@ from transformers import AutoTokenizer
 
 from misstep.lm import local_lm
 from misstep.lm.provider import LocalProvider
-from misstep.lm.training import TrainSettings, tokenize_chat
+from misstep.lm.training import TrainSettings, tokenize_chat, train_chat
 from misstep.metrics.injector import inject_many
 from misstep.optimize.compile import NothingToTrainOn, RobustBootstrapFinetune, training_examples
 from misstep.optimize.demos import ground_truth_chat_data, ground_truth_demos
@@ -65,6 +66,33 @@ def test_provider_trains_a_new_checkpoint_with_a_new_name(tmp_path, tiny_model_d
     finally:
         engine.close()
     assert base_lm(prompt)[0] == before
+
+
+def test_data_parallel_training_under_torchrun_is_configuration_only(tmp_path, tiny_model_dir, chat_records):
+    """Two processes over gloo on this CPU, as on GPUs over NCCL: each trains on its half of every batch."""
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2"
+    settings = TrainSettings(method="full", learning_rate=5e-3, batch_size=2, max_length=512, launcher=launcher)
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
+    compiled_lm = local_lm(tiny_model_dir, provider=provider).finetune(chat_records, "chat").result()
+    assert isinstance(compiled_lm, dspy.LM), compiled_lm
+    folder = provider.checkpoints[compiled_lm.model]
+    summary = json.loads((folder / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["settings"]["launcher"] == launcher
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and log[-1]["loss"] < log[0]["loss"]  # 8 records, 2 per process x 2 processes: two steps
+    # The two processes' halves together are every record once: no row trained twice, none missed.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert sum(row["tokens"] for row in log) == sum(len(tokenize_chat(tokenizer, r["messages"], 512)[0])
+                                                    for r in chat_records)
+    new, old = load_file(folder / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert any(not (new[k] == old[k]).all() for k in old)
+    assert "rank" not in " ".join(p.name for p in folder.iterdir())  # one folder of weights, from rank 0
+
+
+def test_a_failing_launcher_names_its_log(tmp_path, tiny_model_dir, chat_records):
+    settings = TrainSettings(launcher=f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 1 --no-such-flag")
+    with pytest.raises(RuntimeError, match="launch.log"):
+        train_chat(tiny_model_dir, chat_records, tmp_path / "out", settings, show_progress=False)
 
 
 def test_failed_examples_are_dropped_and_counted_not_fatal(tiny_lm, gsm8k_train):
