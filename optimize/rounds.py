@@ -19,7 +19,8 @@ RUN_DIR/
           kept.jsonl             the kept scenarios, each with why
           program.json, compile_report.json, metric_decisions.jsonl    the compile (weights under checkpoints/)
           heldout/<set>/         predictions and metrics on the held-out sets
-          round.json             this round's row of the history, and the stop rule's verdict
+          round.json             this round's row of the history, the stop rule's verdict, and the
+                                 seconds each step took in the process that ran it
   best.json                      the best round and its weights
 """
 
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,11 +109,14 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     # The frozen judge: compiling the student never trains it. The 135M base model cannot
     # answer in the judge's fields, so by default the judge is the base model fine-tuned once
     # on ground-truth judgements (it never sees the student's output in training).
+    seconds: dict[str, float] = {}  # round 0's steps
     if settings.judge_warm_up:
         judge_dir = run_dir / "judge"
-        judge, _ = compiled_or_resumed(judge_dir, lambda: warm_up(Judge(), truth, lm=judge_lm.copy(provider=provider),
-                                                                  provider=provider, run_dir=judge_dir),
-                                       provider=provider, program=Judge())
+        with _timed(seconds, "judge_warm_up"):
+            judge, _ = compiled_or_resumed(judge_dir, lambda: warm_up(Judge(), truth,
+                                                                      lm=judge_lm.copy(provider=provider),
+                                                                      provider=provider, run_dir=judge_dir),
+                                           provider=provider, program=Judge())
     else:
         judge = attach_demos(Judge(), demos)
         judge.set_lm(judge_lm)
@@ -118,38 +124,45 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     # Round 0: the model the loop starts from.
     start = _round_dir(run_dir, 0)
     if settings.warm_up:
-        student, _ = compiled_or_resumed(start, lambda: warm_up(SelfCorrector(), truth, lm=provider.lm(),
-                                                                provider=provider, run_dir=start,
-                                                                extra_records=writer_records), provider=provider)
+        with _timed(seconds, "warm_up"):
+            student, _ = compiled_or_resumed(start, lambda: warm_up(SelfCorrector(), truth, lm=provider.lm(),
+                                                                    provider=provider, run_dir=start,
+                                                                    extra_records=writer_records),
+                                             provider=provider)
     else:
         student = attach_demos(SelfCorrector(), demos)
         student.set_lm(provider.lm())
-    history = [_finish_round(0, start, student, heldout, None, [], settings, history=[])]
+    history = [_finish_round(0, start, student, heldout, None, [], settings, history=[], seconds=seconds)]
 
     chains = {c.source_id: c for c in pool}
     kept_so_far: dict[str, list[dspy.Example]] = {}
     for r in range(1, settings.rounds + 1):
         folder = _round_dir(run_dir, r)
+        seconds = {}
         previous = _load_jsonl(_round_dir(run_dir, r - 1) / "scenarios.jsonl")
         selection = _step(folder / "selection.json",
                           lambda: select_seeds(pool, previous, settings, random.Random(settings.seed * 1009 + r),
                                                round_index=r))
         work = [(chains[s], e) for s, e in selection["seeds"]]
-        scenarios = write_scenarios(work, student, judge, demos, folder, settings, trained_writers=trained_writers)
-        tuning = _step(folder / "tuning.json", lambda: _tune(scenarios, run_dir, r, history, settings))
+        with _timed(seconds, "scenarios"):
+            scenarios = write_scenarios(work, student, judge, demos, folder, settings, trained_writers=trained_writers)
+        with _timed(seconds, "tuning"):
+            tuning = _step(folder / "tuning.json", lambda: _tune(scenarios, run_dir, r, history, settings))
         thresholds = Thresholds(**tuning["thresholds"])
         kept = _step_jsonl(folder / "kept.jsonl", lambda: keep(scenarios, thresholds))
         examples = [scenario_example(k) for k in kept]
         extra = _merge(truth, kept_so_far)  # accumulate: every earlier round's kept traces, and the ground truth
-        student, _ = compiled_or_resumed(
-            folder, lambda: compile_program(student, examples, lm=student.predictors()[0].lm, metric=ReproducesKept(),
-                                            provider=provider, run_dir=folder, extra_examples=extra,
-                                            extra_records=writer_records, num_threads=settings.num_threads),
-            provider=provider, max_batch_size=settings.num_threads)
+        with _timed(seconds, "compile"):
+            student, _ = compiled_or_resumed(
+                folder, lambda: compile_program(student, examples, lm=student.predictors()[0].lm,
+                                                metric=ReproducesKept(), provider=provider, run_dir=folder,
+                                                extra_examples=extra, extra_records=writer_records,
+                                                num_threads=settings.num_threads),
+                provider=provider, max_batch_size=settings.num_threads)
         for stage, stage_examples in stage_examples_of(kept).items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
         history.append(_finish_round(r, folder, student, heldout, scenarios, kept, settings, history,
-                                     thresholds=tuning))
+                                     thresholds=tuning, seconds=seconds))
         if history[-1]["verdict"]["stop"]:
             break
 
@@ -319,16 +332,20 @@ class ReproducesKept:
 
 def _finish_round(r: int, folder: Path, student: SelfCorrector, heldout: dict[str, list[Chain]],
                   scenarios: list[dict[str, Any]] | None, kept: list[dict[str, Any]], settings: LoopSettings,
-                  history: list[dict[str, Any]], thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measure the round's model on the held-out sets and write round.json with the stop rule's verdict."""
+                  history: list[dict[str, Any]], thresholds: dict[str, Any] | None = None,
+                  seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Measure the round's model on the held-out sets and write round.json with the stop rule's
+    verdict and the seconds each step took here (a step resumed from its file takes ~0)."""
     if (folder / "round.json").exists():
         return json.loads((folder / "round.json").read_text())
+    seconds = dict(seconds or {})
     lm = student.predictors()[0].lm
     demos = {stage_name(name): list(p.demos) for name, p in student.named_predictors() if p.demos}
     metrics = {}
-    for name, chains in heldout.items():
-        job = JobSettings(run_dir=folder / "heldout" / name, num_threads=settings.num_threads, demos=demos)
-        metrics[name] = evaluate(chains, lm, job, recover=chains[0].task == "gsm8k")
+    with _timed(seconds, "heldout"):
+        for name, chains in heldout.items():
+            job = JobSettings(run_dir=folder / "heldout" / name, num_threads=settings.num_threads, demos=demos)
+            metrics[name] = evaluate(chains, lm, job, recover=chains[0].task == "gsm8k")
     row: dict[str, Any] = {"round": r, "model": lm.model, "heldout": {
         name: {task: {k: v for k, v in m.items() if k in ("n", "location_accuracy", "recovery_success",
                                                           "majority_baseline")}
@@ -349,6 +366,7 @@ def _finish_round(r: int, folder: Path, student: SelfCorrector, heldout: dict[st
     primary = [_primary(h, settings.primary_metric) for h in past]
     verdict = judge_health(primary, [h.get("diversity", {}).get("distinct_2") for h in past], settings.stop)
     row["verdict"] = asdict(verdict)
+    row["seconds"] = {step: round(value, 1) for step, value in seconds.items()}
     write_json_atomic(folder / "round.json", row)
     return row
 
@@ -359,6 +377,16 @@ def _primary(row: dict[str, Any], metric: str) -> Rate:
 
 
 # -- small helpers -----------------------------------------------------------------------------
+
+@contextmanager
+def _timed(seconds: dict[str, float], step: str):
+    """Add the wall time of the block to `seconds[step]`."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - started
+
 
 def _step(path: Path, make) -> dict[str, Any]:
     """The step's saved output, or make it and save it atomically (so a half-written one is never read)."""

@@ -70,6 +70,9 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
         row = json.loads((folder / "round.json").read_text())
         assert row["heldout"]["gsm8k"]["gsm8k"]["location_accuracy"]["n"] == 3
         assert row["verdict"]["reason"] in ("continue", "plateau", "collapse")
+        if r == 2:  # round 2 ran whole in this process: every step's time is recorded
+            assert set(row["seconds"]) == {"scenarios", "tuning", "compile", "heldout"}
+            assert all(v >= 0 for v in row["seconds"].values()) and row["seconds"]["compile"] > 0
         report = json.loads((folder / "compile_report.json").read_text())
         assert report["training"]["base_model"].endswith(history[r - 1]["model"].split("/")[-1].rsplit("-", 1)[0])
         # The writer's ground truth trains the same weights in every compile, so its chains stay checkable.

