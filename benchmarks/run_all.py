@@ -1,0 +1,120 @@
+"""Every benchmark in one command: engines side by side, the full program's overhead, fine-tuning
+speed against the machine's peak, and one round split by step. Run by hand on an idle machine:
+
+    .venv/bin/python benchmarks/run_all.py [--vllm-python /path/to/python/with/vllm] [--repeats 3]
+        [--only engines,program,training,round]
+
+Writes benchmarks/results/latest.json and latest.md (the table the README shows), each with
+the machine, the versions and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import misstep
+from misstep.lm import resolve_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine  # noqa: E402
+from engines import CONCURRENCY, bench_engines  # noqa: E402
+from program import bench_program  # noqa: E402
+from loop_round import bench_round  # noqa: E402
+from training import bench_training  # noqa: E402
+
+PARTS = ("engines", "program", "training", "round")
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"# misstep benchmarks, {m['date']}", "",
+             f"{results['model']} on {m['cpu']} ({m['cpus']} CPUs{', ' + m['gpu'] if m['gpu'] else ''}); "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", "",
+             "Medians of the repeats (min in brackets; for times, lower is better).", ""]
+    engines = results.get("engines")
+    if engines:
+        names = [n for n in ("embedded", "vllm") if n in engines]
+        lines += [f"## Engines ({engines['max_tokens']} new tokens, fp32)", "",
+                  "| concurrency | " + " | ".join(f"{n} tok/s | {n} first token ms" for n in names) + " |",
+                  "|---|" + "---|---|" * len(names)]
+        for c in CONCURRENCY:
+            cells = []
+            for n in names:
+                row = engines[n][f"concurrency_{c}"]
+                tps, ttft = row["tokens_per_second"], row["ttft_seconds"]
+                cells += [f"{tps['median']:.1f} [{tps['min']:.1f}]",
+                          f"{ttft['median'] * 1e3:.0f} [{ttft['min'] * 1e3:.0f}]"]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        if "vllm" in engines:
+            lines += ["", f"vLLM server start: {engines['vllm']['start_seconds']:.1f} s. Embedded / vLLM decode: "
+                      + ", ".join(f"{engines['embedded'][f'concurrency_{c}']['tokens_per_second']['median'] / engines['vllm'][f'concurrency_{c}']['tokens_per_second']['median']:.2f} at {c}"
+                                  for c in CONCURRENCY) + "."]
+        lines.append("")
+    program = results.get("program")
+    if program:
+        share = program["outside_engine_share"]
+        lines += ["## The six-stage program on the embedded engine", "",
+                  f"{program['chains']} chains, {program['threads']} threads: {share['median']:.1%} of the wall time "
+                  f"outside the engine (min {share['min']:.1%}; goal <= 10%); "
+                  f"{program['wall_seconds']['median']:.0f} s a run.", ""]
+    training = results.get("training")
+    if training:
+        peak = training["matmul_peak_flops"]["median"]
+        lines += [f"## Fine-tuning (batch {training['batch_size']}, max length {training['max_length']}, "
+                  f"{training['parameters'] / 1e6:.0f}M parameters)", "",
+                  f"Matmul probe (fp32 2048^3): {peak / 1e9:.1f} GFLOP/s.", "",
+                  "| configuration | s/step | tokens/s | model GFLOP/s | of the probe | peak RSS GiB |",
+                  "|---|---|---|---|---|---|"]
+        for name, row in training["configs"].items():
+            lines.append(f"| {name} | {row['seconds_per_step']['median']:.2f} [{row['seconds_per_step']['min']:.2f}] "
+                         f"| {row['tokens_per_second']['median']:.0f} | {row['model_flops']['median'] / 1e9:.1f} "
+                         f"| {row['utilisation_median']:.0%} | {row['peak_rss_gib']['max']:.1f} |")
+        lines.append("")
+    round_ = results.get("round")
+    if round_:
+        size = round_["size"]
+        lines += [f"## One round ({size['seed_chains']} seed chains, {size['heldout']} held out, "
+                  f"{size['ground_truth']} ground-truth examples per stage)", "",
+                  f"Wall time {round_['wall_seconds']['median']:.0f} s, round 0 included.", "",
+                  "| step | seconds | share |", "|---|---|---|"]
+        total = sum(v["median"] for v in round_["seconds_by_step"].values())
+        for step, value in round_["seconds_by_step"].items():
+            lines.append(f"| {step} | {value['median']:.0f} | {value['median'] / total:.0%} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
+    parser.add_argument("--vllm-python", default=None, help="a Python that has vLLM: adds vLLM to the engines")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=",".join(PARTS))
+    args = parser.parse_args()
+    parts = args.only.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}")
+    model_dir = resolve_model(args.model)
+    results: dict = {"machine": machine(), "model": args.model}
+    if "engines" in parts:
+        engines = ["embedded"] + (["vllm"] if args.vllm_python else [])
+        results["engines"] = bench_engines(model_dir, engines, args.repeats,
+                                           vllm_python=args.vllm_python or sys.executable)
+    if "program" in parts:
+        results["program"] = bench_program(model_dir, misstep.sample_path("gsm8k/train.jsonl"), repeats=args.repeats)
+    if "training" in parts:
+        results["training"] = bench_training(model_dir, repeats=max(1, args.repeats - 1))
+    if "round" in parts:
+        results["round"] = bench_round(model_dir)
+    out = Path(__file__).parent / "results"
+    (out / "latest.json").write_text(json.dumps(results, indent=2))
+    (out / "latest.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
+
+
+if __name__ == "__main__":
+    main()

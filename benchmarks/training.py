@@ -1,0 +1,121 @@
+"""Fine-tuning speed on this machine: seconds per step, tokens/s and FLOP/s against a matmul
+probe of the same machine's peak, for full and LoRA training, with and without gradient
+checkpointing, and each one's peak memory.
+
+    .venv/bin/python benchmarks/training.py [--steps 4] [--repeats 2] [--max-length 512]
+
+Each configuration trains in a process of its own (so its peak memory is its own) on the
+same ground-truth chat records, batch 4. The first step is left out of the timing (warm-up).
+Model FLOPs per trained token: 6N for full training (forward 2N, backward 4N), 4N for LoRA
+(no gradients for the frozen weights); recomputation under checkpointing is not counted, so
+utilisation falls when it is on, as it should.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import misstep
+from misstep.lm import resolve_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, summarize  # noqa: E402
+
+CONFIGS = [("full", False), ("full", True), ("lora", False), ("lora", True)]
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
+    """fp32 FLOP/s of a square matrix product: what this machine's cores can do at best."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        rates.append(2 * size ** 3 / (time.perf_counter() - started))
+    return summarize(rates)
+
+
+def _train_once(model_dir: Path, records: Path, method: str, checkpointing: bool, steps: int,
+                max_length: int) -> dict:
+    code = f"""
+import json, sys
+from pathlib import Path
+from misstep.lm.training import TrainSettings, train_chat
+records = [json.loads(l) for l in open({str(records)!r})]
+settings = TrainSettings(method={method!r}, batch_size=4, max_length={max_length}, gradient_checkpointing={checkpointing},
+                         epochs={steps} * 4 / len(records))
+out = Path(sys.argv[1])
+summary = train_chat(Path({str(model_dir)!r}), records, out, settings, show_progress=False)
+log = [json.loads(l) for l in open(out / "train_log.jsonl")]
+print(json.dumps({{"summary": summary, "log": log}}))
+"""
+    with tempfile.TemporaryDirectory(prefix="misstep-bench-") as out:
+        done = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_training(model_dir: Path, steps: int = 4, repeats: int = 2, max_length: int = 512) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from misstep.optimize.demos import ground_truth_chat_data, ground_truth_demos
+    from misstep.programs import SelfCorrector
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+                     .parameters())
+    chains = misstep.load_chains(misstep.sample_path("gsm8k/train.jsonl"))
+    records = ground_truth_chat_data(SelfCorrector(), ground_truth_demos(chains, k=2 * steps))[:4 * steps]
+    peak = matmul_peak()
+    print(f"matmul probe: {peak['median'] / 1e9:.1f} GFLOP/s median (fp32, 2048^3)")
+    results = {"parameters": params, "steps": steps, "batch_size": 4, "max_length": max_length,
+               "matmul_peak_flops": peak, "configs": {}}
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as data:
+        data.write("".join(json.dumps(r) + "\n" for r in records))
+        data.flush()
+        for method, checkpointing in CONFIGS:
+            step_seconds, token_rates, flop_rates, peaks = [], [], [], []
+            for _ in range(repeats):
+                run = _train_once(model_dir, Path(data.name), method, checkpointing, steps, max_length)
+                timed = run["log"][1:] or run["log"]  # the first step warms up
+                seconds = sum(row["seconds"] for row in timed)
+                tokens = sum(row["tokens"] for row in timed)
+                step_seconds.append(seconds / len(timed))
+                token_rates.append(tokens / seconds)
+                flop_rates.append((6 if method == "full" else 4) * params * tokens / seconds)
+                peaks.append(run["summary"]["peak_rss_gib"])
+            name = f"{method}{' + checkpointing' if checkpointing else ''}"
+            row = {"seconds_per_step": summarize(step_seconds), "tokens_per_second": summarize(token_rates),
+                   "model_flops": summarize(flop_rates), "peak_rss_gib": summarize(peaks)}
+            row["utilisation_median"] = row["model_flops"]["median"] / peak["median"]
+            results["configs"][name] = row
+            print(f"{name}: {row['seconds_per_step']['median']:.1f} s/step, "
+                  f"{row['tokens_per_second']['median']:.0f} tok/s, {row['model_flops']['median'] / 1e9:.1f} GFLOP/s "
+                  f"({row['utilisation_median']:.0%} of the matmul probe), peak RSS {max(peaks):.1f} GiB")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=512)
+    args = parser.parse_args()
+    results = {"machine": machine(), "model": args.model,
+               **bench_training(resolve_model(args.model), args.steps, args.repeats, args.max_length)}
+    out = Path(__file__).parent / "results" / "training.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
