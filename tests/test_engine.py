@@ -80,3 +80,29 @@ def test_a_reused_prompt_prefix_gives_the_same_answers(tiny_model_dir, tiny_engi
     again = lm(prompts[2])[0]  # alone, served from the cached head
     assert together == expected and again == expected[2]
     assert tiny_engine.stats.reused_prompt_tokens - reused_before > 6 * 128
+
+
+def test_prompt_lookup_speculation_gives_the_greedy_answer_in_fewer_passes(tiny_model_dir):
+    """Drafts copied from the prompt are kept only where the model would have picked them itself."""
+    from misstep.lm import EmbeddedEngine
+
+    # Prompts that invite copying (a chain to rewrite), and plain ones.
+    chain = "Step 1: 4 x 2 = 8\nStep 2: 8 + 5 = 13\nStep 3: 13 - 3 = 10\n"
+    prompts = [f"Copy this solution exactly:\n{chain * 2}", "Repeat: a b c a b c a b c", *PROMPTS[:4]]
+    answers, stats = {}, {}
+    for speculate in (0, 4):
+        engine = EmbeddedEngine(tiny_model_dir, speculate=speculate)
+        try:
+            lm = local_lm(engine=engine, max_tokens=48, cache=False)
+            single = [lm(p)[0] for p in prompts]
+            with ThreadPoolExecutor(2) as pool:  # two at a time: still speculated, as one block
+                paired = list(pool.map(lambda p: lm(p)[0], prompts))
+            answers[speculate], stats[speculate] = (single, paired), engine.stats
+        finally:
+            engine.close()
+    assert answers[4] == answers[0]
+    assert answers[0][0] == answers[0][1]
+    assert stats[0].drafted_tokens == 0
+    assert stats[4].accepted_tokens > 0  # some drafts were right ...
+    assert stats[4].forward_passes < stats[0].forward_passes  # ... so fewer passes made the same tokens
+    assert stats[4].generated_tokens == stats[0].generated_tokens
