@@ -70,12 +70,13 @@ class EmbeddedEngine:
 
     def __init__(self, model_dir: Path | str, *, max_batch_size: int = 8, gather_window_s: float = 0.02,
                  default_max_tokens: int = 512, device: str | None = None, prefix_cache_size: int = 8,
-                 min_prefix_tokens: int = 128, speculate: int = 4, speculate_max_batch: int = 2,
-                 lookup_ngram: int = 3):
+                 min_prefix_tokens: int = 128, speculate: int = 4, speculate_max_batch: int = 8,
+                 lookup_ngram: tuple[int, int] = (3, 2)):
         self.model_dir = Path(model_dir)
         # Prompt-lookup speculation: up to `speculate` drafted tokens a pass, while at most
-        # `speculate_max_batch` rows decode (a wider batch is bound by compute, not by the
-        # weights' reads, and pays for every rejected draft); 0 turns it off.
+        # `speculate_max_batch` rows decode, from n-grams of `lookup_ngram` (longest, shortest)
+        # tokens; 0 turns it off. A pass whose drafts all fail makes the batch wait longer
+        # before drafting again (1, 2, 4, ... passes): text with nothing to copy pays little.
         self.speculate = speculate
         self.speculate_max_batch = speculate_max_batch
         self.lookup_ngram = lookup_ngram
@@ -213,6 +214,7 @@ class EmbeddedEngine:
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         self.stats.reused_prompt_tokens += len(prefix) * len(jobs)
         active = list(jobs)
+        backoff, wait = 1, 0  # after a pass with no draft kept, decode `wait` passes plainly
         while active:
             next_tokens = self._pick(logits, active)
             keep = self._take(active, next_tokens.tolist())
@@ -223,7 +225,8 @@ class EmbeddedEngine:
                 cache.batch_select_indices(index)
                 mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
                 active = [active[row] for row in keep]
-            drafts = self._drafts(active)
+            drafts = self._drafts(active) if wait == 0 else None
+            wait = max(0, wait - 1)
             width = 1 + (drafts.shape[1] if drafts is not None else 0)
             inputs = next_tokens[:, None] if drafts is None else torch.cat([next_tokens[:, None], drafts], dim=1)
             mask = torch.cat([mask, mask.new_ones((len(active), width))], dim=1)
@@ -238,6 +241,7 @@ class EmbeddedEngine:
             # `accepted` of them, the same number for every row so the cache stays one block.
             agrees = (out[:, :-1, :].argmax(dim=-1) == drafts).int().cumprod(dim=1).sum(dim=1)
             accepted = int(agrees.min())
+            backoff, wait = (1, 0) if accepted else (min(2 * backoff, 16), backoff)
             self.stats.drafted_tokens += drafts.numel()
             self.stats.accepted_tokens += accepted * len(active)
             rejected = drafts.shape[1] - accepted
@@ -320,8 +324,9 @@ class EmbeddedEngine:
 
     def _lookup(self, ids: list[int], k: int) -> list[int]:
         """The `k` tokens that followed the latest earlier occurrence of the last n tokens (n from
-        `lookup_ngram` down to 1), or none."""
-        for n in range(self.lookup_ngram, 0, -1):
+        the longest of `lookup_ngram` down to the shortest), or none."""
+        longest, shortest = self.lookup_ngram
+        for n in range(longest, shortest - 1, -1):
             if len(ids) <= n:
                 continue
             tail = ids[-n:]
