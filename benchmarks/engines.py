@@ -12,6 +12,10 @@ counted by re-tokenizing the answers, the same way for every engine. Time to fir
 token: the latency of a one-token answer (prefill and one step), the same way for
 every engine. Each repeat numbers its prompts afresh, so no engine answers a repeat
 from a prefix or response cache.
+
+Two workloads: "story" (free writing, nothing to copy) and "recover" (the program's stage-4
+prompts, ChatAdapter-formatted with two ground-truth demos, over injected GSM8K chains:
+the answer rewrites steps of the prompt, which is what the loop mostly generates).
 """
 
 from __future__ import annotations
@@ -45,11 +49,32 @@ def prompts(n: int, run: int) -> list[str]:
             for animal in ANIMALS[:n]]
 
 
-def decode(lm, tokenizer, concurrency: int, max_tokens: int, run: int) -> float:
+def recover_prompts(n: int, run: int) -> list[list[dict]]:
+    """The recover stage's chat messages for `n` injected GSM8K chains (a fresh set each run)."""
+    from misstep.data.records import format_steps
+    from misstep.metrics.evaluation import injected_gsm8k
+    from misstep.optimize.demos import ground_truth_demos
+    from misstep.programs import SelfCorrector
+    from misstep.programs.parallel import default_adapter
+
+    demos = ground_truth_demos(misstep.load_chains(misstep.sample_path("gsm8k/train.jsonl")), k=2)
+    chains = injected_gsm8k(misstep.load_chains(misstep.sample_path("gsm8k/test.jsonl")), 40)
+    chosen = [chains[(run * n + i) % len(chains)] for i in range(n)]
+    signature = SelfCorrector().recover.signature
+    return [default_adapter().format(signature, demos["recover"],
+                                     {"question": c.question, "chain": format_steps(c.steps),
+                                      "first_error_step": c.mistake_index + 1}) for c in chosen]
+
+
+def decode(lm, tokenizer, concurrency: int, max_tokens: int, run: int, workload: str = "story") -> float:
     """Generated tokens per second, all requests together."""
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        answers = list(pool.map(lambda p: lm(p, max_tokens=max_tokens)[0], prompts(concurrency, run)))
+        if workload == "story":
+            answers = list(pool.map(lambda p: lm(p, max_tokens=max_tokens)[0], prompts(concurrency, run)))
+        else:
+            answers = list(pool.map(lambda m: lm(messages=m, max_tokens=max_tokens)[0],
+                                    recover_prompts(concurrency, run)))
     seconds = time.perf_counter() - started
     return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) / seconds
 
@@ -71,9 +96,12 @@ def run_engine(name: str, lm, tokenizer, repeats: int, max_tokens: int) -> dict:
     for concurrency in CONCURRENCY:
         rates = summarize([decode(lm, tokenizer, concurrency, max_tokens, run) for run in range(repeats)])
         ttft = summarize([first_token(lm, concurrency, run) for run in range(repeats)])
-        result[f"concurrency_{concurrency}"] = {"tokens_per_second": rates, "ttft_seconds": ttft}
+        recover = summarize([decode(lm, tokenizer, concurrency, max_tokens, run, "recover")
+                             for run in range(repeats)])
+        result[f"concurrency_{concurrency}"] = {"tokens_per_second": rates, "ttft_seconds": ttft,
+                                                "recover_tokens_per_second": recover}
         print(f"{name}, concurrency {concurrency}: {rates['median']:.1f} tok/s median (min {rates['min']:.1f}), "
-              f"first token {ttft['median'] * 1000:.0f} ms median")
+              f"first token {ttft['median'] * 1000:.0f} ms median; recover prompts {recover['median']:.1f} tok/s")
     return result
 
 

@@ -37,21 +37,26 @@ def markdown(results: dict) -> str:
     engines = results.get("engines")
     if engines:
         names = [n for n in ("embedded", "vllm") if n in engines]
-        lines += [f"## Engines ({engines['max_tokens']} new tokens, fp32)", "",
-                  "| concurrency | " + " | ".join(f"{n} tok/s | {n} first token ms" for n in names) + " |",
-                  "|---|" + "---|---|" * len(names)]
+        lines += [f"## Engines (up to {engines['max_tokens']} new tokens, fp32)", "",
+                  "| concurrency | " + " | ".join(f"{n} story tok/s | {n} recover tok/s | {n} first token ms"
+                                                 for n in names) + " |",
+                  "|---|" + "---|---|---|" * len(names)]
         for c in CONCURRENCY:
             cells = []
             for n in names:
                 row = engines[n][f"concurrency_{c}"]
-                tps, ttft = row["tokens_per_second"], row["ttft_seconds"]
-                cells += [f"{tps['median']:.1f} [{tps['min']:.1f}]",
+                tps, rec, ttft = row["tokens_per_second"], row["recover_tokens_per_second"], row["ttft_seconds"]
+                cells += [f"{tps['median']:.1f} [{tps['min']:.1f}]", f"{rec['median']:.1f} [{rec['min']:.1f}]",
                           f"{ttft['median'] * 1e3:.0f} [{ttft['min'] * 1e3:.0f}]"]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         if "vllm" in engines:
-            lines += ["", f"vLLM server start: {engines['vllm']['start_seconds']:.1f} s. Embedded / vLLM decode: "
-                      + ", ".join(f"{engines['embedded'][f'concurrency_{c}']['tokens_per_second']['median'] / engines['vllm'][f'concurrency_{c}']['tokens_per_second']['median']:.2f} at {c}"
-                                  for c in CONCURRENCY) + "."]
+            def ratio(c: int, key: str) -> float:
+                return (engines["embedded"][f"concurrency_{c}"][key]["median"]
+                        / engines["vllm"][f"concurrency_{c}"][key]["median"])
+            lines += ["", f"vLLM server start: {engines['vllm']['start_seconds']:.1f} s. Embedded / vLLM: story "
+                      + ", ".join(f"{ratio(c, 'tokens_per_second'):.2f} at {c}" for c in CONCURRENCY)
+                      + "; recover " + ", ".join(f"{ratio(c, 'recover_tokens_per_second'):.2f} at {c}"
+                                                 for c in CONCURRENCY) + "."]
         lines.append("")
     program = results.get("program")
     if program:
