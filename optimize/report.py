@@ -63,6 +63,17 @@ def _plot_rates(rows, lines: dict[str, Any], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _written(path: Path) -> dict[str, dict | None]:
+    """Of a round's model-written chains: how many carry a mistake the oracle finds, and how many
+    carry it at the step the writer described (the oracle's `injection_ok`)."""
+    from misstep.metrics.stats import rate
+
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    oracles = [r.get("oracle") or {} for r in records]
+    return {"checkable": rate(o.get("invalid_first_error") is not None for o in oracles).to_dict() if oracles else None,
+            "as_described": rate(bool(o.get("injection_ok")) for o in oracles).to_dict() if oracles else None}
+
+
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.md and its plots; return the report's path."""
     run_dir = Path(run_dir)
@@ -125,6 +136,20 @@ def write_report(run_dir: Path) -> Path:
                      f"| {row.get('kept', 0)} / {row.get('scenarios', 0)} | {thresholds} "
                      f"| {_number(diversity.get('distinct_2'))} | {_number(diversity.get('near_duplicates'))} "
                      f"| {row.get('kept_error_types', {})} |")
+    lines += ["", "### What the model wrote (stages 1-2), by the oracle", "",
+              "| round | chains with a mistake the oracle finds | mistake where the writer said it would be |",
+              "|---|---|---|"]
+    for row in rows[1:]:
+        written = _written(run_dir / f"round-{row['round']}" / "scenarios.jsonl")
+        lines.append(f"| {row['round']} | {_cell(written['checkable'])} | {_cell(written['as_described'])} |")
+    timed = [row for row in rows if row.get("seconds")]
+    if timed:
+        steps = list(dict.fromkeys(step for row in timed for step in row["seconds"]))
+        lines += ["", "### Wall time by step (seconds, in the process that ran it)", "",
+                  "| round | " + " | ".join(steps) + " | total |", "|---|" + "---|" * (len(steps) + 1)]
+        for row in timed:
+            lines.append(f"| {row['round']} | " + " | ".join(f"{row['seconds'].get(step, 0):.0f}" for step in steps)
+                         + f" | {sum(row['seconds'].values()):.0f} |")
     lines += ["", "![judge](judge.png) ![diversity](diversity.png)", "",
               "Judge precision: of the recoveries the judge called successful, the share the oracle confirms; "
               "recall: of the recoveries the oracle confirms, the share the judge called successful. "

@@ -1,4 +1,5 @@
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -117,6 +118,10 @@ def test_optimize_runs_a_round_and_writes_a_report_readable_alone(tmp_path, tiny
     assert result.exit_code == 0, result.output
     report = (run_dir / "report.md").read_text()
     assert "| 0 |" in report and "| 1 |" in report and "Best round" in report
+    writer = report.split("### What the model wrote")[1].split("###")[0]
+    assert re.search(r"\| 1 \| .*\(\d/2\) \| .*\(\d/2\) \|", writer)  # both rates, over round 1's 2 scenarios
+    timing = report.split("### Wall time by step")[1]
+    assert "warm_up" in timing and "compile" in timing and "heldout" in timing
     for plot in ("heldout.png", "judge.png", "diversity.png"):
         assert (run_dir / plot).stat().st_size > 1000
     (run_dir / "report.md").unlink()
