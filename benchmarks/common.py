@@ -38,3 +38,13 @@ def summarize(values: list[float]) -> dict[str, Any]:
 def repeat(measure: Callable[[], float], times: int) -> dict[str, Any]:
     """`measure()` `times` times: its values with min, median and max."""
     return summarize([measure() for _ in range(times)])
+
+
+def save(name: str, model: str, results: dict[str, Any]) -> None:
+    """Write benchmarks/results/<name>.json: the results, with the machine and the model they ran on."""
+    import json
+    from pathlib import Path
+
+    out = Path(__file__).parent / "results" / f"{name}.json"
+    out.write_text(json.dumps({"machine": machine(), "model": model, **results}, indent=2))
+    print(f"wrote {out}")

@@ -21,7 +21,6 @@ the answer rewrites steps of the prompt, which is what the loop mostly generates
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from misstep.lm.models import fingerprint
 from misstep.lm.serving import VllmOptions, VllmServer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, summarize  # noqa: E402
+from common import save, summarize  # noqa: E402
 
 CONCURRENCY = (1, 4, 8)
 ANIMALS = ("cat", "dog", "fox", "owl", "bee", "cow", "ant", "elk")
@@ -141,12 +140,8 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=sys.executable, help="a Python that has vLLM installed")
     parser.add_argument("--vllm-compiled", action="store_true", help="let vLLM compile (no --enforce-eager)")
     args = parser.parse_args()
-    results = {"machine": machine(), "model": args.model,
-               **bench_engines(resolve_model(args.model), args.engines.split(","), args.repeats, args.max_tokens,
-                               args.vllm_python, args.vllm_compiled)}
-    out = Path(__file__).parent / "results" / "engines.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    save("engines", args.model, bench_engines(resolve_model(args.model), args.engines.split(","), args.repeats,
+                                               args.max_tokens, args.vllm_python, args.vllm_compiled))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from misstep.metrics.evaluation import injected_gsm8k
 from misstep.optimize.rounds import LoopSettings, run_loop
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, summarize  # noqa: E402
+from common import save, summarize  # noqa: E402
 
 SIZE = dict(rounds=1, seed_chains=8, ground_truth=4, tuning_trials=10, num_threads=8,
             error_types=["arithmetic_slip", "wrong_operand"])
@@ -59,10 +59,7 @@ def main() -> None:
     parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    results = {"machine": machine(), "model": args.model, **bench_round(resolve_model(args.model), args.repeats)}
-    out = Path(__file__).parent / "results" / "round.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    save("round", args.model, bench_round(resolve_model(args.model), args.repeats))
 
 
 if __name__ == "__main__":

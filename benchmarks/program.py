@@ -11,7 +11,6 @@ wall - busy is the time the engine sat waiting for the program.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from misstep.optimize.demos import ground_truth_demos, questions_of
 from misstep.optimize.jobs import JobSettings, generate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, summarize  # noqa: E402
+from common import save, summarize  # noqa: E402
 
 
 def bench_program(model_dir: Path, data: Path, chains: int = 8, repeats: int = 3, threads: int = 8) -> dict:
@@ -58,11 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
-    results = {"machine": machine(), "model": args.model,
-               **bench_program(resolve_model(args.model), args.data, args.chains, args.repeats, args.threads)}
-    out = Path(__file__).parent / "results" / "program.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    save("program", args.model, bench_program(resolve_model(args.model), args.data, args.chains, args.repeats, args.threads))
 
 
 if __name__ == "__main__":

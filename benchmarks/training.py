@@ -27,7 +27,7 @@ import misstep
 from misstep.lm import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, summarize  # noqa: E402
+from common import save, summarize  # noqa: E402
 
 CONFIGS = [("full", False), ("full", True), ("lora", False), ("lora", True)]
 
@@ -110,11 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=512)
     args = parser.parse_args()
-    results = {"machine": machine(), "model": args.model,
-               **bench_training(resolve_model(args.model), args.steps, args.repeats, args.max_length)}
-    out = Path(__file__).parent / "results" / "training.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    save("training", args.model, bench_training(resolve_model(args.model), args.steps, args.repeats, args.max_length))
 
 
 if __name__ == "__main__":
