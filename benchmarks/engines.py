@@ -31,7 +31,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 import misstep
-from misstep.lm import local_lm, resolve_model
+from misstep.lm import EmbeddedEngine, local_lm, resolve_model
 from misstep.lm.client import served_lm
 from misstep.lm.models import fingerprint
 from misstep.lm.serving import VllmOptions, VllmServer
@@ -109,10 +109,11 @@ def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tok
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     results: dict = {"max_tokens": max_tokens, "repeats": repeats}
     for engine in engines:
-        if engine == "embedded":
-            lm = local_lm(model_dir, cache=False, max_batch_size=8)
+        if engine in ("embedded", "embedded-plain"):  # plain: without prompt-lookup speculation (the "before")
+            lm = local_lm(engine=EmbeddedEngine(model_dir, max_batch_size=8,
+                                                speculate=0 if engine == "embedded-plain" else 4), cache=False)
             try:
-                results["embedded"] = run_engine(engine, lm, tokenizer, repeats, max_tokens)
+                results[engine] = run_engine(engine, lm, tokenizer, repeats, max_tokens)
             finally:
                 lm.engine.close()
         elif engine == "vllm":
@@ -127,14 +128,15 @@ def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tok
             finally:
                 server.stop()
         else:
-            raise ValueError(f"unknown engine {engine!r}: embedded or vllm")
+            raise ValueError(f"unknown engine {engine!r}: embedded, embedded-plain or vllm")
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
-    parser.add_argument("--engines", default="embedded", help="comma-separated: embedded, vllm")
+    parser.add_argument("--engines", default="embedded", help="comma-separated: embedded, embedded-plain "
+                                                                  "(no speculation), vllm")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--vllm-python", default=sys.executable, help="a Python that has vLLM installed")

@@ -36,7 +36,7 @@ def markdown(results: dict) -> str:
              "Medians of the repeats (min in brackets; for times, lower is better).", ""]
     engines = results.get("engines")
     if engines:
-        names = [n for n in ("embedded", "vllm") if n in engines]
+        names = [n for n in ("embedded-plain", "embedded", "vllm") if n in engines]
         lines += [f"## Engines (up to {engines['max_tokens']} new tokens, fp32)", "",
                   "| concurrency | " + " | ".join(f"{n} story tok/s | {n} recover tok/s | {n} first token ms"
                                                  for n in names) + " |",
@@ -53,7 +53,8 @@ def markdown(results: dict) -> str:
             def ratio(c: int, key: str) -> float:
                 return (engines["embedded"][f"concurrency_{c}"][key]["median"]
                         / engines["vllm"][f"concurrency_{c}"][key]["median"])
-            lines += ["", f"vLLM server start: {engines['vllm']['start_seconds']:.1f} s. Embedded / vLLM: story "
+            lines += ["", "embedded-plain: the embedded engine without prompt-lookup speculation (before); "
+                      f"vLLM server start: {engines['vllm']['start_seconds']:.1f} s. Embedded / vLLM: story "
                       + ", ".join(f"{ratio(c, 'tokens_per_second'):.2f} at {c}" for c in CONCURRENCY)
                       + "; recover " + ", ".join(f"{ratio(c, 'recover_tokens_per_second'):.2f} at {c}"
                                                  for c in CONCURRENCY) + "."]
@@ -105,7 +106,7 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     results: dict = {"machine": machine(), "model": args.model}
     if "engines" in parts:
-        engines = ["embedded"] + (["vllm"] if args.vllm_python else [])
+        engines = ["embedded-plain", "embedded"] + (["vllm"] if args.vllm_python else [])
         results["engines"] = bench_engines(model_dir, engines, args.repeats,
                                            vllm_python=args.vllm_python or sys.executable)
     if "program" in parts:
