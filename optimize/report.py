@@ -39,8 +39,9 @@ def _series(rows: list[dict[str, Any]], get) -> tuple[list[int], list[float], li
         if rate and rate.get("value") is not None:
             xs.append(row["round"])
             values.append(rate["value"])
-            lows.append(rate["value"] - rate["low"])
-            highs.append(rate["high"] - rate["value"])
+            # A Wilson bound can sit a rounding error inside its value (k = n): no negative error bars.
+            lows.append(max(0.0, rate["value"] - rate["low"]))
+            highs.append(max(0.0, rate["high"] - rate["value"]))
     return xs, values, lows, highs
 
 
