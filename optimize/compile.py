@@ -121,9 +121,10 @@ def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm:
     The traces come from `student` itself (self-distillation), or from `teacher`, a
     `SelfCorrector` running on another LM. `extra_examples` (by stage: ground truth,
     earlier rounds' kept traces) are trained on beside the kept traces, and so are `extra_records`
-    (chat records of other stages on the same weights: the scenario writer's). Writes compile_report.json and judge_decisions.jsonl into
-    `run_dir`; the new checkpoint lies under the provider's checkpoint root. Demos are left
-    out of the training prompts and of the compiled program: the weights carry the format now.
+    (chat records of other stages on the same weights: the scenario writer's). Writes
+    compile_report.json and metric_decisions.jsonl into `run_dir`; the new checkpoint lies under
+    the provider's checkpoint root. Demos are left out of the training prompts and of the compiled
+    program: the weights carry the format now.
     """
     optimizer = RobustBootstrapFinetune(metric=metric, adapter=default_adapter(), exclude_demos=True,
                                         num_threads=num_threads, train_kwargs={"settings": provider.settings},

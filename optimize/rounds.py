@@ -100,7 +100,7 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     for examples in writer_truth.values():
         used |= questions_of(examples)
     writer_records = writer_chat_data(writer_truth, default_adapter())
-    trained_writers = {t for t, examples in writer_truth.items() if examples["describe"] and settings.warm_up}
+    trained_types = {t for t, examples in writer_truth.items() if examples["describe"]}
     pool = [c for c in pool if c.question not in used]
     write_json_atomic(run_dir / "loop.json", {"settings": _settings_dict(settings), "pool": len(pool),
                                               "heldout": {k: len(v) for k, v in heldout.items()},
@@ -145,7 +145,9 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
                                                round_index=r))
         work = [(chains[s], e) for s, e in selection["seeds"]]
         with _timed(seconds, "scenarios"):
-            scenarios = write_scenarios(work, student, judge, demos, folder, settings, trained_writers=trained_writers)
+            # The writer's weights know its format once a warm-up or a compile has trained them on it.
+            trained = trained_types if settings.warm_up or r > 1 else set()
+            scenarios = write_scenarios(work, student, judge, demos, folder, settings, trained_writers=trained)
         with _timed(seconds, "tuning"):
             tuning = _step(folder / "tuning.json", lambda: _tune(scenarios, run_dir, r, history, settings))
         thresholds = Thresholds(**tuning["thresholds"])
