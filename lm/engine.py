@@ -139,10 +139,16 @@ class EmbeddedEngine:
         return response_to_events(self.complete(request))
 
     def close(self) -> None:
+        """Stop the worker and let go of the weights and cached prefixes: an engine is reachable
+        from its thread and from atexit until then, so a closed engine's memory is freed even
+        while an old LM still points at it."""
         if not self._closed:
             self._closed = True
             self._queue.put(None)
             self._worker.join(timeout=30)
+            if not self._worker.is_alive():
+                self.model = None
+                self._prefixes.clear()
 
     def dump_state(self) -> dict:
         return {"model_dir": str(self.model_dir), "max_batch_size": self.max_batch_size,

@@ -39,6 +39,7 @@ import dspy
 
 from misstep.data.records import Chain, Scenario, format_steps
 from misstep.data.runfiles import JsonlLog, write_json_atomic, write_jsonl_atomic
+from misstep.lm.engine import EmbeddedEngine
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.checks import check_scenario
@@ -124,11 +125,13 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     # Round 0: the model the loop starts from.
     start = _round_dir(run_dir, 0)
     if settings.warm_up:
+        base = provider.lm()
         with _timed(seconds, "warm_up"):
-            student, _ = compiled_or_resumed(start, lambda: warm_up(SelfCorrector(), truth, lm=provider.lm(),
+            student, _ = compiled_or_resumed(start, lambda: warm_up(SelfCorrector(), truth, lm=base,
                                                                     provider=provider, run_dir=start,
                                                                     extra_records=writer_records),
                                              provider=provider)
+        _release(base)
     else:
         student = attach_demos(SelfCorrector(), demos)
         student.set_lm(provider.lm())
@@ -154,6 +157,7 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
         kept = _step_jsonl(folder / "kept.jsonl", lambda: keep(scenarios, thresholds))
         examples = [scenario_example(k) for k in kept]
         extra = _merge(truth, kept_so_far)  # accumulate: every earlier round's kept traces, and the ground truth
+        previous = student.predictors()[0].lm
         with _timed(seconds, "compile"):
             student, _ = compiled_or_resumed(
                 folder, lambda: compile_program(student, examples, lm=student.predictors()[0].lm,
@@ -161,6 +165,7 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
                                                 extra_examples=extra, extra_records=writer_records,
                                                 num_threads=settings.num_threads),
                 provider=provider, max_batch_size=settings.num_threads)
+        _release(previous)  # the round's model is done with: one student in memory at a time
         for stage, stage_examples in stage_examples_of(kept).items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
         history.append(_finish_round(r, folder, student, heldout, scenarios, kept, settings, history,
@@ -409,6 +414,13 @@ def _step_jsonl(path: Path, make) -> list[dict[str, Any]]:
 
 def _load_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _release(lm: dspy.LM) -> None:
+    """Close the in-process engine behind `lm` (its weights go with it); a served LM has none here."""
+    engine = getattr(lm, "engine", None)
+    if isinstance(engine, EmbeddedEngine):
+        engine.close()
 
 
 def _merge(*sets: dict[str, list[dspy.Example]]) -> dict[str, list[dspy.Example]]:

@@ -1,17 +1,24 @@
 """The self-improvement loop on the tiny model: two rounds end to end, resume after an injected
 failure, no held-out leakage, and active selection's choice."""
 
+import gc
 import json
 import random
 from pathlib import Path
 
 import pytest
 
-from misstep.lm import local_lm
+from misstep.lm import EmbeddedEngine, local_lm
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.evaluation import injected_gsm8k
 from misstep.optimize.rounds import LoopSettings, run_loop, select_seeds
+
+
+def _open_engines(run_dir):
+    """The in-process engines still holding weights from under `run_dir`."""
+    return {id(o) for o in gc.get_objects()
+            if type(o) is EmbeddedEngine and o.model is not None and run_dir in o.model_dir.parents}
 
 
 def _settings(**overrides):
@@ -52,8 +59,11 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     selection_before = (run_dir / "round-1" / "selection.json").read_text()
 
     provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
+    open_before = _open_engines(run_dir)
     history = run_loop(train_chains, heldout, provider=provider, judge_lm=judge_lm, settings=_settings(),
                        run_dir=run_dir)
+    # Each round's model is let go once the next is compiled: the judge and the last student stay.
+    assert len(_open_engines(run_dir) - open_before) == 2
 
     # Resumed: round 0 was not trained again and round 1's finished steps were not redone.
     assert (run_dir / "round-1" / "scenarios.jsonl").read_text() == scenarios_before
