@@ -227,10 +227,8 @@ class EmbeddedEngine:
             if not keep:
                 break
             if len(keep) < len(active):  # finished rows leave the batch and the KV cache
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
-                active = [active[row] for row in keep]
+                active, (mask, positions, next_tokens) = self._keep_rows(keep, active, cache,
+                                                                         mask, positions, next_tokens)
             drafts = self._drafts(active) if wait == 0 else None
             wait = max(0, wait - 1)
             width = 1 + (drafts.shape[1] if drafts is not None else 0)
@@ -258,10 +256,8 @@ class EmbeddedEngine:
             for column in range(accepted):  # the accepted drafts, as if picked one by one
                 keep = self._take(active, drafts[:, column].tolist())
                 if len(keep) < len(active):
-                    index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
-                    mask, positions, logits, drafts = mask[index], positions[index], logits[index], drafts[index]
-                    active = [active[row] for row in keep]
+                    active, (mask, positions, logits, drafts) = self._keep_rows(keep, active, cache,
+                                                                                mask, positions, logits, drafts)
                 if not active:
                     break
         self.stats.requests += len(jobs)
@@ -311,6 +307,13 @@ class EmbeddedEngine:
                     continue
             job.future.set_result(None)
         return keep
+
+    def _keep_rows(self, keep: list[int], active: list[_Job], cache,
+                   *rows: torch.Tensor) -> tuple[list[_Job], tuple[torch.Tensor, ...]]:
+        """Only the `keep` rows of the batch: of the jobs, the KV cache (in place) and each per-row tensor."""
+        index = torch.tensor(keep, device=self.device)
+        cache.batch_select_indices(index)
+        return [active[row] for row in keep], tuple(t[index] for t in rows)
 
     def _drafts(self, active: list[_Job]) -> torch.Tensor | None:
         """Prompt-lookup drafts, one row per active job, or None when this pass should not speculate:

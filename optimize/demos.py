@@ -54,12 +54,13 @@ def ground_truth_demos(chains: list[Chain], k: int = 2, seed: int = 0) -> dict[s
     demos: dict[str, list[dspy.Example]] = {name: [] for name in
                                             ("describe", "corrupt", "locate", "recover", "judge", "curate")}
     for n, (valid, invalid, _) in enumerate(triples):
-        step, description = invalid.mistake_index, _describe(valid, invalid)
+        step = invalid.mistake_index
         valid_text, invalid_text = format_steps(valid.steps), format_steps(invalid.steps)
         # The judge is shown whole recovered chains, as the Judge program formats them.
         good = _recovery(valid.steps, valid.answer)
         bad = _recovery(invalid.steps, invalid.answer)
         described, written = _writer_examples(valid, invalid)
+        description = described.mistake_description
         demos["describe"].append(described)
         demos["corrupt"].append(written)
         demos["locate"].append(dspy.Example(question=valid.question, chain=invalid_text, has_mistake=True,

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from misstep.metrics.stats import rate  # noqa: E402
+
 
 def load_history(run_dir: Path) -> list[dict[str, Any]]:
     rows = []
@@ -67,8 +69,6 @@ def _plot_rates(rows, lines: dict[str, Any], title: str, path: Path) -> None:
 def _written(path: Path) -> dict[str, dict | None]:
     """Of a round's model-written chains: how many carry a mistake the oracle finds, and how many
     carry it at the step the writer described (the oracle's `injection_ok`)."""
-    from misstep.metrics.stats import rate
-
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     oracles = [r.get("oracle") or {} for r in records]
     return {"checkable": rate(o.get("invalid_first_error") is not None for o in oracles).to_dict() if oracles else None,

@@ -46,7 +46,7 @@ from misstep.metrics.checks import check_scenario
 from misstep.metrics.health import StopRule, diversity, judge_health
 from misstep.metrics.judge_metric import Thresholds, verdicts
 from misstep.metrics.stats import Rate, agreement, rate
-from misstep.optimize.compile import compile_program, compiled_or_resumed, warm_up
+from misstep.optimize.compile import CompileResult, compile_program, compiled_or_resumed, warm_up
 from misstep.optimize.demos import (attach_demos, ground_truth_demos, questions_of, stage_name, writer_chat_data,
                                     writer_ground_truth)
 from misstep.optimize.jobs import JobSettings, evaluate
@@ -125,13 +125,16 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     # Round 0: the model the loop starts from.
     start = _round_dir(run_dir, 0)
     if settings.warm_up:
-        base = provider.lm()
+        def warm_up_student() -> CompileResult:
+            base = provider.lm()  # loaded only when round 0 is trained, not when it is resumed
+            try:
+                return warm_up(SelfCorrector(), truth, lm=base, provider=provider, run_dir=start,
+                               extra_records=writer_records)
+            finally:
+                _release(base)
+
         with _timed(seconds, "warm_up"):
-            student, _ = compiled_or_resumed(start, lambda: warm_up(SelfCorrector(), truth, lm=base,
-                                                                    provider=provider, run_dir=start,
-                                                                    extra_records=writer_records),
-                                             provider=provider)
-        _release(base)
+            student, _ = compiled_or_resumed(start, warm_up_student, provider=provider)
     else:
         student = attach_demos(SelfCorrector(), demos)
         student.set_lm(provider.lm())
