@@ -21,6 +21,7 @@ the answer rewrites steps of the prompt, which is what the loop mostly generates
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -48,32 +49,37 @@ def prompts(n: int, run: int) -> list[str]:
             for animal in ANIMALS[:n]]
 
 
+@functools.cache
+def _recover_material() -> tuple[list, list]:
+    """The recover stage's demos and 40 injected GSM8K chains, built once."""
+    from misstep.metrics.evaluation import injected_gsm8k
+    from misstep.optimize.demos import ground_truth_demos
+
+    demos = ground_truth_demos(misstep.load_chains(misstep.sample_path("gsm8k/train.jsonl")), k=2)
+    return demos["recover"], injected_gsm8k(misstep.load_chains(misstep.sample_path("gsm8k/test.jsonl")), 40)
+
+
 def recover_prompts(n: int, run: int) -> list[list[dict]]:
     """The recover stage's chat messages for `n` injected GSM8K chains (a fresh set each run)."""
     from misstep.data.records import format_steps
-    from misstep.metrics.evaluation import injected_gsm8k
-    from misstep.optimize.demos import ground_truth_demos
     from misstep.programs import SelfCorrector
     from misstep.programs.parallel import default_adapter
 
-    demos = ground_truth_demos(misstep.load_chains(misstep.sample_path("gsm8k/train.jsonl")), k=2)
-    chains = injected_gsm8k(misstep.load_chains(misstep.sample_path("gsm8k/test.jsonl")), 40)
+    demos, chains = _recover_material()
     chosen = [chains[(run * n + i) % len(chains)] for i in range(n)]
     signature = SelfCorrector().recover.signature
-    return [default_adapter().format(signature, demos["recover"],
+    return [default_adapter().format(signature, demos,
                                      {"question": c.question, "chain": format_steps(c.steps),
                                       "first_error_step": c.mistake_index + 1}) for c in chosen]
 
 
 def decode(lm, tokenizer, concurrency: int, max_tokens: int, run: int, workload: str = "story") -> float:
-    """Generated tokens per second, all requests together."""
+    """Generated tokens per second, all requests together (the prompts are built before the clock starts)."""
+    requests = ([[{"role": "user", "content": p}] for p in prompts(concurrency, run)] if workload == "story"
+                else recover_prompts(concurrency, run))
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        if workload == "story":
-            answers = list(pool.map(lambda p: lm(p, max_tokens=max_tokens)[0], prompts(concurrency, run)))
-        else:
-            answers = list(pool.map(lambda m: lm(messages=m, max_tokens=max_tokens)[0],
-                                    recover_prompts(concurrency, run)))
+        answers = list(pool.map(lambda m: lm(messages=m, max_tokens=max_tokens)[0], requests))
     seconds = time.perf_counter() - started
     return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) / seconds
 
