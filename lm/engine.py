@@ -33,6 +33,8 @@ from dspy.clients.engines.base import validate_request
 from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, response_to_events
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from .kernels import GrowingCache, use_gqa_attention, use_onednn_linears
+
 
 @dataclass
 class _Job:
@@ -71,7 +73,7 @@ class EmbeddedEngine:
     def __init__(self, model_dir: Path | str, *, max_batch_size: int = 8, gather_window_s: float = 0.02,
                  default_max_tokens: int = 512, device: str | None = None, prefix_cache_size: int = 8,
                  min_prefix_tokens: int = 128, speculate: int = 4, speculate_max_batch: int = 8,
-                 lookup_ngram: tuple[int, int] = (3, 2)):
+                 lookup_ngram: tuple[int, int] = (3, 2), cpu_kernels: bool = True):
         self.model_dir = Path(model_dir)
         # Prompt-lookup speculation: up to `speculate` drafted tokens a pass, while at most
         # `speculate_max_batch` rows decode, from n-grams of `lookup_ngram` (longest, shortest)
@@ -94,6 +96,14 @@ class EmbeddedEngine:
         # fp32 on CPU: bf16 there was slower and gave degenerate text (ENVIRONMENT.md).
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        # On CPU (`cpu_kernels`): linear layers through oneDNN rather than MKL (about twice as fast
+        # here), attention that reads shared key/value heads in place, and a KV cache that grows
+        # in place; see lm/kernels.py. Off: transformers' own path, for comparison.
+        self.cpu_kernels = cpu_kernels and self.device.type == "cpu"
+        if self.cpu_kernels:
+            use_onednn_linears(self.model)
+            use_gqa_attention(self.model)
+        self._new_cache = GrowingCache if self.cpu_kernels else DynamicCache
         self.max_context = getattr(self.model.config, "max_position_embeddings", 2048)
         self.eos_ids = self._eos_ids()
         self.stats = EngineStats()
@@ -152,12 +162,14 @@ class EmbeddedEngine:
 
     def dump_state(self) -> dict:
         return {"model_dir": str(self.model_dir), "max_batch_size": self.max_batch_size,
-                "prefix_cache_size": self.prefix_cache_size, "speculate": self.speculate}
+                "prefix_cache_size": self.prefix_cache_size, "speculate": self.speculate,
+                "cpu_kernels": self.cpu_kernels}
 
     @classmethod
     def load_state(cls, state: dict) -> "EmbeddedEngine":
         return cls(state["model_dir"], max_batch_size=state.get("max_batch_size", 8),
-                   prefix_cache_size=state.get("prefix_cache_size", 8), speculate=state.get("speculate", 4))
+                   prefix_cache_size=state.get("prefix_cache_size", 8), speculate=state.get("speculate", 4),
+                   cpu_kernels=state.get("cpu_kernels", True))
 
     # ---- the worker ------------------------------------------------------------------
     def _serve(self) -> None:
@@ -279,14 +291,14 @@ class EmbeddedEngine:
                 common += 1
             if common >= self.min_prefix_tokens:
                 prefix = tuple(first[:common])
-                head = DynamicCache()
+                head = self._new_cache()
                 self.model(input_ids=torch.tensor([prefix], device=self.device), past_key_values=head, use_cache=True,
                            logits_to_keep=1)
                 self._prefixes[prefix] = head
                 while len(self._prefixes) > self.prefix_cache_size:
                     self._prefixes.popitem(last=False)
         if prefix is None:
-            return [], DynamicCache()
+            return [], self._new_cache()
         self._prefixes.move_to_end(prefix)
         cache = copy.deepcopy(self._prefixes[prefix])
         cache.batch_repeat_interleave(len(jobs))

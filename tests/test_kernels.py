@@ -1,0 +1,105 @@
+"""The embedded engine's CPU kernels compute what transformers' own path computes."""
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from misstep.lm import EmbeddedEngine, local_lm
+from misstep.lm.kernels import GQA_SDPA, GrowingCache, OneDNNLinear, use_gqa_attention, use_onednn_linears
+
+
+def _model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def _padded_batch():
+    """Two rows of different lengths, left-padded, as the engine lays them out."""
+    ids = torch.tensor([[0, 0, 0, 11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27, 28]])
+    mask = (torch.arange(8) >= torch.tensor([[3], [0]])).long()
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def test_onednn_linears_replace_every_linear_layer_and_keep_the_logits(tiny_model_dir):
+    plain, fast = _model(tiny_model_dir), _model(tiny_model_dir)
+    linears = sum(type(m) is torch.nn.Linear for m in plain.modules())
+    assert use_onednn_linears(fast) == linears > 0
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    assert sum(isinstance(m, OneDNNLinear) for m in fast.modules()) == linears
+    ids, mask, positions = _padded_batch()
+    expected = plain(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    got = fast(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # the input embedding (tied to the output layer) is untouched: the packed weight is a copy
+    assert type(fast.get_input_embeddings()) is torch.nn.Embedding
+    assert torch.equal(fast.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+
+
+@torch.inference_mode()
+def test_grouped_query_attention_without_copies_gives_the_same_logits(tiny_model_dir):
+    plain, fast = _model(tiny_model_dir), _model(tiny_model_dir)
+    assert fast.config.num_key_value_heads < fast.config.num_attention_heads  # the tiny model shares heads too
+    assert use_gqa_attention(fast) and fast.config._attn_implementation == GQA_SDPA
+    ids, mask, positions = _padded_batch()
+    caches = DynamicCache(), DynamicCache()
+    outputs = [model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+               for model, cache in zip((plain, fast), caches)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    # one decoding step on top of the masked cache
+    step = torch.tensor([[16], [29]])
+    mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+    outputs = [model(input_ids=step, attention_mask=mask, position_ids=positions[:, -1:] + 1,
+                     past_key_values=cache).logits for model, cache in zip((plain, fast), caches)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_growing_cache_matches_dynamic_cache_through_crop_select_and_repeat(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    ids, mask, positions = _padded_batch()
+
+    def run(cache):
+        logits = [model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits]
+        m, pos, pointers = mask, positions, []
+        for token in range(5):  # decode a few steps, two tokens at a time as speculation does
+            step = torch.tensor([[30 + token, 31 + token]] * 2)
+            m = torch.cat([m, m.new_ones(2, 2)], dim=1)
+            logits.append(model(input_ids=step, attention_mask=m, position_ids=pos[:, -1:] + torch.tensor([1, 2]),
+                                past_key_values=cache).logits)
+            cache.crop(-1)  # the second token was a rejected draft
+            m, pos = m[:, :-1], pos[:, -1:] + 1
+            pointers.append(cache.layers[0].keys.data_ptr())
+        cache.batch_select_indices(torch.tensor([1]))  # the first row finished
+        m, pos = m[1:], pos[1:]
+        head = copy.deepcopy(cache)
+        head.batch_repeat_interleave(2)  # a cached prefix handed to a batch of two
+        m2 = torch.cat([m.repeat(2, 1), m.new_ones(2, 1)], dim=1)
+        logits.append(model(input_ids=torch.tensor([[40], [41]]), attention_mask=m2, position_ids=pos.repeat(2, 1) + 1,
+                            past_key_values=head).logits)
+        return logits, pointers
+
+    expected, _ = run(DynamicCache())
+    got, pointers = run(GrowingCache())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(set(pointers)) == 1  # every step wrote into the same buffer: nothing was copied
+
+
+def test_the_engine_answers_the_same_with_and_without_its_cpu_kernels(tiny_model_dir):
+    """Greedy answers, alone and batched, are transformers' own; the kernels only make them faster."""
+    head = "Check each step of the solution. " * 30  # a shared prefix long enough to be cached
+    prompts = [head + f"Question {n}: {n} + {n} = ?" for n in range(4)] + ["Say something.", "Count to 3."]
+    answers = {}
+    for kernels in (False, True):
+        engine = EmbeddedEngine(tiny_model_dir, cpu_kernels=kernels)
+        try:
+            lm = local_lm(engine=engine, max_tokens=24, cache=False)
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                answers[kernels] = ([lm(p)[0] for p in prompts], list(pool.map(lambda p: lm(p)[0], prompts)))
+            assert engine.cpu_kernels == kernels
+            assert any(isinstance(m, OneDNNLinear) for m in engine.model.modules()) == kernels
+        finally:
+            engine.close()
+    assert answers[True] == answers[False]
