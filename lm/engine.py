@@ -33,7 +33,7 @@ from dspy.clients.engines.base import validate_request
 from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, response_to_events
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from .kernels import GrowingCache, use_gqa_attention, use_onednn_linears
+from .kernels import GrowingCache, on_torch_thread, use_gqa_attention, use_onednn_linears
 
 
 @dataclass
@@ -95,14 +95,11 @@ class EmbeddedEngine:
         self.tokenizer.padding_side = "left"
         # fp32 on CPU: bf16 there was slower and gave degenerate text (ENVIRONMENT.md).
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
         # On CPU (`cpu_kernels`): linear layers through oneDNN rather than MKL (about twice as fast
         # here), attention that reads shared key/value heads in place, and a KV cache that grows
         # in place; see lm/kernels.py. Off: transformers' own path, for comparison.
         self.cpu_kernels = cpu_kernels and self.device.type == "cpu"
-        if self.cpu_kernels:
-            use_onednn_linears(self.model)
-            use_gqa_attention(self.model)
+        self.model = on_torch_thread(self._load_model, dtype)
         self._new_cache = GrowingCache if self.cpu_kernels else DynamicCache
         self.max_context = getattr(self.model.config, "max_position_embeddings", 2048)
         self.eos_ids = self._eos_ids()
@@ -113,6 +110,13 @@ class EmbeddedEngine:
         self._worker.start()
         # Stop the worker before the interpreter tears torch down under it.
         atexit.register(self.close)
+
+    def _load_model(self, dtype: torch.dtype):
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        if self.cpu_kernels:
+            use_onednn_linears(model)
+            use_gqa_attention(model)
+        return model
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -189,7 +193,7 @@ class EmbeddedEngine:
                     break
                 batch.append(more)
             try:
-                self._run_batch(batch)
+                on_torch_thread(self._run_batch, batch)  # the process's one torch thread (lm/kernels.py)
             except Exception as exc:  # a failed batch fails its requests, never the worker
                 for job in batch:
                     if not job.future.done():

@@ -17,9 +17,19 @@ KV cache: transformers' `DynamicCache` appends each step's keys and values with 
 copying the whole cache every step: 19 ms a step at 8 rows and 1,070 tokens, as much as all
 the linear layers. `GrowingCache` keeps them in a buffer with room to spare and writes the new
 ones in place.
+
+Threads: torch's CPU parallelism is OpenMP (libgomp), which keeps a pool of worker threads for
+every thread that starts parallel work, and once a process holds more pool threads than CPUs it
+stops spinning between parallel regions and puts its workers to sleep. Waking them costs ~45 us
+a region on this VM, and a decoding step is ~200 regions: a step that takes 21 ms on the thread
+that loaded the model took 30 ms on an engine's worker thread. So all of the engines' torch work
+(loading, prefill, decoding) runs on one thread per process, `on_torch_thread`.
 """
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
@@ -27,6 +37,15 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import sdpa_mask
 
 GQA_SDPA = "misstep_sdpa_gqa"
+
+_TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misstep-torch")
+
+
+def on_torch_thread(function, *args, **kwargs):
+    """`function(*args, **kwargs)`, run on the process's one torch thread (waiting for it)."""
+    if threading.current_thread().name.startswith("misstep-torch"):  # already there: run inline
+        return function(*args, **kwargs)
+    return _TORCH_THREAD.submit(function, *args, **kwargs).result()
 
 
 class OneDNNLinear(torch.nn.Module):

@@ -78,7 +78,9 @@ def resolve_model(model: str | Path, cache: Path | str | None = None) -> Path:
     if str(model) in REGISTRY:
         target = cache_dir(cache) / "models" / str(model)
         if not is_model_folder(target):
-            convert_gguf(REGISTRY[str(model)], target)
+            from .kernels import on_torch_thread  # see there: torch work stays on one thread
+
+            on_torch_thread(convert_gguf, REGISTRY[str(model)], target)
         return target
     if path.exists():
         raise ModelNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")

@@ -1,13 +1,17 @@
 """The embedded engine's CPU kernels compute what transformers' own path computes."""
 
 import copy
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from misstep.lm import EmbeddedEngine, local_lm
-from misstep.lm.kernels import GQA_SDPA, GrowingCache, OneDNNLinear, use_gqa_attention, use_onednn_linears
+from misstep.lm.kernels import (GQA_SDPA, GrowingCache, OneDNNLinear, on_torch_thread, use_gqa_attention,
+                                use_onednn_linears)
+
+PROMPTS = ["Say something.", "Count to 3.", "Name a colour."]
 
 
 def _model(tiny_model_dir):
@@ -103,3 +107,24 @@ def test_the_engine_answers_the_same_with_and_without_its_cpu_kernels(tiny_model
         finally:
             engine.close()
     assert answers[True] == answers[False]
+
+
+def test_all_torch_work_of_the_engines_runs_on_one_thread(tiny_model_dir, tiny_engine):
+    """A second thread's OpenMP pool slows every parallel region down (lm/kernels.py)."""
+    torch_thread = on_torch_thread(threading.get_ident)
+    assert torch_thread != threading.get_ident()
+    assert on_torch_thread(on_torch_thread, threading.get_ident) == torch_thread  # nested: inline, no deadlock
+    other = EmbeddedEngine(tiny_model_dir)
+    seen = set()
+    try:
+        for engine in (tiny_engine, other):
+            hook = engine.model.register_forward_pre_hook(lambda *_: seen.add(threading.get_ident()))
+            try:
+                with ThreadPoolExecutor(3) as pool:
+                    list(pool.map(lambda p: local_lm(engine=engine, max_tokens=4, cache=False)(p), PROMPTS))
+            finally:
+                hook.remove()
+    finally:
+        other.close()
+    assert seen == {torch_thread}
+
