@@ -106,3 +106,35 @@ def test_prompt_lookup_speculation_gives_the_greedy_answer_in_fewer_passes(tiny_
     assert stats[4].accepted_tokens > 0  # some drafts were right ...
     assert stats[4].forward_passes < stats[0].forward_passes  # ... so fewer passes made the same tokens
     assert stats[4].generated_tokens == stats[0].generated_tokens
+
+
+
+def test_prefilling_row_by_row_makes_the_padded_prefills_cache(tiny_model_dir):
+    """Past `padding_tolerance` each row's prompt is prefilled alone and the caches are put together:
+    the same logits, and the same next step from the cache, as padding all rows to the longest."""
+    import torch
+
+    from misstep.lm import EmbeddedEngine
+
+    engine = EmbeddedEngine(tiny_model_dir)
+    try:
+        with torch.inference_mode():
+            for start in (0, 9):  # without and with a shared head
+                head = None
+                if start:
+                    head = engine._new_cache()
+                    engine.model(input_ids=torch.arange(100, 100 + start)[None], past_key_values=head)
+                suffixes = [[5, 6, 7], list(range(200, 230)), [8]]
+                width = max(map(len, suffixes))
+                mask = torch.tensor([[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in suffixes])
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+                padded = engine._prefill_padded(head, suffixes, mask, positions)
+                rows = engine._prefill_rows(start, head, suffixes)
+                torch.testing.assert_close(rows[0], padded[0], rtol=1e-4, atol=1e-4)
+                step = dict(input_ids=torch.tensor([[1], [2], [3]]), position_ids=positions[:, -1:] + 1,
+                            attention_mask=torch.cat([mask, mask.new_ones(3, 1)], dim=1))
+                after = [engine.model(**step, past_key_values=cache).logits for _, cache in (padded, rows)]
+                torch.testing.assert_close(after[1], after[0], rtol=1e-4, atol=1e-4)
+                assert head is None or head.get_seq_length() == start  # the cached head is left as it was
+    finally:
+        engine.close()
