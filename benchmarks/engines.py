@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,15 +75,17 @@ def recover_prompts(n: int, run: int) -> list[list[dict]]:
                                       "first_error_step": c.mistake_index + 1}) for c in chosen]
 
 
-def decode(lm, tokenizer, concurrency: int, max_tokens: int, run: int, workload: str = "story") -> float:
-    """Generated tokens per second, all requests together (the prompts are built before the clock starts)."""
+def decode(lm, tokenizer, concurrency: int, max_tokens: int, run: int,
+           workload: str = "story") -> tuple[float, list[str]]:
+    """Generated tokens per second, all requests together (the prompts are built before the clock
+    starts), and the answers."""
     requests = ([[{"role": "user", "content": p}] for p in prompts(concurrency, run)] if workload == "story"
                 else recover_prompts(concurrency, run))
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         answers = list(pool.map(lambda m: lm(messages=m, max_tokens=max_tokens)[0], requests))
     seconds = time.perf_counter() - started
-    return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) / seconds
+    return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) / seconds, answers
 
 
 def first_token(lm, concurrency: int, run: int) -> float:
@@ -95,31 +99,89 @@ def first_token(lm, concurrency: int, run: int) -> float:
         return statistics.median(pool.map(timed, prompts(concurrency, 1000 + run)))
 
 
-def run_engine(name: str, lm, tokenizer, repeats: int, max_tokens: int) -> dict:
+def run_engine(name: str, lm, tokenizer, repeats: int, max_tokens: int) -> tuple[dict, dict[str, list[str]]]:
+    """The engine's figures, and its answers by workload, concurrency and repeat (all at temperature 0)."""
     lm("warm up", max_tokens=8)
-    result = {}
+    result, answers = {}, {}
     for concurrency in CONCURRENCY:
-        rates = summarize([decode(lm, tokenizer, concurrency, max_tokens, run) for run in range(repeats)])
+        runs = {}
+        for workload in ("story", "recover"):
+            rates = []
+            for run in range(repeats):
+                rate, answers[f"{workload} c{concurrency} r{run}"] = decode(lm, tokenizer, concurrency, max_tokens,
+                                                                            run, workload)
+                rates.append(rate)
+            runs[workload] = summarize(rates)
         ttft = summarize([first_token(lm, concurrency, run) for run in range(repeats)])
-        recover = summarize([decode(lm, tokenizer, concurrency, max_tokens, run, "recover")
-                             for run in range(repeats)])
+        rates, recover = runs["story"], runs["recover"]
         result[f"concurrency_{concurrency}"] = {"tokens_per_second": rates, "ttft_seconds": ttft,
                                                 "recover_tokens_per_second": recover}
         print(f"{name}, concurrency {concurrency}: {rates['median']:.1f} tok/s median (min {rates['min']:.1f}), "
               f"first token {ttft['median'] * 1000:.0f} ms median; recover prompts {recover['median']:.1f} tok/s")
-    return result
+    return result, answers
+
+
+def same_answers(answers: dict[str, list[str]], reference: dict[str, list[str]]) -> dict:
+    """How many answers are the reference's, character for character, and the first that is not
+    (over the requests both engines answered)."""
+    pairs = [(key, i, a, b) for key in reference.keys() & answers.keys()
+             for i, (a, b) in enumerate(zip(answers[key], reference[key]))]
+    differ = [(key, i, a, b) for key, i, a, b in pairs if a != b]
+    first = None
+    if differ:
+        key, i, a, b = differ[0]
+        at = next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        first = {"request": f"{key} #{i}", "character": at, "got": a[at:at + 60], "reference": b[at:at + 60]}
+    return {"identical": len(pairs) - len(differ), "of": len(pairs), "first_difference": first}
+
+
+def run_llamacpp(gguf: Path, python: str, tokenizer, repeats: int, max_tokens: int,
+                 threads: int = 2) -> tuple[dict, dict[str, list[str]]]:
+    """llama.cpp on a GGUF file, one request at a time, on the same prompt text (llamacpp_worker.py,
+    under a Python that has llama-cpp-python)."""
+    def text(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    requests = {f"{w} c1 r{run}": [text(m) for m in ([[{"role": "user", "content": p}] for p in prompts(1, run)]
+                                                   if w == "story" else recover_prompts(1, run))]
+                for w in ("story", "recover") for run in range(repeats)}
+    job = {"gguf": str(gguf), "threads": threads, "max_tokens": max_tokens, "requests": requests,
+           "first_token_prompts": [text([{"role": "user", "content": p}]) for run in range(repeats)
+                                   for p in prompts(1, 1000 + run)]}
+    folder = Path(tempfile.mkdtemp(prefix="misstep-llamacpp-"))
+    (folder / "job.json").write_text(json.dumps(job))
+    subprocess.run([python, str(Path(__file__).parent / "llamacpp_worker.py"), str(folder / "job.json"),
+                    str(folder / "result.json")], check=True)
+    out = json.loads((folder / "result.json").read_text())
+
+    def rate(key: str) -> float:
+        tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in out["answers"][key])
+        return tokens / sum(out["seconds"][key])
+
+    result = {"concurrency_1": {
+        "tokens_per_second": summarize([rate(f"story c1 r{run}") for run in range(repeats)]),
+        "recover_tokens_per_second": summarize([rate(f"recover c1 r{run}") for run in range(repeats)]),
+        "ttft_seconds": summarize(out["first_token_seconds"])}, "load_seconds": out["load_seconds"],
+        "gguf": gguf.name, "threads": threads}
+    row = result["concurrency_1"]
+    print(f"llama.cpp {gguf.name}: {row['tokens_per_second']['median']:.1f} tok/s, recover "
+          f"{row['recover_tokens_per_second']['median']:.1f}, first token {row['ttft_seconds']['median'] * 1e3:.0f} ms")
+    return result, out["answers"]
 
 
 def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tokens: int = 128,
-                  vllm_python: str = sys.executable, vllm_compiled: bool = False) -> dict:
+                  vllm_python: str = sys.executable, vllm_compiled: bool = False,
+                  llamacpp_python: str | None = None, ggufs: dict[str, Path] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     results: dict = {"max_tokens": max_tokens, "repeats": repeats}
+    answers = {}
     for engine in engines:
-        if engine in ("embedded", "embedded-plain"):  # plain: without prompt-lookup speculation (the "before")
-            lm = local_lm(engine=EmbeddedEngine(model_dir, max_batch_size=8,
-                                                speculate=0 if engine == "embedded-plain" else 4), cache=False)
+        if engine in ("embedded", "embedded-plain"):  # plain: transformers' own kernels, no speculation
+            plain = engine == "embedded-plain"
+            lm = local_lm(engine=EmbeddedEngine(model_dir, max_batch_size=8, speculate=0 if plain else 4,
+                                                cpu_kernels=not plain), cache=False)
             try:
-                results[engine] = run_engine(engine, lm, tokenizer, repeats, max_tokens)
+                results[engine], answers[engine] = run_engine(engine, lm, tokenizer, repeats, max_tokens)
             finally:
                 lm.engine.close()
         elif engine == "vllm":
@@ -128,13 +190,23 @@ def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tok
             server = VllmServer(model_dir, f"{model_dir.name}-{fingerprint(model_dir)}", log, options).start()
             try:
                 print(f"vllm: server up in {server.start_seconds[-1]:.1f} s (log {log})")
-                results["vllm"] = run_engine(engine, served_lm(server, cache=False), tokenizer, repeats, max_tokens)
+                results["vllm"], answers["vllm"] = run_engine(engine, served_lm(server, cache=False), tokenizer,
+                                                              repeats, max_tokens)
                 results["vllm"]["start_seconds"] = server.start_seconds[-1]
                 results["vllm"]["enforce_eager"] = options.enforce_eager
             finally:
                 server.stop()
+        elif engine.startswith("llamacpp-"):  # one per GGUF file: llamacpp-q4_1, llamacpp-f32, ...
+            if not llamacpp_python or engine.removeprefix("llamacpp-") not in (ggufs or {}):
+                raise ValueError(f"{engine} needs --llamacpp-python and --gguf {engine.removeprefix('llamacpp-')}=PATH")
+            results[engine], answers[engine] = run_llamacpp(ggufs[engine.removeprefix("llamacpp-")], llamacpp_python,
+                                                            tokenizer, repeats, max_tokens)
         else:
-            raise ValueError(f"unknown engine {engine!r}: embedded, embedded-plain or vllm")
+            raise ValueError(f"unknown engine {engine!r}: embedded, embedded-plain, vllm or llamacpp-NAME")
+    if "embedded-plain" in answers:  # transformers' own path is the reference for "same outputs"
+        for engine in answers.keys() - {"embedded-plain"}:
+            results[engine]["same_answers_as_plain"] = same_answers(answers[engine], answers["embedded-plain"])
+            print(f"{engine}: {results[engine]['same_answers_as_plain']}")
     return results
 
 
@@ -142,14 +214,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
     parser.add_argument("--engines", default="embedded", help="comma-separated: embedded, embedded-plain "
-                                                                  "(no speculation), vllm")
+                                                                  "(transformers' kernels, no speculation), vllm")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--vllm-python", default=sys.executable, help="a Python that has vLLM installed")
     parser.add_argument("--vllm-compiled", action="store_true", help="let vLLM compile (no --enforce-eager)")
+    parser.add_argument("--llamacpp-python", default=None, help="a Python that has llama-cpp-python")
+    parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
+                        help="a GGUF file for engine llamacpp-NAME (repeatable)")
     args = parser.parse_args()
+    ggufs = dict(parse_gguf(g) for g in args.gguf)
     save("engines", args.model, bench_engines(resolve_model(args.model), args.engines.split(","), args.repeats,
-                                               args.max_tokens, args.vllm_python, args.vllm_compiled))
+                                               args.max_tokens, args.vllm_python, args.vllm_compiled,
+                                               args.llamacpp_python, ggufs))
+
+
+def parse_gguf(option: str) -> tuple[str, Path]:
+    name, _, path = option.partition("=")
+    if not path or not Path(path).is_file():
+        raise SystemExit(f"--gguf {option!r}: expected NAME=PATH of an existing GGUF file")
+    return name, Path(path)
 
 
 if __name__ == "__main__":

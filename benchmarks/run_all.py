@@ -2,6 +2,7 @@
 speed against the machine's peak, and one round split by step. Run by hand on an idle machine:
 
     .venv/bin/python benchmarks/run_all.py [--vllm-python /path/to/python/with/vllm] [--repeats 3]
+        [--llamacpp-python /path/to/python/with/llama-cpp-python --gguf q4_1=FILE --gguf f32=FILE]
         [--only engines,program,training,round]
 
 Writes benchmarks/results/latest.json and latest.md (the table the README shows), each with
@@ -20,7 +21,7 @@ from misstep.lm import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
-from engines import CONCURRENCY, bench_engines  # noqa: E402
+from engines import CONCURRENCY, bench_engines, parse_gguf  # noqa: E402
 from program import bench_program  # noqa: E402
 from loop_round import bench_round  # noqa: E402
 from training import bench_training  # noqa: E402
@@ -36,7 +37,8 @@ def markdown(results: dict) -> str:
              "Medians of the repeats (min in brackets; for times, lower is better).", ""]
     engines = results.get("engines")
     if engines:
-        names = [n for n in ("embedded-plain", "embedded", "vllm") if n in engines]
+        names = [n for n in ("embedded-plain", "embedded", "vllm") if n in engines] \
+            + sorted(n for n in engines if n.startswith("llamacpp-"))
         lines += [f"## Engines (up to {engines['max_tokens']} new tokens, fp32)", "",
                   "| concurrency | " + " | ".join(f"{n} story tok/s | {n} recover tok/s | {n} first token ms"
                                                  for n in names) + " |",
@@ -44,7 +46,10 @@ def markdown(results: dict) -> str:
         for c in CONCURRENCY:
             cells = []
             for n in names:
-                row = engines[n][f"concurrency_{c}"]
+                row = engines[n].get(f"concurrency_{c}")
+                if row is None:  # llama.cpp serves one request at a time
+                    cells += ["–"] * 3
+                    continue
                 tps, rec, ttft = row["tokens_per_second"], row["recover_tokens_per_second"], row["ttft_seconds"]
                 cells += [f"{tps['median']:.1f} [{tps['min']:.1f}]", f"{rec['median']:.1f} [{rec['min']:.1f}]",
                           f"{ttft['median'] * 1e3:.0f} [{ttft['min'] * 1e3:.0f}]"]
@@ -53,11 +58,24 @@ def markdown(results: dict) -> str:
             def ratio(c: int, key: str) -> float:
                 return (engines["embedded"][f"concurrency_{c}"][key]["median"]
                         / engines["vllm"][f"concurrency_{c}"][key]["median"])
-            lines += ["", "embedded-plain: the embedded engine without prompt-lookup speculation (before); "
+            lines += ["", "embedded-plain: the embedded engine on transformers' own kernels, without "
+                      "prompt-lookup speculation; "
                       f"vLLM server start: {engines['vllm']['start_seconds']:.1f} s. Embedded / vLLM: story "
                       + ", ".join(f"{ratio(c, 'tokens_per_second'):.2f} at {c}" for c in CONCURRENCY)
                       + "; recover " + ", ".join(f"{ratio(c, 'recover_tokens_per_second'):.2f} at {c}"
                                                  for c in CONCURRENCY) + "."]
+        for n in names:
+            if n.startswith("llamacpp-"):
+                one = engines[n]["concurrency_1"]
+                own = engines["embedded"]["concurrency_1"]
+                lines += ["", f"{n}: llama.cpp (llama-cpp-python) on {engines[n]['gguf']}, {engines[n]['threads']} "
+                          "threads, one request at a time. Embedded / it at 1: story "
+                          f"{own['tokens_per_second']['median'] / one['tokens_per_second']['median']:.2f}, recover "
+                          f"{own['recover_tokens_per_second']['median'] / one['recover_tokens_per_second']['median']:.2f}."]
+        same = {n: engines[n]["same_answers_as_plain"] for n in names if "same_answers_as_plain" in engines[n]}
+        if same:
+            lines += ["", "Answers at temperature 0 identical to embedded-plain's, character for character: "
+                      + "; ".join(f"{n} {s['identical']}/{s['of']}" for n, s in same.items()) + "."]
         lines.append("")
     program = results.get("program")
     if program:
@@ -97,6 +115,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
     parser.add_argument("--vllm-python", default=None, help="a Python that has vLLM: adds vLLM to the engines")
+    parser.add_argument("--llamacpp-python", default=None,
+                        help="a Python that has llama-cpp-python: adds llama.cpp on each --gguf")
+    parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
+                        help="a GGUF file of the model for llama.cpp (repeatable), e.g. q4_1=... f32=...")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default=",".join(PARTS))
     args = parser.parse_args()
@@ -106,9 +128,12 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     results: dict = {"machine": machine(), "model": args.model}
     if "engines" in parts:
-        engines = ["embedded-plain", "embedded"] + (["vllm"] if args.vllm_python else [])
+        ggufs = dict(parse_gguf(g) for g in args.gguf)
+        engines = ["embedded-plain", "embedded"] + (["vllm"] if args.vllm_python else []) \
+            + ([f"llamacpp-{name}" for name in ggufs] if args.llamacpp_python else [])
         results["engines"] = bench_engines(model_dir, engines, args.repeats,
-                                           vllm_python=args.vllm_python or sys.executable)
+                                           vllm_python=args.vllm_python or sys.executable,
+                                           llamacpp_python=args.llamacpp_python, ggufs=ggufs)
     if "program" in parts:
         results["program"] = bench_program(model_dir, misstep.sample_path("gsm8k/train.jsonl"), repeats=args.repeats)
     if "training" in parts:

@@ -65,6 +65,7 @@ class EngineStats:
     forward_passes: int = 0  # decoding passes after the prompt's
     drafted_tokens: int = 0  # tokens proposed by prompt lookup
     accepted_tokens: int = 0  # of those, the ones the model would have picked itself
+    joined: int = 0  # requests that joined a batch already decoding
 
 
 class EmbeddedEngine:
@@ -219,68 +220,67 @@ class EmbeddedEngine:
     @torch.inference_mode()
     def _run_batch(self, batch: list[_Job]) -> None:
         started = time.perf_counter()
-        jobs = []
-        for job in batch:
-            try:
-                self._prepare(job)
-                jobs.append(job)
-            except Exception as exc:
-                job.future.set_exception(exc)
+        jobs = self._prepared(batch)
         if not jobs:
             return
-        prefix, head = self._shared_prefix(jobs)
-        suffixes = [j.prompt_ids[len(prefix):] for j in jobs]
-        width = max(len(x) for x in suffixes)
-        # Layout of each row: [shared prefix][left padding][own suffix]; the mask hides the padding.
-        mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(x)) + [1] * len(x) for x in suffixes],
-                            device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):]
-        if width * len(suffixes) > self.padding_tolerance * sum(len(x) for x in suffixes):
-            logits, cache = self._prefill_rows(len(prefix), head, suffixes)
-        else:
-            logits, cache = self._prefill_padded(head, suffixes, mask, positions)
-        self.stats.reused_prompt_tokens += len(prefix) * len(jobs)
-        active = list(jobs)
-        backoff, wait = 1, 0  # after a pass with no draft kept, decode `wait` passes plainly
-        while active:
-            next_tokens = self._pick(logits, active)
-            keep = self._take(active, next_tokens.tolist())
-            if not keep:
-                break
-            if len(keep) < len(active):  # finished rows leave the batch and the KV cache
-                active, (mask, positions, next_tokens) = self._keep_rows(keep, active, cache,
-                                                                         mask, positions, next_tokens)
-            drafts = self._drafts(active) if wait == 0 else None
-            wait = max(0, wait - 1)
-            width = 1 + (drafts.shape[1] if drafts is not None else 0)
-            inputs = next_tokens[:, None] if drafts is None else torch.cat([next_tokens[:, None], drafts], dim=1)
-            mask = torch.cat([mask, mask.new_ones((len(active), width))], dim=1)
-            steps = torch.arange(1, width + 1, device=self.device)
-            out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions[:, -1:] + steps,
-                             past_key_values=cache, use_cache=True).logits
-            self.stats.forward_passes += 1
-            if drafts is None:
-                positions, logits = positions[:, -1:] + 1, out[:, -1, :]
-                continue
-            # Keep the drafted tokens every row's model would have picked (greedy): the first
-            # `accepted` of them, the same number for every row so the cache stays one block.
-            agrees = (out[:, :-1, :].argmax(dim=-1) == drafts).int().cumprod(dim=1).sum(dim=1)
-            accepted = int(agrees.min())
-            backoff, wait = (1, 0) if accepted else (min(2 * backoff, 16), backoff)
-            self.stats.drafted_tokens += drafts.numel()
-            self.stats.accepted_tokens += accepted * len(active)
-            rejected = drafts.shape[1] - accepted
-            if rejected:
-                cache.crop(-rejected)
-                mask = mask[:, :-rejected]
-            positions, logits = positions[:, -1:] + 1 + accepted, out[:, accepted, :]
-            for column in range(accepted):  # the accepted drafts, as if picked one by one
-                keep = self._take(active, drafts[:, column].tolist())
-                if len(keep) < len(active):
-                    active, (mask, positions, logits, drafts) = self._keep_rows(keep, active, cache,
-                                                                                mask, positions, logits, drafts)
-                if not active:
+        try:
+            logits, cache, mask, positions = self._prefill(jobs)
+            active = list(jobs)
+            backoff, wait = 1, 0  # after a pass with no draft kept, decode `wait` passes plainly
+            while active:
+                # Continuous batching: requests that arrived since the batch started join it at the next
+                # pass instead of waiting for its longest answer (DSPy's threads ask at staggered times).
+                joining = self._prepared(self._arrived(self.max_batch_size - len(active)))
+                if joining:
+                    jobs += joining
+                    new_logits, new_cache, new_mask, new_positions = self._prefill(joining)
+                    cache, mask = self._stack([(cache, mask), (new_cache, new_mask)])
+                    logits = torch.cat([logits, new_logits])
+                    positions = torch.cat([positions[:, -1:], new_positions[:, -1:]])
+                    active += joining
+                    self.stats.joined += len(joining)
+                next_tokens = self._pick(logits, active)
+                keep = self._take(active, next_tokens.tolist())
+                if not keep:
                     break
+                if len(keep) < len(active):  # finished rows leave the batch and the KV cache
+                    active, (mask, positions, next_tokens) = self._keep_rows(keep, active, cache,
+                                                                             mask, positions, next_tokens)
+                drafts = self._drafts(active) if wait == 0 else None
+                wait = max(0, wait - 1)
+                width = 1 + (drafts.shape[1] if drafts is not None else 0)
+                inputs = next_tokens[:, None] if drafts is None else torch.cat([next_tokens[:, None], drafts], dim=1)
+                mask = torch.cat([mask, mask.new_ones((len(active), width))], dim=1)
+                steps = torch.arange(1, width + 1, device=self.device)
+                out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions[:, -1:] + steps,
+                                 past_key_values=cache, use_cache=True).logits
+                self.stats.forward_passes += 1
+                if drafts is None:
+                    positions, logits = positions[:, -1:] + 1, out[:, -1, :]
+                    continue
+                # Keep the drafted tokens every row's model would have picked (greedy): the first
+                # `accepted` of them, the same number for every row so the cache stays one block.
+                agrees = (out[:, :-1, :].argmax(dim=-1) == drafts).int().cumprod(dim=1).sum(dim=1)
+                accepted = int(agrees.min())
+                backoff, wait = (1, 0) if accepted else (min(2 * backoff, 16), backoff)
+                self.stats.drafted_tokens += drafts.numel()
+                self.stats.accepted_tokens += accepted * len(active)
+                rejected = drafts.shape[1] - accepted
+                if rejected:
+                    cache.crop(-rejected)
+                    mask = mask[:, :-rejected]
+                positions, logits = positions[:, -1:] + 1 + accepted, out[:, accepted, :]
+                for column in range(accepted):  # the accepted drafts, as if picked one by one
+                    keep = self._take(active, drafts[:, column].tolist())
+                    if len(keep) < len(active):
+                        active, (mask, positions, logits, drafts) = self._keep_rows(keep, active, cache,
+                                                                                    mask, positions, logits, drafts)
+                    if not active:
+                        break
+        except Exception as exc:  # a failed batch fails its requests (joined ones too), never the worker
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
         self.stats.requests += len(jobs)
         self.stats.batches += 1
         self.stats.prompt_tokens += sum(len(j.prompt_ids) for j in jobs)
@@ -311,22 +311,55 @@ class EmbeddedEngine:
         self._prefixes.move_to_end(prefix)
         return list(prefix), self._prefixes[prefix]
 
-    def _prefill_padded(self, head: DynamicCache | None, suffixes: list[list[int]], mask: torch.Tensor,
-                        positions: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
-        """Prefill all rows' own tokens at once, left-padded to the longest. Last logits and cache."""
-        cache = copy.deepcopy(head) if head is not None else self._new_cache()
-        cache.batch_repeat_interleave(len(suffixes))
-        width, pad = max(len(x) for x in suffixes), self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        return logits, cache
+    def _prepared(self, batch: list[_Job]) -> list[_Job]:
+        """The jobs ready to decode; a job whose prompt cannot be (too long, ...) fails alone."""
+        jobs = []
+        for job in batch:
+            try:
+                self._prepare(job)
+                jobs.append(job)
+            except Exception as exc:
+                job.future.set_exception(exc)
+        return jobs
 
-    def _prefill_rows(self, start: int, head: DynamicCache | None,
-                      suffixes: list[list[int]]) -> tuple[torch.Tensor, DynamicCache]:
-        """Prefill each row's own tokens on its own copy of the shared head, so that no padding is
-        computed, then lay the rows' caches out as one batch ([shared prefix][left padding][own
-        tokens], what the padded prefill makes). Each row's last logits, and that cache."""
+    def _arrived(self, room: int) -> list[_Job]:
+        """Up to `room` requests already waiting, without waiting for more."""
+        arrived = []
+        while len(arrived) < room:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # close(): leave the signal for the worker
+                self._queue.put(None)
+                break
+            arrived.append(job)
+        return arrived
+
+    def _prefill(self, jobs: list[_Job]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Compute the prompts of `jobs` into one KV cache: each row's last logits, the cache, the
+        attention mask over it (0 for padding) and each row's positions (last column: the latest).
+
+        Prompts that share a cached head start from it. Rows of similar length are prefilled at once,
+        left-padded; past `padding_tolerance` each row is prefilled alone, so that no padding is
+        computed, and the rows' caches are stacked."""
+        prefix, head = self._shared_prefix(jobs)
+        start = len(prefix)
+        self.stats.reused_prompt_tokens += start * len(jobs)
+        suffixes = [j.prompt_ids[start:] for j in jobs]
+        width = max(len(x) for x in suffixes)
+        if width * len(suffixes) <= self.padding_tolerance * sum(len(x) for x in suffixes):
+            # Layout of each row: [shared prefix][left padding][own suffix]; the mask hides the padding.
+            mask = torch.tensor([[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in suffixes],
+                                device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+            cache = copy.deepcopy(head) if head is not None else self._new_cache()
+            cache.batch_repeat_interleave(len(suffixes))
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=self.device)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            return logits, cache, mask, positions
         logits, rows = [], []
         for suffix in suffixes:
             cache = copy.deepcopy(head) if head is not None else self._new_cache()
@@ -334,22 +367,23 @@ class EmbeddedEngine:
             out = self.model(input_ids=torch.tensor([suffix], device=self.device), position_ids=positions,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits.append(out.logits[:, -1, :])
-            rows.append(cache)
-        width = max(len(x) for x in suffixes)
-        batch = self._new_cache()
-        for index in range(len(rows[0].layers)):
-            stacked = []
-            for part in ("keys", "values"):
-                first = getattr(rows[0].layers[index], part)
-                out = first.new_zeros((len(rows), first.shape[1], start + width, first.shape[-1]))
-                for row, (cache, suffix) in enumerate(zip(rows, suffixes)):
-                    own = getattr(cache.layers[index], part)[0]
-                    out[row, :, :start] = own[:, :start]
-                    out[row, :, start + width - len(suffix):] = own[:, start:]
-                stacked.append(out)
-            batch.update(*stacked, index)
-        return torch.cat(logits), batch
+            rows.append((cache, torch.ones((1, start + len(suffix)), dtype=torch.long, device=self.device)))
+        cache, mask = self._stack(rows)
+        positions = torch.tensor([[start + len(x) - 1] for x in suffixes], device=self.device)
+        return torch.cat(logits), cache, mask, positions
 
+    def _stack(self, parts: list[tuple[DynamicCache, torch.Tensor]]) -> tuple[DynamicCache, torch.Tensor]:
+        """Caches (with their masks) of different lengths as one batch, right-aligned: the shorter
+        ones get masked left padding. Rows keep their own positions, so padding changes nothing."""
+        width = max(mask.shape[1] for _, mask in parts)
+        stacked = self._new_cache()
+        for index in range(len(parts[0][0].layers)):
+            keys, values = ([torch.nn.functional.pad(getattr(cache.layers[index], part),
+                                                     (0, 0, width - mask.shape[1], 0)) for cache, mask in parts]
+                            for part in ("keys", "values"))
+            stacked.update(torch.cat(keys), torch.cat(values), index)
+        mask = torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, mask in parts])
+        return stacked, mask
 
     def _take(self, active: list[_Job], tokens: list[int]) -> list[int]:
         """Give each active row its next token; finish the rows that end here. The rows that go on."""

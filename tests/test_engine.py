@@ -109,32 +109,64 @@ def test_prompt_lookup_speculation_gives_the_greedy_answer_in_fewer_passes(tiny_
 
 
 
-def test_prefilling_row_by_row_makes_the_padded_prefills_cache(tiny_model_dir):
-    """Past `padding_tolerance` each row's prompt is prefilled alone and the caches are put together:
-    the same logits, and the same next step from the cache, as padding all rows to the longest."""
+
+def test_prefilling_row_by_row_gives_what_padding_gives(tiny_model_dir):
+    """Past `padding_tolerance` each row's prompt is prefilled alone and the caches are stacked: the
+    same logits, and the same next step from the cache, as padding all rows to the longest."""
     import torch
+
+    from misstep.lm import EmbeddedEngine
+    from misstep.lm.engine import _Job
+
+    engine = EmbeddedEngine(tiny_model_dir)
+    endings = [[5, 6, 7], list(range(200, 230)), [8]]
+    try:
+        with torch.inference_mode():
+            for head in ([], list(range(100, 100 + engine.min_prefix_tokens + 5))):  # without, with a shared head
+                results = []
+                for tolerance in (1e9, 1.0):  # padded; row by row
+                    engine.padding_tolerance = tolerance
+                    jobs = [_Job(messages=[], max_new_tokens=1, temperature=0.0, top_p=None, top_k=None, stop=(),
+                                 seed=None, prompt_ids=head + ending) for ending in endings]
+                    logits, cache, mask, positions = engine._prefill(jobs)
+                    step = engine.model(input_ids=torch.tensor([[1], [2], [3]]), past_key_values=cache,
+                                        attention_mask=torch.cat([mask, mask.new_ones(3, 1)], dim=1),
+                                        position_ids=positions[:, -1:] + 1).logits
+                    results.append((logits, step))
+                torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-4)
+            assert engine.stats.reused_prompt_tokens > 0  # the second round started from the cached head
+    finally:
+        engine.close()
+
+
+def test_requests_that_arrive_during_a_batch_join_it_and_answer_as_alone(tiny_model_dir):
+    """Continuous batching: two requests sent while a batch decodes join it at its next pass."""
+    import time
 
     from misstep.lm import EmbeddedEngine
 
     engine = EmbeddedEngine(tiny_model_dir)
+    lm = local_lm(engine=engine, temperature=1.0, max_tokens=30, cache=False)
+    late = ThreadPoolExecutor(2)
+    futures = []
+
+    def send_late_requests(module, args, kwargs):  # on the first decoding pass of the first request
+        if kwargs["input_ids"].shape[1] == 1 and not futures:
+            futures.extend(late.submit(lm, p, seed=s) for p, s in (("Late one.", 3), ("Late two.", 4)))
+            deadline = time.monotonic() + 30
+            while engine._queue.qsize() < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
     try:
-        with torch.inference_mode():
-            for start in (0, 9):  # without and with a shared head
-                head = None
-                if start:
-                    head = engine._new_cache()
-                    engine.model(input_ids=torch.arange(100, 100 + start)[None], past_key_values=head)
-                suffixes = [[5, 6, 7], list(range(200, 230)), [8]]
-                width = max(map(len, suffixes))
-                mask = torch.tensor([[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in suffixes])
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
-                padded = engine._prefill_padded(head, suffixes, mask, positions)
-                rows = engine._prefill_rows(start, head, suffixes)
-                torch.testing.assert_close(rows[0], padded[0], rtol=1e-4, atol=1e-4)
-                step = dict(input_ids=torch.tensor([[1], [2], [3]]), position_ids=positions[:, -1:] + 1,
-                            attention_mask=torch.cat([mask, mask.new_ones(3, 1)], dim=1))
-                after = [engine.model(**step, past_key_values=cache).logits for _, cache in (padded, rows)]
-                torch.testing.assert_close(after[1], after[0], rtol=1e-4, atol=1e-4)
-                assert head is None or head.get_seq_length() == start  # the cached head is left as it was
+        hook = engine.model.register_forward_pre_hook(send_late_requests, with_kwargs=True)
+        first = lm("First, a long answer.", seed=2)[0]
+        joined = [f.result()[0] for f in futures]
+        hook.remove()
+        assert engine.stats.joined == 2 and engine.stats.batches == 1  # one batch served all three
+        alone = [lm(p, seed=s)[0] for p, s in (("First, a long answer.", 2), ("Late one.", 3), ("Late two.", 4))]
+        assert [first, *joined] == alone
+        assert engine.stats.batches == 4
     finally:
+        late.shutdown()
         engine.close()
