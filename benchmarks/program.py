@@ -30,7 +30,7 @@ def bench_program(model_dir: Path, data: Path, chains: int = 8, repeats: int = 3
     pool = [c for c in pool if c.question not in questions_of(demos)]
     if len(pool) < chains * repeats:
         raise SystemExit(f"{data}: {len(pool)} usable chains, {chains * repeats} needed")
-    shares, walls, calls = [], [], []
+    shares, walls, calls, batches = [], [], [], []
     for run in range(repeats):
         lm = local_lm(model_dir, cache=False, max_batch_size=threads)
         try:
@@ -43,10 +43,12 @@ def bench_program(model_dir: Path, data: Path, chains: int = 8, repeats: int = 3
         shares.append(1 - engine["busy_seconds"] / wall)
         walls.append(wall)
         calls.append(engine["requests"])
+        batches.append(engine["batches"])
         print(f"program run {run + 1}: {wall:.1f} s wall, engine busy {engine['busy_seconds']:.1f} s, "
-              f"{engine['requests']} calls: {shares[-1]:.1%} outside the engine")
+              f"{engine['requests']} calls in {engine['batches']} batches ({engine.get('joined', 0)} joined one "
+              f"already decoding): {shares[-1]:.1%} outside the engine")
     return {"chains": chains, "threads": threads, "outside_engine_share": summarize(shares),
-            "wall_seconds": summarize(walls), "engine_calls": calls}
+            "wall_seconds": summarize(walls), "engine_calls": calls, "engine_batches": batches}
 
 
 def main() -> None:
