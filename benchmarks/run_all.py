@@ -86,10 +86,14 @@ def markdown(results: dict) -> str:
                   f"{program['wall_seconds']['median']:.0f} s a run.", ""]
     training = results.get("training")
     if training:
-        peak = training["matmul_peak_flops"]["median"]
+        probe = training["matmul_peak_flops"]
+        peak = probe["median"]
+        libraries = ", ".join(f"{n} {r['median'] / 1e9:.1f}" for n, r in probe.get("by_library", {}).items())
         lines += [f"## Fine-tuning (batch {training['batch_size']}, max length {training['max_length']}, "
                   f"{training['parameters'] / 1e6:.0f}M parameters)", "",
-                  f"Matmul probe (fp32 2048^3): {peak / 1e9:.1f} GFLOP/s.", "",
+                  f"Matmul probe (fp32 2048^3): {peak / 1e9:.1f} GFLOP/s"
+                  + (f", the faster of torch's libraries ({libraries}); training runs on MKL." if libraries else ".")
+                  + "", "",
                   "| configuration | s/step | tokens/s | model GFLOP/s | of the probe | peak RSS GiB |",
                   "|---|---|---|---|---|---|"]
         for name, row in training["configs"].items():
@@ -121,31 +125,34 @@ def main() -> None:
                         help="a GGUF file of the model for llama.cpp (repeatable), e.g. q4_1=... f32=...")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default=",".join(PARTS))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the parts not run from the last latest.json (a rerun of one part)")
     args = parser.parse_args()
     parts = args.only.split(",")
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}")
     model_dir = resolve_model(args.model)
-    results: dict = {"machine": machine(), "model": args.model}
-    if "engines" in parts:
-        ggufs = dict(parse_gguf(g) for g in args.gguf)
-        engines = ["embedded-plain", "embedded"] + (["vllm"] if args.vllm_python else []) \
-            + ([f"llamacpp-{name}" for name in ggufs] if args.llamacpp_python else [])
-        results["engines"] = bench_engines(model_dir, engines, args.repeats,
-                                           vllm_python=args.vllm_python or sys.executable,
-                                           llamacpp_python=args.llamacpp_python, ggufs=ggufs)
-    if "program" in parts:
-        results["program"] = bench_program(model_dir, misstep.sample_path("gsm8k/train.jsonl"), repeats=args.repeats)
-    if "training" in parts:
-        results["training"] = bench_training(model_dir, repeats=max(1, args.repeats - 1))
-    if "round" in parts:
-        results["round"] = bench_round(model_dir)
     out = Path(__file__).parent / "results"
-    (out / "latest.json").write_text(json.dumps(results, indent=2))
-    (out / "latest.md").write_text(markdown(results))
+    results: dict = json.loads((out / "latest.json").read_text()) if args.merge else {}
+    results.update({"machine": machine(), "model": args.model})
+    ggufs = dict(parse_gguf(g) for g in args.gguf)
+    engines = ["embedded-plain", "embedded"] + (["vllm"] if args.vllm_python else []) \
+        + ([f"llamacpp-{name}" for name in ggufs] if args.llamacpp_python else [])
+    runs = {
+        "engines": lambda: bench_engines(model_dir, engines, args.repeats,
+                                         vllm_python=args.vllm_python or sys.executable,
+                                         llamacpp_python=args.llamacpp_python, ggufs=ggufs),
+        "program": lambda: bench_program(model_dir, misstep.sample_path("gsm8k/train.jsonl"), repeats=args.repeats),
+        "training": lambda: bench_training(model_dir, repeats=max(1, args.repeats - 1)),
+        "round": lambda: bench_round(model_dir),
+    }
+    for part in (p for p in PARTS if p in parts):
+        results[part] = runs[part]()
+        # written after every part: a later part that fails loses nothing already measured
+        (out / "latest.json").write_text(json.dumps(results, indent=2))
+        (out / "latest.md").write_text(markdown(results))
     print(markdown(results))
     print(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
-
 
 if __name__ == "__main__":
     main()

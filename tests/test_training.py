@@ -34,6 +34,43 @@ def test_only_the_answer_carries_loss(tiny_model_dir, chat_records):
     assert len(short_ids) == limit and [t for t in short_labels if t != -100] == answer  # the prompt is cut, not the answer
 
 
+@pytest.mark.parametrize("method,checkpointing", [("full", False), ("lora", False), ("full", True)])
+def test_onednn_products_give_mkls_loss_and_gradients(tiny_model_dir, chat_records, method, checkpointing):
+    """Every linear layer (LoRA's too) runs forward and backward through oneDNN, recomputation under
+    gradient checkpointing included, and only rounding changes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from misstep.lm.training import AnswerLoss, OneDNNTrainingLinear, _collate, train_linears_through_onednn
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = _collate([tokenize_chat(tokenizer, r["messages"], 256) for r in chat_records[:3]], tokenizer.pad_token_id)
+    results = []
+    for onednn in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                     task_type="CAUSAL_LM", init_lora_weights=False))
+        model.train()
+        linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+        if onednn:
+            assert train_linears_through_onednn(model) == linears
+            assert all(type(m) is OneDNNTrainingLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+        loss = AnswerLoss(model)(**batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain_loss, plain_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_provider_trains_a_new_checkpoint_with_a_new_name(tmp_path, tiny_model_dir, tiny_engine, chat_records, method):
     settings = TrainSettings(method=method, epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=512,
@@ -51,6 +88,7 @@ def test_provider_trains_a_new_checkpoint_with_a_new_name(tmp_path, tiny_model_d
 
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[-1]["loss"] < log[0]["loss"]  # 8 records, batch 4: two steps
+    assert json.loads((folder / "train_summary.json").read_text())["onednn"]  # on CPU, through oneDNN
     assert len((folder / "train_data.jsonl").read_text().splitlines()) == len(chat_records)
     new, old = load_file(folder / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     assert set(new) == set(old)  # LoRA is merged: a plain folder any engine loads
