@@ -92,7 +92,8 @@ def markdown(results: dict) -> str:
         lines += [f"## Fine-tuning (batch {training['batch_size']}, max length {training['max_length']}, "
                   f"{training['parameters'] / 1e6:.0f}M parameters)", "",
                   f"Matmul probe (fp32 2048^3): {peak / 1e9:.1f} GFLOP/s"
-                  + (f", the faster of torch's libraries ({libraries}); training runs on MKL." if libraries else ".")
+                  + (f", the faster of torch's libraries ({libraries}); training's products run on oneDNN "
+                     "(`TrainSettings.onednn`)." if libraries else ".")
                   + "", "",
                   "| configuration | s/step | tokens/s | model GFLOP/s | of the probe | peak RSS GiB |",
                   "|---|---|---|---|---|---|"]
