@@ -68,10 +68,10 @@ def markdown(results: dict) -> str:
             if n.startswith("llamacpp-"):
                 one = engines[n]["concurrency_1"]
                 own = engines["embedded"]["concurrency_1"]
+                story, recover = (own[key]["median"] / one[key]["median"]
+                                  for key in ("tokens_per_second", "recover_tokens_per_second"))
                 lines += ["", f"{n}: llama.cpp (llama-cpp-python) on {engines[n]['gguf']}, {engines[n]['threads']} "
-                          "threads, one request at a time. Embedded / it at 1: story "
-                          f"{own['tokens_per_second']['median'] / one['tokens_per_second']['median']:.2f}, recover "
-                          f"{own['recover_tokens_per_second']['median'] / one['recover_tokens_per_second']['median']:.2f}."]
+                          f"threads, one request at a time. Embedded / it at 1: story {story:.2f}, recover {recover:.2f}."]
         same = {n: engines[n]["same_answers_as_plain"] for n in names if "same_answers_as_plain" in engines[n]}
         if same:
             lines += ["", "Answers at temperature 0 identical to embedded-plain's, character for character: "

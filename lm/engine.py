@@ -1,11 +1,12 @@
 """The embedded engine: in-process generation with transformers behind a `dspy.LM`.
 
 DSPy evaluates examples on threads and each thread calls `complete` on its own.
-One worker thread owns the model; it gathers the requests that arrive together
-into one batch and decodes them in a single loop with a shared KV cache, dropping
-each row as it finishes. Every row keeps its own temperature, top-p/top-k, token
-limit, stop strings and random generator, so a seeded request samples the same text
-whatever else is in its batch; temperature 0 is greedy and deterministic.
+A worker thread gathers the requests that arrive together into one batch, and the
+process's torch thread (lm/kernels.py) decodes them in a single loop with a shared KV
+cache, dropping each row as it finishes; requests that arrive meanwhile join the batch
+at its next pass. Every row keeps its own temperature, top-p/top-k, token limit, stop
+strings and random generator, so a seeded request samples the same text whatever else
+is in its batch; temperature 0 is greedy and deterministic.
 
 Greedy rows are decoded speculatively by prompt lookup: the six stages copy a great deal
 from their prompts (a chain rewritten with one step changed, the steps after an error), so

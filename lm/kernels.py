@@ -5,7 +5,8 @@ the machine: 8 GFLOP/s for one row (a decoding step), 51 for eight, 220 for a pr
 oneDNN library inside the same wheel does 18, 135 and 480 on the same shapes, in fp32 with
 the same inputs; results differ from MKL's only by summation order (about 1e-5 relative).
 So for inference the engine hands every linear layer to oneDNN with its weight reordered
-once into oneDNN's blocked layout. Training keeps `nn.Linear` (it needs its backward).
+once into oneDNN's blocked layout. (Training does the same through an autograd-aware layer,
+`misstep.lm.training.OneDNNTrainingLinear`.)
 
 Attention: models with grouped-query attention (SmolLM2: 9 query heads share 3 key/value
 heads) get their keys and values copied once per query head by transformers' SDPA path
@@ -22,8 +23,9 @@ Threads: torch's CPU parallelism is OpenMP (libgomp), which keeps a pool of work
 every thread that starts parallel work, and once a process holds more pool threads than CPUs it
 stops spinning between parallel regions and puts its workers to sleep. Waking them costs ~45 us
 a region on this VM, and a decoding step is ~200 regions: a step that takes 21 ms on the thread
-that loaded the model took 30 ms on an engine's worker thread. So all of the engines' torch work
-(loading, prefill, decoding) runs on one thread per process, `on_torch_thread`.
+that loaded the model took 30 ms on an engine's worker thread. So all of a process's torch work
+(the engines' loading, prefill and decoding; fine-tuning; model conversion) runs on one thread,
+`on_torch_thread`.
 """
 
 from __future__ import annotations
