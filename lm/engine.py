@@ -225,7 +225,7 @@ class EmbeddedEngine:
         if not jobs:
             return
         try:
-            logits, cache, mask, positions = self._prefill(jobs)
+            logits, cache, mask, positions, shared = self._prefill(jobs)
             active = list(jobs)
             backoff, wait = 1, 0  # after a pass with no draft kept, decode `wait` passes plainly
             while active:
@@ -234,8 +234,9 @@ class EmbeddedEngine:
                 joining = self._prepared(self._arrived(self.max_batch_size - len(active)))
                 if joining:
                     jobs += joining
-                    new_logits, new_cache, new_mask, new_positions = self._prefill(joining)
+                    new_logits, new_cache, new_mask, new_positions, _ = self._prefill(joining)
                     cache, mask = self._stack([(cache, mask), (new_cache, new_mask)])
+                    shared = 0  # the rows' heads no longer line up
                     logits = torch.cat([logits, new_logits])
                     positions = torch.cat([positions[:, -1:], new_positions[:, -1:]])
                     active += joining
@@ -254,7 +255,7 @@ class EmbeddedEngine:
                 mask = torch.cat([mask, mask.new_ones((len(active), width))], dim=1)
                 steps = torch.arange(1, width + 1, device=self.device)
                 out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions[:, -1:] + steps,
-                                 past_key_values=cache, use_cache=True).logits
+                                 past_key_values=cache, use_cache=True, **self._shared_head(shared)).logits
                 self.stats.forward_passes += 1
                 if drafts is None:
                     positions, logits = positions[:, -1:] + 1, out[:, -1, :]
@@ -337,20 +338,21 @@ class EmbeddedEngine:
             arrived.append(job)
         return arrived
 
-    def _prefill(self, jobs: list[_Job]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, jobs: list[_Job]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor, int]:
         """Compute the prompts of `jobs` into one KV cache: each row's last logits, the cache, the
-        attention mask over it (0 for padding) and each row's positions (last column: the latest).
+        attention mask over it (0 for padding), each row's positions (last column: the latest) and
+        how many leading cache positions every row shares (the cached head they start from).
 
         Prompts that share a cached head start from it. Rows of similar length are prefilled at once,
         left-padded; past `padding_tolerance` each row is prefilled alone, so that no padding is
-        computed, and the rows' caches are stacked."""
+        computed, and the rows' caches are stacked. Either way a row is [head][padding][own tokens]."""
         prefix, head = self._shared_prefix(jobs)
         start = len(prefix)
+        shared = start if len(jobs) > 1 else 0
         self.stats.reused_prompt_tokens += start * len(jobs)
         suffixes = [j.prompt_ids[start:] for j in jobs]
         width = max(len(x) for x in suffixes)
         if width * len(suffixes) <= self.padding_tolerance * sum(len(x) for x in suffixes):
-            # Layout of each row: [shared prefix][left padding][own suffix]; the mask hides the padding.
             mask = torch.tensor([[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in suffixes],
                                 device=self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
@@ -359,8 +361,9 @@ class EmbeddedEngine:
             pad = self.tokenizer.pad_token_id
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=self.device)
             logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-            return logits, cache, mask, positions
+                                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                **self._shared_head(shared)).logits[:, -1, :]
+            return logits, cache, mask, positions, shared
         logits, rows = [], []
         for suffix in suffixes:
             cache = copy.deepcopy(head) if head is not None else self._new_cache()
@@ -369,22 +372,33 @@ class EmbeddedEngine:
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits.append(out.logits[:, -1, :])
             rows.append((cache, torch.ones((1, start + len(suffix)), dtype=torch.long, device=self.device)))
-        cache, mask = self._stack(rows)
+        cache, mask = self._stack(rows, head=start)
         positions = torch.tensor([[start + len(x) - 1] for x in suffixes], device=self.device)
-        return torch.cat(logits), cache, mask, positions
+        return torch.cat(logits), cache, mask, positions, shared
 
-    def _stack(self, parts: list[tuple[DynamicCache, torch.Tensor]]) -> tuple[DynamicCache, torch.Tensor]:
-        """Caches (with their masks) of different lengths as one batch, right-aligned: the shorter
-        ones get masked left padding. Rows keep their own positions, so padding changes nothing."""
+    def _stack(self, parts: list[tuple[DynamicCache, torch.Tensor]],
+               head: int = 0) -> tuple[DynamicCache, torch.Tensor]:
+        """Caches (with their masks) of different lengths as one batch: the first `head` positions
+        (the same head in every part) stay in front, the rest is right-aligned, the shorter parts
+        getting masked padding in between. Rows keep their own positions, so padding changes nothing."""
         width = max(mask.shape[1] for _, mask in parts)
+
+        def aligned(tensor: torch.Tensor, dim: int) -> torch.Tensor:  # pad `dim` between head and rest
+            front, rest = tensor.narrow(dim, 0, head), tensor.narrow(dim, head, tensor.shape[dim] - head)
+            shape = list(tensor.shape)
+            shape[dim] = width - tensor.shape[dim]
+            return torch.cat([front, tensor.new_zeros(shape), rest], dim=dim)
+
         stacked = self._new_cache()
         for index in range(len(parts[0][0].layers)):
-            keys, values = ([torch.nn.functional.pad(getattr(cache.layers[index], part),
-                                                     (0, 0, width - mask.shape[1], 0)) for cache, mask in parts]
+            keys, values = ([aligned(getattr(cache.layers[index], part), 2) for cache, _ in parts]
                             for part in ("keys", "values"))
             stacked.update(torch.cat(keys), torch.cat(values), index)
-        mask = torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, mask in parts])
-        return stacked, mask
+        return stacked, torch.cat([aligned(mask, 1) for _, mask in parts])
+
+    def _shared_head(self, shared: int) -> dict:
+        """The model call's argument that lets attention read the rows' common head once (lm/kernels.py)."""
+        return {"shared_head": shared} if shared and self.cpu_kernels else {}
 
     def _take(self, active: list[_Job], tokens: list[int]) -> list[int]:
         """Give each active row its next token; finish the rows that end here. The rows that go on."""

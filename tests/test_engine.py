@@ -112,7 +112,10 @@ def test_prompt_lookup_speculation_gives_the_greedy_answer_in_fewer_passes(tiny_
 
 def test_prefilling_row_by_row_gives_what_padding_gives(tiny_model_dir):
     """Past `padding_tolerance` each row's prompt is prefilled alone and the caches are stacked: the
-    same logits, and the same next step from the cache, as padding all rows to the longest."""
+    same logits, and the same next step from the cache, as padding all rows to the longest; and
+    attention that reads the rows' common head once gives the same next step as reading it per row."""
+    import copy
+
     import torch
 
     from misstep.lm import EmbeddedEngine
@@ -128,11 +131,16 @@ def test_prefilling_row_by_row_gives_what_padding_gives(tiny_model_dir):
                     engine.padding_tolerance = tolerance
                     jobs = [_Job(messages=[], max_new_tokens=1, temperature=0.0, top_p=None, top_k=None, stop=(),
                                  seed=None, prompt_ids=head + ending) for ending in endings]
-                    logits, cache, mask, positions = engine._prefill(jobs)
-                    step = engine.model(input_ids=torch.tensor([[1], [2], [3]]), past_key_values=cache,
-                                        attention_mask=torch.cat([mask, mask.new_ones(3, 1)], dim=1),
-                                        position_ids=positions[:, -1:] + 1).logits
-                    results.append((logits, step))
+                    logits, cache, mask, positions, shared = engine._prefill(jobs)
+                    assert shared == len(head)  # the head stays in front, the same in every row
+                    steps = []
+                    for reads_head_once in (False, True):
+                        step = dict(input_ids=torch.tensor([[1], [2], [3]]), position_ids=positions[:, -1:] + 1,
+                                    attention_mask=torch.cat([mask, mask.new_ones(3, 1)], dim=1),
+                                    past_key_values=copy.deepcopy(cache))
+                        steps.append(engine.model(**step, **engine._shared_head(shared if reads_head_once else 0)))
+                    torch.testing.assert_close(steps[1].logits, steps[0].logits, rtol=1e-4, atol=1e-4)
+                    results.append((logits, steps[0].logits))
                 torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-4)
             assert engine.stats.reused_prompt_tokens > 0  # the second round started from the cached head

@@ -37,24 +37,32 @@ def test_with_demos_the_real_model_answers_in_fields(smollm2, gsm8k_train, gsm8k
 
 
 def test_the_cpu_kernels_give_transformers_greedy_answers_on_the_real_model(smollm2):
-    """oneDNN products, in-place grouped-query attention, the growing cache, row-by-row prefill and
-    prompt-lookup speculation change speed, not answers: the same text as transformers' own path,
-    alone and batched (the benchmark checks 78 answers the same way)."""
+    """oneDNN products, in-place grouped-query attention, the growing cache, row-by-row prefill,
+    attention that reads a shared head once and prompt-lookup speculation change speed, not
+    answers: the same text as transformers' own path, alone and batched (the benchmark checks 78
+    answers the same way)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from misstep.lm import EmbeddedEngine
 
     chain = "Step 1: 12 * 3 = 36\nStep 2: 36 + 14 = 50\nStep 3: 50 / 5 = 10\n"
-    prompts = ["Write two sentences about a fox.", f"Copy these steps, then add a fourth:\n{chain}",
-               "What is 7 times 8? Explain.", "List three colours."]
+    head = ("You are a careful teacher. Read the solution below, find the first step whose arithmetic "
+            "is wrong, and explain the mistake in one sentence. " * 6)  # a head long enough to be cached
+    groups = [["Write two sentences about a fox.", f"Copy these steps, then add a fourth:\n{chain}",
+               "What is 7 times 8? Explain.", "List three colours."],
+              [head + f"Solution:\n{chain}", head + "Solution:\nStep 1: 4 + 4 = 9",
+               head + "Solution:\nStep 1: 2 * 5 = 10"]]
     plain = EmbeddedEngine(resolve_model(DEFAULT_MODEL), cpu_kernels=False, speculate=0)
     try:
-        reference = [local_lm(engine=plain, max_tokens=40, cache=False)(p)[0] for p in prompts]
+        reference = [[local_lm(engine=plain, max_tokens=40, cache=False)(p)[0] for p in group] for group in groups]
     finally:
         plain.close()
     fast = local_lm(engine=smollm2.engine, max_tokens=40, cache=False)
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        batched = list(pool.map(lambda p: fast(p)[0], prompts))
+    reused = smollm2.engine.stats.reused_prompt_tokens
+    for group, expected in zip(groups, reference):
+        with ThreadPoolExecutor(len(group)) as pool:
+            batched = list(pool.map(lambda p: fast(p)[0], group))
+        assert batched == expected
+        assert [fast(p)[0] for p in group] == expected
     assert smollm2.engine.cpu_kernels
-    assert [fast(p)[0] for p in prompts] == reference
-    assert batched == reference
+    assert smollm2.engine.stats.reused_prompt_tokens > reused  # the head was shared
