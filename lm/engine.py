@@ -356,7 +356,7 @@ class EmbeddedEngine:
             mask = torch.tensor([[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in suffixes],
                                 device=self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
-            cache = copy.deepcopy(head) if head is not None else self._new_cache()
+            cache = self._cache_from(head)
             cache.batch_repeat_interleave(len(suffixes))
             pad = self.tokenizer.pad_token_id
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=self.device)
@@ -366,7 +366,7 @@ class EmbeddedEngine:
             return logits, cache, mask, positions, shared
         logits, rows = [], []
         for suffix in suffixes:
-            cache = copy.deepcopy(head) if head is not None else self._new_cache()
+            cache = self._cache_from(head)
             positions = torch.arange(start, start + len(suffix), device=self.device)[None]
             out = self.model(input_ids=torch.tensor([suffix], device=self.device), position_ids=positions,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -375,6 +375,10 @@ class EmbeddedEngine:
         cache, mask = self._stack(rows, head=start)
         positions = torch.tensor([[start + len(x) - 1] for x in suffixes], device=self.device)
         return torch.cat(logits), cache, mask, positions, shared
+
+    def _cache_from(self, head: DynamicCache | None) -> DynamicCache:
+        """A cache of one row to prefill on: a copy of the cached head (which stays as it is), or empty."""
+        return copy.deepcopy(head) if head is not None else self._new_cache()
 
     def _stack(self, parts: list[tuple[DynamicCache, torch.Tensor]],
                head: int = 0) -> tuple[DynamicCache, torch.Tensor]:

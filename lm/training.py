@@ -130,6 +130,11 @@ def _distributed() -> tuple[bool, int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), computed by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """`F.linear` whose forward and backward products run through oneDNN."""
 
@@ -137,7 +142,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -145,12 +150,9 @@ class _OneDNNLinear(torch.autograd.Function):
         rows = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:  # (tokens, out) @ (out, in)
-            grad_x = torch.ops.mkldnn._linear_pointwise(rows, weight.t().contiguous(), None, "none", [], "")
-            grad_x = grad_x.reshape(*grad.shape[:-1], weight.shape[1])
+            grad_x = _onednn_linear(rows, weight.t().contiguous()).reshape(*grad.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:  # (out, tokens) @ (tokens, in)
-            grad_weight = torch.ops.mkldnn._linear_pointwise(rows.t().contiguous(),
-                                                             x.reshape(-1, x.shape[-1]).t().contiguous(),
-                                                             None, "none", [], "")
+            grad_weight = _onednn_linear(rows.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = rows.sum(0)
         return grad_x, grad_weight, grad_bias
@@ -232,7 +234,7 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     log_path = output_dir / "train_log.jsonl" if rank == 0 else Path(os.devnull)
     order: list[int] = []
     model.train()
-    # fp32 products through oneDNN on CPU (twice MKL's speed here); on GPU nothing changes.
+    # fp32 products through oneDNN on CPU (twice MKL's speed on this CPU); on GPU nothing changes.
     onednn = settings.onednn and device.type == "cpu" and torch.backends.mkldnn.is_available()
     if onednn:
         train_linears_through_onednn(model)
