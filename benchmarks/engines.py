@@ -75,15 +75,21 @@ def recover_prompts(n: int, run: int) -> list[list[dict]]:
                                       "first_error_step": c.mistake_index + 1}) for c in chosen]
 
 
+def requests(workload: str, n: int, run: int) -> list[list[dict]]:
+    """The chat messages of `n` requests of a workload ("story" or "recover") for repeat `run`."""
+    if workload == "recover":
+        return recover_prompts(n, run)
+    return [[{"role": "user", "content": p}] for p in prompts(n, run)]
+
+
 def decode(lm, tokenizer, concurrency: int, max_tokens: int, run: int,
            workload: str = "story") -> tuple[float, list[str]]:
     """Generated tokens per second, all requests together (the prompts are built before the clock
     starts), and the answers."""
-    requests = ([[{"role": "user", "content": p}] for p in prompts(concurrency, run)] if workload == "story"
-                else recover_prompts(concurrency, run))
+    messages = requests(workload, concurrency, run)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        answers = list(pool.map(lambda m: lm(messages=m, max_tokens=max_tokens)[0], requests))
+        answers = list(pool.map(lambda m: lm(messages=m, max_tokens=max_tokens)[0], messages))
     seconds = time.perf_counter() - started
     return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) / seconds, answers
 
@@ -113,10 +119,10 @@ def run_engine(name: str, lm, tokenizer, repeats: int, max_tokens: int) -> tuple
                 rates.append(rate)
             runs[workload] = summarize(rates)
         ttft = summarize([first_token(lm, concurrency, run) for run in range(repeats)])
-        rates, recover = runs["story"], runs["recover"]
-        result[f"concurrency_{concurrency}"] = {"tokens_per_second": rates, "ttft_seconds": ttft,
+        story, recover = runs["story"], runs["recover"]
+        result[f"concurrency_{concurrency}"] = {"tokens_per_second": story, "ttft_seconds": ttft,
                                                 "recover_tokens_per_second": recover}
-        print(f"{name}, concurrency {concurrency}: {rates['median']:.1f} tok/s median (min {rates['min']:.1f}), "
+        print(f"{name}, concurrency {concurrency}: {story['median']:.1f} tok/s median (min {story['min']:.1f}), "
               f"first token {ttft['median'] * 1000:.0f} ms median; recover prompts {recover['median']:.1f} tok/s")
     return result, answers
 
@@ -142,12 +148,10 @@ def run_llamacpp(gguf: Path, python: str, tokenizer, repeats: int, max_tokens: i
     def text(messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    requests = {f"{w} c1 r{run}": [text(m) for m in ([[{"role": "user", "content": p}] for p in prompts(1, run)]
-                                                   if w == "story" else recover_prompts(1, run))]
-                for w in ("story", "recover") for run in range(repeats)}
-    job = {"gguf": str(gguf), "threads": threads, "max_tokens": max_tokens, "requests": requests,
-           "first_token_prompts": [text([{"role": "user", "content": p}]) for run in range(repeats)
-                                   for p in prompts(1, 1000 + run)]}
+    job = {"gguf": str(gguf), "threads": threads, "max_tokens": max_tokens,
+           "requests": {f"{w} c1 r{run}": [text(m) for m in requests(w, 1, run)]
+                        for w in ("story", "recover") for run in range(repeats)},
+           "first_token_prompts": [text(m) for run in range(repeats) for m in requests("story", 1, 1000 + run)]}
     folder = Path(tempfile.mkdtemp(prefix="misstep-llamacpp-"))
     (folder / "job.json").write_text(json.dumps(job))
     subprocess.run([python, str(Path(__file__).parent / "llamacpp_worker.py"), str(folder / "job.json"),

@@ -155,5 +155,6 @@ def main() -> None:
     print(markdown(results))
     print(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
 
+
 if __name__ == "__main__":
     main()

@@ -35,8 +35,9 @@ CONFIGS = [("full", False), ("full", True), ("lora", False), ("lora", True)]
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
     """fp32 FLOP/s of a square matrix product: what this machine's cores can do at best. The
-    faster of torch's two CPU libraries: MKL (`a @ b`, what training uses) and oneDNN (what the
-    embedded engine uses; on AMD CPUs MKL can be much slower); each library's rate is kept."""
+    faster of torch's two CPU libraries: MKL (`a @ b`, torch's default) and oneDNN (what the
+    embedded engine and training use on CPU; on AMD CPUs MKL can be much slower); each library's
+    rate is kept."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     products = {"mkl": lambda: a @ b,
                 "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")}
