@@ -18,6 +18,7 @@ DistributedDataParallel; rank 0 writes the weights.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import random
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -57,6 +59,11 @@ class TrainSettings:
     # A distributed launcher to train under, e.g. "torchrun --standalone --nproc-per-node 4" or
     # "accelerate launch --num_processes 4"; None trains in this process.
     launcher: str | None = None
+    # How long launched training may run before its processes are killed and the call fails with
+    # its log (None: no limit), and how long one process waits for the others at a collective
+    # (gloo/NCCL default to 30 minutes, so one stuck process would hold the rest that long).
+    launch_timeout_s: float | None = None
+    collective_timeout_s: float = 600.0
     # fp32 matrix products on CPU through oneDNN rather than MKL (OneDNNTrainingLinear); False: MKL.
     onednn: bool = True
 
@@ -198,7 +205,8 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     if launched:
         if cuda:
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                             timeout=datetime.timedelta(seconds=settings.collective_timeout_s))
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     random.seed(settings.seed)  # the same on every rank: all ranks draw the same global batches
     torch.manual_seed(settings.seed)
@@ -317,10 +325,21 @@ def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: 
                str(output_dir), "--settings", str(config)]
     log = output_dir / "launch.log"
     with log.open("w") as out:
-        finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
-    if finished.returncode != 0:
+        # Its own session, so that a launch that runs out of time goes with all its processes.
+        launched = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = launched.wait(timeout=settings.launch_timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(launched.pid, signal.SIGKILL)
+            launched.wait()
+            raise RuntimeError(f"training under {settings.launcher!r} ran past launch_timeout_s="
+                               f"{settings.launch_timeout_s} s and was killed; log {log}:\n{log.read_text()[-3000:]}")
+        except BaseException:  # interrupted: do not leave the processes training on
+            os.killpg(launched.pid, signal.SIGKILL)
+            raise
+    if returncode != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"training under {settings.launcher!r} failed (exit {finished.returncode}); "
+        raise RuntimeError(f"training under {settings.launcher!r} failed (exit {returncode}); "
                            f"log {log}:\n{tail}")
     data.unlink()
     summary_path = output_dir / "train_summary.json"

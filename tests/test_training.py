@@ -1,7 +1,9 @@
 """Fine-tuning and the provider on the tiny model: real training steps on ground-truth chat data."""
 
 import json
+import subprocess
 import sys
+import time
 
 import dspy
 import pytest
@@ -109,7 +111,9 @@ def test_provider_trains_a_new_checkpoint_with_a_new_name(tmp_path, tiny_model_d
 def test_data_parallel_training_under_torchrun_is_configuration_only(tmp_path, tiny_model_dir, chat_records):
     """Two processes over gloo on this CPU, as on GPUs over NCCL: each trains on its half of every batch."""
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2"
-    settings = TrainSettings(method="full", learning_rate=5e-3, batch_size=2, max_length=512, launcher=launcher)
+    # A bound, so that a stuck process fails the test with the launch log instead of holding CI.
+    settings = TrainSettings(method="full", learning_rate=5e-3, batch_size=2, max_length=512, launcher=launcher,
+                             launch_timeout_s=300, collective_timeout_s=120)
     provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
     compiled_lm = local_lm(tiny_model_dir, provider=provider).finetune(chat_records, "chat").result()
     assert isinstance(compiled_lm, dspy.LM), compiled_lm
@@ -131,6 +135,20 @@ def test_a_failing_launcher_names_its_log(tmp_path, tiny_model_dir, chat_records
     settings = TrainSettings(launcher=f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 1 --no-such-flag")
     with pytest.raises(RuntimeError, match="launch.log"):
         train_chat(tiny_model_dir, chat_records, tmp_path / "out", settings, show_progress=False)
+
+
+def test_a_launch_past_its_time_limit_is_killed_and_names_its_log(tmp_path, tiny_model_dir, chat_records):
+    # The injected fault: a "launcher" whose process starts a child and never finishes.
+    launcher = f"{sys.executable} -c 'import subprocess, sys, time; print(\"stuck\", flush=True); " \
+               f"subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"]); time.sleep(600)'"
+    settings = TrainSettings(launcher=launcher, launch_timeout_s=3)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?s)launch_timeout_s=3 s.*launch\.log.*stuck"):
+        train_chat(tiny_model_dir, chat_records, tmp_path / "out", settings, show_progress=False)
+    assert time.monotonic() - started < 60
+    # Its child went with it: no process of that session is left.
+    left = subprocess.run(["pgrep", "-f", "time.sleep\\(600\\)"], capture_output=True, text=True).stdout.split()
+    assert not left, left
 
 
 def test_failed_examples_are_dropped_and_counted_not_fatal(tiny_lm, gsm8k_train):
