@@ -34,6 +34,7 @@ from dspy.clients.engines.base import validate_request
 from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, response_to_events
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from .fused import FusedLlama, fusable
 from .kernels import GrowingCache, on_torch_thread, use_gqa_attention, use_onednn_linears
 
 
@@ -121,8 +122,11 @@ class EmbeddedEngine:
     def _load_model(self, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
         if self.cpu_kernels:
+            if fusable(model):  # Llama: a forward of fewer, larger operations (lm/fused.py)
+                model = FusedLlama(model)
+            else:
+                use_gqa_attention(model)
             use_onednn_linears(model)
-            use_gqa_attention(model)
         return model
 
     def _eos_ids(self) -> set[int]:

@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from misstep.lm import EmbeddedEngine, local_lm
+from misstep.lm import EmbeddedEngine, build_tiny_model, local_lm
+from misstep.lm.fused import FusedLlama, fusable
 from misstep.lm.kernels import (GQA_SDPA, GrowingCache, OneDNNLinear, on_torch_thread, use_gqa_attention,
                                 use_onednn_linears)
 
@@ -89,6 +90,71 @@ def test_growing_cache_matches_dynamic_cache_through_crop_select_and_repeat(tiny
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert len(set(pointers)) == 1  # every step wrote into the same buffer: nothing was copied
+
+
+@torch.inference_mode()
+def test_the_fused_llama_forward_gives_the_models_logits_through_prefill_decoding_and_drafts(tiny_model_dir):
+    """FusedLlama (one QKV product, one gate-and-up product, RMSNorm as one op) against the model it
+    was built from: a padded prefill on a cached head, a decoding step, a two-token speculation pass,
+    and a step that reads the rows' shared head once."""
+    plain = _model(tiny_model_dir)
+    fused = FusedLlama(_model(tiny_model_dir))
+    # The separate projections were let go: the fused ones are the only copies.
+    names = {n for n, _ in fused.named_parameters()}
+    assert not any(p in n for n in names for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+    head = torch.arange(100, 120)[None]
+    caches = [GrowingCache(), GrowingCache()]
+    for model, cache in zip((plain, fused), caches):
+        model(input_ids=head, past_key_values=cache)
+        cache.batch_repeat_interleave(2)
+    ids, mask, positions = _padded_batch()
+    mask = torch.cat([torch.ones(2, 20, dtype=mask.dtype), mask], dim=1)
+    positions = positions + 20
+
+    def both(**call):
+        out = [model(**call, past_key_values=cache).logits for model, cache in zip((plain, fused), caches)]
+        torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-4)
+
+    both(input_ids=ids, attention_mask=mask, position_ids=positions)
+    for width in (1, 2):  # a decoding step; the next token and one draft
+        mask = torch.cat([mask, mask.new_ones(2, width)], dim=1)
+        steps = positions[:, -1:] + torch.arange(1, width + 1)
+        both(input_ids=torch.tensor([[16, 17][:width], [29, 30][:width]]), attention_mask=mask, position_ids=steps)
+        positions = steps
+    # Attention that reads the shared 20-token head once for both rows gives the same logits.
+    mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+    step = dict(input_ids=torch.tensor([[18], [31]]), attention_mask=mask, position_ids=positions[:, -1:] + 1)
+    per_row = fused(**step, past_key_values=copy.deepcopy(caches[1])).logits
+    once = fused(**step, past_key_values=caches[1], shared_head=20).logits
+    torch.testing.assert_close(once, per_row, rtol=1e-4, atol=1e-4)
+    # Without a cached head (a padding query then has no key at all), and with logits_to_keep.
+    ids, mask, positions = _padded_batch()
+    last = fused(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=GrowingCache(),
+                 logits_to_keep=1).logits
+    expected = plain(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1:]
+    torch.testing.assert_close(last, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_models_the_fused_forward_does_not_cover_keep_transformers_forward(tmp_path, tiny_model_dir):
+    import json
+
+    model_dir = build_tiny_model(tmp_path / "gelu")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    assert fusable(_model(tiny_model_dir)) and not fusable(_model(model_dir))
+    engine = EmbeddedEngine(model_dir)
+    try:
+        assert not isinstance(engine.model, FusedLlama)
+        assert any(isinstance(m, OneDNNLinear) for m in engine.model.modules())  # the other kernels still apply
+        assert local_lm(engine=engine, max_tokens=5, cache=False)("Say something.")[0] is not None
+    finally:
+        engine.close()
+    engine = EmbeddedEngine(tiny_model_dir)
+    try:
+        assert isinstance(engine.model, FusedLlama)
+    finally:
+        engine.close()
 
 
 def test_the_engine_answers_the_same_with_and_without_its_cpu_kernels(tiny_model_dir):
