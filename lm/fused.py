@@ -66,18 +66,29 @@ class FusedLlamaLayer(torch.nn.Module):
 
     is_causal = True  # read by sdpa_gqa_attention, in place of transformers' attention module
 
-    def __init__(self, layer, config):
+    def __init__(self, input_norm, post_attention_norm, qkv, o_proj, gate_up, down_proj, *, heads: int,
+                 kv_heads: int, head_dim: int, scaling: float):
         super().__init__()
+        self.input_norm, self.post_attention_norm = input_norm, post_attention_norm
+        self.qkv, self.o_proj, self.gate_up, self.down_proj = qkv, o_proj, gate_up, down_proj
+        self.heads, self.kv_heads, self.head_dim, self.scaling = heads, kv_heads, head_dim, scaling
+        self.num_key_value_groups = heads // kv_heads
+
+    @classmethod
+    def of(cls, layer, config) -> "FusedLlamaLayer":
+        """The fused form of one of transformers' Llama decoder layers."""
         attention, mlp = layer.self_attn, layer.mlp
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = attention.head_dim
-        self.num_key_value_groups = self.heads // self.kv_heads
-        self.scaling = attention.scaling
-        self.input_norm, self.post_attention_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = _fused_linear(attention.q_proj, attention.k_proj, attention.v_proj)
-        self.o_proj = attention.o_proj
-        self.gate_up = _fused_linear(mlp.gate_proj, mlp.up_proj)
-        self.down_proj = mlp.down_proj
+        return cls(layer.input_layernorm, layer.post_attention_layernorm,
+                   _fused_linear(attention.q_proj, attention.k_proj, attention.v_proj), attention.o_proj,
+                   _fused_linear(mlp.gate_proj, mlp.up_proj), mlp.down_proj,
+                   heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                   head_dim=attention.head_dim, scaling=attention.scaling)
+
+    def with_products(self, convert) -> "FusedLlamaLayer":
+        """The same layer (norms shared) with each product `convert(linear)`."""
+        return FusedLlamaLayer(self.input_norm, self.post_attention_norm, convert(self.qkv), convert(self.o_proj),
+                               convert(self.gate_up), convert(self.down_proj), heads=self.heads,
+                               kv_heads=self.kv_heads, head_dim=self.head_dim, scaling=self.scaling)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache, index: int, shared_head: int) -> torch.Tensor:
@@ -100,16 +111,26 @@ class FusedLlama(torch.nn.Module):
     Called like the model (input ids, 2-D attention mask, positions, a KV cache, `logits_to_keep`,
     `shared_head`); returns an output whose `.logits` are the model's."""
 
-    def __init__(self, model):
+    def __init__(self, config, generation_config, embed_tokens, rotary_emb, layers, norm, lm_head):
         super().__init__()
+        self.config, self.generation_config = config, generation_config
+        self.embed_tokens, self.rotary_emb, self.norm = embed_tokens, rotary_emb, norm
+        self.layers, self.lm_head = torch.nn.ModuleList(layers), lm_head
+        self.eval()
+
+    @classmethod
+    def of(cls, model) -> "FusedLlama":
+        """The fused form of a transformers Llama causal LM (which gives up its separate projections)."""
         if not fusable(model):
             raise ValueError(f"{type(model).__name__} is not a Llama model FusedLlama can run")
         inner = model.model
-        self.config, self.generation_config = model.config, model.generation_config
-        self.embed_tokens, self.rotary_emb, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
-        self.layers = torch.nn.ModuleList(FusedLlamaLayer(layer, model.config) for layer in inner.layers)
-        self.lm_head = model.lm_head
-        self.eval()
+        return cls(model.config, model.generation_config, inner.embed_tokens, inner.rotary_emb,
+                   [FusedLlamaLayer.of(layer, model.config) for layer in inner.layers], inner.norm, model.lm_head)
+
+    def with_products(self, convert) -> "FusedLlama":
+        """The same model (embeddings, norms shared) with every product `convert(linear)`."""
+        return FusedLlama(self.config, self.generation_config, self.embed_tokens, self.rotary_emb,
+                          [layer.with_products(convert) for layer in self.layers], self.norm, convert(self.lm_head))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, logits_to_keep: int = 0,

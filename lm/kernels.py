@@ -68,6 +68,45 @@ class OneDNNLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8Linear(torch.nn.Module):
+    """A linear layer with int8 weights (one scale per output) and bf16 activations: a quarter of the
+    fp32 weight's bytes, and torch's CPU kernel for it is fast (all of SmolLM2's products at one row:
+    5.0 ms against oneDNN fp32's 9.6). Not the model's numbers: the engine uses it only to draft
+    tokens that the fp32 model then checks."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).float()
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    @staticmethod
+    @torch.no_grad()
+    def available() -> bool:
+        """Whether this torch has the int8 product on CPU, and it computes what it should (to int8's
+        precision) on a random layer."""
+        try:
+            check = torch.Generator().manual_seed(0)
+            linear = torch.nn.Linear(64, 32)
+            linear.weight.copy_(torch.randn(32, 64, generator=check))
+            probe = torch.randn(3, 64, generator=check)
+            return torch.allclose(Int8Linear(linear)(probe), linear(probe), rtol=0.05, atol=0.3)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return False
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 def onednn_available() -> bool:
     """Whether this torch has oneDNN's linear ops (CPU builds normally do)."""
     try:

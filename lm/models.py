@@ -126,11 +126,13 @@ def convert_gguf(spec: GGUFModel, target: Path) -> Path:
 
 
 def build_tiny_model(target: Path | str, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                     kv_heads: int | None = None, seed: int = 0, tokenizer_model: str = DEFAULT_MODEL) -> Path:
+                     kv_heads: int | None = None, seed: int = 0, tokenizer_model: str = DEFAULT_MODEL,
+                     initializer_range: float = 0.02) -> Path:
     """A random-weight Llama with the real SmolLM2 tokenizer and chat template, saved as a
     Hugging Face folder. Tests and quick runs use it through the same code as the real model
     (grouped-query attention included: `kv_heads` key/value heads, half of `heads` unless given, serve
-    the `heads` query heads)."""
+    the `heads` query heads). At the usual `initializer_range` its greedy text is one token over
+    and over whatever the prompt; at ~0.3 it varies with the prompt, as a test of greedy decoding needs."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -139,7 +141,7 @@ def build_tiny_model(target: Path | str, *, hidden_size: int = 64, layers: int =
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or max(1, heads // 2),
-        max_position_embeddings=4096, tie_word_embeddings=True,
+        max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

@@ -91,7 +91,7 @@ def test_prompt_lookup_speculation_gives_the_greedy_answer_in_fewer_passes(tiny_
     prompts = [f"Copy this solution exactly:\n{chain * 2}", "Repeat: a b c a b c a b c", *PROMPTS[:4]]
     answers, stats = {}, {}
     for speculate in (0, 4):
-        engine = EmbeddedEngine(tiny_model_dir, speculate=speculate)
+        engine = EmbeddedEngine(tiny_model_dir, speculate=speculate, draft_max_batch=0)  # copied drafts only
         try:
             lm = local_lm(engine=engine, max_tokens=48, cache=False)
             single = [lm(p)[0] for p in prompts]
@@ -108,6 +108,37 @@ def test_prompt_lookup_speculation_gives_the_greedy_answer_in_fewer_passes(tiny_
     assert stats[4].generated_tokens == stats[0].generated_tokens
 
 
+
+
+def test_drafts_of_the_int8_model_give_the_greedy_answer_in_fewer_passes(tmp_path):
+    """Where there is nothing to copy, an int8 copy of the model drafts; the fp32 model keeps only
+    the drafted tokens it would have picked itself, alone and in a batch of two."""
+    from misstep.lm import EmbeddedEngine, build_tiny_model
+    from misstep.lm.fused import FusedLlama
+
+    model_dir = build_tiny_model(tmp_path / "model", initializer_range=0.3)  # greedy text that varies
+    answers, stats = {}, {}
+    for draft_max_batch in (0, 2):
+        engine = EmbeddedEngine(model_dir, draft_max_batch=draft_max_batch)
+        try:
+            assert (engine.draft is not None) == bool(draft_max_batch)
+            if engine.draft is not None:  # it shares the model's embeddings: no second copy of them
+                assert isinstance(engine.draft, FusedLlama)
+                assert engine.draft.embed_tokens is engine.model.embed_tokens
+            lm = local_lm(engine=engine, max_tokens=40, cache=False)
+            single = [lm(p)[0] for p in PROMPTS]
+            with ThreadPoolExecutor(2) as pool:
+                paired = list(pool.map(lambda p: lm(p)[0], PROMPTS))
+            answers[draft_max_batch], stats[draft_max_batch] = (single, paired), engine.stats
+        finally:
+            engine.close()
+    assert answers[2] == answers[0]
+    assert answers[0][0] == answers[0][1]
+    assert len(set(answers[0][0])) == len(PROMPTS)  # every prompt its own text: a wrong draft would show
+    assert stats[0].model_drafted_tokens == 0
+    assert stats[2].model_drafted_tokens > 0 and stats[2].accepted_tokens > 0
+    assert stats[2].forward_passes < stats[0].forward_passes
+    assert stats[2].generated_tokens == stats[0].generated_tokens
 
 
 def test_prefilling_row_by_row_gives_what_padding_gives(tiny_model_dir):

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from misstep.lm import EmbeddedEngine, build_tiny_model, local_lm
 from misstep.lm.fused import FusedLlama, fusable
-from misstep.lm.kernels import (GQA_SDPA, GrowingCache, OneDNNLinear, on_torch_thread, use_gqa_attention,
-                                use_onednn_linears)
+from misstep.lm.kernels import (GQA_SDPA, GrowingCache, Int8Linear, OneDNNLinear, on_torch_thread,
+                                use_gqa_attention, use_onednn_linears)
 
 PROMPTS = ["Say something.", "Count to 3.", "Name a colour."]
 
@@ -98,7 +98,7 @@ def test_the_fused_llama_forward_gives_the_models_logits_through_prefill_decodin
     was built from: a padded prefill on a cached head, a decoding step, a two-token speculation pass,
     and a step that reads the rows' shared head once."""
     plain = _model(tiny_model_dir)
-    fused = FusedLlama(_model(tiny_model_dir))
+    fused = FusedLlama.of(_model(tiny_model_dir))
     # The separate projections were let go: the fused ones are the only copies.
     names = {n for n, _ in fused.named_parameters()}
     assert not any(p in n for n in names for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
@@ -134,6 +134,21 @@ def test_the_fused_llama_forward_gives_the_models_logits_through_prefill_decodin
                  logits_to_keep=1).logits
     expected = plain(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1:]
     torch.testing.assert_close(last, expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_int8_linear_holds_a_quarter_of_the_bytes_and_approximates_the_layer():
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    linear.weight.copy_(torch.randn(96, 256, generator=generator) * 0.05)
+    draft = Int8Linear(linear)
+    assert draft.weight.dtype == torch.int8 and draft.weight.numel() == linear.weight.numel()
+    x = torch.randn(2, 3, 256, generator=generator)
+    got, expected = draft(x), linear(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    # int8 weights and bf16 inputs: about 1% of the output's scale, far from the layer's own numbers
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert 0 < error < 0.03, error
 
 
 def test_models_the_fused_forward_does_not_cover_keep_transformers_forward(tmp_path, tiny_model_dir):

@@ -38,8 +38,8 @@ def test_with_demos_the_real_model_answers_in_fields(smollm2, gsm8k_train, gsm8k
 
 def test_the_cpu_kernels_give_transformers_greedy_answers_on_the_real_model(smollm2):
     """The fused Llama forward, oneDNN products, in-place grouped-query attention, the growing
-    cache, row-by-row prefill, attention that reads a shared head once and prompt-lookup
-    speculation change speed, not answers: the same text as transformers' own path, alone and
+    cache, row-by-row prefill, attention that reads a shared head once, prompt-lookup speculation
+    and the int8 draft model change speed, not answers: the same text as transformers' own path, alone and
     batched (the benchmark checks 78 answers the same way)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -58,7 +58,7 @@ def test_the_cpu_kernels_give_transformers_greedy_answers_on_the_real_model(smol
     finally:
         plain.close()
     fast = local_lm(engine=smollm2.engine, max_tokens=40, cache=False)
-    reused = smollm2.engine.stats.reused_prompt_tokens
+    reused, drafted = smollm2.engine.stats.reused_prompt_tokens, smollm2.engine.stats.model_drafted_tokens
     for group, expected in zip(groups, reference):
         with ThreadPoolExecutor(len(group)) as pool:
             batched = list(pool.map(lambda p: fast(p)[0], group))
@@ -66,3 +66,4 @@ def test_the_cpu_kernels_give_transformers_greedy_answers_on_the_real_model(smol
         assert [fast(p)[0] for p in group] == expected
     assert smollm2.engine.cpu_kernels
     assert smollm2.engine.stats.reused_prompt_tokens > reused  # the head was shared
+    assert smollm2.engine.stats.model_drafted_tokens > drafted  # and the int8 draft model drafted
