@@ -281,25 +281,31 @@ class EmbeddedEngine:
                 if drafts is None:
                     positions, logits = positions[:, -1:] + 1, out[:, -1, :]
                     continue
-                # Keep the drafted tokens every row's model would have picked (greedy): the first
-                # `accepted` of them, the same number for every row so the cache stays one block.
+                # Each row keeps the drafted tokens its model would have picked (greedy): its first
+                # `agrees` of them. The cache keeps as many as the row that kept most; in the other
+                # rows the surplus is masked out (a gap in the row, like padding).
                 agrees = (out[:, :-1, :].argmax(dim=-1) == drafts).int().cumprod(dim=1).sum(dim=1)
-                accepted = int(agrees.min())
-                if copied:
-                    enough = max(1, drafts.shape[1] // 2) if may_draft else 1
-                    backoff, wait = (1, 0) if accepted >= enough else (min(2 * backoff, 16), backoff)
+                most = int(agrees.max())
+                if copied:  # worth its wider pass: one more token a row on average (half the drafts alone
+                    # when the draft model could draft instead)
+                    enough = len(active) * (max(1, drafts.shape[1] // 2) if may_draft else 1)
+                    backoff, wait = (1, 0) if int(agrees.sum()) >= enough else (min(2 * backoff, 16), backoff)
                 self.stats.drafted_tokens += drafts.numel()
-                self.stats.accepted_tokens += accepted * len(active)
-                rejected = drafts.shape[1] - accepted
+                self.stats.accepted_tokens += int(agrees.sum())
+                rejected = drafts.shape[1] - most
                 if rejected:
                     cache.crop(-rejected)
                     mask = mask[:, :-rejected]
-                positions, logits = positions[:, -1:] + 1 + accepted, out[:, accepted, :]
-                for column in range(accepted):  # the accepted drafts, as if picked one by one
-                    keep = self._take(active, drafts[:, column].tolist())
+                if most:
+                    surplus = torch.arange(most, device=self.device) >= agrees[:, None]
+                    mask[:, -most:].masked_fill_(surplus, 0)
+                logits = out[torch.arange(len(active), device=self.device), agrees]
+                positions = positions[:, -1:] + 1 + agrees[:, None]
+                for column in range(most):  # the kept drafts, as if picked one by one
+                    keep = self._take(active, drafts[:, column].tolist(), (agrees > column).tolist())
                     if len(keep) < len(active):
-                        active, (mask, positions, logits, drafts) = self._keep_rows(keep, active, cache,
-                                                                                    mask, positions, logits, drafts)
+                        active, (mask, positions, logits, drafts, agrees) = self._keep_rows(
+                            keep, active, cache, mask, positions, logits, drafts, agrees)
                     if not active:
                         break
         except Exception as exc:  # a failed batch fails its requests (joined ones too), never the worker
@@ -427,10 +433,14 @@ class EmbeddedEngine:
         """The model call's argument that lets attention read the rows' common head once (lm/kernels.py)."""
         return {"shared_head": shared} if shared and self.cpu_kernels else {}
 
-    def _take(self, active: list[_Job], tokens: list[int]) -> list[int]:
-        """Give each active row its next token; finish the rows that end here. The rows that go on."""
+    def _take(self, active: list[_Job], tokens: list[int], taking: list[bool] | None = None) -> list[int]:
+        """Give each active row its next token (only the rows `taking` one, if given); finish the rows
+        that end here. The rows that go on."""
         keep = []
         for row, (job, token) in enumerate(zip(active, tokens)):
+            if taking is not None and not taking[row]:
+                keep.append(row)
+                continue
             if token in self.eos_ids:
                 job.finish_reason = "stop"
             else:
