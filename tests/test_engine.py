@@ -92,14 +92,7 @@ def test_prompt_lookup_speculation_gives_the_greedy_answer_in_fewer_passes(tiny_
     answers, stats = {}, {}
     for speculate in (0, 4):
         engine = EmbeddedEngine(tiny_model_dir, speculate=speculate, draft_max_batch=0)  # copied drafts only
-        try:
-            lm = local_lm(engine=engine, max_tokens=48, cache=False)
-            single = [lm(p)[0] for p in prompts]
-            with ThreadPoolExecutor(2) as pool:  # two at a time: still speculated, as one block
-                paired = list(pool.map(lambda p: lm(p)[0], prompts))
-            answers[speculate], stats[speculate] = (single, paired), engine.stats
-        finally:
-            engine.close()
+        answers[speculate], stats[speculate] = _alone_and_paired(engine, prompts, max_tokens=48)
     assert answers[4] == answers[0]
     assert answers[0][0] == answers[0][1]
     assert stats[0].drafted_tokens == 0
@@ -108,6 +101,17 @@ def test_prompt_lookup_speculation_gives_the_greedy_answer_in_fewer_passes(tiny_
     assert stats[4].generated_tokens == stats[0].generated_tokens
 
 
+def _alone_and_paired(engine, prompts: list[str], max_tokens: int) -> tuple[tuple[list[str], list[str]], object]:
+    """Greedy answers to `prompts` one at a time, then two at a time (speculation still on, each row
+    keeping its own number of drafts), and the engine's stats; the engine is closed after."""
+    try:
+        lm = local_lm(engine=engine, max_tokens=max_tokens, cache=False)
+        single = [lm(p)[0] for p in prompts]
+        with ThreadPoolExecutor(2) as pool:
+            paired = list(pool.map(lambda p: lm(p)[0], prompts))
+        return (single, paired), engine.stats
+    finally:
+        engine.close()
 
 
 def test_drafts_of_the_int8_model_give_the_greedy_answer_in_fewer_passes(tmp_path):
@@ -120,18 +124,11 @@ def test_drafts_of_the_int8_model_give_the_greedy_answer_in_fewer_passes(tmp_pat
     answers, stats = {}, {}
     for draft_max_batch in (0, 2):
         engine = EmbeddedEngine(model_dir, draft_max_batch=draft_max_batch)
-        try:
-            assert (engine.draft is not None) == bool(draft_max_batch)
-            if engine.draft is not None:  # it shares the model's embeddings: no second copy of them
-                assert isinstance(engine.draft, FusedLlama)
-                assert engine.draft.embed_tokens is engine.model.embed_tokens
-            lm = local_lm(engine=engine, max_tokens=40, cache=False)
-            single = [lm(p)[0] for p in PROMPTS]
-            with ThreadPoolExecutor(2) as pool:
-                paired = list(pool.map(lambda p: lm(p)[0], PROMPTS))
-            answers[draft_max_batch], stats[draft_max_batch] = (single, paired), engine.stats
-        finally:
-            engine.close()
+        assert (engine.draft is not None) == bool(draft_max_batch)
+        if engine.draft is not None:  # it shares the model's embeddings: no second copy of them
+            assert isinstance(engine.draft, FusedLlama)
+            assert engine.draft.embed_tokens is engine.model.embed_tokens
+        answers[draft_max_batch], stats[draft_max_batch] = _alone_and_paired(engine, PROMPTS, max_tokens=40)
     assert answers[2] == answers[0]
     assert answers[0][0] == answers[0][1]
     assert len(set(answers[0][0])) == len(PROMPTS)  # every prompt its own text: a wrong draft would show
