@@ -65,7 +65,7 @@ class EngineStats:
     generated_tokens: int = 0
     busy_seconds: float = 0.0
     forward_passes: int = 0  # decoding passes after the prompt's
-    drafted_tokens: int = 0  # tokens proposed by prompt lookup
+    drafted_tokens: int = 0  # tokens proposed as drafts (copied from the prompt, or by the draft model)
     accepted_tokens: int = 0  # of those, the ones the model would have picked itself
     model_drafted_tokens: int = 0  # of the drafted, those the int8 draft model proposed (the rest: prompt lookup)
     joined: int = 0  # requests that joined a batch already decoding
@@ -135,10 +135,22 @@ class EmbeddedEngine:
                 model = FusedLlama.of(model)
                 if self.speculate and self.draft_max_batch and Int8Linear.available():
                     draft = model.with_products(Int8Linear)  # from the fp32 weights, before they are packed
+                    if not self._runs(draft):  # a shape the int8 kernel refuses: no draft, not a failed batch
+                        draft = None
             else:
                 use_gqa_attention(model)
             use_onednn_linears(model)
         return model, draft
+
+    @staticmethod
+    @torch.inference_mode()
+    def _runs(model) -> bool:
+        """Whether `model` gets through a forward pass (two tokens, a fresh cache)."""
+        try:
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long), past_key_values=GrowingCache())
+            return True
+        except (RuntimeError, NotImplementedError):
+            return False
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -30,8 +30,8 @@ from .kernels import sdpa_gqa_attention
 
 
 def fusable(model) -> bool:
-    """Whether `model` is a Llama `FusedLlama` computes exactly (fp32 on CPU, no tensor-parallel
-    slicing, SiLU MLP); anything else keeps transformers' forward."""
+    """Whether `model` is a Llama that `FusedLlama` runs with transformers' own formulas (fp32 on CPU,
+    no tensor-parallel slicing, SiLU MLP); anything else keeps transformers' forward."""
     config = model.config
     inner = getattr(model, "model", None)
     if getattr(config, "model_type", None) != "llama" or inner is None or not hasattr(inner, "layers"):

@@ -138,6 +138,22 @@ def test_drafts_of_the_int8_model_give_the_greedy_answer_in_fewer_passes(tmp_pat
     assert stats[2].generated_tokens == stats[0].generated_tokens
 
 
+def test_a_draft_model_the_int8_kernel_refuses_is_left_out(tiny_model_dir, monkeypatch):
+    from misstep.lm import EmbeddedEngine
+    from misstep.lm.kernels import Int8Linear
+
+    def refuse(self, x):  # the injected fault: the kernel rejects the layer's shape
+        raise RuntimeError("int8 kernel: unsupported shape")
+
+    monkeypatch.setattr(Int8Linear, "forward", refuse)
+    engine = EmbeddedEngine(tiny_model_dir)
+    try:
+        assert engine.draft is None
+        assert local_lm(engine=engine, max_tokens=8, cache=False)("Count to 3.")[0] is not None
+    finally:
+        engine.close()
+
+
 def test_prefilling_row_by_row_gives_what_padding_gives(tiny_model_dir):
     """Past `padding_tolerance` each row's prompt is prefilled alone and the caches are stacked: the
     same logits, and the same next step from the cache, as padding all rows to the longest; and
