@@ -228,6 +228,11 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     loss_of = AnswerLoss(model)
     if launched:
         loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, device_ids=[local_rank] if cuda else None)
+        # Never freed in this process (main() leaves without tearing down): freeing DDP frees its
+        # process group, whose gloo worker thread may still be releasing a finished collective,
+        # which needs the GIL, while the thread freeing the group holds the GIL and waits for that
+        # worker's lock. One run in ~10 of the torchrun test hung there (seen in gdb; pytorch#75097).
+        _LAUNCHED_KEEP.append(loss_of)
     rows = [tokenize_chat(tokenizer, r["messages"], settings.max_length) for r in records]
     global_batch = settings.batch_size * world  # each rank trains on its slice of every batch
     steps_per_epoch = math.ceil(len(rows) / (global_batch * settings.gradient_accumulation))
@@ -330,12 +335,11 @@ def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: 
         try:
             returncode = launched.wait(timeout=settings.launch_timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(launched.pid, signal.SIGKILL)
-            launched.wait()
+            _stop(launched)
             raise RuntimeError(f"training under {settings.launcher!r} ran past launch_timeout_s="
                                f"{settings.launch_timeout_s} s and was killed; log {log}:\n{log.read_text()[-3000:]}")
         except BaseException:  # interrupted: do not leave the processes training on
-            os.killpg(launched.pid, signal.SIGKILL)
+            _stop(launched)
             raise
     if returncode != 0:
         tail = log.read_text()[-3000:]
@@ -349,6 +353,25 @@ def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: 
     return summary
 
 
+_LAUNCHED_KEEP: list = []  # what a launched process must not free before it exits (see train_chat)
+
+
+def _stop(launched: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Stop a launcher and the processes it started. SIGTERM first: torchrun (and accelerate, which
+    runs it) passes it on to its workers, which it starts in sessions of their own, out of reach of
+    a signal to the launcher's group; then SIGKILL to the group, for what is left of it."""
+    launched.terminate()
+    try:
+        launched.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(launched.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    launched.wait()
+
+
 def main(argv: list[str] | None = None) -> None:
     """The entry point a launcher starts in each process."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -360,6 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = TrainSettings(**json.loads(args.settings.read_text())) if args.settings else TrainSettings()
     records = [json.loads(line) for line in args.records.read_text().splitlines() if line.strip()]
     train_chat(args.model_dir, records, args.output_dir, settings, show_progress=sys.stderr.isatty())
+    if _LAUNCHED_KEEP:  # everything is written: leave without freeing the process group (see train_chat)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
