@@ -90,8 +90,8 @@ class EmbeddedEngine:
         # Where the text has nothing to copy, batches of up to `draft_max_batch` rows take their drafts
         # from an int8 copy of the model instead (Llama models on CPU; 0: never): it runs in half a
         # step's time and agrees with the model on ~95% of SmolLM2's tokens. Free text, 128 tokens:
-        # 66 -> 88 tok/s alone, 204 -> 216 at 4 rows, but 314 -> 208 at 8 (the checking pass costs more
-        # with more rows, and a pass keeps only what every row's draft got right).
+        # 66 -> 88 tok/s alone, 204 -> 216 at 4 rows, but 334 -> 272 at 8 (recover prompts there:
+        # 113 -> 122): checking 8 rows x 5 tokens costs more than the drafts save.
         self.draft_max_batch = draft_max_batch
         # Prompts of one stage share a long head (instructions and demos) and differ only in
         # the example: its KV cache is computed once and reused (prefill is most of the work).
