@@ -231,7 +231,8 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
         # Never freed in this process (main() leaves without tearing down): freeing DDP frees its
         # process group, whose gloo worker thread may still be releasing a finished collective,
         # which needs the GIL, while the thread freeing the group holds the GIL and waits for that
-        # worker's lock. One run in ~10 of the torchrun test hung there (seen in gdb; pytorch#75097).
+        # worker's lock. One run in ~10 of the torchrun test hung there (seen in gdb; the mechanism
+        # pytorch/pytorch#179291 describes, the hang #75097 reports).
         _LAUNCHED_KEEP.append(loss_of)
     rows = [tokenize_chat(tokenizer, r["messages"], settings.max_length) for r in records]
     global_batch = settings.batch_size * world  # each rank trains on its slice of every batch
