@@ -39,8 +39,8 @@ def test_with_demos_the_real_model_answers_in_fields(smollm2, gsm8k_train, gsm8k
 def test_the_cpu_kernels_give_transformers_greedy_answers_on_the_real_model(smollm2):
     """The fused Llama forward, oneDNN products, in-place grouped-query attention, the growing
     cache, row-by-row prefill, attention that reads a shared head once, prompt-lookup speculation
-    and the int8 draft model change speed, not answers: the same text as transformers' own path, alone and
-    batched (the benchmark checks 78 answers the same way)."""
+    and the int8 draft model change speed, not answers: the same text as transformers' own path,
+    alone and batched (the benchmark checks 78 answers the same way)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from misstep.lm import EmbeddedEngine
