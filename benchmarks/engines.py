@@ -142,16 +142,19 @@ def same_answers(answers: dict[str, list[str]], reference: dict[str, list[str]])
 
 
 def run_llamacpp(gguf: Path, python: str, tokenizer, repeats: int, max_tokens: int,
-                 threads: int = 2) -> tuple[dict, dict[str, list[str]]]:
+                 threads: int = 2, story_only: bool = False) -> tuple[dict, dict[str, list[str]]]:
     """llama.cpp on a GGUF file, one request at a time, on the same prompt text (llamacpp_worker.py,
-    under a Python that has llama-cpp-python)."""
+    under a Python that has llama-cpp-python). `story_only`: neither the recover prompts nor the
+    first-token timings (single_stream.py's rounds need only the story rate)."""
     def text(messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    workloads = ("story",) if story_only else ("story", "recover")
     job = {"gguf": str(gguf), "threads": threads, "max_tokens": max_tokens,
            "requests": {f"{w} c1 r{run}": [text(m) for m in requests(w, 1, run)]
-                        for w in ("story", "recover") for run in range(repeats)},
-           "first_token_prompts": [text(m) for run in range(repeats) for m in requests("story", 1, 1000 + run)]}
+                        for w in workloads for run in range(repeats)},
+           "first_token_prompts": [] if story_only else
+           [text(m) for run in range(repeats) for m in requests("story", 1, 1000 + run)]}
     folder = Path(tempfile.mkdtemp(prefix="misstep-llamacpp-"))
     (folder / "job.json").write_text(json.dumps(job))
     subprocess.run([python, str(Path(__file__).parent / "llamacpp_worker.py"), str(folder / "job.json"),
@@ -162,15 +165,16 @@ def run_llamacpp(gguf: Path, python: str, tokenizer, repeats: int, max_tokens: i
         tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in out["answers"][key])
         return tokens / sum(out["seconds"][key])
 
-    result = {"concurrency_1": {
-        "tokens_per_second": summarize([rate(f"story c1 r{run}") for run in range(repeats)]),
-        "recover_tokens_per_second": summarize([rate(f"recover c1 r{run}") for run in range(repeats)]),
-        "ttft_seconds": summarize(out["first_token_seconds"])}, "load_seconds": out["load_seconds"],
-        "gguf": gguf.name, "threads": threads}
-    row = result["concurrency_1"]
-    print(f"llama.cpp {gguf.name}: {row['tokens_per_second']['median']:.1f} tok/s, recover "
-          f"{row['recover_tokens_per_second']['median']:.1f}, first token {row['ttft_seconds']['median'] * 1e3:.0f} ms")
-    return result, out["answers"]
+    row = {"tokens_per_second": summarize([rate(f"story c1 r{run}") for run in range(repeats)])}
+    summary = f"llama.cpp {gguf.name}: {row['tokens_per_second']['median']:.1f} tok/s"
+    if not story_only:
+        row["recover_tokens_per_second"] = summarize([rate(f"recover c1 r{run}") for run in range(repeats)])
+        row["ttft_seconds"] = summarize(out["first_token_seconds"])
+        summary += (f", recover {row['recover_tokens_per_second']['median']:.1f}, "
+                    f"first token {row['ttft_seconds']['median'] * 1e3:.0f} ms")
+    print(summary)
+    return {"concurrency_1": row, "load_seconds": out["load_seconds"], "gguf": gguf.name,
+            "threads": threads}, out["answers"]
 
 
 def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tokens: int = 128,

@@ -93,8 +93,7 @@ def markdown(results: dict) -> str:
                   f"{training['parameters'] / 1e6:.0f}M parameters)", "",
                   f"Matmul probe (fp32 2048^3): {peak / 1e9:.1f} GFLOP/s"
                   + (f", the faster of torch's libraries ({libraries}); training's products run on oneDNN "
-                     "(`TrainSettings.onednn`)." if libraries else ".")
-                  + "", "",
+                     "(`TrainSettings.onednn`)." if libraries else "."), "",
                   "| configuration | s/step | tokens/s | model GFLOP/s | of the probe | peak RSS GiB |",
                   "|---|---|---|---|---|---|"]
         for name, row in training["configs"].items():
