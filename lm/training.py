@@ -187,6 +187,9 @@ def train_linears_through_onednn(model: torch.nn.Module) -> int:
     return len(linears)
 
 
+_LAUNCHED_KEEP: list = []  # what a launched process must not free before it exits (see train_chat)
+
+
 def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path, settings: TrainSettings,
                show_progress: bool = True) -> dict[str, Any]:
     """Fine-tune `model_dir` on chat `records`; write a full Hugging Face folder (LoRA merged in)
@@ -352,9 +355,6 @@ def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: 
     summary["settings"]["launcher"] = settings.launcher  # the processes ran without one: record it
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
-
-
-_LAUNCHED_KEEP: list = []  # what a launched process must not free before it exits (see train_chat)
 
 
 def _stop(launched: subprocess.Popen, grace_s: float = 15.0) -> None:
