@@ -127,10 +127,12 @@ class FusedLlama(torch.nn.Module):
         return cls(model.config, model.generation_config, inner.embed_tokens, inner.rotary_emb,
                    [FusedLlamaLayer.of(layer, model.config) for layer in inner.layers], inner.norm, model.lm_head)
 
-    def with_products(self, convert) -> "FusedLlama":
-        """The same model (embeddings, norms shared) with every product `convert(linear)`."""
+    def with_products(self, convert, head=None) -> "FusedLlama":
+        """The same model (embeddings, norms shared) with every layer's products `convert(linear)`,
+        and the LM head `head(linear)` (or `convert`)."""
         return FusedLlama(self.config, self.generation_config, self.embed_tokens, self.rotary_emb,
-                          [layer.with_products(convert) for layer in self.layers], self.norm, convert(self.lm_head))
+                          [layer.with_products(convert) for layer in self.layers], self.norm,
+                          (head or convert)(self.lm_head))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, logits_to_keep: int = 0,

@@ -114,20 +114,25 @@ def _alone_and_paired(engine, prompts: list[str], max_tokens: int) -> tuple[tupl
         engine.close()
 
 
-def test_drafts_of_the_int8_model_give_the_greedy_answer_in_fewer_passes(tmp_path):
-    """Where there is nothing to copy, an int8 copy of the model drafts; the fp32 model keeps only
+@pytest.mark.parametrize("draft_bits", [4, 8])
+def test_drafts_of_a_low_bit_copy_give_the_greedy_answer_in_fewer_passes(tmp_path, draft_bits):
+    """Where there is nothing to copy, a low-bit copy of the model drafts; the fp32 model keeps only
     the drafted tokens it would have picked itself, alone and in a batch of two."""
     from misstep.lm import EmbeddedEngine, build_tiny_model
     from misstep.lm.fused import FusedLlama
+    from misstep.lm.kernels import Int4Linear, Int8Linear
 
     model_dir = build_tiny_model(tmp_path / "model", initializer_range=0.3)  # greedy text that varies
     answers, stats = {}, {}
     for draft_max_batch in (0, 2):
-        engine = EmbeddedEngine(model_dir, draft_max_batch=draft_max_batch)
+        engine = EmbeddedEngine(model_dir, draft_max_batch=draft_max_batch, draft_bits=draft_bits)
         assert (engine.draft is not None) == bool(draft_max_batch)
         if engine.draft is not None:  # it shares the model's embeddings: no second copy of them
             assert isinstance(engine.draft, FusedLlama)
             assert engine.draft.embed_tokens is engine.model.embed_tokens
+            layer_product = Int4Linear if draft_bits == 4 else Int8Linear
+            assert type(engine.draft.layers[0].gate_up) is layer_product
+            assert type(engine.draft.lm_head) is Int8Linear
         answers[draft_max_batch], stats[draft_max_batch] = _alone_and_paired(engine, PROMPTS, max_tokens=40)
     assert answers[2] == answers[0]
     assert answers[0][0] == answers[0][1]
@@ -138,14 +143,15 @@ def test_drafts_of_the_int8_model_give_the_greedy_answer_in_fewer_passes(tmp_pat
     assert stats[2].generated_tokens == stats[0].generated_tokens
 
 
-def test_a_draft_model_the_int8_kernel_refuses_is_left_out(tiny_model_dir, monkeypatch):
+def test_a_draft_model_the_low_bit_kernels_refuse_is_left_out(tiny_model_dir, monkeypatch):
     from misstep.lm import EmbeddedEngine
-    from misstep.lm.kernels import Int8Linear
+    from misstep.lm.kernels import Int4Linear, Int8Linear
 
-    def refuse(self, x):  # the injected fault: the kernel rejects the layer's shape
-        raise RuntimeError("int8 kernel: unsupported shape")
+    def refuse(self, flat):  # the injected fault: the kernels reject the layer's shape
+        raise RuntimeError("low-bit kernel: unsupported shape")
 
-    monkeypatch.setattr(Int8Linear, "forward", refuse)
+    monkeypatch.setattr(Int4Linear, "product", refuse)
+    monkeypatch.setattr(Int8Linear, "product", refuse)
     engine = EmbeddedEngine(tiny_model_dir)
     try:
         assert engine.draft is None

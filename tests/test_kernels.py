@@ -4,12 +4,13 @@ import copy
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from misstep.lm import EmbeddedEngine, build_tiny_model, local_lm
 from misstep.lm.fused import FusedLlama, fusable
-from misstep.lm.kernels import (GQA_SDPA, GrowingCache, Int8Linear, OneDNNLinear, on_torch_thread,
+from misstep.lm.kernels import (GQA_SDPA, GrowingCache, Int4Linear, Int8Linear, OneDNNLinear, on_torch_thread,
                                 use_gqa_attention, use_onednn_linears)
 
 PROMPTS = ["Say something.", "Count to 3.", "Name a colour."]
@@ -149,6 +150,24 @@ def test_int8_linear_holds_a_quarter_of_the_bytes_and_approximates_the_layer():
     # int8 weights and bf16 inputs: about 1% of the output's scale, far from the layer's own numbers
     error = (got - expected).abs().max() / expected.abs().max()
     assert 0 < error < 0.03, error
+
+
+@torch.inference_mode()
+def test_int4_linear_holds_an_eighth_of_the_bytes_and_approximates_the_layer():
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 96)
+    linear.weight.copy_(torch.randn(96, 256, generator=generator) * 0.05)
+    draft = Int4Linear(linear)
+    assert draft.packed.numel() * draft.packed.element_size() == linear.weight.numel() // 2
+    x = torch.randn(2, 3, 256, generator=generator)
+    got, expected = draft(x), linear(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    # 16 levels per group of 32 weights: several percent of the output's scale, more than int8's error
+    error = (got - expected).abs().max() / expected.abs().max()
+    int8_error = (Int8Linear(linear)(x) - expected).abs().max() / expected.abs().max()
+    assert int8_error < error < 0.15, (error, int8_error)
+    with pytest.raises(ValueError, match="groups of 32"):
+        Int4Linear(torch.nn.Linear(48, 8))
 
 
 def test_models_the_fused_forward_does_not_cover_keep_transformers_forward(tmp_path, tiny_model_dir):
