@@ -84,26 +84,52 @@ class FusedLlamaLayer(torch.nn.Module):
                    heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
                    head_dim=attention.head_dim, scaling=attention.scaling)
 
-    def with_products(self, convert) -> "FusedLlamaLayer":
-        """The same layer (norms shared) with each product `convert(linear)`."""
-        return FusedLlamaLayer(self.input_norm, self.post_attention_norm, convert(self.qkv), convert(self.o_proj),
-                               convert(self.gate_up), convert(self.down_proj), heads=self.heads,
-                               kv_heads=self.kv_heads, head_dim=self.head_dim, scaling=self.scaling)
-
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache, index: int, shared_head: int) -> torch.Tensor:
-        rows, length, width = hidden.shape
+        width = hidden.shape[-1]
         x = F.rms_norm(hidden, (width,), self.input_norm.weight, self.input_norm.variance_epsilon)
-        qkv = self.qkv(x).view(rows, length, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        hidden = hidden + self.o_proj(self.attend(self.qkv(x), cos, sin, mask, cache, index, shared_head))
+        x = F.rms_norm(hidden, (width,), self.post_attention_norm.weight, self.post_attention_norm.variance_epsilon)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return hidden + self.down_proj(F.silu(gate) * up)
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache,
+               index: int, shared_head: int) -> torch.Tensor:
+        """Attention's output (rows, length, heads x head_dim) from the QKV product's."""
+        rows, length, _ = qkv.shape
+        qkv = qkv.view(rows, length, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         rotated = qkv[:, :self.heads + self.kv_heads]  # queries and keys rotate together: one pass
         rotated = rotated * cos + _rotate_half(rotated) * sin
         keys, values = cache.update(rotated[:, self.heads:], qkv[:, self.heads + self.kv_heads:], index)
         attended, _ = sdpa_gqa_attention(self, rotated[:, :self.heads], keys, values, mask, scaling=self.scaling,
                                          shared_head=shared_head)
-        hidden = hidden + self.o_proj(attended.reshape(rows, length, -1))
-        x = F.rms_norm(hidden, (width,), self.post_attention_norm.weight, self.post_attention_norm.variance_epsilon)
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
+        return attended.reshape(rows, length, -1)
+
+
+class DraftLlamaLayer(FusedLlamaLayer):
+    """A decoder layer of the draft model: its products low-bit (`kernels.Int4Linear` or `Int8Linear`,
+    bf16 in and out), and each RMSNorm split around the product that follows it. A product is linear,
+    so the norm's weight (times sqrt(width)) scales the product's input and 1 / ||x|| its output:
+    `||x||` is one op where `F.rms_norm` is seven on this CPU (~15 us a call), and the activations
+    stay bf16 between a product and what uses it. The norm's epsilon is left out; it only drafts.
+    A draft step of SmolLM2 at one row: 7.9 -> 7.3 ms; its greedy pick agreed with the fp32 model's
+    on 501 of 512 tokens (499 with the plain layers)."""
+
+    def __init__(self, layer: FusedLlamaLayer, convert):
+        super().__init__(None, None, convert(layer.qkv), convert(layer.o_proj), convert(layer.gate_up),
+                         convert(layer.down_proj), heads=layer.heads, kv_heads=layer.kv_heads,
+                         head_dim=layer.head_dim, scaling=layer.scaling)
+        width = layer.qkv.in_features
+        self.register_buffer("input_scale", layer.input_norm.weight.detach() * width ** 0.5)
+        self.register_buffer("post_attention_scale", layer.post_attention_norm.weight.detach() * width ** 0.5)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache, index: int, shared_head: int) -> torch.Tensor:
+        qkv = self.qkv.low(hidden * self.input_scale) / torch.linalg.vector_norm(hidden, dim=-1, keepdim=True)
+        hidden = hidden + self.o_proj.low(self.attend(qkv, cos, sin, mask, cache, index, shared_head))
+        norm = torch.linalg.vector_norm(hidden, dim=-1, keepdim=True).to(torch.bfloat16)
+        gate, up = self.gate_up.low(hidden * self.post_attention_scale).div_(norm).chunk(2, dim=-1)
+        return hidden + self.down_proj.low(F.silu(gate) * up)
 
 
 class FusedLlama(torch.nn.Module):
@@ -127,12 +153,12 @@ class FusedLlama(torch.nn.Module):
         return cls(model.config, model.generation_config, inner.embed_tokens, inner.rotary_emb,
                    [FusedLlamaLayer.of(layer, model.config) for layer in inner.layers], inner.norm, model.lm_head)
 
-    def with_products(self, convert, head=None) -> "FusedLlama":
-        """The same model (embeddings, norms shared) with every layer's products `convert(linear)`,
-        and the LM head `head(linear)` (or `convert`)."""
+    def draft(self, convert, head) -> "FusedLlama":
+        """A draft of this model: the same embeddings, rotary embedding and final norm (shared), and
+        `DraftLlamaLayer`s whose products are `convert(linear)`, the LM head `head(linear)`. Build it
+        from the fp32 `nn.Linear`s, before `use_onednn_linears` packs them."""
         return FusedLlama(self.config, self.generation_config, self.embed_tokens, self.rotary_emb,
-                          [layer.with_products(convert) for layer in self.layers], self.norm,
-                          (head or convert)(self.lm_head))
+                          [DraftLlamaLayer(layer, convert) for layer in self.layers], self.norm, head(self.lm_head))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, logits_to_keep: int = 0,
