@@ -90,7 +90,7 @@ class EmbeddedEngine:
         # Where the text has nothing to copy, batches of up to `draft_max_batch` rows take their drafts
         # from a low-bit copy of the model instead (Llama models on CPU; 0: never): its layers' products
         # in `draft_bits` bits (4, or 8), its LM head in 8. With 4 it runs in half a step's time and
-        # agrees with the model on ~97% of SmolLM2's tokens. Free text, 128 tokens, with the int8 draft:
+        # agrees with the model on ~98% of SmolLM2's tokens. Free text, 128 tokens, with the int8 draft:
         # 66 -> 88 tok/s alone, 204 -> 216 at 4 rows, but 334 -> 272 at 8 (recover prompts there:
         # 113 -> 122), as checking 8 rows x 5 tokens costs more than the drafts save; with 4-bit
         # layers, against 8: 1.19x alone, 1.09x at 4 rows, and at 8 rows no gain from drafting.
@@ -132,7 +132,7 @@ class EmbeddedEngine:
         atexit.register(self.close)
 
     def _load_model(self, dtype: torch.dtype):
-        """The model, and the low-bit draft model that shares its embeddings and norms (or None)."""
+        """The model, and the low-bit draft model that shares its embeddings (or None)."""
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
         draft = None
         if self.cpu_kernels:
@@ -142,7 +142,8 @@ class EmbeddedEngine:
                     # The layers' products in 4 bits where torch has that kernel (it streams weights faster
                     # than the 8-bit one), the LM head in 8. SmolLM2's draft picks the fp32 model's greedy
                     # token on 499 of 512 tokens so, 465 with a 4-bit head, 487 with every product in 8; a
-                    # step takes 7.9 ms against 9.7 (before DraftLlamaLayer's norms took off 0.6 more).
+                    # step takes 7.9 ms against 9.7 with every product in 8 (then 7.8 -> 7.1 ms once
+                    # DraftLlamaLayer split the norms).
                     four_bits = self.draft_bits == 4 and Int4Linear.available()
                     draft = model.draft(lambda linear: Int4Linear(linear) if four_bits and Int4Linear.fits(linear)
                                         else Int8Linear(linear), head=Int8Linear)

@@ -112,8 +112,8 @@ class DraftLlamaLayer(FusedLlamaLayer):
     so the norm's weight (times sqrt(width)) scales the product's input and 1 / ||x|| its output:
     `||x||` is one op where `F.rms_norm` is seven on this CPU (~15 us a call), and the activations
     stay bf16 between a product and what uses it. The norm's epsilon is left out; it only drafts.
-    A draft step of SmolLM2 at one row: 7.9 -> 7.3 ms; its greedy pick agreed with the fp32 model's
-    on 501 of 512 tokens (499 with the plain layers)."""
+    A draft step of SmolLM2 at one row (4-bit layers): 7.8 -> 7.1 ms; its greedy pick agreed with
+    the fp32 model's on 752 of 768 tokens (751 with the norms whole)."""
 
     def __init__(self, layer: FusedLlamaLayer, convert):
         super().__init__(None, None, convert(layer.qkv), convert(layer.o_proj), convert(layer.gate_up),
