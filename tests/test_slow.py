@@ -39,7 +39,7 @@ def test_with_demos_the_real_model_answers_in_fields(smollm2, gsm8k_train, gsm8k
 def test_the_cpu_kernels_give_transformers_greedy_answers_on_the_real_model(smollm2):
     """The fused Llama forward, oneDNN products, in-place grouped-query attention, the growing
     cache, row-by-row prefill, attention that reads a shared head once, prompt-lookup speculation
-    and the int8 draft model change speed, not answers: the same text as transformers' own path,
+    and the low-bit draft model change speed, not answers: the same text as transformers' own path,
     alone and batched (the benchmark checks 78 answers the same way)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -66,4 +66,4 @@ def test_the_cpu_kernels_give_transformers_greedy_answers_on_the_real_model(smol
         assert [fast(p)[0] for p in group] == expected
     assert smollm2.engine.cpu_kernels
     assert smollm2.engine.stats.reused_prompt_tokens > reused  # the head was shared
-    assert smollm2.engine.stats.model_drafted_tokens > drafted  # and the int8 draft model drafted
+    assert smollm2.engine.stats.model_drafted_tokens > drafted  # and the low-bit draft model drafted
