@@ -50,35 +50,38 @@ def on_torch_thread(function, *args, **kwargs):
     return _TORCH_THREAD.submit(function, *args, **kwargs).result()
 
 
-class OneDNNLinear(torch.nn.Module):
-    """An inference-only `nn.Linear` whose weight lives in oneDNN's packed layout."""
-
-    def __init__(self, linear: torch.nn.Linear, batch_hint: int = 8):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        # `batch_hint` is the row count the layout is tuned for; any row count works.
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=batch_hint))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class _DraftLinear(torch.nn.Module):
-    """A linear layer whose weight is stored in fewer bits, for the engine's draft model only: bf16
-    activations into one of torch's CPU low-bit products, fp32 out. Not the model's numbers: the
-    engine uses it only to draft tokens that the fp32 model then checks."""
-
-    precision = 0.0  # the largest error expected, as a share of the output's largest value
+class _StoredLinear(torch.nn.Module):
+    """An inference-only stand-in for an `nn.Linear` whose weight a subclass stores in a layout or
+    precision of its own: the shape and the bias, kept here."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class OneDNNLinear(_StoredLinear):
+    """An inference-only `nn.Linear` whose weight lives in oneDNN's packed layout."""
+
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int = 8):
+        super().__init__(linear)
+        # `batch_hint` is the row count the layout is tuned for; any row count works.
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(),
+                                                                               batch_size=batch_hint))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class _DraftLinear(_StoredLinear):
+    """A linear layer whose weight is stored in fewer bits, for the engine's draft model only: bf16
+    activations into one of torch's CPU low-bit products, fp32 out. Not the model's numbers: the
+    engine uses it only to draft tokens that the fp32 model then checks."""
+
+    precision = 0.0  # the largest error expected, as a share of the output's largest value
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -106,9 +109,6 @@ class _DraftLinear(torch.nn.Module):
             return bool((cls(linear)(probe) - expected).abs().max() <= cls.precision * expected.abs().max())
         except (AttributeError, RuntimeError, NotImplementedError):
             return False
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Int8Linear(_DraftLinear):
