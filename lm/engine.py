@@ -507,7 +507,9 @@ class EmbeddedEngine:
         return job.max_new_tokens - len(job.tokens) - 1
 
     def _may_draft(self, active: list[_Job]) -> bool:
-        return (self.draft is not None and self.speculate > 0 and len(active) <= self.draft_max_batch
+        """Whether the draft model (built only when speculating) may draft for this batch: narrow
+        enough, every row greedy and with room for a drafted token."""
+        return (self.draft is not None and len(active) <= self.draft_max_batch
                 and all(j.temperature <= 0 and self._room(j) > 0 for j in active))
 
     def _model_drafts(self, active: list[_Job], next_tokens: torch.Tensor, cache, mask: torch.Tensor,
