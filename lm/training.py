@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -66,6 +67,10 @@ class TrainSettings:
     collective_timeout_s: float = 600.0
     # fp32 matrix products on CPU through oneDNN rather than MKL (OneDNNTrainingLinear); False: MKL.
     onednn: bool = True
+    # How often a training in one process saves what it needs to resume (weights, optimizer,
+    # schedule, data order, random state) to OUTPUT_DIR/resume.pt; None: never. A training
+    # started again on the same records and settings continues from there.
+    resume_every_s: float | None = 600.0
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -258,11 +263,25 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     started = time.perf_counter()
     trained_tokens = 0
     losses = []
-    with log_path.open("w") as log, Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+    # Resuming is for a training in one process (a launched one restarts from the start).
+    resume = _Resume(output_dir / "resume.pt", _data_key(records, settings)) \
+        if settings.resume_every_s and not launched else None
+    first_step = 0
+    if resume is not None and (state := resume.load()) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        random.setstate(state["python_random"])
+        torch.set_rng_state(state["torch_random"])
+        first_step, order, losses, trained_tokens = state["step"], state["order"], state["losses"], state["tokens"]
+        started -= state["wall_seconds"]
+        _keep_log_lines(log_path, first_step)
+    last_saved = time.perf_counter()
+    with log_path.open("a" if first_step else "w") as log, Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                                              TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
                                              disable=not show_progress or rank != 0) as progress:
-        task = progress.add_task("train", total=total_steps, loss=float("nan"))
-        for step in range(total_steps):
+        task = progress.add_task("train", total=total_steps, completed=first_step, loss=float("nan"))
+        for step in range(first_step, total_steps):
             step_started = time.perf_counter()
             step_loss = torch.zeros(2, device=device)  # (loss, tokens), summed over ranks for the log
             for _ in range(settings.gradient_accumulation):
@@ -290,6 +309,14 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
                                   "tokens": step_tokens, "seconds": seconds}) + "\n")
             log.flush()
             progress.update(task, advance=1, loss=step_loss_value)
+            if resume is not None and step + 1 < total_steps and \
+                    time.perf_counter() - last_saved >= settings.resume_every_s:
+                resume.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "python_random": random.getstate(),
+                             "torch_random": torch.get_rng_state(), "step": step + 1, "order": order,
+                             "losses": losses, "tokens": trained_tokens,
+                             "wall_seconds": time.perf_counter() - started})
+                last_saved = time.perf_counter()
 
     wall = time.perf_counter() - started
     peak_rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=device)
@@ -314,13 +341,52 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
         "settings": asdict(settings), "base_model": str(model_dir), "records": len(records), "steps": total_steps,
         "first_loss": losses[0], "last_loss": losses[-1], "wall_seconds": wall,
         "seconds_per_step": wall / total_steps, "tokens_per_second": trained_tokens / wall,
-        "device": str(device), "bf16": use_bf16, "world_size": world, "onednn": onednn,
+        "resumed_at_step": first_step or None, "device": str(device), "bf16": use_bf16, "world_size": world,
+        "onednn": onednn,
         # The process's peak so far (Linux reports KiB): an upper bound on what training needed.
         "peak_rss_gib": float(peak_rss),
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if resume is not None:
+        resume.path.unlink(missing_ok=True)  # the weights are written: nothing left to resume
     return summary
+
+
+def _data_key(records: list[dict[str, Any]], settings: TrainSettings) -> str:
+    """What a resume point must match: the same records and the settings that shape the run."""
+    shaping = {k: v for k, v in asdict(settings).items()
+               if k not in ("resume_every_s", "launch_timeout_s", "collective_timeout_s", "onednn")}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class _Resume:
+    """A training's resume point: one file, replaced atomically, only valid for the same data and settings."""
+
+    path: Path
+    key: str
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, weights_only=False)
+        return state if state.get("key") == self.key else None  # other data or settings: start afresh
+
+    def save(self, state: dict[str, Any]) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        torch.save({**state, "key": self.key}, partial)
+        partial.replace(self.path)
+
+
+def _keep_log_lines(path: Path, steps: int) -> None:
+    """Cut train_log.jsonl back to its first `steps` lines: the steps a resumed training keeps."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)[:steps]
+        path.write_text("".join(lines))
 
 
 def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,

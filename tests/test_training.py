@@ -168,3 +168,41 @@ def test_failed_examples_are_dropped_and_counted_not_fatal(tiny_lm, gsm8k_train)
     assert optimizer.report["examples"] == 4
     assert optimizer.report["dropped_failed"] == 1  # the Natalia example
     assert optimizer.report["kept_traces"] == 3  # a random model's answers never parse: nothing in their traces
+
+
+def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weights(tmp_path, tiny_model_dir,
+                                                                                      chat_records):
+    """kill -9 mid-training, then the same call again: it continues from its last resume point
+    (not from step 1) and the weights equal those of a training never interrupted."""
+    records = chat_records * 3
+    settings = TrainSettings(method="full", epochs=2.0, learning_rate=1e-3, batch_size=2, max_length=512,
+                             resume_every_s=1e-9)  # a resume point after every step
+    whole = train_chat(tiny_model_dir, records, tmp_path / "whole", settings, show_progress=False)
+
+    out = tmp_path / "killed"
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "settings.json").write_text(json.dumps(settings.__dict__))
+    process = subprocess.Popen([sys.executable, "-m", "misstep.lm.training", str(tiny_model_dir),
+                                str(tmp_path / "records.jsonl"), str(out), "--settings", str(tmp_path / "settings.json")])
+    deadline = time.time() + 300
+    while not (out / "resume.pt").exists() or len((out / "train_log.jsonl").read_text().splitlines()) < 3:
+        assert process.poll() is None and time.time() < deadline, "the training ended before it could be killed"
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert not (out / "train_summary.json").exists()
+
+    resumed = train_chat(tiny_model_dir, records, out, settings, show_progress=False)
+    assert resumed["resumed_at_step"] and resumed["resumed_at_step"] >= 2
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, whole["steps"] + 1))
+    assert not (out / "resume.pt").exists()  # finished: nothing left to resume
+    expected, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert (expected[name] == got[name]).all(), name
+
+    # A resume point made for other records is not used: the training starts afresh.
+    (out / "train_summary.json").unlink()
+    fresh = train_chat(tiny_model_dir, records[:4], out, settings, show_progress=False)
+    assert fresh["resumed_at_step"] is None
