@@ -79,3 +79,32 @@ def two_proportion_p(better: Rate, worse: Rate) -> float:
         return 1.0
     z = (better.value - worse.value) / spread
     return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def mcnemar_p(first: list[bool], second: list[bool]) -> float:
+    """Two-sided exact McNemar p-value for paired outcomes (the same items scored twice).
+
+    Only the discordant items count: b where only `first` is right, c where only `second` is;
+    under the null each is a fair coin, so p = P(Binomial(b + c, 1/2) as far from even). 1.0
+    where no item differs."""
+    if len(first) != len(second):
+        raise ValueError(f"paired outcomes must be the same length, not {len(first)} and {len(second)}")
+    b = sum(1 for x, y in zip(first, second) if x and not y)
+    c = sum(1 for x, y in zip(first, second) if y and not x)
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def answer_spread(answers: list) -> dict[str, float | int | None]:
+    """How varied a model's answers are: entropy in bits, the most common answer and its share.
+    A model that says the same thing to every item (a collapse) has entropy 0 and share 1."""
+    if not answers:
+        return {"n": 0, "entropy_bits": None, "top_answer": None, "top_share": None}
+    counts = Counter(answers)
+    total = len(answers)
+    entropy = -sum(k / total * math.log2(k / total) for k in counts.values())
+    top, top_count = counts.most_common(1)[0]
+    return {"n": total, "entropy_bits": entropy + 0.0, "top_answer": top, "top_share": top_count / total}

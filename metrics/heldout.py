@@ -1,0 +1,110 @@
+"""Held-out location accuracy on a committed split, beside the baselines a model must beat.
+
+Every figure comes with the two floors computed on the same items: the majority label (the
+split's most common first-error step, or "no mistake") and always-the-last-step. Per-item
+predictions are saved in one format, so that models, rounds and arms are compared on the same
+items with McNemar's test rather than by two separate intervals:
+
+    predictions.jsonl: {"item_id", "task", "gold", "predicted", "correct", "parsed", "raw"}
+
+`gold` and `predicted` are 0-based step indices, null for "no mistake"; `predicted` is -1 for a
+step the chain does not have and null also where the answer did not parse (`parsed` false).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from misstep.data.loaders import load_chains
+from misstep.data.splits import SplitItem, bbm_items, gsm8k_items, shuffled
+from misstep.metrics.injector import inject_many
+from misstep.metrics.oracle import first_error
+from misstep.metrics.stats import Rate, answer_spread, mcnemar_p
+
+# Sizes of the committed splits: the test split is large enough to see a gap of about ten
+# points, the validation split (used to choose rounds and settings) is disjoint from it.
+GSM8K_SIZES = {"test": 360, "validation": 180}
+VALID_SHARE = 0.15
+BBM_SIZES = {"test": 200, "validation": 99}
+
+
+def build_gsm8k_splits(path: Path, seed: int = 0, sizes: dict[str, int] = GSM8K_SIZES,
+                       valid_share: float = VALID_SHARE) -> dict[str, list[SplitItem]]:
+    """Test and validation splits from GSM8K test solutions, disjoint by question: per split,
+    `valid_share` of the items are valid solutions ("no mistake"), the rest injected errors
+    (error types in turn, only errors that change the final answer)."""
+    chains = shuffled([c for c in load_chains(path) if first_error(c.steps) is None], seed)
+    out, cursor = {}, 0
+    for split, size in sizes.items():
+        n_valid = round(size * valid_share)
+        valid = chains[cursor:cursor + n_valid]
+        cursor += n_valid
+        pairs: list = []
+        while len(pairs) < size - n_valid:
+            if cursor >= len(chains):
+                raise ValueError(f"{path}: too few valid chains for a {split} split of {size}")
+            pairs += inject_many([chains[cursor]], seed=seed)
+            cursor += 1
+        out[split] = gsm8k_items(pairs, valid, split)
+    return out
+
+
+def build_bbm_splits(path: Path, seed: int = 0, sizes: dict[str, int] = BBM_SIZES) -> dict[str, list[SplitItem]]:
+    """Test and validation splits of one BIG-Bench Mistake task, its traces as they are."""
+    chains = shuffled(load_chains(path), seed)
+    if len(chains) < sum(sizes.values()):
+        raise ValueError(f"{path}: {len(chains)} traces, fewer than the {sum(sizes.values())} the splits need")
+    out, cursor = {}, 0
+    for split, size in sizes.items():
+        out[split] = bbm_items(chains[cursor:cursor + size], split)
+        cursor += size
+    return out
+
+
+def majority_label(items: list[SplitItem]) -> int | None:
+    """The split's most common first-error label (ties go to the earlier step, then "no mistake")."""
+    counts = Counter(item.chain.mistake_index for item in items)
+    return max(counts, key=lambda label: (counts[label], -(label if label is not None else 10**6)))
+
+
+def baseline_outcomes(items: list[SplitItem]) -> dict[str, list[bool]]:
+    """Per item, whether each floor is right: always the majority label, always the last step."""
+    majority = majority_label(items)
+    return {"majority": [item.chain.mistake_index == majority for item in items],
+            "last_step": [item.chain.mistake_index == len(item.chain.steps) - 1 for item in items]}
+
+
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """predictions.jsonl by item id."""
+    return {r["item_id"]: r for r in map(json.loads, Path(path).read_text().splitlines()) if r}
+
+
+def score(items: list[SplitItem], predictions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Location accuracy on `items` beside both baselines, McNemar's p against the better one,
+    and the spread of the model's answers (a constant answer is a collapse)."""
+    missing = [item.item_id for item in items if item.item_id not in predictions]
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} items, e.g. {missing[:3]}")
+    correct = [bool(predictions[item.item_id]["correct"]) for item in items]
+    floors = baseline_outcomes(items)
+    better = max(floors, key=lambda name: sum(floors[name]))
+    answers = [predictions[item.item_id]["predicted"] if predictions[item.item_id]["parsed"] else "unparsed"
+               for item in items]
+    return {
+        "n": len(items), "correct": sum(correct), "accuracy": Rate(sum(correct), len(items)).to_dict(),
+        "majority_baseline_correct": sum(floors["majority"]), "majority_label": majority_label(items),
+        "last_step_baseline_correct": sum(floors["last_step"]),
+        "better_baseline": better, "mcnemar_p": mcnemar_p(correct, floors[better]),
+        "parsed": sum(bool(predictions[item.item_id]["parsed"]) for item in items),
+        "answers": answer_spread(answers),
+    }
+
+
+def compare(items: list[SplitItem], first: dict[str, dict[str, Any]], second: dict[str, dict[str, Any]]) -> dict:
+    """Two models (rounds, arms) on the same items: each one's correct count and McNemar's p."""
+    a = [bool(first[item.item_id]["correct"]) for item in items]
+    b = [bool(second[item.item_id]["correct"]) for item in items]
+    return {"n": len(items), "first_correct": sum(a), "second_correct": sum(b), "mcnemar_p": mcnemar_p(a, b)}

@@ -1,0 +1,99 @@
+"""Held-out splits, their baselines, paired tests and the spread of answers: what every figure stands beside."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from misstep.data import DataFileError, sample_path
+from misstep.data.splits import SplitItem, load_split, normalize_question, save_split, split_path, without_heldout
+from misstep.metrics.heldout import baseline_outcomes, build_gsm8k_splits, compare, majority_label, score
+from misstep.metrics.oracle import first_error
+from misstep.metrics.stats import answer_spread, mcnemar_p
+
+BBM_TASKS = ("logical_deduction", "multistep_arithmetic", "word_sorting")
+
+
+def test_the_committed_splits_have_the_power_and_disjointness_asked_of_them():
+    test, validation = load_split(split_path("gsm8k", "test")), load_split(split_path("gsm8k", "validation"))
+    assert len(test) >= 300 and len(validation) >= 150
+    for items in (test, validation):
+        valid_share = sum(i.chain.mistake_index is None for i in items) / len(items)
+        assert 0.10 <= valid_share <= 0.20  # "no mistake" is a class a model can get wrong
+        for item in items:
+            if item.chain.mistake_index is not None:  # an injected label the oracle confirms on its own
+                assert item.error_type is not None
+    questions = lambda items: {normalize_question(i.chain.question) for i in items}  # noqa: E731
+    assert not questions(test) & questions(validation)
+    for task in BBM_TASKS:
+        bbm_test, bbm_validation = load_split(split_path(task, "test")), load_split(split_path(task, "validation"))
+        assert len(bbm_test) >= 100 and len(bbm_validation) >= 50
+        assert not {i.item_id for i in bbm_test} & {i.item_id for i in bbm_validation}
+
+
+def test_gsm8k_splits_are_a_pure_function_of_the_data_and_labelled_exactly():
+    first = build_gsm8k_splits(sample_path("gsm8k/test.jsonl"), sizes={"test": 12, "validation": 6})
+    again = build_gsm8k_splits(sample_path("gsm8k/test.jsonl"), sizes={"test": 12, "validation": 6})
+    assert [i.to_dict() for i in first["test"]] == [i.to_dict() for i in again["test"]]
+    assert sum(i.chain.mistake_index is None for i in first["test"]) == 2  # round(12 * 0.15)
+    for item in first["test"] + first["validation"]:
+        if item.chain.mistake_index is None:
+            assert first_error(item.chain.steps) is None
+    assert not {i.chain.question for i in first["test"]} & {i.chain.question for i in first["validation"]}
+
+
+def test_a_bad_split_line_names_the_file_line_and_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    item = SplitItem("a#0", "test", build_gsm8k_splits(sample_path("gsm8k/test.jsonl"),
+                                                       sizes={"test": 2, "validation": 1})["test"][0].chain)
+    save_split(path, [item])
+    path.write_text(path.read_text() + json.dumps({"item_id": "b", "split": "test"}) + "\n")
+    with pytest.raises(DataFileError, match=r"bad.jsonl:2: field 'chain': missing"):
+        load_split(path)
+    path.write_text(path.read_text().splitlines()[0] + "\n" + path.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataFileError, match=r"bad.jsonl:2: field 'item_id'.*twice"):
+        load_split(path)
+
+
+def test_without_heldout_compares_normalised_questions(gsm8k_test):
+    disguised = [c.__class__(**{**c.to_dict(), "question": "  " + c.question.upper().replace(" ", "\n ")})
+                 for c in gsm8k_test[:3]]
+    kept = without_heldout(disguised + gsm8k_test[3:6], gsm8k_test[:3])
+    assert [c.question for c in kept] == [c.question for c in gsm8k_test[3:6]]
+
+
+def test_mcnemar_counts_only_the_items_that_differ():
+    # 10 items only the first gets right, 2 only the second: exact two-sided p = 2 * P(X <= 2 | 12, 1/2)
+    first = [True] * 10 + [False] * 2 + [True] * 30 + [False] * 8
+    second = [False] * 10 + [True] * 2 + [True] * 30 + [False] * 8
+    assert mcnemar_p(first, second) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar_p(first, first) == 1.0
+    assert mcnemar_p(first, second) == mcnemar_p(second, first)
+    with pytest.raises(ValueError):
+        mcnemar_p([True], [True, False])
+
+
+def test_score_stands_every_accuracy_beside_both_floors_and_sees_a_constant_answer():
+    items = load_split(split_path("gsm8k", "test"))
+    floors = baseline_outcomes(items)
+    label = majority_label(items)
+    assert sum(floors["majority"]) == Counter(i.chain.mistake_index for i in items)[label]
+    assert sum(floors["last_step"]) == sum(i.chain.mistake_index == len(i.chain.steps) - 1 for i in items)
+    # A model that always names the majority step equals that floor, and its answers have collapsed.
+    constant = {i.item_id: {"predicted": label, "parsed": True, "correct": i.chain.mistake_index == label}
+                for i in items}
+    scored = score(items, constant)
+    assert scored["correct"] == scored["majority_baseline_correct"] and scored["n"] == len(items)
+    assert scored["answers"]["top_share"] == 1.0 and scored["answers"]["entropy_bits"] == 0.0
+    assert scored["mcnemar_p"] == 1.0 or scored["better_baseline"] == "last_step"
+    perfect = {i.item_id: {"predicted": i.chain.mistake_index, "parsed": True, "correct": True} for i in items}
+    assert score(items, perfect)["mcnemar_p"] < 1e-6
+    assert compare(items, perfect, constant)["mcnemar_p"] < 1e-6
+    with pytest.raises(ValueError, match="no prediction"):
+        score(items, dict(list(perfect.items())[:5]))
+
+
+def test_answer_spread():
+    assert answer_spread([1, 1, 1, None])["top_share"] == 0.75
+    assert answer_spread([1, 2])["entropy_bits"] == pytest.approx(1.0)
+    assert answer_spread([])["top_share"] is None
