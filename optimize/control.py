@@ -1,0 +1,221 @@
+"""The positive control: can the pipe from data to weights teach stage 3 (locate the first error)?
+
+Stage 3 alone is fine-tuned on chains the injector labelled (no model wrote a label), with
+first-error positions balanced across steps and a share of valid chains answered "no
+mistake", then measured on a committed held-out split beside the majority and last-step
+baselines. The cue control does the same with the erroneous step visibly marked
+(" (check this step)") in training and test chains: a pipe that cannot learn that cannot learn
+anything, and is broken.
+
+One run is one trained model: `ControlRun` names its settings; `run_control` trains it (a
+killed training resumes from its last checkpoint), evaluates it item by item (appended, so a
+killed evaluation resumes too) and writes `result.json`. Runs already finished are skipped.
+
+    RUN_DIR/<run name>/train_records.jsonl   the exact training data
+                       model/                the weights, train_log.jsonl, train_summary.json
+                       predictions.jsonl     one line per held-out item (metrics/heldout.py)
+                       result.json           accuracy, baselines, McNemar p, settings, timings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from misstep.data.records import Chain, format_steps
+from misstep.data.runfiles import JsonlLog, write_json_atomic, write_jsonl_atomic
+from misstep.data.splits import SplitItem, shuffled, without_heldout
+from misstep.lm.client import local_lm
+from misstep.lm.training import TrainSettings, train_chat
+from misstep.metrics.checks import location_correct
+from misstep.metrics.heldout import score
+from misstep.metrics.injector import INJECTABLE_TYPES, InjectionError, applicable_steps, inject
+from misstep.metrics.oracle import first_error
+from misstep.optimize.demos import chat_records, ground_truth_chat_data, ground_truth_demos
+from misstep.programs import SelfCorrectionCycle, SelfCorrector
+from misstep.programs.parallel import default_adapter, map_threads
+
+CUE = " (check this step)"
+VALID_SHARE = 0.15
+# First-error positions are balanced over steps 1..POSITIONS-1 and one bucket for every later step.
+POSITIONS = 6
+LOSSES = ("stage3", "all")
+
+
+def mark_first_error(chain: Chain, cue: str = CUE) -> Chain:
+    """The chain with `cue` appended to its first erroneous step (a valid chain is unchanged)."""
+    if chain.mistake_index is None:
+        return chain
+    steps = list(chain.steps)
+    steps[chain.mistake_index] += cue
+    return replace(chain, steps=tuple(steps))
+
+
+def _bucket(label: int) -> int:
+    return min(label, POSITIONS - 1)
+
+
+def control_chains(pool: list[Chain], n: int, valid_share: float = VALID_SHARE, seed: int = 0) -> list[Chain]:
+    """`n` labelled chains from valid `pool` chains, one per question: `round(n * valid_share)` valid
+    ones, the rest injected with first-error positions as even across buckets as the pool allows,
+    error types in turn. Each bucket holds at most its even share, ceil(invalid / POSITIONS); where
+    the pool runs out under that cap, the cap rises by one and the unused chains are tried again.
+    A pure function of the inputs."""
+    n_valid = round(n * valid_share)
+    n_invalid = n - n_valid
+    checkable = [c for c in shuffled(pool, seed) if c.is_valid and first_error(c.steps) is None]
+    valid = checkable[1::2][:n_valid]  # valid and invalid chains from the same stretch of the pool
+    taken = {id(c) for c in valid}
+    counts: Counter[int] = Counter()
+    invalid: list[Chain] = []
+    cap = math.ceil(n_invalid / POSITIONS)
+    while len(invalid) < n_invalid:
+        before = len(invalid)
+        for number, chain in enumerate(checkable):
+            if len(invalid) == n_invalid:
+                break
+            if id(chain) in taken:
+                continue
+            injected = _balanced_injection(chain, number, counts, cap, seed)
+            if injected is not None:
+                taken.add(id(chain))
+                counts[_bucket(injected.mistake_index)] += 1
+                invalid.append(injected)
+        if len(invalid) == before and cap >= n_invalid:
+            break  # no chain left that takes an error, whatever the cap
+        cap += 1
+    if len(invalid) < n_invalid or len(valid) < n_valid:
+        raise ValueError(f"the pool of {len(pool)} chains gives {len(invalid)} invalid and {len(valid)} valid "
+                         f"chains, fewer than the {n_invalid} and {n_valid} asked for")
+    return shuffled(invalid + valid, seed)
+
+
+def _balanced_injection(chain: Chain, number: int, counts: Counter, cap: int, seed: int) -> Chain | None:
+    """`chain` with an error whose first-error bucket is the emptiest still under `cap`, or None."""
+    types = INJECTABLE_TYPES[number % len(INJECTABLE_TYPES):] + INJECTABLE_TYPES[:number % len(INJECTABLE_TYPES)]
+    candidates = [(error_type, step) for error_type in types for step in applicable_steps(chain, error_type)]
+    # The emptiest bucket first; a skipped step's label lies after the step, so it is found by trying.
+    candidates.sort(key=lambda c: counts[_bucket(c[1])])
+    for error_type, step in candidates:
+        try:
+            bad = inject(chain, error_type, step=step, seed=seed)
+        except InjectionError:
+            continue
+        if bad.answer != chain.answer and counts[_bucket(bad.mistake_index)] < cap:
+            return bad
+    return None
+
+
+def locate_example(chain: Chain) -> dspy.Example:
+    """Stage 3's worked example for a labelled chain: the 1-based first wrong step, or 0 and no mistake."""
+    return dspy.Example(question=chain.question, chain=format_steps(chain.steps),
+                        has_mistake=chain.mistake_index is not None,
+                        first_error_step=0 if chain.mistake_index is None else chain.mistake_index + 1)
+
+
+def training_records(chains: list[Chain], *, cue: bool, loss: str, seed: int = 0) -> list[dict]:
+    """Chat records for the control: stage 3 on every chain (marked where `cue`), and with
+    loss="all" also the other stages' ground truth, one record per stage for every valid
+    source chain — the mix the loop trains on, where stage 3 is a minority of the tokens."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
+    shown = [mark_first_error(c) if cue else c for c in chains]
+    records = chat_records(SelfCorrector().locate, [locate_example(c) for c in shown], default_adapter())
+    if loss == "all":
+        sources = [c for c in chains if c.mistake_index is None]
+        truth = ground_truth_demos(sources, k=len(sources), seed=seed)
+        truth["locate"] = []  # stage 3 is above, on the control's own balanced chains
+        records += ground_truth_chat_data(SelfCorrectionCycle("arithmetic_slip"), truth, default_adapter())
+        random.Random(seed).shuffle(records)
+    return records
+
+
+@dataclass(frozen=True)
+class ControlRun:
+    """One trained model of the control."""
+
+    train_records: int  # stage-3 training chains
+    cue: bool
+    learning_rate: float
+    epochs: float
+    loss: str = "stage3"
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return (f"{'cue' if self.cue else 'real'}-n{self.train_records}-lr{self.learning_rate:g}"
+                f"-e{self.epochs:g}-{self.loss}-s{self.seed}")
+
+
+def evaluate_location(items: list[SplitItem], lm: dspy.LM, path: Path, *, cue: bool, num_threads: int = 8,
+                      show_progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Stage 3 on every item (chains marked where `cue`), appended to `path` as predictions.jsonl
+    lines; items already there are not asked again. Returns the predictions by item id."""
+    corrector = SelfCorrector()
+
+    def locate(item: SplitItem) -> dict[str, Any]:
+        chain = mark_first_error(item.chain) if cue else item.chain
+        located, predicted = corrector.find_error(chain.question, chain.steps)
+        return {"item_id": item.item_id, "task": chain.task, "gold": chain.mistake_index, "predicted": predicted,
+                "correct": located.ok and location_correct(predicted, chain.mistake_index), "parsed": located.ok,
+                "raw": located.raw}
+
+    with JsonlLog(path) as log:
+        done = {r["item_id"] for r in log.records}
+        todo = [item for item in items if item.item_id not in done]
+        for _, record in map_threads(locate, todo, lm=lm, num_threads=num_threads, description="locating",
+                                     show_progress=show_progress):
+            log.append(record)
+        return {r["item_id"]: r for r in log.records}
+
+
+def run_control(run: ControlRun, pool: list[Chain], items: list[SplitItem], *, model_dir: Path, run_dir: Path,
+                settings: TrainSettings, num_threads: int = 8, show_progress: bool = True) -> dict[str, Any]:
+    """Train `run`'s model from `model_dir` on chains from `pool` (held-out questions removed),
+    evaluate it on `items`, and write result.json into `run_dir`/<run name>; a finished run is read back."""
+    folder = run_dir / run.name
+    result_path = folder / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    pool = without_heldout(pool, [item.chain for item in items])
+    chains = control_chains(pool, run.train_records, seed=run.seed)
+    records = training_records(chains, cue=run.cue, loss=run.loss, seed=run.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(folder / "train_records.jsonl", records)
+    started = time.perf_counter()
+    weights = folder / "model"
+    settings = replace(settings, method="full", learning_rate=run.learning_rate, epochs=run.epochs, seed=run.seed)
+    finished = weights / "train_summary.json"  # trained before a kill that came during evaluation
+    summary = json.loads(finished.read_text()) if finished.exists() else \
+        train_chat(model_dir, records, weights, settings, show_progress=show_progress)
+    trained = time.perf_counter()
+    lm = local_lm(weights, max_batch_size=num_threads)
+    try:
+        predictions = evaluate_location(items, lm, folder / "predictions.jsonl", cue=run.cue,
+                                        num_threads=num_threads, show_progress=show_progress)
+    finally:
+        lm.engine.close()
+    measured = score(items, predictions)
+    result = {
+        **asdict(run), "name": run.name, "split": items[0].split, "heldout_n": measured["n"],
+        "correct": measured["correct"], "majority_baseline_correct": measured["majority_baseline_correct"],
+        "last_step_baseline_correct": measured["last_step_baseline_correct"],
+        "mcnemar_p": measured["mcnemar_p"], "better_baseline": measured["better_baseline"],
+        "accuracy": measured["accuracy"], "parsed": measured["parsed"], "answers": measured["answers"],
+        "records": len(records), "train_positions": dict(sorted(Counter(
+            "none" if c.mistake_index is None else c.mistake_index + 1 for c in chains).items(), key=str)),
+        "training": {k: summary.get(k) for k in ("steps", "first_loss", "last_loss", "wall_seconds",
+                                                 "seconds_per_step", "resumed_at_step")},
+        "evaluation_seconds": time.perf_counter() - trained,
+        "predictions": str(folder / "predictions.jsonl"),
+    }
+    write_json_atomic(result_path, result)
+    return result

@@ -1,0 +1,85 @@
+"""The positive control's data, and one control run end to end on the tiny model."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from misstep.data import load_chains, sample_path
+from misstep.data.records import format_steps
+from misstep.data.splits import load_split, split_path
+from misstep.lm.training import TrainSettings
+from misstep.metrics.oracle import first_error
+from misstep.optimize.control import CUE, POSITIONS, ControlRun, control_chains, run_control, training_records
+
+RESULT_KEYS = {"train_records", "cue", "split", "heldout_n", "correct", "majority_baseline_correct",
+               "last_step_baseline_correct", "mcnemar_p", "learning_rate", "epochs", "loss", "predictions"}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return load_chains(sample_path("gsm8k/train.jsonl"))
+
+
+def test_control_chains_balance_positions_and_keep_the_valid_share(pool):
+    chains = control_chains(pool, 14, valid_share=0.15, seed=0)
+    assert len(chains) == 14 and len({c.question for c in chains}) == 14  # one chain per question
+    assert sum(c.mistake_index is None for c in chains) == 2
+    buckets = Counter(min(c.mistake_index, POSITIONS - 1) for c in chains if c.mistake_index is not None)
+    # Every bucket used, none far above another (this 40-chain sample has few long chains, so the
+    # cap of an even share is raised once; on GSM8K's train set the buckets come out equal).
+    assert len(buckets) == POSITIONS and max(buckets.values()) - min(buckets.values()) <= 2
+    by_question = {c.question: c for c in pool}
+    for chain in chains:  # every label is the oracle's, against the valid chain it came from
+        assert first_error(chain.steps, reference=by_question[chain.question].steps) == chain.mistake_index
+    assert control_chains(pool, 14, seed=0) == chains  # a pure function of its inputs
+    with pytest.raises(ValueError, match="fewer than"):
+        control_chains(pool[:5], 20)
+
+
+def test_the_cue_marks_exactly_the_first_erroneous_step(pool):
+    chains = control_chains(pool, 12, seed=0)
+    cued = training_records(chains, cue=True, loss="stage3")
+    plain = training_records(chains, cue=False, loss="stage3")
+    assert len(cued) == len(plain) == len(chains)
+    for chain, record, bare in zip(chains, cued, plain):
+        prompt, answer = record["messages"][-2]["content"], record["messages"][-1]["content"]
+        assert CUE not in bare["messages"][-2]["content"]
+        marked = [line for line in prompt.splitlines() if line.endswith(CUE)]
+        if chain.mistake_index is None:
+            assert not marked
+            assert answer.startswith("[[ ## has_mistake ## ]]\nFalse\n") and "[[ ## first_error_step ## ]]\n0\n" in answer
+        else:
+            step = chain.mistake_index + 1
+            assert marked == [f"Step {step}: {chain.steps[chain.mistake_index]}{CUE}"]
+            assert f"[[ ## first_error_step ## ]]\n{step}\n" in answer
+        assert format_steps(chain.steps) in bare["messages"][-2]["content"]
+    mixed = training_records(chains, cue=False, loss="all")
+    stages = Counter(r["messages"][-1]["content"].split("\n")[0] for r in mixed)
+    assert stages["[[ ## has_mistake ## ]]"] == len(chains)  # stage 3 once per chain, the rest beside it
+    assert len(stages) > 1 and len(mixed) > len(chains)
+
+
+def test_a_control_run_trains_measures_and_resumes_without_training_again(tmp_path, tiny_model_dir, pool):
+    items = load_split(split_path("gsm8k", "test"))[:6]
+    run = ControlRun(train_records=8, cue=True, learning_rate=1e-3, epochs=1.0)
+    settings = TrainSettings(method="full", batch_size=4, max_length=512)
+    result = run_control(run, pool, items, model_dir=tiny_model_dir, run_dir=tmp_path, settings=settings,
+                         num_threads=3, show_progress=False)
+    assert RESULT_KEYS <= result.keys()
+    assert result["heldout_n"] == 6 and result["split"] == "test" and result["cue"] is True
+    folder = tmp_path / run.name
+    predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["item_id"] for p in predictions) == sorted(i.item_id for i in items)
+    assert result["correct"] == sum(p["correct"] for p in predictions)
+    assert result["majority_baseline_correct"] >= 1 and result["last_step_baseline_correct"] >= 0
+    trained_at = (folder / "model" / "model.safetensors").stat().st_mtime_ns
+
+    # Killed during the evaluation: the rerun asks only the items not yet answered, and trains nothing.
+    (folder / "result.json").unlink()
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions[:4]))
+    again = run_control(run, pool, items, model_dir=tiny_model_dir, run_dir=tmp_path, settings=settings,
+                        num_threads=3, show_progress=False)
+    assert again["heldout_n"] == 6
+    assert (folder / "model" / "model.safetensors").stat().st_mtime_ns == trained_at
+    assert len((folder / "predictions.jsonl").read_text().splitlines()) == 6
