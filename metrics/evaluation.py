@@ -15,7 +15,7 @@ from misstep.data.records import Chain
 from misstep.metrics.checks import location_correct
 from misstep.metrics.injector import inject_many
 from misstep.metrics.oracle import answers_match, first_error
-from misstep.metrics.stats import majority_baseline, rate
+from misstep.metrics.stats import answer_spread, majority_baseline, rate
 from misstep.programs.self_corrector import SelfCorrector
 
 
@@ -29,7 +29,7 @@ def evaluate_chain(corrector: SelfCorrector, chain: Chain, recover: bool = True)
     """Locate the first error of one labelled chain and, where it has one, recover from it."""
     located, predicted = corrector.find_error(chain.question, chain.steps)
     record: dict[str, Any] = {
-        "source_id": chain.source_id, "task": chain.task, "gold": chain.mistake_index,
+        "source_id": chain.source_id, "task": chain.task, "gold": chain.mistake_index, "steps": len(chain.steps),
         "parsed": located.ok, "predicted": predicted,
         "location_ok": located.ok and location_correct(predicted, chain.mistake_index),
         "locate_raw": located.raw,
@@ -44,7 +44,8 @@ def evaluate_chain(corrector: SelfCorrector, chain: Chain, recover: bool = True)
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per task (and 'all'): location accuracy, parse rate, recovery success, each with a 95% interval,
-    beside the majority-label baseline a model must beat."""
+    beside the two floors a model must beat (always the majority label, always the last step), and
+    the spread of the model's stage-3 answers (one answer to everything is a collapse)."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         by_task[record["task"]].append(record)
@@ -57,6 +58,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "n": len(rows),
             "location_accuracy": rate(r["location_ok"] for r in rows),
             "majority_baseline": majority_baseline([r["gold"] for r in rows]),
+            "last_step_baseline": rate(r["gold"] is not None and r["gold"] == (r.get("steps") or 0) - 1
+                                       for r in rows),
+            "answers": answer_spread([r["predicted"] if r["parsed"] else "unparsed" for r in rows]),
             "locate_parsed": rate(r["parsed"] for r in rows),
             "recovery_success": rate(r["recovery_ok"] for r in with_mistake),
             "recover_parsed": rate(r["recover_parsed"] for r in with_mistake),

@@ -56,7 +56,8 @@ class StopRule:
 
     - collapse: the latest round is significantly worse (p < `alpha`) than the best
       round so far, or its kept set's distinct-2 fell below `min_diversity_ratio` of the
-      first round's;
+      first round's, or its most common stage-3 answer covers more than `max_top_share` of the
+      held-out items and more than in the round before;
     - plateau: no round in the last `patience` rounds was significantly better than the
       best before it.
     """
@@ -64,6 +65,10 @@ class StopRule:
     patience: int = 2
     alpha: float = 0.05
     min_diversity_ratio: float = 0.7
+    # One stage-3 answer given to more than this share of the held-out items is flagged; it is a
+    # collapse when it is also more than the round before gave (so a degenerate round 0 is flagged
+    # in the report, not a reason to stop after round 1).
+    max_top_share: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -74,11 +79,13 @@ class Verdict:
     detail: str
 
 
-def judge_health(accuracy: list[Rate], distinct_2: list[float | None], rule: StopRule = StopRule()) -> Verdict:
+def judge_health(accuracy: list[Rate], distinct_2: list[float | None], rule: StopRule = StopRule(),
+                 top_share: list[float | None] | None = None) -> Verdict:
     """The stop rule over a history (one entry per finished round, round 0 = before any training).
 
     `accuracy` is the primary held-out metric per round; `distinct_2` the kept set's
-    distinct-2 per round (None where nothing was kept)."""
+    distinct-2 per round (None where nothing was kept); `top_share` the share of held-out items
+    given the round's most common stage-3 answer (None where unknown)."""
     if not accuracy:
         raise ValueError("no rounds to judge")
     best = max(range(len(accuracy)), key=lambda r: (accuracy[r].value if accuracy[r].n else -1.0, -r))
@@ -87,6 +94,12 @@ def judge_health(accuracy: list[Rate], distinct_2: list[float | None], rule: Sto
     if p_drop < rule.alpha:
         return Verdict(True, "collapse", best, f"round {latest} accuracy {accuracy[latest]} is below round {best}'s "
                                                f"{accuracy[best]} (one-sided p={p_drop:.3g})")
+    shares = top_share or []
+    if latest >= 1 and len(shares) > latest and shares[latest] is not None and shares[latest] > rule.max_top_share \
+            and shares[latest - 1] is not None and shares[latest] > shares[latest - 1]:
+        return Verdict(True, "collapse", best, f"round {latest} gives one stage-3 answer to {shares[latest]:.0%} of "
+                                               f"the held-out items (above {rule.max_top_share:.0%}, and up from "
+                                               f"{shares[latest - 1]:.0%})")
     seen = [d for d in distinct_2 if d is not None]
     if len(seen) >= 2 and distinct_2[latest] is not None and distinct_2[latest] < rule.min_diversity_ratio * seen[0]:
         return Verdict(True, "collapse", best, f"kept-set distinct-2 fell to {distinct_2[latest]:.3f} from "

@@ -15,6 +15,7 @@ from rich.table import Table
 
 import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
 from misstep.data import DataFileError, load_chains, sample_path
+from misstep.data.splits import without_heldout
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
 from misstep.lm.provider import SERVINGS, LocalProvider
 from misstep.lm.serving import VllmOptions, vllm_available
@@ -58,6 +59,9 @@ TensorParallelOption = Annotated[int, typer.Option(min=1, help="--engine vllm: G
                                                             "over (vLLM's tensor parallelism)")]
 VllmArgOption = Annotated[list[str] | None, typer.Option(help="--engine vllm: an argument passed to every vLLM "
                                                               "server as it is (repeat; e.g. --vllm-arg=--max-num-seqs=64)")]
+SplitsOption = Annotated[Path | None, typer.Option(help="folder of held-out split files (<set>-test.jsonl, "
+                                                       "<set>-validation.jsonl; default: the committed ones, "
+                                                       "built by `misstep splits`)")]
 GroundTruthOption = Annotated[int, typer.Option(min=0, help="ground-truth worked examples per stage, trained on "
                                                            "beside the kept traces")]
 
@@ -74,14 +78,26 @@ def _load(path: Path):
         _fail(str(exc))
 
 
+def _split_chains(folder: Path | None, set_name: str, split: str, limit: int | None = None):
+    """The labelled chains of one committed held-out split (its first `limit` items)."""
+    from misstep.data.splits import load_split, split_path
+
+    try:
+        items = load_split(split_path(set_name, split, folder))
+    except DataFileError as exc:
+        _fail(str(exc))
+    return [item.chain for item in items][:limit]
+
+
 def _run_dir(run_dir: Path | None, job: str) -> Path:
     return run_dir or Path("runs") / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _demos(k: int, demo_data: Path | None, seed: int, exclude: set[str]):
+def _demos(k: int, demo_data: Path | None, seed: int, exclude: set[str], heldout=()):
     if not k:
         return {}
-    chains = [c for c in _load(demo_data or sample_path("gsm8k/train.jsonl")) if c.source_id not in exclude]
+    chains = [c for c in without_heldout(_load(demo_data or sample_path("gsm8k/train.jsonl")), list(heldout))
+              if c.source_id not in exclude]
     return ground_truth_demos(chains, k=k, seed=seed)
 
 
@@ -170,7 +186,8 @@ def evaluate_command(
     if not chains:
         _fail("no labelled chains in the data")
     settings = JobSettings(run_dir=_run_dir(run_dir, "evaluate"), num_threads=threads,
-                           demos=_demos(demos, demo_data, seed, exclude={c.source_id for c in chains}), seed=seed)
+                           demos=_demos(demos, demo_data, seed, exclude={c.source_id for c in chains}, heldout=chains),
+                           seed=seed)
     console.print(f"evaluate: {len(chains)} labelled chains from {len(paths)} file(s) -> {settings.run_dir}")
     metrics = evaluate(chains, _lm(model, 0.0, seed, threads), settings, recover=recover)
 
@@ -234,10 +251,12 @@ def compile_command(
                                gradient_checkpointing, launcher, seed)
     if (warm_up_first or judge_warm_up) and not ground_truth:
         _fail("--warm-up and --judge-warm-up need ground truth to train on: set --ground-truth above 0")
-    train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
-    heldout_chains = labelled_chains(_load(heldout or sample_path("gsm8k/test.jsonl")), heldout_size, seed)
+    heldout_source = _load(heldout or sample_path("gsm8k/test.jsonl"))
+    heldout_chains = labelled_chains(heldout_source, heldout_size, seed)
+    # No question of the held-out file (measured or not) reaches a demo, the ground truth or a trace.
+    train_chains = without_heldout(_load(data or sample_path("gsm8k/train.jsonl")), heldout_source)
     run = _run_dir(run_dir, "compile")
-    demo_sets = _demos(demos, demo_data, seed, exclude=set())
+    demo_sets = _demos(demos, demo_data, seed, exclude=set(), heldout=heldout_source)
     # Demos, ground truth and traced examples come from disjoint training chains.
     demo_questions = questions_of(demo_sets)
     pool = [c for c in train_chains if c.question not in demo_questions]
@@ -336,12 +355,12 @@ def optimize_command(
     rounds: Annotated[int, typer.Option(min=1, help="rounds of write, judge, keep, compile, measure")] = 3,
     data: Annotated[Path | None, typer.Option(help="valid GSM8K chains the loop draws seeds and ground truth from "
                                                    "(default: shipped train sample)")] = None,
-    heldout: Annotated[Path | None, typer.Option(help="held-out GSM8K chains, corrupted by the injector "
-                                                      "(default: shipped test sample)")] = None,
-    heldout_size: Annotated[int, typer.Option(min=1, help="held-out GSM8K chains measured each round")] = 20,
-    bbm: Annotated[list[Path] | None, typer.Option(help="BIG-Bench Mistake file(s) measured each round, per task")]
+    splits: SplitsOption = None,
+    heldout_size: Annotated[int | None, typer.Option(min=1, help="measure only the first N items of each split "
+                                                               "(a quick run; default: all)")] = None,
+    bbm: Annotated[list[str] | None, typer.Option(help="BIG-Bench Mistake task measured each round (repeat): "
+                                                       "word_sorting, multistep_arithmetic, logical_deduction")]
     = None,
-    bbm_size: Annotated[int, typer.Option(min=1, help="traces per BIG-Bench Mistake file")] = 50,
     seed_chains: Annotated[int, typer.Option(min=1, help="valid chains the model writes scenarios from, per round")]
     = 32,
     error_type: Annotated[list[str] | None, typer.Option(help="error type(s); default: all registered")] = None,
@@ -381,10 +400,9 @@ def optimize_command(
     train = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
                                gradient_checkpointing, launcher, seed)
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
-    held = {"gsm8k": labelled_chains(_load(heldout or sample_path("gsm8k/test.jsonl")), heldout_size, seed)}
-    for path in bbm or []:
-        chains = labelled_chains(_load(path), bbm_size, seed)
-        held[f"bbm-{chains[0].task}" if chains else path.stem] = chains
+    held, validation = ({name: _split_chains(splits, set_name, split, heldout_size)
+                         for name, set_name in [("gsm8k", "gsm8k")] + [(f"bbm-{t}", t) for t in bbm or []]}
+                        for split in ("test", "validation"))
     settings = LoopSettings(rounds=rounds, seed_chains=seed_chains, error_types=types, ground_truth=ground_truth,
                             warm_up=warm_up_first, judge_warm_up=judge_warm_up, demos=demos,
                             active_selection=active_selection,
@@ -392,15 +410,105 @@ def optimize_command(
     run = _run_dir(run_dir, "optimize")
     provider = LocalProvider(_model_dir(model), run / "checkpoints", train, serving=engine, vllm=vllm)
     judge_lm = provider.lm(max_batch_size=threads, seed=seed).copy(provider=None)  # the frozen judge
-    console.print(f"optimize: {rounds} rounds of {seed_chains} seed chains, held out "
-                  f"{', '.join(f'{k} {len(v)}' for k, v in held.items())} -> {run}")
+    console.print(f"optimize: {rounds} rounds of {seed_chains} seed chains, held out (test) "
+                  f"{', '.join(f'{k} {len(v)}' for k, v in held.items())}, chosen on (validation) "
+                  f"{', '.join(f'{k} {len(v)}' for k, v in validation.items())} -> {run}")
     try:
-        history = run_loop(train_chains, held, provider=provider, judge_lm=judge_lm, settings=settings, run_dir=run)
+        history = run_loop(train_chains, held, provider=provider, judge_lm=judge_lm, settings=settings, run_dir=run,
+                           validation=validation)
     finally:
         provider.close()
     report = write_report(run)
     console.print(f"{history[-1]['verdict']['reason']}: {history[-1]['verdict']['detail']}")
     console.print(f"report: {report}")
+
+
+@app.command("splits")
+def splits_command(
+    gsm8k: Annotated[Path, typer.Option(help="GSM8K test solutions the GSM8K splits are built from")] =
+        Path("../shared/data/gsm8k/test.jsonl"),
+    bbm: Annotated[list[Path] | None, typer.Option(help="BIG-Bench Mistake task files (repeat); default: "
+                                                        "every .jsonl beside --gsm8k's ../big-bench-mistake")] = None,
+    out: Annotated[Path, typer.Option(help="where the split files go")] = Path("data/splits"),
+    seed: int = 0,
+) -> None:
+    """Build the held-out splits (test and validation, disjoint) as item lists: OUT/<set>-<split>.jsonl."""
+    from misstep.data.splits import save_split
+    from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
+
+    bbm = bbm or sorted((gsm8k.parent.parent / "big-bench-mistake").glob("*.jsonl"))
+    try:
+        built = {"gsm8k": build_gsm8k_splits(gsm8k, seed=seed)}
+        built |= {path.stem: build_bbm_splits(path, seed=seed) for path in bbm}
+    except (DataFileError, ValueError) as exc:
+        _fail(str(exc))
+    table = Table("set", "split", "items", "no mistake", "file")
+    for name, splits in built.items():
+        for split, items in splits.items():
+            path = out / f"{name}-{split}.jsonl"
+            save_split(path, items)
+            table.add_row(name, split, str(len(items)), str(sum(i.chain.mistake_index is None for i in items)),
+                          str(path))
+    console.print(table)
+
+
+@app.command("control")
+def control_command(
+    data: Annotated[Path, typer.Option(help="valid GSM8K chains to train on, labelled by the injector")] =
+        Path("../shared/data/gsm8k/train.jsonl"),
+    split: Annotated[Path, typer.Option(help="the held-out split to measure on")] = Path("data/splits/gsm8k-test.jsonl"),
+    sizes: Annotated[list[int] | None, typer.Option("--size", min=1, help="stage-3 training chains (repeat)")] = None,
+    cue: Annotated[list[str] | None, typer.Option(help="'cue' (the first error marked), 'real', or both (repeat)")]
+        = None,
+    learning_rate: Annotated[list[float] | None, typer.Option(help="full fine-tune learning rate (repeat)")] = None,
+    epochs: Annotated[list[float] | None, typer.Option(min=0.01, help="(repeat)")] = None,
+    loss: Annotated[list[str] | None, typer.Option(help="stage3 (stage-3 records alone) or all (with the other "
+                                                         "stages' ground truth, as the loop trains) (repeat)")] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    run_dir: Annotated[Path, typer.Option(help="one folder per run; rerun to resume")] = Path("runs/control"),
+    results: Annotated[Path | None, typer.Option(help="also write every finished run's summary here (JSON)")] = None,
+    threads: ThreadsOption = 8,
+    batch_size: BatchSizeOption = 4,
+    max_length: MaxLengthOption = 1024,
+    seed: int = 0,
+) -> None:
+    """The positive control: fine-tune stage 3 alone on injector-labelled chains (first errors
+    balanced across steps, 15% valid), measure location on a held-out split beside the majority
+    and last-step baselines. Every combination of the repeated options is one run; finished runs
+    are skipped, a killed one resumes."""
+    from misstep.data.splits import load_split
+    from misstep.optimize.control import LOSSES, ControlRun, run_control
+
+    modes = cue or ["cue", "real"]
+    if set(modes) - {"cue", "real"}:
+        _fail(f"--cue takes 'cue' or 'real', not {sorted(set(modes) - {'cue', 'real'})}")
+    losses = loss or ["stage3"]
+    if set(losses) - set(LOSSES):
+        _fail(f"--loss takes {' or '.join(LOSSES)}, not {sorted(set(losses) - set(LOSSES))}")
+    try:
+        items = load_split(split)
+    except DataFileError as exc:
+        _fail(str(exc))
+    pool = _load(data)
+    model_dir = _model_dir(model)
+    runs = [ControlRun(n, mode == "cue", lr, e, l, seed) for n in sizes or [1000] for mode in modes
+            for lr in learning_rate or [1e-4] for e in epochs or [1.0] for l in losses]
+    settings = TrainSettings(method="full", batch_size=batch_size, max_length=max_length, seed=seed)
+    finished = []
+    for number, run in enumerate(runs, start=1):
+        console.print(f"[bold]run {number}/{len(runs)}: {run.name}[/bold]")
+        try:
+            result = run_control(run, pool, items, model_dir=model_dir, run_dir=run_dir, settings=settings,
+                                 num_threads=threads)
+        except ValueError as exc:
+            _fail(f"{run.name}: {exc}")
+        finished.append(result)
+        console.print(f"  {result['correct']}/{result['heldout_n']} correct; majority baseline "
+                      f"{result['majority_baseline_correct']}, last step {result['last_step_baseline_correct']}; "
+                      f"McNemar p against the better: {result['mcnemar_p']:.3g}")
+        if results:
+            from misstep.data.runfiles import write_json_atomic
+            write_json_atomic(results, {"runs": finished})
 
 
 @app.command("report")

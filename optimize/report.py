@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from misstep.metrics.health import StopRule  # noqa: E402
 from misstep.metrics.stats import rate  # noqa: E402
 
 
@@ -75,6 +76,44 @@ def _written(path: Path) -> dict[str, dict | None]:
             "as_described": rate(bool(o.get("injection_ok")) for o in oracles).to_dict() if oracles else None}
 
 
+_TOP_SHARE = StopRule().max_top_share
+
+
+def _answer(value) -> str:
+    """A stage-3 answer as a person reads it: 1-based step, "no mistake", "no such step" or unparsed."""
+    if value is None:
+        return "no mistake"
+    if isinstance(value, int):
+        return "no such step" if value < 0 else f"step {value + 1}"
+    return str(value)
+
+
+def _floors(metrics: dict[str, Any]) -> str:
+    majority, last = metrics.get("majority_baseline"), metrics.get("last_step_baseline")
+    parts = [f"maj. {majority['value']:.3f}" if majority and majority.get("value") is not None else None,
+             f"last {last['value']:.3f}" if last and last.get("value") is not None else None]
+    return "; ".join(p for p in parts if p)
+
+
+def _accuracy_table(rows: list[dict[str, Any]], kind: str, tasks: list[tuple[str, str]], recovery: bool) -> list[str]:
+    """One line per round: each set's location accuracy with its floors (and GSM8K recovery)."""
+    head = "| round | " + " | ".join(f"{task} location (floors)" for _, task in tasks)
+    lines = [head + (" | gsm8k recovery |" if recovery else " |"),
+             "|---|" + "---|" * (len(tasks) + (1 if recovery else 0))]
+    for row in rows:
+        cells = []
+        for name, task in tasks:
+            metrics = row.get(kind, {}).get(name, {}).get(task, {})
+            accuracy = metrics.get("location_accuracy")
+            below = accuracy and accuracy.get("value") is not None and any(
+                (metrics.get(f) or {}).get("value") is not None and accuracy["value"] < metrics[f]["value"]
+                for f in ("majority_baseline", "last_step_baseline"))
+            cells.append(f"{_cell(accuracy)} ({_floors(metrics)})" + (" **below a floor**" if below else ""))
+        recovered = row.get(kind, {}).get("gsm8k", {}).get("gsm8k", {}).get("recovery_success")
+        lines.append(f"| {row['round']} | " + " | ".join(cells) + (f" | {_cell(recovered)} |" if recovery else " |"))
+    return lines
+
+
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.md and its plots; return the report's path."""
     run_dir = Path(run_dir)
@@ -85,7 +124,9 @@ def write_report(run_dir: Path) -> Path:
         return lambda row: row["heldout"].get(name, {}).get(task, {}).get(metric)
 
     _plot_rates(rows, {f"{task} location": heldout(name, task, "location_accuracy") for name, task in tasks}
-                | {"gsm8k recovery": heldout("gsm8k", "gsm8k", "recovery_success")},
+                | {"gsm8k recovery": heldout("gsm8k", "gsm8k", "recovery_success"),
+                   "gsm8k majority floor": heldout("gsm8k", "gsm8k", "majority_baseline"),
+                   "gsm8k last-step floor": heldout("gsm8k", "gsm8k", "last_step_baseline")},
                 "held-out accuracy (95% Wilson)", run_dir / "heldout.png")
     _plot_rates(rows, {"judge precision": lambda r: r.get("judge", {}).get("precision"),
                        "judge recall": lambda r: r.get("judge", {}).get("recall"),
@@ -108,6 +149,21 @@ def write_report(run_dir: Path) -> Path:
     fig.savefig(run_dir / "diversity.png", dpi=110)
     plt.close(fig)
 
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    points = [(r["round"], (r.get("answers") or {}).get("top_share")) for r in rows]
+    points = [(x, y) for x, y in points if y is not None]
+    if points:
+        ax.plot(*zip(*points), marker="o", label="most common stage-3 answer's share")
+    ax.axhline(_TOP_SHARE, color="red", linestyle="--", linewidth=1, label="flag")
+    ax.set_xlabel("round")
+    ax.set_ylim(0, 1)
+    ax.set_title("stage-3 answers on the held-out items")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "answers.png", dpi=110)
+    plt.close(fig)
+
     loop = json.loads((run_dir / "loop.json").read_text()) if (run_dir / "loop.json").exists() else {}
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").exists() else None
     lines = [f"# misstep run: {run_dir.name}", ""]
@@ -118,12 +174,27 @@ def write_report(run_dir: Path) -> Path:
         lines += [f"**Status:** unfinished; last verdict: {rows[-1]['verdict']['reason']} — "
                   f"{rows[-1]['verdict']['detail']}.", ""]
     lines += ["## Held-out accuracy per round (95% Wilson intervals)", "",
-              "| round | " + " | ".join(f"{task} location" for _, task in tasks) + " | gsm8k recovery |",
-              "|---|" + "---|" * (len(tasks) + 1)]
+              "Reported on the test split; each location accuracy stands beside the two floors computed on the "
+              "same items: always the majority label (maj.) and always the last step (last).", ""]
+    lines += _accuracy_table(rows, "heldout", tasks, recovery=True)
+    validation = sorted({(name, task) for row in rows for name, tasks in row.get("validation", {}).items()
+                         for task in tasks})
+    if validation:
+        lines += ["", "### Validation split (the stop rule and the best round are chosen here)", ""]
+        lines += _accuracy_table(rows, "validation", validation, recovery=False)
+    else:
+        lines += ["", "**No validation split:** the stop rule and the best round were chosen on the reported "
+                      "set above, so its figures are optimistic.", ""]
+    lines += ["", "### Stage-3 answers (collapse shows here)", "",
+              f"On the set choices are made on. A most common answer above {_TOP_SHARE:.0%} of the items is "
+              "flagged; a collapse for the stop rule when it also grew since the round before.", "",
+              "| round | most common answer | its share | entropy (bits) | flag |", "|---|---|---|---|---|"]
     for row in rows:
-        cells = [_cell(heldout(name, task, "location_accuracy")(row)) for name, task in tasks]
-        lines.append(f"| {row['round']} | " + " | ".join(cells)
-                     + f" | {_cell(heldout('gsm8k', 'gsm8k', 'recovery_success')(row))} |")
+        answers = row.get("answers") or {}
+        share = answers.get("top_share")
+        flag = "**one answer dominates**" if share is not None and share > _TOP_SHARE else ""
+        lines.append(f"| {row['round']} | {_answer(answers.get('top_answer'))} | {_number(share, 2)} "
+                     f"| {_number(answers.get('entropy_bits'), 2)} | {flag} |")
     lines += ["", "![held-out accuracy](heldout.png)", "",
               "## The judge, the thresholds and what was kept", "",
               "| round | judge precision | judge recall | kept / scenarios | thresholds (confidence, quality) "
@@ -151,7 +222,7 @@ def write_report(run_dir: Path) -> Path:
         for row in timed:
             lines.append(f"| {row['round']} | " + " | ".join(f"{row['seconds'].get(step, 0):.0f}" for step in steps)
                          + f" | {sum(row['seconds'].values()):.0f} |")
-    lines += ["", "![judge](judge.png) ![diversity](diversity.png)", "",
+    lines += ["", "![judge](judge.png) ![diversity](diversity.png) ![answers](answers.png)", "",
               "Judge precision: of the recoveries the judge called successful, the share the oracle confirms; "
               "recall: of the recoveries the oracle confirms, the share the judge called successful. "
               "Thresholds are chosen each round by Optuna on a validation slice of that round's judged "

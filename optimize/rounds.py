@@ -38,6 +38,7 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain, Scenario, format_steps
+from misstep.data.splits import without_heldout
 from misstep.data.runfiles import JsonlLog, write_json_atomic, write_jsonl_atomic
 from misstep.lm.engine import EmbeddedEngine
 from misstep.lm.provider import LocalProvider
@@ -84,11 +85,17 @@ def _round_dir(run_dir: Path, r: int) -> Path:
 # -- the loop, top to bottom -------------------------------------------------------------------
 
 def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, provider: LocalProvider,
-             judge_lm: dspy.LM, settings: LoopSettings, run_dir: Path) -> list[dict[str, Any]]:
-    """Run (or resume) the loop; return the history, one row per round (round 0 = the start)."""
+             judge_lm: dspy.LM, settings: LoopSettings, run_dir: Path,
+             validation: dict[str, list[Chain]] | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) the loop; return the history, one row per round (round 0 = the start).
+
+    `heldout` holds the sets reported (the test splits); `validation` the disjoint sets the stop
+    rule and the best round are chosen on, so that the reported figures were never used to
+    choose. Without `validation` the choice falls back to `heldout`, and round.json says so."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    heldout_questions = {c.question for chains in heldout.values() for c in chains}
-    pool = [c for c in train_chains if c.is_valid and c.question not in heldout_questions]  # no held-out leaks in
+    # No held-out question (test or validation) reaches a demo, the ground truth or a seed.
+    pool = without_heldout([c for c in train_chains if c.is_valid],
+                           [c for sets in (heldout, validation or {}) for chains in sets.values() for c in chains])
     demos = ground_truth_demos(pool, k=settings.demos, seed=settings.seed) if settings.demos else {}
     used = questions_of(demos)
     truth = ground_truth_demos([c for c in pool if c.question not in used], k=settings.ground_truth,
@@ -138,7 +145,8 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     else:
         student = attach_demos(SelfCorrector(), demos)
         student.set_lm(provider.lm())
-    history = [_finish_round(0, start, student, heldout, None, [], settings, history=[], seconds=seconds)]
+    measured = {"heldout": heldout, "validation": validation or {}}
+    history = [_finish_round(0, start, student, measured, None, [], settings, history=[], seconds=seconds)]
 
     chains = {c.source_id: c for c in pool}
     kept_so_far: dict[str, list[dspy.Example]] = {}
@@ -171,7 +179,7 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
         _release(previous)  # the round's model is done with: one student in memory at a time
         for stage, stage_examples in stage_examples_of(kept).items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
-        history.append(_finish_round(r, folder, student, heldout, scenarios, kept, settings, history,
+        history.append(_finish_round(r, folder, student, measured, scenarios, kept, settings, history,
                                      thresholds=tuning, seconds=seconds))
         if history[-1]["verdict"]["stop"]:
             break
@@ -340,27 +348,29 @@ class ReproducesKept:
                 "kept": sum(d["kept"] for d in self.decisions)}
 
 
-def _finish_round(r: int, folder: Path, student: SelfCorrector, heldout: dict[str, list[Chain]],
+def _finish_round(r: int, folder: Path, student: SelfCorrector, measured: dict[str, dict[str, list[Chain]]],
                   scenarios: list[dict[str, Any]] | None, kept: list[dict[str, Any]], settings: LoopSettings,
                   history: list[dict[str, Any]], thresholds: dict[str, Any] | None = None,
                   seconds: dict[str, float] | None = None) -> dict[str, Any]:
-    """Measure the round's model on the held-out sets and write round.json with the stop rule's
+    """Measure the round's model on the held-out sets (`measured`: "heldout", the reported test sets,
+    and "validation", the sets choices are made on) and write round.json with the stop rule's
     verdict and the seconds each step took here (a step resumed from its file takes ~0)."""
     if (folder / "round.json").exists():
         return json.loads((folder / "round.json").read_text())
     seconds = dict(seconds or {})
     lm = student.predictors()[0].lm
     demos = {stage_name(name): list(p.demos) for name, p in student.named_predictors() if p.demos}
-    metrics = {}
+    row: dict[str, Any] = {"round": r, "model": lm.model}
     with _timed(seconds, "heldout"):
-        for name, chains in heldout.items():
-            job = JobSettings(run_dir=folder / "heldout" / name, num_threads=settings.num_threads, demos=demos)
-            metrics[name] = evaluate(chains, lm, job, recover=chains[0].task == "gsm8k")
-    row: dict[str, Any] = {"round": r, "model": lm.model, "heldout": {
-        name: {task: {k: v for k, v in m.items() if k in ("n", "location_accuracy", "recovery_success",
-                                                          "majority_baseline")}
-               for task, m in result.items() if not task.startswith("_")}
-        for name, result in metrics.items()}}
+        for kind, sets in measured.items():
+            row[kind] = {}
+            for name, chains in sets.items():
+                where = folder / kind / name if kind == "validation" else folder / "heldout" / name
+                job = JobSettings(run_dir=where, num_threads=settings.num_threads, demos=demos)
+                result = evaluate(chains, lm, job, recover=kind == "heldout" and chains[0].task == "gsm8k")
+                row[kind][name] = {task: {k: v for k, v in m.items() if k in _ROUND_METRICS}
+                                   for task, m in result.items() if not task.startswith("_")}
+    row["chosen_on"] = "validation" if measured.get("validation") else "heldout"
     if scenarios is not None:
         decisions = [decision(s) for s in scenarios]
         judged = [d for d in decisions if "verdict" in d and "oracle_recovery_ok" in d]
@@ -374,16 +384,32 @@ def _finish_round(r: int, folder: Path, student: SelfCorrector, heldout: dict[st
         row["thresholds"] = thresholds
     past = [*history, row]
     primary = [_primary(h, settings.primary_metric) for h in past]
-    verdict = judge_health(primary, [h.get("diversity", {}).get("distinct_2") for h in past], settings.stop)
+    row["answers"] = _answers(row)
+    verdict = judge_health(primary, [h.get("diversity", {}).get("distinct_2") for h in past], settings.stop,
+                           top_share=[(h.get("answers") or {}).get("top_share") for h in past])
     row["verdict"] = asdict(verdict)
     row["seconds"] = {step: round(value, 1) for step, value in seconds.items()}
     write_json_atomic(folder / "round.json", row)
     return row
 
 
+# What round.json keeps of each held-out set's metrics.
+_ROUND_METRICS = ("n", "location_accuracy", "recovery_success", "majority_baseline", "last_step_baseline", "answers")
+
+
+def _choice_set(row: dict[str, Any]) -> dict[str, Any]:
+    """The GSM8K metrics the loop chooses on: the validation split's, else the reported set's."""
+    return row[row.get("chosen_on", "heldout")].get("gsm8k", {}).get("gsm8k", {})
+
+
 def _primary(row: dict[str, Any], metric: str) -> Rate:
-    value = row["heldout"].get("gsm8k", {}).get("gsm8k", {}).get(metric) or {"k": 0, "n": 0}
+    value = _choice_set(row).get(metric) or {"k": 0, "n": 0}
     return Rate(value["k"], value["n"])
+
+
+def _answers(row: dict[str, Any]) -> dict[str, Any]:
+    """The spread of the round's stage-3 answers on the set it is chosen on (a collapse shows here)."""
+    return _choice_set(row).get("answers") or {}
 
 
 # -- small helpers -----------------------------------------------------------------------------

@@ -4,6 +4,9 @@ import re
 from typer.testing import CliRunner
 
 from misstep.cli import app
+from misstep.data import sample_path
+from misstep.data.splits import normalize_question
+from test_rounds import assert_no_question_in
 
 runner = CliRunner()
 
@@ -85,9 +88,15 @@ def test_compile_stops_clearly_when_the_judge_keeps_nothing(tmp_path, tiny_model
 
 def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "compile"
+    # The training file starts with the held-out file's questions, recased: compile must keep them out.
+    heldout = [json.loads(line) for line in sample_path("gsm8k/test.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in sample_path("gsm8k/train.jsonl").read_text().splitlines()]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({**r, "question": r["question"].upper()}) + "\n" for r in heldout)
+                    + "".join(json.dumps(r) + "\n" for r in train))
     args = ("compile", "--model", tiny_model_dir, "--train-size", 2, "--heldout-size", 2, "--demos", 1,
             "--ground-truth", 2, "--warm-up", "--judge-warm-up", "--method", "full", "--learning-rate", 1e-3, "--threads", 2,
-            "--run-dir", run_dir)
+            "--data", data, "--demo-data", data, "--run-dir", run_dir)
     result = _invoke(*args)
     assert result.exit_code == 0, result.output
     for label in ("before (base + demos)", "after warm-up", "after compile"):
@@ -103,6 +112,8 @@ def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny
     assert judge["training"]["base_model"] == str(tiny_model_dir)  # the judge never trains on the student
     checkpoints = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("compile-"))
     assert len(checkpoints) == 3  # student warm-up, judge warm-up, compile
+
+    assert_no_question_in({normalize_question(r["question"]) for r in heldout}, run_dir / "checkpoints")
 
     again = _invoke(*args)  # everything is done: nothing is trained again
     assert again.exit_code == 0, again.output

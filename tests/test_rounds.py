@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dataclasses import replace
+
+from misstep.data.splits import normalize_question
 from misstep.lm import EmbeddedEngine, local_lm
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
@@ -41,19 +44,25 @@ class FailingOnce(LocalProvider):
 @pytest.fixture()
 def loop_parts(tmp_path, tiny_model_dir, gsm8k_train, gsm8k_test):
     train = TrainSettings(method="full", epochs=1.0, learning_rate=1e-3, batch_size=4, max_length=512)
-    heldout = {"gsm8k": injected_gsm8k(gsm8k_test, 3)}
-    # The held-out questions are slipped into the training file too: the loop must keep them out.
-    train_chains = gsm8k_train + [c for c in gsm8k_test[:6]]
+    # Held-out questions with a character JSON escapes (the training data is written ASCII-escaped).
+    test_chains = [replace(c, question=c.question + " (in €)") for c in gsm8k_test[:12]]
+    heldout = {"gsm8k": injected_gsm8k(test_chains[:6], 3)}
+    validation = {"gsm8k": injected_gsm8k(test_chains[6:], 3)}
+    # The same questions are slipped into the training data first, recased and respaced: demos and
+    # ground truth are drawn from the front of the pool, so without the held-out filter they leak.
+    disguised = [replace(c, question="  " + c.question.upper().replace(" ", "  ")) for c in test_chains]
+    train_chains = disguised + gsm8k_train
     judge_lm = local_lm(tiny_model_dir, max_tokens=16, cache=False)
-    return train, heldout, train_chains, judge_lm
+    return train, heldout, validation, train_chains, judge_lm
 
 
 def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny_model_dir, loop_parts):
-    train, heldout, train_chains, judge_lm = loop_parts
+    train, heldout, validation, train_chains, judge_lm = loop_parts
     run_dir = tmp_path / "loop"
     failing = FailingOnce(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_loop(train_chains, heldout, provider=failing, judge_lm=judge_lm, settings=_settings(), run_dir=run_dir)
+        run_loop(train_chains, heldout, provider=failing, judge_lm=judge_lm, settings=_settings(), run_dir=run_dir,
+                 validation=validation)
     assert (run_dir / "round-0" / "round.json").exists() and not (run_dir / "round-1" / "program.json").exists()
     scenarios_before = (run_dir / "round-1" / "scenarios.jsonl").read_text()
     selection_before = (run_dir / "round-1" / "selection.json").read_text()
@@ -61,7 +70,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
     open_before = _open_engines(run_dir)
     history = run_loop(train_chains, heldout, provider=provider, judge_lm=judge_lm, settings=_settings(),
-                       run_dir=run_dir)
+                       run_dir=run_dir, validation=validation)
     # Each round's model is let go once the next is compiled: the judge and the last student stay.
     assert len(_open_engines(run_dir) - open_before) == 2
 
@@ -79,6 +88,12 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
             assert (folder / name).exists(), f"round {r}: {name}"
         row = json.loads((folder / "round.json").read_text())
         assert row["heldout"]["gsm8k"]["gsm8k"]["location_accuracy"]["n"] == 3
+        assert row["validation"]["gsm8k"]["gsm8k"]["location_accuracy"]["n"] == 3 and row["chosen_on"] == "validation"
+        assert "recovery_success" not in row["validation"]["gsm8k"]["gsm8k"] or \
+            not row["validation"]["gsm8k"]["gsm8k"]["recovery_success"]["n"]  # only the reported set recovers
+        for floor in ("majority_baseline", "last_step_baseline"):
+            assert row["heldout"]["gsm8k"]["gsm8k"][floor]["n"] == 3
+        assert 0 < row["answers"]["top_share"] <= 1 and row["answers"]["n"] == 3
         assert row["verdict"]["reason"] in ("continue", "plateau", "collapse")
         if r == 2:  # round 2 ran whole in this process: every step's time is recorded
             assert set(row["seconds"]) == {"scenarios", "tuning", "compile", "heldout"}
@@ -97,14 +112,24 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     best = json.loads((run_dir / "best.json").read_text())
     assert best["round"] in (0, 1, 2) and best["program"].endswith("program.json")
 
-    # Nothing held out reached any training data, nor any scenario.
-    held = {c.question for c in heldout["gsm8k"]}
-    for data in (run_dir / "checkpoints").glob("compile-*/train_data.jsonl"):
-        text = data.read_text()
-        assert not any(q in text for q in held), data
+    # Nothing held out (test or validation) reached any training data, nor any scenario.
+    held = {normalize_question(c.question) for sets in (heldout, validation) for c in sets["gsm8k"]}
+    assert_no_question_in(held, run_dir / "checkpoints")
     for r in (1, 2):
         for line in (run_dir / f"round-{r}" / "scenarios.jsonl").read_text().splitlines():
-            assert json.loads(line)["chain"]["question"] not in held
+            assert normalize_question(json.loads(line)["chain"]["question"]) not in held
+
+
+def assert_no_question_in(questions: set[str], checkpoints: Path) -> None:
+    """No training record under `checkpoints` shows any of `questions` (normalised), read as JSON
+    rather than as its ASCII-escaped text. Fails on an empty folder, which would prove nothing."""
+    files = list(checkpoints.glob("compile-*/train_data.jsonl"))
+    assert files, f"no training data under {checkpoints}"
+    for data in files:
+        for line in data.read_text().splitlines():
+            for message in json.loads(line)["messages"]:
+                text = normalize_question(message["content"])
+                assert not any(q in text for q in questions), (data, message["content"][:200])
 
 
 def test_active_selection_prefers_the_error_types_that_failed(gsm8k_train):
