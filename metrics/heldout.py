@@ -14,13 +14,15 @@ step the chain does not have and null also where the answer did not parse (`pars
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from misstep.data.loaders import load_chains
 from misstep.data.splits import SplitItem, bbm_items, gsm8k_items, shuffled
-from misstep.metrics.injector import inject_many
+from misstep.metrics.injector import INJECTABLE_TYPES, inject_many
 from misstep.metrics.oracle import first_error
 from misstep.metrics.stats import Rate, answer_spread, mcnemar_p
 
@@ -29,6 +31,7 @@ from misstep.metrics.stats import Rate, answer_spread, mcnemar_p
 GSM8K_SIZES = {"test": 360, "validation": 180}
 VALID_SHARE = 0.15
 BBM_SIZES = {"test": 200, "validation": 99}
+NUMBER_IN_TEXT = re.compile(r"\d+(?:\.\d+)?")
 
 
 def build_gsm8k_splits(path: Path, seed: int = 0, sizes: dict[str, int] = GSM8K_SIZES,
@@ -46,7 +49,9 @@ def build_gsm8k_splits(path: Path, seed: int = 0, sizes: dict[str, int] = GSM8K_
         while len(pairs) < size - n_valid:
             if cursor >= len(chains):
                 raise ValueError(f"{path}: too few valid chains for a {split} split of {size}")
-            pairs += inject_many([chains[cursor]], seed=seed)
+            # Error types in turn, as inject_many takes them over a list: the first that applies.
+            turn = cursor % len(INJECTABLE_TYPES)
+            pairs += inject_many([chains[cursor]], INJECTABLE_TYPES[turn:] + INJECTABLE_TYPES[:turn], seed=seed)
             cursor += 1
         out[split] = gsm8k_items(pairs, valid, split)
     return out
@@ -108,3 +113,47 @@ def compare(items: list[SplitItem], first: dict[str, dict[str, Any]], second: di
     a = [bool(first[item.item_id]["correct"]) for item in items]
     b = [bool(second[item.item_id]["correct"]) for item in items]
     return {"n": len(items), "first_correct": sum(a), "second_correct": sum(b), "mcnemar_p": mcnemar_p(a, b)}
+
+
+def _largest_number(chain) -> float:
+    numbers = [float(n) for step in chain.steps for n in NUMBER_IN_TEXT.findall(step.replace(",", ""))]
+    return max(numbers, default=0.0)
+
+
+def _size_bucket(value: float) -> str:
+    for bound, label in ((10, "<10"), (100, "10-99"), (1000, "100-999")):
+        if value < bound:
+            return label
+    return ">=1000"
+
+
+SLICES: dict[str, Callable[[SplitItem], str]] = {
+    "error_type": lambda item: item.error_type or ("none" if item.chain.mistake_index is None else "labelled"),
+    "error_position": lambda item: "none" if item.chain.mistake_index is None
+    else str(min(item.chain.mistake_index + 1, 5)) + ("+" if item.chain.mistake_index >= 4 else ""),
+    "steps": lambda item: str(min(len(item.chain.steps), 6)) + ("+" if len(item.chain.steps) >= 6 else ""),
+    "operand_size": lambda item: _size_bucket(_largest_number(item.chain)),
+}
+
+
+def slices(items: list[SplitItem], predictions: dict[str, dict[str, Any]], min_items: int = 30,
+           alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Where a model beats the floor: for each slice (error type, position of the first error,
+    number of steps, size of the largest number) with at least `min_items` items, its accuracy,
+    its own majority baseline (the slice's most common label), and McNemar's p between them.
+    `significant` marks the slices where the model is better with p < `alpha`."""
+    out = []
+    for dimension, key in SLICES.items():
+        groups: dict[str, list[SplitItem]] = {}
+        for item in items:
+            groups.setdefault(key(item), []).append(item)
+        for value, members in sorted(groups.items()):
+            if len(members) < min_items:
+                continue
+            correct = [bool(predictions[item.item_id]["correct"]) for item in members]
+            floor = baseline_outcomes(members)["majority"]
+            p = mcnemar_p(correct, floor)
+            out.append({"slice": dimension, "value": value, "n": len(members), "correct": sum(correct),
+                        "majority_baseline_correct": sum(floor), "mcnemar_p": p,
+                        "significant": sum(correct) > sum(floor) and p < alpha})
+    return out

@@ -7,7 +7,7 @@ import pytest
 
 from misstep.data import DataFileError, sample_path
 from misstep.data.splits import SplitItem, load_split, normalize_question, save_split, split_path, without_heldout
-from misstep.metrics.heldout import baseline_outcomes, build_gsm8k_splits, compare, majority_label, score
+from misstep.metrics.heldout import baseline_outcomes, build_gsm8k_splits, compare, majority_label, score, slices
 from misstep.metrics.oracle import first_error
 from misstep.metrics.stats import answer_spread, mcnemar_p
 
@@ -23,6 +23,8 @@ def test_the_committed_splits_have_the_power_and_disjointness_asked_of_them():
         for item in items:
             if item.chain.mistake_index is not None:  # an injected label the oracle confirms on its own
                 assert item.error_type is not None
+        types = Counter(i.error_type for i in items if i.error_type)
+        assert len(types) == 5 and min(types.values()) >= 0.15 * sum(types.values())  # error types in turn
     questions = lambda items: {normalize_question(i.chain.question) for i in items}  # noqa: E731
     assert not questions(test) & questions(validation)
     for task in BBM_TASKS:
@@ -97,3 +99,19 @@ def test_answer_spread():
     assert answer_spread([1, 1, 1, None])["top_share"] == 0.75
     assert answer_spread([1, 2])["entropy_bits"] == pytest.approx(1.0)
     assert answer_spread([])["top_share"] is None
+
+
+def test_slices_find_where_a_model_beats_its_own_floor():
+    items = load_split(split_path("gsm8k", "test"))
+    # A model that knows the errors made by a wrong operation and nothing else.
+    predictions = {i.item_id: {"correct": i.error_type == "wrong_operation", "parsed": True,
+                               "predicted": i.chain.mistake_index} for i in items}
+    found = slices(items, predictions)
+    assert {row["slice"] for row in found} == {"error_type", "error_position", "steps", "operand_size"}
+    assert all(row["n"] >= 30 for row in found)
+    by_type = {row["value"]: row for row in found if row["slice"] == "error_type"}
+    assert by_type["wrong_operation"]["significant"] and by_type["wrong_operation"]["correct"] == \
+        by_type["wrong_operation"]["n"]
+    assert not by_type["arithmetic_slip"]["significant"] and by_type["arithmetic_slip"]["correct"] == 0
+    positions = [row for row in found if row["slice"] == "error_position"]
+    assert sum(row["n"] for row in positions) <= len(items)
