@@ -71,6 +71,10 @@ class TrainSettings:
     # schedule, data order, random state) to OUTPUT_DIR/resume.pt; None: never. A training
     # started again on the same records and settings continues from there.
     resume_every_s: float | None = 600.0
+    # Run the tokens every row of a batch begins with once, not once a row (same loss and
+    # gradients; see answer_loss). Off until its speed is measured on an idle machine: under
+    # load its extra gradient accumulation cost more than the products it saved.
+    share_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -102,24 +106,57 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int) ->
 class AnswerLoss(torch.nn.Module):
     """The model with `answer_loss` as its forward, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, model):
+    def __init__(self, model, share_prefix: bool = False):
         super().__init__()
         self.model = model
+        self.share_prefix = share_prefix
 
     def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        return answer_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+        return answer_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels},
+                           share_prefix=self.share_prefix)
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+# A shared prefix shorter than this is not worth a second forward call.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """How many leading tokens every row of `batch` has in common, all of them prompt (no loss,
+    nor on the token after them), and leaving each row at least one token of its own."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    same = (ids == ids[:1]).all(dim=0) & (batch["attention_mask"] == 1).all(dim=0)
+    prompt = (labels == -100).all(dim=0)
+    length = 0
+    while length < ids.shape[1] - 1 and same[length] and prompt[length + 1]:
+        length += 1
+    return length
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = False) -> torch.Tensor:
     """Mean next-token loss over the answer tokens only.
 
     The vocabulary projection runs on the answer positions alone: answers are a few
     dozen tokens of prompts that run to a thousand, and a 49k-word head over every
     position would cost more than the rest of the step.
+
+    With `share_prefix`, the tokens every row begins with (a stage's adapter instructions, the
+    same in every record of that stage) run once, as one row, and the rows continue from
+    their keys and values, repeated per row: the same loss and gradients (the repeat's
+    backward sums over rows), with the shared part's products computed once instead of once
+    a row.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    shared = shared_prefix_length(batch) if share_prefix and ids.shape[0] > 1 else 0
+    if shared >= MIN_SHARED_PREFIX:
+        prefix = causal_lm.model(input_ids=ids[:1, :shared], use_cache=True).past_key_values
+        prefix.batch_repeat_interleave(ids.shape[0])
+        hidden = causal_lm.model(input_ids=ids[:, shared:], attention_mask=mask, past_key_values=prefix,
+                                 use_cache=True).last_hidden_state
+    else:
+        shared = 0
+        hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = batch["labels"][:, shared + 1:]
     scored = targets != -100
     logits = causal_lm.lm_head(hidden[:, :-1][scored])
     return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
@@ -233,7 +270,8 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
                                                  task_type="CAUSAL_LM"))
         if settings.gradient_checkpointing:
             model.enable_input_require_grads()
-    loss_of = AnswerLoss(model)
+    # Gradient checkpointing turns the key/value cache off, which the shared prefix needs.
+    loss_of = AnswerLoss(model, share_prefix=settings.share_prefix and not settings.gradient_checkpointing)
     if launched:
         loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, device_ids=[local_rank] if cuda else None)
         # Never freed in this process (main() leaves without tearing down): freeing DDP frees its
@@ -356,7 +394,7 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
 def _data_key(records: list[dict[str, Any]], settings: TrainSettings) -> str:
     """What a resume point must match: the same records and the settings that shape the run."""
     shaping = {k: v for k, v in asdict(settings).items()
-               if k not in ("resume_every_s", "launch_timeout_s", "collective_timeout_s", "onednn")}
+               if k not in ("resume_every_s", "launch_timeout_s", "collective_timeout_s", "onednn", "share_prefix")}
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
     for record in records:
         digest.update(json.dumps(record, sort_keys=True).encode())

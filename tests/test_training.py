@@ -74,6 +74,41 @@ def test_onednn_products_give_mkls_loss_and_gradients(tiny_model_dir, chat_recor
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_shared_prefix_run_once_gives_the_same_loss_and_gradients(tiny_model_dir, gsm8k_train, method):
+    """Records of one stage begin with the same adapter instructions: running them once for the
+    whole batch changes rounding only, for every parameter (the prefix's too)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from misstep.lm.training import AnswerLoss, _collate, shared_prefix_length
+    from misstep.optimize.control import control_chains, training_records
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = training_records(control_chains(gsm8k_train, 4), cue=False, loss="stage3")
+    batch = _collate([tokenize_chat(tokenizer, r["messages"], 1024) for r in records], tokenizer.pad_token_id)
+    shared = shared_prefix_length(batch)
+    assert shared > 100 and (batch["labels"][:, :shared + 1] == -100).all()
+    results = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                     task_type="CAUSAL_LM", init_lora_weights=False))
+        model.train()
+        loss = AnswerLoss(model, share_prefix=share)(**batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain_loss, plain_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
 def test_provider_trains_a_new_checkpoint_with_a_new_name(tmp_path, tiny_model_dir, tiny_engine, chat_records, method):
     settings = TrainSettings(method=method, epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=512,
                              lora_rank=4, lora_alpha=8)
