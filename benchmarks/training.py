@@ -53,14 +53,14 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
 
 
 def _train_once(model_dir: Path, records: Path, method: str, checkpointing: bool, steps: int,
-                max_length: int) -> dict:
+                max_length: int, share_prefix: bool = True) -> dict:
     code = f"""
 import json, sys
 from pathlib import Path
 from misstep.lm.training import TrainSettings, train_chat
 records = [json.loads(l) for l in open({str(records)!r})]
 settings = TrainSettings(method={method!r}, batch_size=4, max_length={max_length}, gradient_checkpointing={checkpointing},
-                         epochs={steps} * 4 / len(records))
+                         epochs={steps} * 4 / len(records), share_prefix={share_prefix})
 out = Path(sys.argv[1])
 summary = train_chat(Path({str(model_dir)!r}), records, out, settings, show_progress=False)
 log = [json.loads(l) for l in open(out / "train_log.jsonl")]
@@ -112,13 +112,40 @@ def bench_training(model_dir: Path, steps: int = 4, repeats: int = 2, max_length
     return results
 
 
+def bench_shared_prefix(model_dir: Path, steps: int = 4, repeats: int = 2) -> dict:
+    """Stage-3 records (the control's, one adapter prompt for all), full fine-tune, with the
+    shared prefix run once per batch and once per row, in alternating order."""
+    from misstep.optimize.control import control_chains, training_records
+
+    chains = misstep.load_chains(misstep.sample_path("gsm8k/train.jsonl"))
+    records = training_records(control_chains(chains, 4 * steps), cue=False, loss="stage3")
+    rates: dict[str, list[float]] = {"per row": [], "shared": []}
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as data:
+        data.write("".join(json.dumps(r) + "\n" for r in records))
+        data.flush()
+        for _ in range(repeats):
+            for name, share in (("per row", False), ("shared", True)):
+                log = _train_once(model_dir, Path(data.name), "full", False, steps, 1024, share_prefix=share)["log"]
+                timed = log[1:] or log
+                rates[name].append(sum(row["seconds"] for row in timed) / len(timed))
+    result = {name: summarize(values) for name, values in rates.items()}
+    print(f"stage-3 records, full: {result['per row']['median']:.1f} s/step with the prompt per row, "
+          f"{result['shared']['median']:.1f} with the shared prefix once a batch")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--shared-prefix", action="store_true", help="only the shared-prefix A/B on stage-3 records")
     args = parser.parse_args()
+    if args.shared_prefix:
+        save("training_shared_prefix", args.model, bench_shared_prefix(resolve_model(args.model), args.steps,
+                                                                       args.repeats))
+        return
     save("training", args.model, bench_training(resolve_model(args.model), args.steps, args.repeats, args.max_length))
 
 
