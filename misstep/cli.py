@@ -466,7 +466,8 @@ def control_command(
                                                          "stages' ground truth, as the loop trains) (repeat)")] = None,
     model: ModelOption = DEFAULT_MODEL,
     run_dir: Annotated[Path, typer.Option(help="one folder per run; rerun to resume")] = Path("runs/control"),
-    results: Annotated[Path | None, typer.Option(help="also write every finished run's summary here (JSON)")] = None,
+    results: Annotated[Path | None, typer.Option(help="also record every finished run here (JSON; its predictions "
+                                                      "and slices beside it), e.g. docs/results/control.json")] = None,
     threads: ThreadsOption = 8,
     batch_size: BatchSizeOption = 4,
     max_length: MaxLengthOption = 1024,
@@ -477,7 +478,7 @@ def control_command(
     and last-step baselines. Every combination of the repeated options is one run; finished runs
     are skipped, a killed one resumes."""
     from misstep.data.splits import load_split
-    from misstep.optimize.control import LOSSES, ControlRun, run_control
+    from misstep.optimize.control import LOSSES, ControlRun, publish, run_control
 
     modes = cue or ["cue", "real"]
     if set(modes) - {"cue", "real"}:
@@ -494,7 +495,6 @@ def control_command(
     runs = [ControlRun(n, mode == "cue", lr, e, l, seed) for n in sizes or [1000] for mode in modes
             for lr in learning_rate or [1e-4] for e in epochs or [1.0] for l in losses]
     settings = TrainSettings(method="full", batch_size=batch_size, max_length=max_length, seed=seed)
-    finished = []
     for number, run in enumerate(runs, start=1):
         console.print(f"[bold]run {number}/{len(runs)}: {run.name}[/bold]")
         try:
@@ -502,13 +502,11 @@ def control_command(
                                  num_threads=threads)
         except ValueError as exc:
             _fail(f"{run.name}: {exc}")
-        finished.append(result)
         console.print(f"  {result['correct']}/{result['heldout_n']} correct; majority baseline "
                       f"{result['majority_baseline_correct']}, last step {result['last_step_baseline_correct']}; "
                       f"McNemar p against the better: {result['mcnemar_p']:.3g}")
         if results:
-            from misstep.data.runfiles import write_json_atomic
-            write_json_atomic(results, {"runs": finished})
+            publish(result, items, results)
 
 
 @app.command("report")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -36,7 +37,7 @@ from misstep.data.splits import SplitItem, shuffled, without_heldout
 from misstep.lm.client import local_lm
 from misstep.lm.training import TrainSettings, train_chat
 from misstep.metrics.checks import location_correct
-from misstep.metrics.heldout import score
+from misstep.metrics.heldout import read_predictions, score, slices
 from misstep.metrics.injector import INJECTABLE_TYPES, InjectionError, applicable_steps, inject
 from misstep.metrics.oracle import first_error
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, ground_truth_demos
@@ -219,3 +220,18 @@ def run_control(run: ControlRun, pool: list[Chain], items: list[SplitItem], *, m
     }
     write_json_atomic(result_path, result)
     return result
+
+
+def publish(result: dict[str, Any], items: list[SplitItem], results_path: Path) -> dict[str, Any]:
+    """Record a finished run in `results_path` ({"runs": [...]}, one entry per run name, kept
+    across invocations): its predictions copied beside it (<folder>/control/<run name>.jsonl, the
+    path the entry names) and its slices. Returns the entry."""
+    predictions_path = results_path.parent / "control" / f"{result['name']}.jsonl"
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result["predictions"], predictions_path)
+    entry = {**result, "predictions": str(predictions_path),
+             "slices": slices(items, read_predictions(predictions_path))}
+    recorded = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
+    runs = [run for run in recorded if run["name"] != entry["name"]] + [entry]
+    write_json_atomic(results_path, {"runs": sorted(runs, key=lambda run: run["name"])})
+    return entry

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,32 @@ def test_a_control_run_trains_measures_and_resumes_without_training_again(tmp_pa
     assert again["heldout_n"] == 6
     assert (folder / "model" / "model.safetensors").stat().st_mtime_ns == trained_at
     assert len((folder / "predictions.jsonl").read_text().splitlines()) == 6
+
+
+def test_the_control_command_records_each_run_once_and_refuses_bad_input(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from misstep.cli import app
+    from misstep.data.splits import save_split
+
+    split = tmp_path / "split.jsonl"
+    save_split(split, load_split(split_path("gsm8k", "test"))[:5])
+    results = tmp_path / "results" / "control.json"
+    args = ["control", "--model", str(tiny_model_dir), "--data", str(sample_path("gsm8k/train.jsonl")),
+            "--split", str(split), "--size", "8", "--cue", "real", "--learning-rate", "1e-3", "--threads", "2",
+            "--run-dir", str(tmp_path / "runs"), "--results", str(results)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "correct; majority baseline" in first.output
+    again = CliRunner().invoke(app, args)  # finished: read back, recorded once
+    assert again.exit_code == 0, again.output
+    runs = json.loads(results.read_text())["runs"]
+    assert len(runs) == 1 and RESULT_KEYS <= runs[0].keys() and runs[0]["cue"] is False
+    copied = Path(runs[0]["predictions"])
+    assert copied.parent == results.parent / "control" and len(copied.read_text().splitlines()) == 5
+    assert isinstance(runs[0]["slices"], list)
+
+    bad = CliRunner().invoke(app, args[:-4] + ["--cue", "maybe"])
+    assert bad.exit_code == 2 and "--cue takes 'cue' or 'real'" in bad.output
+    missing = CliRunner().invoke(app, ["control", "--split", str(tmp_path / "nowhere.jsonl")])
+    assert missing.exit_code == 2 and "nowhere.jsonl" in missing.output
