@@ -33,7 +33,8 @@ def sample_path(name: str) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line, record) for every JSON object of a JSONL file; a bad line names the file and line."""
     if not path.exists():
         raise DataFileError(path, None, None, "file does not exist")
     rows = []
@@ -74,7 +75,7 @@ def load_gsm8k(path: Path | str) -> list[Chain]:
     """GSM8K: the `answer` field is the valid chain, one step a line, final answer after '####'."""
     path = Path(path)
     chains = []
-    for line, record in _read_jsonl(path):
+    for line, record in read_jsonl(path):
         question = _field(path, line, record, "question", str)
         solution = _field(path, line, record, "answer", str)
         body, separator, final = solution.rpartition("####")
@@ -93,7 +94,7 @@ def load_big_bench_mistake(path: Path | str) -> list[Chain]:
     """BIG-Bench Mistake: model-written traces with `mistake_index`, the people-labelled first mistake."""
     path = Path(path)
     chains = []
-    for line, record in _read_jsonl(path):
+    for line, record in read_jsonl(path):
         question = _field(path, line, record, "input", str)
         steps = _field(path, line, record, "steps", list)
         for i, step in enumerate(steps):
@@ -122,7 +123,7 @@ LOADERS: dict[str, Callable[[Path], list[Chain]]] = {
 def detect_format(path: Path | str) -> str:
     """Which loader fits a file, from the keys of its first record."""
     path = Path(path)
-    first_line, first = _read_jsonl(path)[0]
+    first_line, first = read_jsonl(path)[0]
     if {"question", "answer"} <= first.keys():
         return "gsm8k"
     if {"input", "steps", "mistake_index"} <= first.keys():

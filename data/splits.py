@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from misstep.data.loaders import DataFileError
+from misstep.data.loaders import DataFileError, read_jsonl
 from misstep.data.records import Chain
 
 SPLITS = ("test", "validation")
@@ -94,13 +94,7 @@ def load_split(path: Path | str) -> list[SplitItem]:
     if not path.exists():
         raise DataFileError(path, None, None, "file does not exist (build it with `misstep splits`)")
     items, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataFileError(path, number, None, f"not valid JSON ({exc.msg})") from None
+    for number, record in read_jsonl(path):
         for field in ("item_id", "split", "chain"):
             if field not in record:
                 raise DataFileError(path, number, field, "missing")
@@ -112,6 +106,4 @@ def load_split(path: Path | str) -> list[SplitItem]:
             raise DataFileError(path, number, "item_id", f"{record['item_id']!r} appears twice")
         seen.add(record["item_id"])
         items.append(SplitItem(record["item_id"], record["split"], chain, record.get("error_type")))
-    if not items:
-        raise DataFileError(path, None, None, "file holds no items")
     return items
