@@ -19,14 +19,15 @@ def _bars(ax, labels: list[str], rates: list[dict], offset: float, width: float,
 
 
 def plot_evaluation(metrics: dict[str, Any], path: Path) -> Path:
-    """Location accuracy beside the majority baseline, and recovery success, per task, with 95% intervals."""
+    """Location accuracy beside the majority and last-step baselines, and recovery success, per task,
+    with 95% intervals."""
     tasks = [t for t in metrics if not t.startswith("_")]
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) + 2), 4))
     series = [("location_accuracy", "location accuracy"), ("majority_baseline", "majority baseline"),
-              ("recovery_success", "recovery success")]
+              ("last_step_baseline", "last-step baseline"), ("recovery_success", "recovery success")]
     width = 0.8 / len(series)
     for n, (key, label) in enumerate(series):
-        _bars(ax, tasks, [metrics[t][key] for t in tasks], (n - 1) * width, width, label)
+        _bars(ax, tasks, [metrics[t][key] for t in tasks], (n - (len(series) - 1) / 2) * width, width, label)
     ax.set_xticks(range(len(tasks)), [f"{t}\n(n={metrics[t]['n']})" for t in tasks], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("rate (95% Wilson interval)")

@@ -192,13 +192,15 @@ def evaluate_command(
     metrics = evaluate(chains, _lm(model, 0.0, seed, threads), settings, recover=recover)
 
     table = Table(title="self-correction, 95% Wilson intervals")
-    for column in ("task", "n", "location accuracy", "majority baseline", "parsed", "recovery success"):
+    for column in ("task", "n", "location accuracy", "majority baseline", "last-step baseline", "parsed",
+                   "recovery success"):
         table.add_column(column)
     for task, row in metrics.items():
         if task.startswith("_"):
             continue
         table.add_row(task, str(row["n"]), _rate_cell(row["location_accuracy"]), _rate_cell(row["majority_baseline"]),
-                      _rate_cell(row["locate_parsed"]), _rate_cell(row["recovery_success"]))
+                      _rate_cell(row["last_step_baseline"]), _rate_cell(row["locate_parsed"]),
+                      _rate_cell(row["recovery_success"]))
     console.print(table)
     console.print(f"metrics: {settings.run_dir / 'metrics.json'}")
 
@@ -299,10 +301,11 @@ def compile_command(
     rows.append(("after compile", held_out(compiled.predictors()[0].lm, "after", {})))
 
     table = Table(title="held-out GSM8K (injected errors), 95% Wilson intervals")
-    for column in ("", "location accuracy", "recovery success"):
+    for column in ("", "location accuracy", "majority / last-step baselines", "recovery success"):
         table.add_column(column)
     for label, metrics in rows:
-        table.add_row(label, _rate_cell(metrics["gsm8k"]["location_accuracy"]),
+        floors = f"{_rate_cell(metrics['gsm8k']['majority_baseline'])} / {_rate_cell(metrics['gsm8k']['last_step_baseline'])}"
+        table.add_row(label, _rate_cell(metrics["gsm8k"]["location_accuracy"]), floors,
                       _rate_cell(metrics["gsm8k"]["recovery_success"]))
     console.print(table)
     report = json.loads((run / "compile_report.json").read_text())

@@ -43,3 +43,26 @@ def test_diversity_sees_outputs_collapse_into_copies():
 def test_an_empty_history_is_refused():
     with pytest.raises(ValueError):
         judge_health([], [])
+
+
+def test_one_stage3_answer_to_most_items_is_a_collapse_once_it_grows():
+    rising = [Rate(40, 200), Rate(60, 200), Rate(80, 200)]  # accuracy alone would continue
+    grown = judge_health(rising, [None, 0.6, 0.6], top_share=[0.3, 0.5, 0.9])
+    assert grown.stop and grown.reason == "collapse" and "90%" in grown.detail
+    # A degenerate round 0 is no reason to stop after round 1 when round 1 answers more variously.
+    easing = judge_health(rising[:2], [None, 0.6], top_share=[0.95, 0.7])
+    assert not easing.stop
+    below_flag = judge_health(rising, [None, 0.6, 0.6], top_share=[0.2, 0.4, 0.55])
+    assert not below_flag.stop
+
+
+def test_the_evaluation_summary_carries_both_floors_and_the_answer_spread():
+    from misstep.metrics.evaluation import summarize
+
+    records = [{"task": "gsm8k", "gold": gold, "steps": steps, "predicted": 0, "parsed": True,
+                "location_ok": gold == 0}
+               for gold, steps in [(0, 3), (2, 3), (2, 3), (1, 4), (None, 2)]]
+    summary = summarize(records)["gsm8k"]
+    assert summary["majority_baseline"].k == 2  # step 3 is the most common label
+    assert summary["last_step_baseline"].k == 2  # (2, 3) twice; a valid chain has no last-step error
+    assert summary["answers"]["top_share"] == 1.0
