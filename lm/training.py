@@ -55,6 +55,9 @@ class TrainSettings:
     gradient_accumulation: int = 1
     gradient_checkpointing: bool = False
     warmup_fraction: float = 0.1
+    # AdamW's second-moment decay. At 0.999 its memory is ~1,000 steps, so the large gradients of
+    # the first steps, while the adapter's format is learned, damp every later update.
+    adam_beta2: float = 0.999
     seed: int = 0
     device: str | None = None  # None: CUDA where present, else CPU
     # A distributed launcher to train under, e.g. "torchrun --standalone --nproc-per-node 4" or
@@ -284,7 +287,7 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     steps_per_epoch = math.ceil(len(rows) / (global_batch * settings.gradient_accumulation))
     total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=(0.9, settings.adam_beta2), weight_decay=0.0)
     warmup = max(1, int(settings.warmup_fraction * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))

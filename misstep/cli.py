@@ -467,6 +467,8 @@ def control_command(
     epochs: Annotated[list[float] | None, typer.Option(min=0.01, help="(repeat)")] = None,
     loss: Annotated[list[str] | None, typer.Option(help="stage3 (stage-3 records alone) or all (with the other "
                                                          "stages' ground truth, as the loop trains) (repeat)")] = None,
+    adam_beta2: Annotated[list[float] | None, typer.Option(min=0.5, max=0.9999, help="AdamW's second-moment decay "
+                                                                            "(repeat; default 0.999)")] = None,
     model: ModelOption = DEFAULT_MODEL,
     run_dir: Annotated[Path, typer.Option(help="one folder per run; rerun to resume")] = Path("runs/control"),
     results: Annotated[Path | None, typer.Option(help="also record every finished run here (JSON; its predictions "
@@ -495,8 +497,8 @@ def control_command(
         _fail(str(exc))
     pool = _load(data)
     model_dir = _model_dir(model)
-    runs = [ControlRun(n, mode == "cue", lr, e, l, seed) for n in sizes or [1000] for mode in modes
-            for lr in learning_rate or [1e-4] for e in epochs or [1.0] for l in losses]
+    runs = [ControlRun(n, mode == "cue", lr, e, l, seed, b2) for n in sizes or [1000] for mode in modes
+            for lr in learning_rate or [1e-4] for e in epochs or [1.0] for l in losses for b2 in adam_beta2 or [0.999]]
     settings = TrainSettings(method="full", batch_size=batch_size, max_length=max_length, seed=seed)
     for number, run in enumerate(runs, start=1):
         console.print(f"[bold]run {number}/{len(runs)}: {run.name}[/bold]")
