@@ -101,6 +101,7 @@ def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny
     assert result.exit_code == 0, result.output
     for label in ("before (base + demos)", "after warm-up", "after compile"):
         assert label in result.output
+    assert "floors on the same items: majority label" in " ".join(result.output.split())
     for folder in ("before", "after-warm-up", "after"):
         assert (run_dir / folder / "metrics.json").exists()
     report = json.loads((run_dir / "compile_report.json").read_text())

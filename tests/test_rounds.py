@@ -153,3 +153,15 @@ def test_active_selection_prefers_the_error_types_that_failed(gsm8k_train):
                        random.Random(0), round_index=2)
     assert off["weights"] == {"arithmetic_slip": 0.5, "wrong_operand": 0.5} and off["revisited"] == 0
     assert "off" in off["reason"]
+
+
+def test_rounds_are_chosen_on_the_validation_split_not_the_reported_one():
+    from misstep.optimize.rounds import _answers, _primary
+
+    def metrics(k, share):
+        return {"gsm8k": {"gsm8k": {"location_accuracy": {"k": k, "n": 100}, "answers": {"top_share": share}}}}
+
+    row = {"heldout": metrics(90, 0.2), "validation": metrics(30, 0.7), "chosen_on": "validation"}
+    assert _primary(row, "location_accuracy").k == 30 and _answers(row)["top_share"] == 0.7
+    legacy = {"heldout": metrics(90, 0.2)}  # a round.json from before validation splits
+    assert _primary(legacy, "location_accuracy").k == 90
