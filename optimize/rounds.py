@@ -38,8 +38,8 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain, Scenario, format_steps
-from misstep.data.splits import without_heldout
 from misstep.data.runfiles import JsonlLog, write_json_atomic, write_jsonl_atomic
+from misstep.data.splits import without_heldout
 from misstep.lm.engine import EmbeddedEngine
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
