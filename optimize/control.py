@@ -193,7 +193,6 @@ def run_control(run: ControlRun, pool: list[Chain], items: list[SplitItem], *, m
     records = training_records(chains, cue=run.cue, loss=run.loss, seed=run.seed)
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(folder / "train_records.jsonl", records)
-    started = time.perf_counter()
     weights = folder / "model"
     settings = replace(settings, method="full", learning_rate=run.learning_rate, epochs=run.epochs, seed=run.seed,
                        adam_beta2=run.adam_beta2)
