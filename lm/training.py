@@ -55,8 +55,8 @@ class TrainSettings:
     gradient_accumulation: int = 1
     gradient_checkpointing: bool = False
     warmup_fraction: float = 0.1
-    # AdamW's second-moment decay. At 0.999 its memory is ~1,000 steps, so the large gradients of
-    # the first steps, while the adapter's format is learned, damp every later update.
+    # AdamW's second-moment decay: its memory is about 1 / (1 - adam_beta2) steps, so the large
+    # gradients of the first steps, while the adapter's format is learned, weigh on later updates.
     adam_beta2: float = 0.999
     seed: int = 0
     device: str | None = None  # None: CUDA where present, else CPU
@@ -75,7 +75,7 @@ class TrainSettings:
     # started again on the same records and settings continues from there.
     resume_every_s: float | None = 600.0
     # Run the tokens every row of a batch begins with once, not once a row: the same loss and
-    # gradients (see answer_loss), a third less time a step on stage-3 records here.
+    # gradients (see answer_loss), fewer products a step where records share a stage's prompt.
     share_prefix: bool = True
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from misstep.data.loaders import load_chains
 from misstep.data.splits import SplitItem, bbm_items, gsm8k_items, shuffled
-from misstep.metrics.injector import INJECTABLE_TYPES, inject_many
+from misstep.metrics.injector import inject_many, types_in_turn
 from misstep.metrics.oracle import first_error
 from misstep.metrics.stats import Rate, answer_spread, mcnemar_p
 
@@ -49,9 +49,8 @@ def build_gsm8k_splits(path: Path, seed: int = 0, sizes: dict[str, int] = GSM8K_
         while len(pairs) < size - n_valid:
             if cursor >= len(chains):
                 raise ValueError(f"{path}: too few valid chains for a {split} split of {size}")
-            # Error types in turn, as inject_many takes them over a list: the first that applies.
-            turn = cursor % len(INJECTABLE_TYPES)
-            pairs += inject_many([chains[cursor]], INJECTABLE_TYPES[turn:] + INJECTABLE_TYPES[:turn], seed=seed)
+            # Error types in turn across the split, as inject_many gives them over a list.
+            pairs += inject_many([chains[cursor]], types_in_turn(cursor), seed=seed)
             cursor += 1
         out[split] = gsm8k_items(pairs, valid, split)
     return out

@@ -226,6 +226,13 @@ def _finish(chain: Chain, steps: list[str], label: int, changed: dict[str, str])
     return replace(chain, steps=tuple(steps), answer=answer, mistake_index=label)
 
 
+def types_in_turn(n: int, error_types: list[str] | tuple[str, ...] = INJECTABLE_TYPES) -> list[str]:
+    """The error types in the order the `n`-th chain tries them: each chain starts one further on,
+    so a list of chains gets the types in turn."""
+    k = n % len(error_types)
+    return list(error_types[k:]) + list(error_types[:k])
+
+
 def inject_many(chains: list[Chain], error_types: list[str] | tuple[str, ...] = INJECTABLE_TYPES,
                 seed: int = 0, require_answer_change: bool = True) -> list[tuple[Chain, Chain, str]]:
     """(valid, corrupted, error type) for each chain, cycling through error types and
@@ -234,7 +241,7 @@ def inject_many(chains: list[Chain], error_types: list[str] | tuple[str, ...] = 
     The result is a pure function of the inputs."""
     out = []
     for n, chain in enumerate(chains):
-        order = list(error_types[n % len(error_types):]) + list(error_types[: n % len(error_types)])
+        order = types_in_turn(n, error_types)
         for error_type in order:
             try:
                 corrupted = inject(chain, error_type, seed=seed)

@@ -15,14 +15,16 @@ from rich.table import Table
 
 import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
 from misstep.data import DataFileError, load_chains, sample_path
-from misstep.data.splits import without_heldout
+from misstep.data.splits import load_split, save_split, split_path, without_heldout
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
 from misstep.lm.provider import SERVINGS, LocalProvider
 from misstep.lm.serving import VllmOptions, vllm_available
 from misstep.lm.training import TrainSettings
+from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
 from misstep.metrics.injector import inject_many
 from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
 from misstep.optimize.compile import NothingToTrainOn, compile_program, compiled_or_resumed, training_examples, warm_up
+from misstep.optimize.control import LOSSES, ControlRun, publish, run_control
 from misstep.optimize.demos import attach_demos, ground_truth_demos, questions_of
 from misstep.metrics.health import StopRule
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
@@ -80,8 +82,6 @@ def _load(path: Path):
 
 def _split_chains(folder: Path | None, set_name: str, split: str, limit: int | None = None):
     """The labelled chains of one committed held-out split (its first `limit` items)."""
-    from misstep.data.splits import load_split, split_path
-
     try:
         items = load_split(split_path(set_name, split, folder))
     except DataFileError as exc:
@@ -438,9 +438,6 @@ def splits_command(
     seed: int = 0,
 ) -> None:
     """Build the held-out splits (test and validation, disjoint) as item lists: OUT/<set>-<split>.jsonl."""
-    from misstep.data.splits import save_split
-    from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
-
     bbm = bbm or sorted((gsm8k.parent.parent / "big-bench-mistake").glob("*.jsonl"))
     try:
         built = {"gsm8k": build_gsm8k_splits(gsm8k, seed=seed)}
@@ -484,9 +481,6 @@ def control_command(
     balanced across steps, 15% valid), measure location on a held-out split beside the majority
     and last-step baselines. Every combination of the repeated options is one run; finished runs
     are skipped, a killed one resumes."""
-    from misstep.data.splits import load_split
-    from misstep.optimize.control import LOSSES, ControlRun, publish, run_control
-
     modes = cue or ["cue", "real"]
     if set(modes) - {"cue", "real"}:
         _fail(f"--cue takes 'cue' or 'real', not {sorted(set(modes) - {'cue', 'real'})}")

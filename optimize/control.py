@@ -38,7 +38,7 @@ from misstep.lm.client import local_lm
 from misstep.lm.training import TrainSettings, train_chat
 from misstep.metrics.checks import location_correct
 from misstep.metrics.heldout import read_predictions, score, slices
-from misstep.metrics.injector import INJECTABLE_TYPES, InjectionError, applicable_steps, inject
+from misstep.metrics.injector import InjectionError, applicable_steps, inject, types_in_turn
 from misstep.metrics.oracle import first_error
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, ground_truth_demos
 from misstep.programs import SelfCorrectionCycle, SelfCorrector
@@ -101,8 +101,8 @@ def control_chains(pool: list[Chain], n: int, valid_share: float = VALID_SHARE, 
 
 def _balanced_injection(chain: Chain, number: int, counts: Counter, cap: int, seed: int) -> Chain | None:
     """`chain` with an error whose first-error bucket is the emptiest still under `cap`, or None."""
-    types = INJECTABLE_TYPES[number % len(INJECTABLE_TYPES):] + INJECTABLE_TYPES[:number % len(INJECTABLE_TYPES)]
-    candidates = [(error_type, step) for error_type in types for step in applicable_steps(chain, error_type)]
+    candidates = [(error_type, step) for error_type in types_in_turn(number)
+                  for step in applicable_steps(chain, error_type)]
     # The emptiest bucket first; a skipped step's label lies after the step, so it is found by trying.
     candidates.sort(key=lambda c: counts[_bucket(c[1])])
     for error_type, step in candidates:
