@@ -3,6 +3,9 @@
 The data is what DSPy's `BootstrapFinetune` produces: `{"messages": [...]}` records
 whose last message is the assistant's answer. Only the answer's tokens (and the
 end-of-turn token, so the model learns to stop) carry loss; the prompt is context.
+`loss_weighting="fields"` weighs them so that every record counts the same and, within a
+record, every output field's value counts as much as all of the adapter's markers together
+(see `answer_weights`); "tokens" is a plain mean over the batch's answer tokens.
 SmolLM2 pads with its end-of-turn token, so labels are masked by the attention mask,
 never by the pad id.
 
@@ -24,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shlex
 import shutil
@@ -31,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,11 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+LOSS_WEIGHTINGS = ("tokens", "fields")
+# DSPy's ChatAdapter writes each output field as a "[[ ## name ## ]]" line and then its value.
+FIELD_MARKER = re.compile(r"\[\[ ## \w+ ## \]\]")
 
 
 @dataclass
@@ -77,10 +87,17 @@ class TrainSettings:
     # Run the tokens every row of a batch begins with once, not once a row: the same loss and
     # gradients (see answer_loss), fewer products a step where records share a stage's prompt.
     share_prefix: bool = True
+    # How the answer tokens' losses are averaged: "tokens", one mean over the batch's answer
+    # tokens, where a one-token field (a step number) is one token among the markers' dozens and
+    # a long record outweighs a short one; or "fields", one mean per record in which each field's
+    # value, and the markers together, weigh the same (answer_weights).
+    loss_weighting: str = "tokens"
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
             raise ValueError(f"method must be 'lora' or 'full', not {self.method!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, not {self.loss_weighting!r}")
         for name in ("epochs", "batch_size", "gradient_accumulation", "max_length", "lora_rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
@@ -90,19 +107,60 @@ class TrainSettings:
         return self.learning_rate or (2e-4 if self.method == "lora" else 2e-5)
 
 
-def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one chat: labels are -100 everywhere but the final assistant turn."""
+def value_spans(answer: str) -> list[tuple[int, int]]:
+    """Character spans of the field values in an adapter's answer: the text between one marker and
+    the next, without the whitespace around it. An answer without markers is one value."""
+    markers = list(FIELD_MARKER.finditer(answer))
+    if not markers:
+        bounds = [(0, len(answer))]
+    else:  # after the last marker ("completed") comes only the end of the turn
+        bounds = [(before.end(), after.start()) for before, after in zip(markers, markers[1:])]
+    spans = []
+    for start, end in bounds:
+        text = answer[start:end]
+        stripped = text.strip()
+        if stripped:
+            start += len(text) - len(text.lstrip())
+            spans.append((start, start + len(stripped)))
+    return spans
+
+
+def answer_weights(answer: str, offsets: list[tuple[int, int]], weighting: str) -> list[float]:
+    """Each answer token's weight in the loss, from its character `offsets` in `answer`.
+
+    "tokens": 1 each. "fields": the tokens fall into segments, one per field value (a token that
+    touches a value belongs to it) and one for everything else (markers, blank lines, the end of
+    the turn); each segment weighs 1 / segments, shared evenly by its tokens, so a record's weights
+    sum to 1 and "has_mistake: True" and a one-token step number each count as much as the markers."""
+    if weighting == "tokens":
+        return [1.0] * len(offsets)
+    spans = value_spans(answer)
+    segment = [next((i for i, (s, e) in enumerate(spans) if start < e and end > s), -1) for start, end in offsets]
+    sizes = Counter(segment)
+    return [1.0 / (len(sizes) * sizes[i]) for i in segment]
+
+
+def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int,
+                  weighting: str = "tokens") -> tuple[list[int], list[int], list[float]]:
+    """(input ids, labels, loss weights) of one chat: labels are -100 everywhere but the final
+    assistant turn, weights 0 there too and by `weighting` (answer_weights) on the answer."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("a training record must end with the assistant's message")
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template does not extend the prompt with the answer")
+    if weighting != "tokens" and not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"loss_weighting={weighting!r} needs a fast tokenizer (its character offsets)")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(prompt):].rstrip("\n"), add_special_tokens=False)["input_ids"]
-    answer_ids = answer_ids[:max_length // 2]  # an over-long answer is cut, keeping room for some prompt
+    answer = full[len(prompt):].rstrip("\n")
+    encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=weighting != "tokens")
+    answer_ids = encoded["input_ids"]
+    weights = answer_weights(answer, encoded.get("offset_mapping") or [(0, 0)] * len(answer_ids), weighting)
+    keep = max_length // 2  # an over-long answer is cut, keeping room for some prompt
+    answer_ids, weights = answer_ids[:keep], weights[:keep]
     prompt_ids = prompt_ids[-(max_length - len(answer_ids)):]
-    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids, [0.0] * len(prompt_ids) + weights
 
 
 class AnswerLoss(torch.nn.Module):
@@ -113,9 +171,9 @@ class AnswerLoss(torch.nn.Module):
         self.model = model
         self.share_prefix = share_prefix
 
-    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        return answer_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels},
-                           share_prefix=self.share_prefix)
+    def forward(self, input_ids, attention_mask, labels, weights) -> torch.Tensor:
+        return answer_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                                        "weights": weights}, share_prefix=self.share_prefix)
 
 
 # A shared prefix shorter than this is not worth a second forward call.
@@ -135,7 +193,8 @@ def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = False) -> torch.Tensor:
-    """Mean next-token loss over the answer tokens only.
+    """Next-token loss over the answer tokens only, averaged by the batch's "weights" (a plain
+    mean where they are all 1).
 
     The vocabulary projection runs on the answer positions alone: answers are a few
     dozen tokens of prompts that run to a thousand, and a 49k-word head over every
@@ -161,15 +220,18 @@ def answer_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = Fals
     targets = batch["labels"][:, shared + 1:]
     scored = targets != -100
     logits = causal_lm.lm_head(hidden[:, :-1][scored])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets[scored], reduction="none")
+    weights = batch["weights"][:, shared + 1:][scored]
+    return (losses * weights).sum() / weights.sum()
 
 
-def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
+def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _, _ in rows)
     return {  # right padding for training; padded positions carry no loss
-        "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in rows]),
-        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
-        "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
+        "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _, _ in rows]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in rows]),
+        "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels, _ in rows]),
+        "weights": torch.tensor([weights + [0.0] * (width - len(weights)) for _, _, weights in rows]),
     }
 
 
@@ -282,7 +344,7 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
         # worker's lock. One run in ~10 of the torchrun test hung there (seen in gdb; the mechanism
         # pytorch/pytorch#179291 describes, the hang #75097 reports).
         _LAUNCHED_KEEP.append(loss_of)
-    rows = [tokenize_chat(tokenizer, r["messages"], settings.max_length) for r in records]
+    rows = [tokenize_chat(tokenizer, r["messages"], settings.max_length, settings.loss_weighting) for r in records]
     global_batch = settings.batch_size * world  # each rank trains on its slice of every batch
     steps_per_epoch = math.ceil(len(rows) / (global_batch * settings.gradient_accumulation))
     total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))

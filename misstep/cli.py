@@ -19,7 +19,7 @@ from misstep.data.splits import load_split, save_split, split_path, without_held
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
 from misstep.lm.provider import SERVINGS, LocalProvider
 from misstep.lm.serving import VllmOptions, vllm_available
-from misstep.lm.training import TrainSettings
+from misstep.lm.training import LOSS_WEIGHTINGS, TrainSettings
 from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
 from misstep.metrics.injector import inject_many
 from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
@@ -468,6 +468,9 @@ def control_command(
                                                          "stages' ground truth, as the loop trains) (repeat)")] = None,
     adam_beta2: Annotated[list[float] | None, typer.Option(min=0.5, max=0.9999, help="AdamW's second-moment decay "
                                                                             "(repeat; default 0.999)")] = None,
+    loss_weighting: Annotated[list[str] | None, typer.Option(help="tokens (one mean over the answer tokens) or "
+                                                                  "fields (each field's value weighs as much as all "
+                                                                  "markers) (repeat; default tokens)")] = None,
     model: ModelOption = DEFAULT_MODEL,
     run_dir: Annotated[Path, typer.Option(help="one folder per run; rerun to resume")] = Path("runs/control"),
     results: Annotated[Path | None, typer.Option(help="also record every finished run here (JSON; its predictions "
@@ -487,14 +490,19 @@ def control_command(
     losses = loss or ["stage3"]
     if set(losses) - set(LOSSES):
         _fail(f"--loss takes {' or '.join(LOSSES)}, not {sorted(set(losses) - set(LOSSES))}")
+    weightings = loss_weighting or ["tokens"]
+    if set(weightings) - set(LOSS_WEIGHTINGS):
+        _fail(f"--loss-weighting takes {' or '.join(LOSS_WEIGHTINGS)}, "
+              f"not {sorted(set(weightings) - set(LOSS_WEIGHTINGS))}")
     try:
         items = load_split(split)
     except DataFileError as exc:
         _fail(str(exc))
     pool = _load(data)
     model_dir = _model_dir(model)
-    runs = [ControlRun(n, mode == "cue", lr, e, l, seed, b2) for n in sizes or [1000] for mode in modes
-            for lr in learning_rate or [1e-4] for e in epochs or [1.0] for l in losses for b2 in adam_beta2 or [0.999]]
+    runs = [ControlRun(n, mode == "cue", lr, e, l, seed, b2, w) for n in sizes or [1000] for mode in modes
+            for lr in learning_rate or [1e-4] for e in epochs or [1.0] for l in losses for b2 in adam_beta2 or [0.999]
+            for w in weightings]
     settings = TrainSettings(method="full", batch_size=batch_size, max_length=max_length, seed=seed)
     for number, run in enumerate(runs, start=1):
         console.print(f"[bold]run {number}/{len(runs)}: {run.name}[/bold]")

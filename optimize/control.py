@@ -150,12 +150,14 @@ class ControlRun:
     loss: str = "stage3"
     seed: int = 0
     adam_beta2: float = 0.999
+    loss_weighting: str = "tokens"  # TrainSettings.loss_weighting
 
     @property
     def name(self) -> str:
         beta2 = "" if self.adam_beta2 == 0.999 else f"-b{self.adam_beta2:g}"
+        weighting = "" if self.loss_weighting == "tokens" else f"-w{self.loss_weighting}"
         return (f"{'cue' if self.cue else 'real'}-n{self.train_records}-lr{self.learning_rate:g}"
-                f"-e{self.epochs:g}-{self.loss}{beta2}-s{self.seed}")
+                f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}-s{self.seed}")
 
 
 def evaluate_location(items: list[SplitItem], lm: dspy.LM, path: Path, *, cue: bool, num_threads: int = 8,
@@ -195,7 +197,7 @@ def run_control(run: ControlRun, pool: list[Chain], items: list[SplitItem], *, m
     write_jsonl_atomic(folder / "train_records.jsonl", records)
     weights = folder / "model"
     settings = replace(settings, method="full", learning_rate=run.learning_rate, epochs=run.epochs, seed=run.seed,
-                       adam_beta2=run.adam_beta2)
+                       adam_beta2=run.adam_beta2, loss_weighting=run.loss_weighting)
     finished = weights / "train_summary.json"  # trained before a kill that came during evaluation
     summary = json.loads(finished.read_text()) if finished.exists() else \
         train_chat(model_dir, records, weights, settings, show_progress=show_progress)

@@ -63,7 +63,8 @@ def test_the_cue_marks_exactly_the_first_erroneous_step(pool):
 
 def test_a_control_run_trains_measures_and_resumes_without_training_again(tmp_path, tiny_model_dir, pool):
     items = load_split(split_path("gsm8k", "test"))[:6]
-    run = ControlRun(train_records=8, cue=True, learning_rate=1e-3, epochs=1.0)
+    run = ControlRun(train_records=8, cue=True, learning_rate=1e-3, epochs=1.0, loss_weighting="fields")
+    assert run.name == "cue-n8-lr0.001-e1-stage3-wfields-s0"
     settings = TrainSettings(method="full", batch_size=4, max_length=512)
     result = run_control(run, pool, items, model_dir=tiny_model_dir, run_dir=tmp_path, settings=settings,
                          num_threads=3, show_progress=False)
@@ -75,6 +76,8 @@ def test_a_control_run_trains_measures_and_resumes_without_training_again(tmp_pa
     assert result["correct"] == sum(p["correct"] for p in predictions)
     assert result["majority_baseline_correct"] >= 1 and result["last_step_baseline_correct"] >= 0
     trained_at = (folder / "model" / "model.safetensors").stat().st_mtime_ns
+    summary = json.loads((folder / "model" / "train_summary.json").read_text())
+    assert summary["settings"]["loss_weighting"] == "fields"
 
     # Killed during the evaluation: the rerun asks only the items not yet answered, and trains nothing.
     (folder / "result.json").unlink()
@@ -111,5 +114,7 @@ def test_the_control_command_records_each_run_once_and_refuses_bad_input(tmp_pat
 
     bad = CliRunner().invoke(app, args[:-4] + ["--cue", "maybe"])
     assert bad.exit_code == 2 and "--cue takes 'cue' or 'real'" in bad.output
+    bad = CliRunner().invoke(app, args[:-4] + ["--loss-weighting", "records"])
+    assert bad.exit_code == 2 and "--loss-weighting takes tokens or fields" in bad.output
     missing = CliRunner().invoke(app, ["control", "--split", str(tmp_path / "nowhere.jsonl")])
     assert missing.exit_code == 2 and "nowhere.jsonl" in missing.output

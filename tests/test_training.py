@@ -1,6 +1,7 @@
 """Fine-tuning and the provider on the tiny model: real training steps on ground-truth chat data."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -26,14 +27,33 @@ def chat_records(gsm8k_train):
 
 def test_only_the_answer_carries_loss(tiny_model_dir, chat_records):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ids, labels = tokenize_chat(tokenizer, chat_records[0]["messages"], max_length=4096)
+    ids, labels, _ = tokenize_chat(tokenizer, chat_records[0]["messages"], max_length=4096)
     answer = [t for t in labels if t != -100]
     assert tokenizer.decode(answer).startswith("[[ ## has_mistake ## ]]")
     assert answer[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # so the model learns to stop
     assert labels[: len(labels) - len(answer)] == [-100] * (len(labels) - len(answer))
     limit = 2 * len(answer) + 10
-    short_ids, short_labels = tokenize_chat(tokenizer, chat_records[0]["messages"], max_length=limit)
+    short_ids, short_labels, _ = tokenize_chat(tokenizer, chat_records[0]["messages"], max_length=limit)
     assert len(short_ids) == limit and [t for t in short_labels if t != -100] == answer  # the prompt is cut, not the answer
+
+
+def test_field_weighting_gives_each_value_the_weight_of_all_markers(tiny_model_dir, chat_records):
+    """A stage-3 answer is markers, a bool and a step number: with "fields" each value weighs a
+    third of the record, where "tokens" gives the step number one share among dozens."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answer_pattern = re.compile(r"has_mistake ## \]\]\n(True|False)\n\n\[\[ ## first_error_step ## \]\]\n(\d)\n")
+    messages, found = next((r["messages"], found) for r in chat_records
+                           if (found := answer_pattern.search(r["messages"][-1]["content"])))
+    ids, labels, weights = tokenize_chat(tokenizer, messages, 4096, weighting="fields")
+    _, plain_labels, plain = tokenize_chat(tokenizer, messages, 4096)
+    assert labels == plain_labels and set(plain) == {0.0, 1.0}
+    assert [w for w, t in zip(weights, labels) if t == -100] == [0.0] * labels.count(-100)
+    answer = [(tokenizer.decode([t]), w) for t, w in zip(labels, weights) if t != -100]
+    values = {text: w for text, w in answer if text in found.groups()}
+    assert values == pytest.approx({found[1]: 1 / 3, found[2]: 1 / 3})
+    assert sum(w for _, w in answer) == pytest.approx(1.0)
+    markers = [w for text, w in answer if text not in found.groups()]
+    assert len(markers) > 20 and markers == pytest.approx([1 / 3 / len(markers)] * len(markers))
 
 
 @pytest.mark.parametrize("method,checkpointing", [("full", False), ("lora", False), ("full", True)])
@@ -47,6 +67,7 @@ def test_onednn_products_give_mkls_loss_and_gradients(tiny_model_dir, chat_recor
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     batch = _collate([tokenize_chat(tokenizer, r["messages"], 256) for r in chat_records[:3]], tokenizer.pad_token_id)
+    assert batch["weights"].sum() == (batch["labels"] != -100).sum()  # "tokens": a plain mean
     results = []
     for onednn in (False, True):
         torch.manual_seed(0)
@@ -73,8 +94,8 @@ def test_onednn_products_give_mkls_loss_and_gradients(tiny_model_dir, chat_recor
         torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_a_shared_prefix_run_once_gives_the_same_loss_and_gradients(tiny_model_dir, gsm8k_train, method):
+@pytest.mark.parametrize("method,weighting", [("full", "tokens"), ("lora", "tokens"), ("full", "fields")])
+def test_a_shared_prefix_run_once_gives_the_same_loss_and_gradients(tiny_model_dir, gsm8k_train, method, weighting):
     """Records of one stage begin with the same adapter instructions: running them once for the
     whole batch changes rounding only, for every parameter (the prefix's too)."""
     import torch
@@ -85,7 +106,8 @@ def test_a_shared_prefix_run_once_gives_the_same_loss_and_gradients(tiny_model_d
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     records = training_records(control_chains(gsm8k_train, 4), cue=False, loss="stage3")
-    batch = _collate([tokenize_chat(tokenizer, r["messages"], 1024) for r in records], tokenizer.pad_token_id)
+    batch = _collate([tokenize_chat(tokenizer, r["messages"], 1024, weighting) for r in records],
+                     tokenizer.pad_token_id)
     shared = shared_prefix_length(batch)
     assert shared > 100 and (batch["labels"][:, :shared + 1] == -100).all()
     results = []
