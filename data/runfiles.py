@@ -32,6 +32,13 @@ def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
     _write_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """A run's JSONL file as records ([] where the step that writes it has not run yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 class JsonlLog:
     """An append-only JSONL file of finished records, for runs that resume.
 

@@ -5,7 +5,7 @@ import os
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch a price map
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from misstep.lm.client import CHAT_STOP, lm_name, local_lm  # noqa: E402
+from misstep.lm.client import CHAT_STOP, engine_stats, lm_name, local_lm, release  # noqa: E402
 from misstep.lm.engine import EmbeddedEngine, EngineStats  # noqa: E402
 from misstep.lm.models import (  # noqa: E402
     DEFAULT_MODEL,
@@ -19,5 +19,5 @@ from misstep.lm.models import (  # noqa: E402
 
 __all__ = [
     "CHAT_STOP", "DEFAULT_MODEL", "REGISTRY", "EmbeddedEngine", "EngineStats", "ModelNotFoundError",
-    "build_tiny_model", "cache_dir", "fingerprint", "lm_name", "local_lm", "resolve_model",
+    "build_tiny_model", "cache_dir", "engine_stats", "fingerprint", "lm_name", "local_lm", "release", "resolve_model",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import dspy
 
@@ -43,3 +45,16 @@ def served_lm(server, *, temperature: float = 0.0, max_tokens: int = 384, seed: 
     return dspy.LM(f"hosted_vllm/{server.served_name}", api_base=server.api_base, api_key="EMPTY",
                    temperature=temperature, max_tokens=max_tokens, seed=seed, stop=list(CHAT_STOP), cache=cache,
                    num_retries=num_retries, provider=provider)
+
+
+def engine_stats(lm: dspy.LM) -> dict[str, Any] | None:
+    """What the in-process engine behind `lm` did so far (`EngineStats`); None for a served LM."""
+    engine = getattr(lm, "engine", None)
+    return asdict(engine.stats) if isinstance(engine, EmbeddedEngine) else None
+
+
+def release(lm: dspy.LM) -> None:
+    """Close the in-process engine behind `lm`, and its weights go with it; a served LM has none here."""
+    engine = getattr(lm, "engine", None)
+    if isinstance(engine, EmbeddedEngine):
+        engine.close()

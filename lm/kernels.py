@@ -5,8 +5,8 @@ the machine: 8 GFLOP/s for one row (a decoding step), 51 for eight, 220 for a pr
 oneDNN library inside the same wheel does 18, 135 and 480 on the same shapes, in fp32 with
 the same inputs; results differ from MKL's only by summation order (about 1e-5 relative).
 So for inference the engine hands every linear layer to oneDNN with its weight reordered
-once into oneDNN's blocked layout. (Training does the same through an autograd-aware layer,
-`misstep.lm.training.OneDNNTrainingLinear`.)
+once into oneDNN's blocked layout. Training does the same through an autograd-aware layer,
+`OneDNNTrainingLinear`, whose backward products run through oneDNN too.
 
 Attention: models with grouped-query attention (SmolLM2: 9 query heads share 3 key/value
 heads) get their keys and values copied once per query head by transformers' SDPA path
@@ -286,3 +286,55 @@ class GrowingCache(DynamicCache):
 
     def __init__(self):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+
+# -- training: forward and backward products through oneDNN ------------------------------------
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), computed by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear` whose forward and backward products run through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # (tokens, out) @ (out, in)
+            grad_x = _onednn_linear(rows, weight.t().contiguous()).reshape(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:  # (out, tokens) @ (tokens, in)
+            grad_weight = _onednn_linear(rows.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class OneDNNTrainingLinear(torch.nn.Linear):
+    """An `nn.Linear` whose fp32 CPU products, forward and backward, run through oneDNN instead of
+    MKL. PyTorch's CPU wheels send fp32 products to MKL, which on this AMD EPYC reaches 219 GFLOP/s
+    on a 2048^3 product where oneDNN, in the same wheel, reaches 474 (benchmarks/training.py).
+    Results differ from MKL's by summation order only. Still an `nn.Linear` (peft wraps it, the
+    state dict is the same); gradient checkpointing recomputes through it too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def train_linears_through_onednn(model: torch.nn.Module) -> int:
+    """Make every `nn.Linear` of `model` (LoRA's included, once peft has added them) a
+    `OneDNNTrainingLinear`, in place: same parameters, same names. The number changed."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    for module in linears:
+        module.__class__ = OneDNNTrainingLinear  # the same object, parameters and hooks: only forward changes
+    return len(linears)

@@ -29,7 +29,8 @@ from misstep.lm.engine import EmbeddedEngine
 from misstep.lm.kernels import on_torch_thread
 from misstep.lm.models import fingerprint
 from misstep.lm.serving import VllmOptions, VllmServer
-from misstep.lm.training import TrainSettings, train_chat
+from misstep.lm.launch import train
+from misstep.lm.training import TrainSettings
 
 SERVINGS = ("embedded", "vllm")
 
@@ -128,7 +129,7 @@ class LocalProvider(Provider):
                 out.write(json.dumps(record) + "\n")
         # on the process's torch thread, where the engines run too: a second thread's OpenMP pool
         # slows both down (lm/kernels.py; 2.85 vs 2.56 s a training step measured)
-        summary = on_torch_thread(train_chat, source, train_data, folder, settings, show_progress=self.show_progress)
+        summary = on_torch_thread(train, source, train_data, folder, settings, show_progress=self.show_progress)
         name = self.name_for(folder)
         self.checkpoints[name] = folder
         self.summaries[name] = summary

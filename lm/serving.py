@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from misstep.lm.processes import stop_group
+
 
 class ServerError(RuntimeError):
     """The vLLM server did not come up, or died and could not be brought back."""
@@ -210,20 +212,8 @@ class VllmServer:
 
     def _terminate(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-        try:  # whatever of its group is still there (workers that ignored SIGTERM)
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
+        if process is not None:
+            stop_group(process, grace_s=30.0)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -1,8 +1,9 @@
 """Fine-tuning on chat data, with transformers and peft: the loop, top to bottom.
 
 The data is what DSPy's `BootstrapFinetune` produces: `{"messages": [...]}` records
-whose last message is the assistant's answer. Only the answer's tokens (and the
-end-of-turn token, so the model learns to stop) carry loss; the prompt is context.
+whose last message is the assistant's answer, and which may carry a "weight" (how much the
+record counts against others, 1 by default). Only the answer's tokens (and the end-of-turn
+token, so the model learns to stop) carry loss; the prompt is context.
 `loss_weighting="fields"` weighs them so that every record counts the same and, within a
 record, every output field's value counts as much as all of the adapter's markers together
 (see `answer_weights`); "tokens" is a plain mean over the batch's answer tokens.
@@ -11,16 +12,13 @@ never by the pad id.
 
 The same loop runs data-parallel under a standard launcher, configuration only:
 `TrainSettings(launcher="torchrun --standalone --nproc-per-node 4")` (or `accelerate launch
---num_processes 4`) makes the provider run this module under it, one process per GPU
-(or CPU process, over gloo), each on its share of every batch, gradients averaged by
+--num_processes 4`) makes `misstep.lm.launch.train` run it under that launcher, one process per
+GPU (or CPU process, over gloo), each on its share of every batch, gradients averaged by
 DistributedDataParallel; rank 0 writes the weights.
-
-    python -m misstep.lm.training MODEL_DIR RECORDS.jsonl OUTPUT_DIR --settings settings.json
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -29,11 +27,7 @@ import os
 import random
 import re
 import resource
-import shlex
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -43,6 +37,8 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from misstep.lm.kernels import train_linears_through_onednn
 
 
 LOSS_WEIGHTINGS = ("tokens", "fields")
@@ -163,6 +159,18 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int,
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids, [0.0] * len(prompt_ids) + weights
 
 
+def record_row(tokenizer, record: dict[str, Any], number: int,
+               settings: TrainSettings) -> tuple[list[int], list[int], list[float]]:
+    """One training record as (input ids, labels, loss weights): its chat tokenized by
+    `tokenize_chat`, the weights scaled by the record's own "weight" (1 where it has none), so
+    that one kind of record can count for more than another."""
+    weight = record.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+        raise ValueError(f"training record {number}: 'weight' must be a positive number, not {weight!r}")
+    ids, labels, weights = tokenize_chat(tokenizer, record["messages"], settings.max_length, settings.loss_weighting)
+    return ids, labels, [w * weight for w in weights]
+
+
 class AnswerLoss(torch.nn.Module):
     """The model with `answer_loss` as its forward, so DistributedDataParallel can wrap it."""
 
@@ -243,57 +251,7 @@ def _distributed() -> tuple[bool, int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias), computed by oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """`F.linear` whose forward and backward products run through oneDNN."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # (tokens, out) @ (out, in)
-            grad_x = _onednn_linear(rows, weight.t().contiguous()).reshape(*grad.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[1]:  # (out, tokens) @ (tokens, in)
-            grad_weight = _onednn_linear(rows.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0)
-        return grad_x, grad_weight, grad_bias
-
-
-class OneDNNTrainingLinear(torch.nn.Linear):
-    """An `nn.Linear` whose fp32 CPU products, forward and backward, run through oneDNN instead of
-    MKL. PyTorch's CPU wheels send fp32 products to MKL, which on this AMD EPYC reaches 219 GFLOP/s
-    on a 2048^3 product where oneDNN, in the same wheel, reaches 474 (benchmarks/training.py).
-    Results differ from MKL's by summation order only. Still an `nn.Linear` (peft wraps it, the
-    state dict is the same); gradient checkpointing recomputes through it too."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
-            return _OneDNNLinear.apply(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-def train_linears_through_onednn(model: torch.nn.Module) -> int:
-    """Make every `nn.Linear` of `model` (LoRA's included, once peft has added them) a
-    `OneDNNTrainingLinear`, in place: same parameters, same names. The number changed."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    for module in linears:
-        module.__class__ = OneDNNTrainingLinear  # the same object, parameters and hooks: only forward changes
-    return len(linears)
-
-
-_LAUNCHED_KEEP: list = []  # what a launched process must not free before it exits (see train_chat)
+KEPT_UNTIL_EXIT: list = []  # what a launched process must not free before it exits (see train_chat)
 
 
 def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path, settings: TrainSettings,
@@ -301,12 +259,10 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     """Fine-tune `model_dir` on chat `records`; write a full Hugging Face folder (LoRA merged in)
     to `output_dir` with `train_log.jsonl` (loss per step) and `train_summary.json`.
 
-    With `settings.launcher`, the training runs in processes that launcher starts (see the
-    module's docstring); this process waits for them and reads their summary."""
+    Run under a launcher (`misstep.lm.launch`), each process trains on its share of every batch
+    and rank 0 writes the weights; `settings.launcher` itself is for `launch.train`."""
     if not records:
         raise ValueError("no training records: nothing to fine-tune on")
-    if settings.launcher:  # the launched processes get the same settings without it
-        return launch_training(model_dir, records, output_dir, settings)
     launched, rank, world, local_rank = _distributed()
     wanted = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = wanted.startswith("cuda")
@@ -343,8 +299,8 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
         # which needs the GIL, while the thread freeing the group holds the GIL and waits for that
         # worker's lock. One run in ~10 of the torchrun test hung there (seen in gdb; the mechanism
         # pytorch/pytorch#179291 describes, the hang #75097 reports).
-        _LAUNCHED_KEEP.append(loss_of)
-    rows = [tokenize_chat(tokenizer, r["messages"], settings.max_length, settings.loss_weighting) for r in records]
+        KEPT_UNTIL_EXIT.append(loss_of)
+    rows = [record_row(tokenizer, r, number, settings) for number, r in enumerate(records)]
     global_batch = settings.batch_size * world  # each rank trains on its slice of every batch
     steps_per_epoch = math.ceil(len(rows) / (global_batch * settings.gradient_accumulation))
     total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
@@ -489,74 +445,3 @@ def _keep_log_lines(path: Path, steps: int) -> None:
     if path.exists():
         lines = path.read_text().splitlines(keepends=True)[:steps]
         path.write_text("".join(lines))
-
-
-def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
-                    settings: TrainSettings) -> dict[str, Any]:
-    """Run `train_chat` under `settings.launcher` (torchrun, accelerate launch, ...) and return its summary."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    data, config = output_dir / "launch_records.jsonl", output_dir / "launch_settings.json"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    config.write_text(json.dumps({**asdict(settings), "launcher": None}))
-    command = [*shlex.split(settings.launcher), "-m", "misstep.lm.training", str(model_dir), str(data),
-               str(output_dir), "--settings", str(config)]
-    log = output_dir / "launch.log"
-    with log.open("w") as out:
-        # Its own session, so that a launch that runs out of time goes with all its processes.
-        launched = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = launched.wait(timeout=settings.launch_timeout_s)
-        except subprocess.TimeoutExpired:
-            _stop(launched)
-            raise RuntimeError(f"training under {settings.launcher!r} ran past launch_timeout_s="
-                               f"{settings.launch_timeout_s} s and was killed; log {log}:\n{log.read_text()[-3000:]}")
-        except BaseException:  # interrupted: do not leave the processes training on
-            _stop(launched)
-            raise
-    if returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"training under {settings.launcher!r} failed (exit {returncode}); "
-                           f"log {log}:\n{tail}")
-    data.unlink()
-    summary_path = output_dir / "train_summary.json"
-    summary = json.loads(summary_path.read_text())
-    summary["settings"]["launcher"] = settings.launcher  # the processes ran without one: record it
-    summary_path.write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _stop(launched: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """Stop a launcher and the processes it started. SIGTERM first: torchrun (and accelerate, which
-    runs it) passes it on to its workers, which it starts in sessions of their own, out of reach of
-    a signal to the launcher's group; then SIGKILL to the group, for what is left of it."""
-    launched.terminate()
-    try:
-        launched.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(launched.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    launched.wait()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The entry point a launcher starts in each process."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("records", type=Path, help="chat records, one JSON object per line")
-    parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--settings", type=Path, help="TrainSettings as JSON")
-    args = parser.parse_args(argv)
-    settings = TrainSettings(**json.loads(args.settings.read_text())) if args.settings else TrainSettings()
-    records = [json.loads(line) for line in args.records.read_text().splitlines() if line.strip()]
-    train_chat(args.model_dir, records, args.output_dir, settings, show_progress=sys.stderr.isatty())
-    if _LAUNCHED_KEEP:  # everything is written: leave without freeing the process group (see train_chat)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-if __name__ == "__main__":
-    main()

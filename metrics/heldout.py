@@ -13,7 +13,6 @@ step the chain does not have and null also where the answer did not parse (`pars
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from misstep.data.loaders import load_chains
+from misstep.data.runfiles import read_records
 from misstep.data.splits import SplitItem, bbm_items, gsm8k_items, shuffled
 from misstep.metrics.injector import inject_many, types_in_turn
 from misstep.metrics.oracle import first_error
@@ -83,7 +83,7 @@ def baseline_outcomes(items: list[SplitItem]) -> dict[str, list[bool]]:
 
 def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
     """predictions.jsonl by item id."""
-    return {r["item_id"]: r for r in map(json.loads, Path(path).read_text().splitlines()) if r}
+    return {r["item_id"]: r for r in read_records(Path(path))}
 
 
 def score(items: list[SplitItem], predictions: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -34,8 +34,9 @@ import dspy
 from misstep.data.records import Chain, format_steps
 from misstep.data.runfiles import JsonlLog, write_json_atomic, write_jsonl_atomic
 from misstep.data.splits import SplitItem, shuffled, without_heldout
-from misstep.lm.client import local_lm
-from misstep.lm.training import TrainSettings, train_chat
+from misstep.lm.client import local_lm, release
+from misstep.lm.launch import train
+from misstep.lm.training import TrainSettings
 from misstep.metrics.checks import location_correct
 from misstep.metrics.heldout import read_predictions, score, slices
 from misstep.metrics.injector import InjectionError, applicable_steps, inject, types_in_turn
@@ -200,14 +201,14 @@ def run_control(run: ControlRun, pool: list[Chain], items: list[SplitItem], *, m
                        adam_beta2=run.adam_beta2, loss_weighting=run.loss_weighting)
     finished = weights / "train_summary.json"  # trained before a kill that came during evaluation
     summary = json.loads(finished.read_text()) if finished.exists() else \
-        train_chat(model_dir, records, weights, settings, show_progress=show_progress)
+        train(model_dir, records, weights, settings, show_progress=show_progress)
     trained = time.perf_counter()
     lm = local_lm(weights, max_batch_size=num_threads)
     try:
         predictions = evaluate_location(items, lm, folder / "predictions.jsonl", cue=run.cue,
                                         num_threads=num_threads, show_progress=show_progress)
     finally:
-        lm.engine.close()
+        release(lm)
     measured = score(items, predictions)
     result = {
         **asdict(run), "name": run.name, "split": items[0].split, "heldout_n": measured["n"],

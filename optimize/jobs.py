@@ -8,7 +8,7 @@ recomputed from every record on disk and written atomically at the end.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import dspy
 
 from misstep.data.records import Chain
 from misstep.data.runfiles import JsonlLog, write_json_atomic
+from misstep.lm.client import engine_stats
 from misstep.metrics.checks import check_scenario, summarize_scenarios
 from misstep.metrics.evaluation import evaluate_chain, injected_gsm8k, summarize
 from misstep.metrics.plots import plot_evaluation, plot_generation
@@ -71,7 +72,7 @@ def generate(chains: list[Chain], error_types: list[str | type[DescribeMistake]]
             log.append(scenario.to_dict())
         summary = summarize_scenarios(log.records)
     summary["wall_seconds_this_run"] = time.perf_counter() - started
-    summary["engine"] = asdict(lm.engine.stats) if hasattr(lm.engine, "stats") else None
+    summary["engine"] = engine_stats(lm)
     summary = _jsonable(summary)
     write_json_atomic(settings.run_dir / "summary.json", summary)
     plot_generation(summary, settings.run_dir / "stages.png")
@@ -93,7 +94,7 @@ def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover
         metrics = summarize([r for r in log.records if r["source_id"] in wanted])
     metrics = _jsonable(metrics)
     metrics["_run"] = {"wall_seconds_this_run": time.perf_counter() - started,
-                       "engine": asdict(lm.engine.stats) if hasattr(lm.engine, "stats") else None}
+                       "engine": engine_stats(lm)}
     write_json_atomic(settings.run_dir / "metrics.json", metrics)
     plot_evaluation(metrics, settings.run_dir / "metrics.png")
     return metrics

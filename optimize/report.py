@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from misstep.data.runfiles import read_records  # noqa: E402
 from misstep.metrics.health import StopRule  # noqa: E402
 from misstep.metrics.stats import rate  # noqa: E402
 
@@ -70,7 +71,7 @@ def _plot_rates(rows, lines: dict[str, Any], title: str, path: Path) -> None:
 def _written(path: Path) -> dict[str, dict | None]:
     """Of a round's model-written chains: how many carry a mistake the oracle finds, and how many
     carry it at the step the writer described (the oracle's `injection_ok`)."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = read_records(path)
     oracles = [r.get("oracle") or {} for r in records]
     return {"checkable": rate(o.get("invalid_first_error") is not None for o in oracles).to_dict() if oracles else None,
             "as_described": rate(bool(o.get("injection_ok")) for o in oracles).to_dict() if oracles else None}

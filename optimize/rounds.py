@@ -38,11 +38,10 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain, Scenario, format_steps
-from misstep.data.runfiles import JsonlLog, write_json_atomic, write_jsonl_atomic
+from misstep.data.runfiles import JsonlLog, read_records, write_json_atomic, write_jsonl_atomic
 from misstep.data.splits import without_heldout
-from misstep.lm.engine import EmbeddedEngine
+from misstep.lm.client import release
 from misstep.lm.provider import LocalProvider
-from misstep.lm.training import TrainSettings
 from misstep.metrics.checks import check_scenario
 from misstep.metrics.health import StopRule, diversity, judge_health
 from misstep.metrics.judge_metric import Thresholds, verdicts
@@ -54,7 +53,7 @@ from misstep.optimize.jobs import JobSettings, evaluate
 from misstep.optimize.tuning import tune_thresholds
 from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
 from misstep.programs.parallel import default_adapter, map_threads
-from misstep.signatures import error_type_name, get_error_type
+from misstep.signatures import get_error_type
 
 
 @dataclass
@@ -138,7 +137,7 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
                 return warm_up(SelfCorrector(), truth, lm=base, provider=provider, run_dir=start,
                                extra_records=writer_records)
             finally:
-                _release(base)
+                release(base)
 
         with _timed(seconds, "warm_up"):
             student, _ = compiled_or_resumed(start, warm_up_student, provider=provider)
@@ -153,7 +152,7 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     for r in range(1, settings.rounds + 1):
         folder = _round_dir(run_dir, r)
         seconds = {}
-        previous = _load_jsonl(_round_dir(run_dir, r - 1) / "scenarios.jsonl")
+        previous = read_records(_round_dir(run_dir, r - 1) / "scenarios.jsonl")
         selection = _step(folder / "selection.json",
                           lambda: select_seeds(pool, previous, settings, random.Random(settings.seed * 1009 + r),
                                                round_index=r))
@@ -176,7 +175,7 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
                                                 extra_examples=extra, extra_records=writer_records,
                                                 num_threads=settings.num_threads),
                 provider=provider, max_batch_size=settings.num_threads)
-        _release(previous)  # the round's model is done with: one student in memory at a time
+        release(previous)  # the round's model is done with: one student in memory at a time
         for stage, stage_examples in stage_examples_of(kept).items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
         history.append(_finish_round(r, folder, student, measured, scenarios, kept, settings, history,
@@ -435,21 +434,10 @@ def _step(path: Path, make) -> dict[str, Any]:
 
 def _step_jsonl(path: Path, make) -> list[dict[str, Any]]:
     if path.exists():
-        return _load_jsonl(path)
+        return read_records(path)
     records = make()
     write_jsonl_atomic(path, records)
     return records
-
-
-def _load_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def _release(lm: dspy.LM) -> None:
-    """Close the in-process engine behind `lm` (its weights go with it); a served LM has none here."""
-    engine = getattr(lm, "engine", None)
-    if isinstance(engine, EmbeddedEngine):
-        engine.close()
 
 
 def _merge(*sets: dict[str, list[dspy.Example]]) -> dict[str, list[dspy.Example]]:

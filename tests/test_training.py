@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from misstep.lm import local_lm
 from misstep.lm.provider import LocalProvider
+from misstep.lm.launch import train
 from misstep.lm.training import TrainSettings, tokenize_chat, train_chat
 from misstep.metrics.injector import inject_many
 from misstep.optimize.compile import NothingToTrainOn, RobustBootstrapFinetune, training_examples
@@ -56,6 +57,31 @@ def test_field_weighting_gives_each_value_the_weight_of_all_markers(tiny_model_d
     assert len(markers) > 20 and markers == pytest.approx([1 / 3 / len(markers)] * len(markers))
 
 
+@pytest.mark.parametrize("weighting", ["tokens", "fields"])
+def test_a_record_of_weight_two_counts_as_the_record_twice(tiny_model_dir, chat_records, weighting):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from misstep.lm.training import AnswerLoss, _collate, record_row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    settings = TrainSettings(max_length=512, loss_weighting=weighting)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+    def loss(records):
+        rows = [record_row(tokenizer, r, i, settings) for i, r in enumerate(records)]
+        return AnswerLoss(model)(**_collate(rows, tokenizer.pad_token_id))
+
+    with torch.no_grad():
+        # The two records the untrained model finds most unlike, so that weighing them differently shows.
+        first, second = (chat_records[i] for i in sorted(range(6), key=lambda i: loss([chat_records[i]]))[::5])
+        assert loss([second]) - loss([first]) > 1e-3
+        torch.testing.assert_close(loss([{**first, "weight": 2}, second]), loss([first, first, second]))
+        assert loss([first, second]) - loss([first, first, second]) > 1e-4
+    with pytest.raises(ValueError, match="training record 1: 'weight' must be a positive number"):
+        record_row(tokenizer, {**second, "weight": 0}, 1, settings)
+
+
 @pytest.mark.parametrize("method,checkpointing", [("full", False), ("lora", False), ("full", True)])
 def test_onednn_products_give_mkls_loss_and_gradients(tiny_model_dir, chat_records, method, checkpointing):
     """Every linear layer (LoRA's too) runs forward and backward through oneDNN, recomputation under
@@ -63,7 +89,8 @@ def test_onednn_products_give_mkls_loss_and_gradients(tiny_model_dir, chat_recor
     import torch
     from transformers import AutoModelForCausalLM
 
-    from misstep.lm.training import AnswerLoss, OneDNNTrainingLinear, _collate, train_linears_through_onednn
+    from misstep.lm.kernels import OneDNNTrainingLinear, train_linears_through_onednn
+    from misstep.lm.training import AnswerLoss, _collate
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     batch = _collate([tokenize_chat(tokenizer, r["messages"], 256) for r in chat_records[:3]], tokenizer.pad_token_id)
@@ -191,7 +218,7 @@ def test_data_parallel_training_under_torchrun_is_configuration_only(tmp_path, t
 def test_a_failing_launcher_names_its_log(tmp_path, tiny_model_dir, chat_records):
     settings = TrainSettings(launcher=f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 1 --no-such-flag")
     with pytest.raises(RuntimeError, match="launch.log"):
-        train_chat(tiny_model_dir, chat_records, tmp_path / "out", settings, show_progress=False)
+        train(tiny_model_dir, chat_records, tmp_path / "out", settings, show_progress=False)
 
 
 def test_a_launch_past_its_time_limit_is_killed_and_names_its_log(tmp_path, tiny_model_dir, chat_records):
@@ -201,7 +228,7 @@ def test_a_launch_past_its_time_limit_is_killed_and_names_its_log(tmp_path, tiny
     settings = TrainSettings(launcher=launcher, launch_timeout_s=3)
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)launch_timeout_s=3 s.*launch\.log.*stuck"):
-        train_chat(tiny_model_dir, chat_records, tmp_path / "out", settings, show_progress=False)
+        train(tiny_model_dir, chat_records, tmp_path / "out", settings, show_progress=False)
     assert time.monotonic() - started < 60
     # Its child went with it: no process of that session is left.
     left = subprocess.run(["pgrep", "-f", "time.sleep\\(600\\)"], capture_output=True, text=True).stdout.split()
@@ -239,7 +266,7 @@ def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weigh
     out = tmp_path / "killed"
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "settings.json").write_text(json.dumps(settings.__dict__))
-    process = subprocess.Popen([sys.executable, "-m", "misstep.lm.training", str(tiny_model_dir),
+    process = subprocess.Popen([sys.executable, "-m", "misstep.lm.launch", str(tiny_model_dir),
                                 str(tmp_path / "records.jsonl"), str(out), "--settings", str(tmp_path / "settings.json")])
     deadline = time.time() + 300
     while not (out / "resume.pt").exists() or len((out / "train_log.jsonl").read_text().splitlines()) < 3:

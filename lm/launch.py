@@ -1,0 +1,95 @@
+"""Training under a distributed launcher, and `train`, the door to new weights.
+
+`train` trains in this process, or, with `settings.launcher` (say "torchrun --standalone
+--nproc-per-node 4" or "accelerate launch --num_processes 4"), in the processes that launcher
+starts, one per GPU (or CPU process, over gloo), each running `train_chat` on its share of
+every batch; this process waits for them and reads rank 0's summary. Configuration only: the
+same loop runs either way.
+
+    python -m misstep.lm.launch MODEL_DIR RECORDS.jsonl OUTPUT_DIR --settings settings.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from misstep.data.runfiles import read_records
+from misstep.lm.processes import stop_group
+from misstep.lm.training import KEPT_UNTIL_EXIT, TrainSettings, train_chat
+
+# How long a launcher gets to pass SIGTERM on to its workers before its group is killed.
+STOP_GRACE_S = 15.0
+
+
+def train(model_dir: Path, records: list[dict[str, Any]], output_dir: Path, settings: TrainSettings,
+          show_progress: bool = True) -> dict[str, Any]:
+    """Fine-tune `model_dir` on chat `records` into `output_dir` (see `train_chat`), under
+    `settings.launcher` where there is one; the training's summary."""
+    if not settings.launcher:
+        return train_chat(model_dir, records, output_dir, settings, show_progress=show_progress)
+    if not records:
+        raise ValueError("no training records: nothing to fine-tune on")
+    return launch_training(model_dir, records, output_dir, settings)
+
+
+def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
+                    settings: TrainSettings) -> dict[str, Any]:
+    """Run `train_chat` under `settings.launcher` (torchrun, accelerate launch, ...) and return its summary."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data, config = output_dir / "launch_records.jsonl", output_dir / "launch_settings.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config.write_text(json.dumps({**asdict(settings), "launcher": None}))
+    command = [*shlex.split(settings.launcher), "-m", "misstep.lm.launch", str(model_dir), str(data),
+               str(output_dir), "--settings", str(config)]
+    log = output_dir / "launch.log"
+    with log.open("w") as out:
+        # Its own session, so that a launch that runs out of time goes with all its processes.
+        launched = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = launched.wait(timeout=settings.launch_timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_group(launched, STOP_GRACE_S)
+            raise RuntimeError(f"training under {settings.launcher!r} ran past launch_timeout_s="
+                               f"{settings.launch_timeout_s} s and was killed; log {log}:\n{log.read_text()[-3000:]}")
+        except BaseException:  # interrupted: do not leave the processes training on
+            stop_group(launched, STOP_GRACE_S)
+            raise
+    if returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"training under {settings.launcher!r} failed (exit {returncode}); "
+                           f"log {log}:\n{tail}")
+    data.unlink()
+    summary_path = output_dir / "train_summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["settings"]["launcher"] = settings.launcher  # the processes ran without one: record it
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The entry point a launcher starts in each process."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("records", type=Path, help="chat records, one JSON object per line")
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--settings", type=Path, help="TrainSettings as JSON")
+    args = parser.parse_args(argv)
+    settings = TrainSettings(**json.loads(args.settings.read_text())) if args.settings else TrainSettings()
+    records = read_records(args.records)
+    train_chat(args.model_dir, records, args.output_dir, settings, show_progress=sys.stderr.isatty())
+    if KEPT_UNTIL_EXIT:  # everything is written: leave without freeing the process group (see train_chat)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
