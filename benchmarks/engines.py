@@ -47,8 +47,10 @@ ANIMALS = ("cat", "dog", "fox", "owl", "bee", "cow", "ant", "elk")
 
 
 def prompts(n: int, run: int) -> list[str]:
-    return [f"({run}) Write a long story about a {animal} who learns to count. Use many sentences."
-            for animal in ANIMALS[:n]]
+    return [
+        f"({run}) Write a long story about a {animal} who learns to count. Use many sentences."
+        for animal in ANIMALS[:n]
+    ]
 
 
 @functools.cache
@@ -70,9 +72,14 @@ def recover_prompts(n: int, run: int) -> list[list[dict]]:
     demos, chains = _recover_material()
     chosen = [chains[(run * n + i) % len(chains)] for i in range(n)]
     signature = SelfCorrector().recover.signature
-    return [default_adapter().format(signature, demos,
-                                     {"question": c.question, "chain": format_steps(c.steps),
-                                      "first_error_step": c.mistake_index + 1}) for c in chosen]
+    return [
+        default_adapter().format(
+            signature,
+            demos,
+            {"question": c.question, "chain": format_steps(c.steps), "first_error_step": c.mistake_index + 1},
+        )
+        for c in chosen
+    ]
 
 
 def requests(workload: str, n: int, run: int) -> list[list[dict]]:
@@ -82,8 +89,9 @@ def requests(workload: str, n: int, run: int) -> list[list[dict]]:
     return [[{"role": "user", "content": p}] for p in prompts(n, run)]
 
 
-def decode(lm, tokenizer, concurrency: int, max_tokens: int, run: int,
-           workload: str = "story") -> tuple[float, list[str]]:
+def decode(
+    lm, tokenizer, concurrency: int, max_tokens: int, run: int, workload: str = "story"
+) -> tuple[float, list[str]]:
     """Generated tokens per second, all requests together (the prompts are built before the clock
     starts), and the answers."""
     messages = requests(workload, concurrency, run)
@@ -96,6 +104,7 @@ def decode(lm, tokenizer, concurrency: int, max_tokens: int, run: int,
 
 def first_token(lm, concurrency: int, run: int) -> float:
     """Median seconds until a one-token answer comes back, with `concurrency` requests at once."""
+
     def timed(prompt: str) -> float:
         started = time.perf_counter()
         lm(prompt, max_tokens=1)
@@ -114,51 +123,75 @@ def run_engine(name: str, lm, tokenizer, repeats: int, max_tokens: int) -> tuple
         for workload in ("story", "recover"):
             rates = []
             for run in range(repeats):
-                rate, answers[f"{workload} c{concurrency} r{run}"] = decode(lm, tokenizer, concurrency, max_tokens,
-                                                                            run, workload)
+                rate, answers[f"{workload} c{concurrency} r{run}"] = decode(
+                    lm, tokenizer, concurrency, max_tokens, run, workload
+                )
                 rates.append(rate)
             runs[workload] = summarize(rates)
         ttft = summarize([first_token(lm, concurrency, run) for run in range(repeats)])
         story, recover = runs["story"], runs["recover"]
-        result[f"concurrency_{concurrency}"] = {"tokens_per_second": story, "ttft_seconds": ttft,
-                                                "recover_tokens_per_second": recover}
-        print(f"{name}, concurrency {concurrency}: {story['median']:.1f} tok/s median (min {story['min']:.1f}), "
-              f"first token {ttft['median'] * 1000:.0f} ms median; recover prompts {recover['median']:.1f} tok/s")
+        result[f"concurrency_{concurrency}"] = {
+            "tokens_per_second": story,
+            "ttft_seconds": ttft,
+            "recover_tokens_per_second": recover,
+        }
+        print(
+            f"{name}, concurrency {concurrency}: {story['median']:.1f} tok/s median (min {story['min']:.1f}), "
+            f"first token {ttft['median'] * 1000:.0f} ms median; recover prompts {recover['median']:.1f} tok/s"
+        )
     return result, answers
 
 
 def same_answers(answers: dict[str, list[str]], reference: dict[str, list[str]]) -> dict:
     """How many answers are the reference's, character for character, and the first that is not
     (over the requests both engines answered)."""
-    pairs = [(key, i, a, b) for key in reference.keys() & answers.keys()
-             for i, (a, b) in enumerate(zip(answers[key], reference[key]))]
+    pairs = [
+        (key, i, a, b)
+        for key in reference.keys() & answers.keys()
+        for i, (a, b) in enumerate(zip(answers[key], reference[key]))
+    ]
     differ = [(key, i, a, b) for key, i, a, b in pairs if a != b]
     first = None
     if differ:
         key, i, a, b = differ[0]
         at = next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        first = {"request": f"{key} #{i}", "character": at, "got": a[at:at + 60], "reference": b[at:at + 60]}
+        first = {"request": f"{key} #{i}", "character": at, "got": a[at : at + 60], "reference": b[at : at + 60]}
     return {"identical": len(pairs) - len(differ), "of": len(pairs), "first_difference": first}
 
 
-def run_llamacpp(gguf: Path, python: str, tokenizer, repeats: int, max_tokens: int,
-                 threads: int = 2, story_only: bool = False) -> tuple[dict, dict[str, list[str]]]:
+def run_llamacpp(
+    gguf: Path, python: str, tokenizer, repeats: int, max_tokens: int, threads: int = 2, story_only: bool = False
+) -> tuple[dict, dict[str, list[str]]]:
     """llama.cpp on a GGUF file, one request at a time, on the same prompt text (llamacpp_worker.py,
     under a Python that has llama-cpp-python). `story_only`: neither the recover prompts nor the
     first-token timings (single_stream.py's rounds need only the story rate)."""
+
     def text(messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     workloads = ("story",) if story_only else ("story", "recover")
-    job = {"gguf": str(gguf), "threads": threads, "max_tokens": max_tokens,
-           "requests": {f"{w} c1 r{run}": [text(m) for m in requests(w, 1, run)]
-                        for w in workloads for run in range(repeats)},
-           "first_token_prompts": [] if story_only else
-           [text(m) for run in range(repeats) for m in requests("story", 1, 1000 + run)]}
+    job = {
+        "gguf": str(gguf),
+        "threads": threads,
+        "max_tokens": max_tokens,
+        "requests": {
+            f"{w} c1 r{run}": [text(m) for m in requests(w, 1, run)] for w in workloads for run in range(repeats)
+        },
+        "first_token_prompts": []
+        if story_only
+        else [text(m) for run in range(repeats) for m in requests("story", 1, 1000 + run)],
+    }
     folder = Path(tempfile.mkdtemp(prefix="misstep-llamacpp-"))
     (folder / "job.json").write_text(json.dumps(job))
-    subprocess.run([python, str(Path(__file__).parent / "llamacpp_worker.py"), str(folder / "job.json"),
-                    str(folder / "result.json")], check=True)
+    subprocess.run(
+        [
+            python,
+            str(Path(__file__).parent / "llamacpp_worker.py"),
+            str(folder / "job.json"),
+            str(folder / "result.json"),
+        ],
+        check=True,
+    )
     out = json.loads((folder / "result.json").read_text())
 
     def rate(key: str) -> float:
@@ -170,24 +203,36 @@ def run_llamacpp(gguf: Path, python: str, tokenizer, repeats: int, max_tokens: i
     if not story_only:
         row["recover_tokens_per_second"] = summarize([rate(f"recover c1 r{run}") for run in range(repeats)])
         row["ttft_seconds"] = summarize(out["first_token_seconds"])
-        summary += (f", recover {row['recover_tokens_per_second']['median']:.1f}, "
-                    f"first token {row['ttft_seconds']['median'] * 1e3:.0f} ms")
+        summary += (
+            f", recover {row['recover_tokens_per_second']['median']:.1f}, "
+            f"first token {row['ttft_seconds']['median'] * 1e3:.0f} ms"
+        )
     print(summary)
-    return {"concurrency_1": row, "load_seconds": out["load_seconds"], "gguf": gguf.name,
-            "threads": threads}, out["answers"]
+    return {"concurrency_1": row, "load_seconds": out["load_seconds"], "gguf": gguf.name, "threads": threads}, out[
+        "answers"
+    ]
 
 
-def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tokens: int = 128,
-                  vllm_python: str = sys.executable, vllm_compiled: bool = False,
-                  llamacpp_python: str | None = None, ggufs: dict[str, Path] | None = None) -> dict:
+def bench_engines(
+    model_dir: Path,
+    engines: list[str],
+    repeats: int = 3,
+    max_tokens: int = 128,
+    vllm_python: str = sys.executable,
+    vllm_compiled: bool = False,
+    llamacpp_python: str | None = None,
+    ggufs: dict[str, Path] | None = None,
+) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     results: dict = {"max_tokens": max_tokens, "repeats": repeats}
     answers = {}
     for engine in engines:
         if engine in ("embedded", "embedded-plain"):  # plain: transformers' own kernels, no speculation
             plain = engine == "embedded-plain"
-            lm = local_lm(engine=EmbeddedEngine(model_dir, max_batch_size=8, speculate=0 if plain else 4,
-                                                cpu_kernels=not plain), cache=False)
+            lm = local_lm(
+                engine=EmbeddedEngine(model_dir, max_batch_size=8, speculate=0 if plain else 4, cpu_kernels=not plain),
+                cache=False,
+            )
             try:
                 results[engine], answers[engine] = run_engine(engine, lm, tokenizer, repeats, max_tokens)
             finally:
@@ -198,8 +243,9 @@ def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tok
             server = VllmServer(model_dir, f"{model_dir.name}-{fingerprint(model_dir)}", log, options).start()
             try:
                 print(f"vllm: server up in {server.start_seconds[-1]:.1f} s (log {log})")
-                results["vllm"], answers["vllm"] = run_engine(engine, served_lm(server, cache=False), tokenizer,
-                                                              repeats, max_tokens)
+                results["vllm"], answers["vllm"] = run_engine(
+                    engine, served_lm(server, cache=False), tokenizer, repeats, max_tokens
+                )
                 results["vllm"]["start_seconds"] = server.start_seconds[-1]
                 results["vllm"]["enforce_eager"] = options.enforce_eager
             finally:
@@ -207,8 +253,9 @@ def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tok
         elif engine.startswith("llamacpp-"):  # one per GGUF file: llamacpp-q4_1, llamacpp-f32, ...
             if not llamacpp_python or engine.removeprefix("llamacpp-") not in (ggufs or {}):
                 raise ValueError(f"{engine} needs --llamacpp-python and --gguf {engine.removeprefix('llamacpp-')}=PATH")
-            results[engine], answers[engine] = run_llamacpp(ggufs[engine.removeprefix("llamacpp-")], llamacpp_python,
-                                                            tokenizer, repeats, max_tokens)
+            results[engine], answers[engine] = run_llamacpp(
+                ggufs[engine.removeprefix("llamacpp-")], llamacpp_python, tokenizer, repeats, max_tokens
+            )
         else:
             raise ValueError(f"unknown engine {engine!r}: embedded, embedded-plain, vllm or llamacpp-NAME")
     if "embedded-plain" in answers:  # transformers' own path is the reference for "same outputs"
@@ -221,20 +268,39 @@ def bench_engines(model_dir: Path, engines: list[str], repeats: int = 3, max_tok
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
-    parser.add_argument("--engines", default="embedded", help="comma-separated: embedded, embedded-plain "
-                                                                  "(transformers' kernels, no speculation), vllm")
+    parser.add_argument(
+        "--engines",
+        default="embedded",
+        help="comma-separated: embedded, embedded-plain (transformers' kernels, no speculation), vllm",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--vllm-python", default=sys.executable, help="a Python that has vLLM installed")
     parser.add_argument("--vllm-compiled", action="store_true", help="let vLLM compile (no --enforce-eager)")
     parser.add_argument("--llamacpp-python", default=None, help="a Python that has llama-cpp-python")
-    parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
-                        help="a GGUF file for engine llamacpp-NAME (repeatable)")
+    parser.add_argument(
+        "--gguf",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a GGUF file for engine llamacpp-NAME (repeatable)",
+    )
     args = parser.parse_args()
     ggufs = dict(parse_gguf(g) for g in args.gguf)
-    save("engines", args.model, bench_engines(resolve_model(args.model), args.engines.split(","), args.repeats,
-                                               args.max_tokens, args.vllm_python, args.vllm_compiled,
-                                               args.llamacpp_python, ggufs))
+    save(
+        "engines",
+        args.model,
+        bench_engines(
+            resolve_model(args.model),
+            args.engines.split(","),
+            args.repeats,
+            args.max_tokens,
+            args.vllm_python,
+            args.vllm_compiled,
+            args.llamacpp_python,
+            ggufs,
+        ),
+    )
 
 
 def parse_gguf(option: str) -> tuple[str, Path]:

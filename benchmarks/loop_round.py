@@ -26,8 +26,14 @@ from misstep.optimize.rounds import LoopSettings, run_loop
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, summarize  # noqa: E402
 
-SIZE = dict(rounds=1, seed_chains=8, ground_truth=4, tuning_trials=10, num_threads=8,
-            error_types=["arithmetic_slip", "wrong_operand"])
+SIZE = dict(
+    rounds=1,
+    seed_chains=8,
+    ground_truth=4,
+    tuning_trials=10,
+    num_threads=8,
+    error_types=["arithmetic_slip", "wrong_operand"],
+)
 HELDOUT = 8
 
 
@@ -39,19 +45,31 @@ def bench_round(model_dir: Path, repeats: int = 1) -> dict:
     for run in range(repeats):
         with tempfile.TemporaryDirectory(prefix="misstep-bench-") as folder:
             run_dir = Path(folder)
-            provider = LocalProvider(model_dir, run_dir / "checkpoints",
-                                     TrainSettings(method="full", learning_rate=1e-4, max_length=1024),
-                                     show_progress=False)
+            provider = LocalProvider(
+                model_dir,
+                run_dir / "checkpoints",
+                TrainSettings(method="full", learning_rate=1e-4, max_length=1024),
+                show_progress=False,
+            )
             started = time.perf_counter()
-            run_loop(train, heldout, provider=provider, judge_lm=local_lm(model_dir, max_tokens=64, cache=False),
-                     settings=LoopSettings(**SIZE, seed=run), run_dir=run_dir)
+            run_loop(
+                train,
+                heldout,
+                provider=provider,
+                judge_lm=local_lm(model_dir, max_tokens=64, cache=False),
+                settings=LoopSettings(**SIZE, seed=run),
+                run_dir=run_dir,
+            )
             walls.append(time.perf_counter() - started)
             for r in (0, 1):
                 for step, seconds in json.loads((run_dir / f"round-{r}" / "round.json").read_text())["seconds"].items():
                     splits.setdefault(step if r else f"{step} (round 0)", []).append(seconds)
         print(f"round run {run + 1}: {walls[-1]:.0f} s")
-    return {"size": {**SIZE, "heldout": HELDOUT}, "wall_seconds": summarize(walls),
-            "seconds_by_step": {step: summarize(values) for step, values in splits.items()}}
+    return {
+        "size": {**SIZE, "heldout": HELDOUT},
+        "wall_seconds": summarize(walls),
+        "seconds_by_step": {step: summarize(values) for step, values in splits.items()},
+    }
 
 
 def main() -> None:

@@ -35,8 +35,12 @@ def bench_program(model_dir: Path, data: Path, chains: int = 8, repeats: int = 3
         lm = local_lm(model_dir, cache=False, max_batch_size=threads)
         try:
             with tempfile.TemporaryDirectory(prefix="misstep-bench-") as run_dir:
-                summary = generate(pool[run * chains:(run + 1) * chains], ["arithmetic_slip"], lm,
-                                   JobSettings(run_dir=Path(run_dir), num_threads=threads, demos=demos))
+                summary = generate(
+                    pool[run * chains : (run + 1) * chains],
+                    ["arithmetic_slip"],
+                    lm,
+                    JobSettings(run_dir=Path(run_dir), num_threads=threads, demos=demos),
+                )
         finally:
             lm.engine.close()
         wall, engine = summary["wall_seconds_this_run"], summary["engine"]
@@ -44,11 +48,19 @@ def bench_program(model_dir: Path, data: Path, chains: int = 8, repeats: int = 3
         walls.append(wall)
         calls.append(engine["requests"])
         batches.append(engine["batches"])
-        print(f"program run {run + 1}: {wall:.1f} s wall, engine busy {engine['busy_seconds']:.1f} s, "
-              f"{engine['requests']} calls in {engine['batches']} batches ({engine.get('joined', 0)} joined one "
-              f"already decoding): {shares[-1]:.1%} outside the engine")
-    return {"chains": chains, "threads": threads, "outside_engine_share": summarize(shares),
-            "wall_seconds": summarize(walls), "engine_calls": calls, "engine_batches": batches}
+        print(
+            f"program run {run + 1}: {wall:.1f} s wall, engine busy {engine['busy_seconds']:.1f} s, "
+            f"{engine['requests']} calls in {engine['batches']} batches ({engine.get('joined', 0)} joined one "
+            f"already decoding): {shares[-1]:.1%} outside the engine"
+        )
+    return {
+        "chains": chains,
+        "threads": threads,
+        "outside_engine_share": summarize(shares),
+        "wall_seconds": summarize(walls),
+        "engine_calls": calls,
+        "engine_batches": batches,
+    }
 
 
 def main() -> None:
@@ -59,7 +71,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
-    save("program", args.model, bench_program(resolve_model(args.model), args.data, args.chains, args.repeats, args.threads))
+    save(
+        "program",
+        args.model,
+        bench_program(resolve_model(args.model), args.data, args.chains, args.repeats, args.threads),
+    )
 
 
 if __name__ == "__main__":

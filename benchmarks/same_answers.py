@@ -50,11 +50,16 @@ def prompt_answers() -> dict[str, list]:
 def generate_answers() -> dict[str, dict[str, str | None]]:
     """Each scenario's raw answer per stage, by source id, from `misstep generate --chains 8`."""
     with tempfile.TemporaryDirectory(prefix="misstep-same-") as run_dir:
-        subprocess.run([str(Path(sys.executable).parent / "misstep"), "generate", "--chains", "8", "--run-dir", run_dir],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "misstep"), "generate", "--chains", "8", "--run-dir", run_dir],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         records = [json.loads(line) for line in (Path(run_dir) / "scenarios.jsonl").read_text().splitlines()]
-    return {r["source_id"]: {stage: json.dumps(result, sort_keys=True) for stage, result in r["stages"].items()}
-            for r in sorted(records, key=lambda r: r["source_id"])}
+    return {
+        r["source_id"]: {stage: json.dumps(result, sort_keys=True) for stage, result in r["stages"].items()}
+        for r in sorted(records, key=lambda r: r["source_id"])
+    }
 
 
 def compare(now: dict, reference: dict) -> int:
@@ -70,8 +75,9 @@ def compare(now: dict, reference: dict) -> int:
             if now["generate"].get(source, {}).get(stage) != result:
                 differ += 1
                 print(f"differs: generate {source} {stage}")
-    total = sum(len(rows) for rows in reference["prompts"].values()) + \
-        sum(len(stages) for stages in reference["generate"].values())
+    total = sum(len(rows) for rows in reference["prompts"].values()) + sum(
+        len(stages) for stages in reference["generate"].values()
+    )
     print(f"{total - differ}/{total} answers the same, character for character")
     return differ
 

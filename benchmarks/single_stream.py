@@ -38,27 +38,42 @@ def main() -> None:
     for number in range(args.rounds):
         # Per prompt: where both engines write the same greedy answer (counted), the ratio of rates is
         # the ratio of times.
-        embedded, answers = zip(*(decode(lm, engine.tokenizer, 1, args.max_tokens, run)
-                                  for run in range(args.prompts)))
-        result, theirs = run_llamacpp(gguf, args.llamacpp_python, engine.tokenizer, args.prompts, args.max_tokens,
-                                      story_only=True)
+        embedded, answers = zip(*(decode(lm, engine.tokenizer, 1, args.max_tokens, run) for run in range(args.prompts)))
+        result, theirs = run_llamacpp(
+            gguf, args.llamacpp_python, engine.tokenizer, args.prompts, args.max_tokens, story_only=True
+        )
         llamacpp = result["concurrency_1"]["tokens_per_second"]["runs"]
         ratios = [a / b for a, b in zip(embedded, llamacpp)]
         same = same_answers({f"story c1 r{run}": ours for run, ours in enumerate(answers)}, theirs)["identical"]
-        rounds.append({"embedded": list(embedded), f"llamacpp-{name}": llamacpp, "ratios": ratios,
-                       "same_answers": same})
-        print(f"round {number + 1}: embedded {' '.join(f'{r:.1f}' for r in embedded)} tok/s, llama.cpp {name} "
-              f"{' '.join(f'{r:.1f}' for r in llamacpp)}: {' '.join(f'{r:.2f}x' for r in ratios)}", flush=True)
+        rounds.append(
+            {"embedded": list(embedded), f"llamacpp-{name}": llamacpp, "ratios": ratios, "same_answers": same}
+        )
+        print(
+            f"round {number + 1}: embedded {' '.join(f'{r:.1f}' for r in embedded)} tok/s, llama.cpp {name} "
+            f"{' '.join(f'{r:.1f}' for r in llamacpp)}: {' '.join(f'{r:.2f}x' for r in ratios)}",
+            flush=True,
+        )
     engine.close()
     ratios = [r for round_ in rounds for r in round_["ratios"]]
     same = sum(round_["same_answers"] for round_ in rounds)
-    print(f"embedded / llama.cpp {name}, one stream: median {statistics.median(ratios):.2f} "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {len(ratios)} prompts in {len(rounds)} rounds; "
-          f"the same answer {same} of {len(ratios)} times")
-    save("single_stream", model_dir.name, {"gguf": gguf.name, "max_tokens": args.max_tokens, "rounds": rounds,
-                                           "ratio_median": statistics.median(ratios),
-                                           "ratio_min": min(ratios), "ratio_max": max(ratios),
-                                           "same_answers": same})
+    print(
+        f"embedded / llama.cpp {name}, one stream: median {statistics.median(ratios):.2f} "
+        f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {len(ratios)} prompts in {len(rounds)} rounds; "
+        f"the same answer {same} of {len(ratios)} times"
+    )
+    save(
+        "single_stream",
+        model_dir.name,
+        {
+            "gguf": gguf.name,
+            "max_tokens": args.max_tokens,
+            "rounds": rounds,
+            "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "same_answers": same,
+        },
+    )
 
 
 if __name__ == "__main__":

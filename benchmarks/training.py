@@ -39,21 +39,27 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
     embedded engine and training use on CPU; on AMD CPUs MKL can be much slower); each library's
     rate is kept."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    products = {"mkl": lambda: a @ b,
-                "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")}
+    products = {"mkl": lambda: a @ b, "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")}
     rates: dict[str, list[float]] = {}
     for name, product in products.items():
         product()
         for _ in range(repeats):
             started = time.perf_counter()
             product()
-            rates.setdefault(name, []).append(2 * size ** 3 / (time.perf_counter() - started))
+            rates.setdefault(name, []).append(2 * size**3 / (time.perf_counter() - started))
     best = max(rates, key=lambda name: statistics.median(rates[name]))
     return {**summarize(rates[best]), "library": best, "by_library": {n: summarize(r) for n, r in rates.items()}}
 
 
-def _train_once(model_dir: Path, records: Path, method: str, checkpointing: bool, steps: int,
-                max_length: int, share_prefix: bool = True) -> dict:
+def _train_once(
+    model_dir: Path,
+    records: Path,
+    method: str,
+    checkpointing: bool,
+    steps: int,
+    max_length: int,
+    share_prefix: bool = True,
+) -> dict:
     code = f"""
 import json, sys
 from pathlib import Path
@@ -78,15 +84,25 @@ def bench_training(model_dir: Path, steps: int = 4, repeats: int = 2, max_length
     from misstep.programs import SelfCorrector
 
     with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-                     .parameters())
+        params = sum(
+            p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters()
+        )
     chains = misstep.load_chains(misstep.sample_path("gsm8k/train.jsonl"))
-    records = ground_truth_chat_data(SelfCorrector(), ground_truth_demos(chains, k=2 * steps))[:4 * steps]
+    records = ground_truth_chat_data(SelfCorrector(), ground_truth_demos(chains, k=2 * steps))[: 4 * steps]
     peak = matmul_peak()
-    print(f"matmul probe: {peak['median'] / 1e9:.1f} GFLOP/s median (fp32, 2048^3, {peak['library']}; "
-          + ", ".join(f"{n} {r['median'] / 1e9:.1f}" for n, r in peak["by_library"].items()) + ")")
-    results = {"parameters": params, "steps": steps, "batch_size": 4, "max_length": max_length,
-               "matmul_peak_flops": peak, "configs": {}}
+    print(
+        f"matmul probe: {peak['median'] / 1e9:.1f} GFLOP/s median (fp32, 2048^3, {peak['library']}; "
+        + ", ".join(f"{n} {r['median'] / 1e9:.1f}" for n, r in peak["by_library"].items())
+        + ")"
+    )
+    results = {
+        "parameters": params,
+        "steps": steps,
+        "batch_size": 4,
+        "max_length": max_length,
+        "matmul_peak_flops": peak,
+        "configs": {},
+    }
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as data:
         data.write("".join(json.dumps(r) + "\n" for r in records))
         data.flush()
@@ -102,13 +118,19 @@ def bench_training(model_dir: Path, steps: int = 4, repeats: int = 2, max_length
                 flop_rates.append((6 if method == "full" else 4) * params * tokens / seconds)
                 peaks.append(run["summary"]["peak_rss_gib"])
             name = f"{method}{' + checkpointing' if checkpointing else ''}"
-            row = {"seconds_per_step": summarize(step_seconds), "tokens_per_second": summarize(token_rates),
-                   "model_flops": summarize(flop_rates), "peak_rss_gib": summarize(peaks)}
+            row = {
+                "seconds_per_step": summarize(step_seconds),
+                "tokens_per_second": summarize(token_rates),
+                "model_flops": summarize(flop_rates),
+                "peak_rss_gib": summarize(peaks),
+            }
             row["utilisation_median"] = row["model_flops"]["median"] / peak["median"]
             results["configs"][name] = row
-            print(f"{name}: {row['seconds_per_step']['median']:.1f} s/step, "
-                  f"{row['tokens_per_second']['median']:.0f} tok/s, {row['model_flops']['median'] / 1e9:.1f} GFLOP/s "
-                  f"({row['utilisation_median']:.0%} of the matmul probe), peak RSS {max(peaks):.1f} GiB")
+            print(
+                f"{name}: {row['seconds_per_step']['median']:.1f} s/step, "
+                f"{row['tokens_per_second']['median']:.0f} tok/s, {row['model_flops']['median'] / 1e9:.1f} GFLOP/s "
+                f"({row['utilisation_median']:.0%} of the matmul probe), peak RSS {max(peaks):.1f} GiB"
+            )
     return results
 
 
@@ -129,8 +151,10 @@ def bench_shared_prefix(model_dir: Path, steps: int = 4, repeats: int = 2) -> di
                 timed = log[1:] or log
                 rates[name].append(sum(row["seconds"] for row in timed) / len(timed))
     result = {name: summarize(values) for name, values in rates.items()}
-    print(f"stage-3 records, full: {result['per row']['median']:.1f} s/step with the prompt per row, "
-          f"{result['shared']['median']:.1f} with the shared prefix once a batch")
+    print(
+        f"stage-3 records, full: {result['per row']['median']:.1f} s/step with the prompt per row, "
+        f"{result['shared']['median']:.1f} with the shared prefix once a batch"
+    )
     return result
 
 
@@ -143,8 +167,11 @@ def main() -> None:
     parser.add_argument("--shared-prefix", action="store_true", help="only the shared-prefix A/B on stage-3 records")
     args = parser.parse_args()
     if args.shared_prefix:
-        save("training_shared_prefix", args.model, bench_shared_prefix(resolve_model(args.model), args.steps,
-                                                                       args.repeats))
+        save(
+            "training_shared_prefix",
+            args.model,
+            bench_shared_prefix(resolve_model(args.model), args.steps, args.repeats),
+        )
         return
     save("training", args.model, bench_training(resolve_model(args.model), args.steps, args.repeats, args.max_length))
 

@@ -11,6 +11,16 @@ from misstep.data.loaders import (
 from misstep.data.records import STAGES, Chain, Scenario, StageResult, format_steps, parse_steps
 
 __all__ = [
-    "STAGES", "Chain", "DataFileError", "Scenario", "StageResult", "detect_format", "format_steps",
-    "load_big_bench_mistake", "load_chains", "load_gsm8k", "parse_steps", "sample_path",
+    "STAGES",
+    "Chain",
+    "DataFileError",
+    "Scenario",
+    "StageResult",
+    "detect_format",
+    "format_steps",
+    "load_big_bench_mistake",
+    "load_chains",
+    "load_gsm8k",
+    "parse_steps",
+    "sample_path",
 ]

@@ -85,8 +85,17 @@ def load_gsm8k(path: Path | str) -> list[Chain]:
         if not steps:
             raise DataFileError(path, line, "answer", "has no reasoning steps before '####'")
         answer = normalize_number(final)
-        chains.append(Chain(question=question, steps=steps, answer=answer, reference_answer=answer,
-                            source_id=f"{path.parent.name}/{path.name}:{line}", task="gsm8k", mistake_index=None))
+        chains.append(
+            Chain(
+                question=question,
+                steps=steps,
+                answer=answer,
+                reference_answer=answer,
+                source_id=f"{path.parent.name}/{path.name}:{line}",
+                task="gsm8k",
+                mistake_index=None,
+            )
+        )
     return chains
 
 
@@ -108,9 +117,17 @@ def load_big_bench_mistake(path: Path | str) -> list[Chain]:
         mistake = _field(path, line, record, "mistake_index", (int, type(None)))
         if mistake is not None and not 0 <= mistake < len(steps):
             raise DataFileError(path, line, "mistake_index", f"{mistake} is outside the {len(steps)} steps")
-        chains.append(Chain(question=question, steps=tuple(steps), answer=None if answer is None else str(answer),
-                            reference_answer=str(target),
-                            source_id=f"{path.parent.name}/{path.name}:{line}", task=path.stem, mistake_index=mistake))
+        chains.append(
+            Chain(
+                question=question,
+                steps=tuple(steps),
+                answer=None if answer is None else str(answer),
+                reference_answer=str(target),
+                source_id=f"{path.parent.name}/{path.name}:{line}",
+                task=path.stem,
+                mistake_index=mistake,
+            )
+        )
     return chains
 
 
@@ -128,9 +145,13 @@ def detect_format(path: Path | str) -> str:
         return "gsm8k"
     if {"input", "steps", "mistake_index"} <= first.keys():
         return "big-bench-mistake"
-    raise DataFileError(path, first_line, None,
-                        f"unknown format (keys {sorted(first)}): expected GSM8K (question, answer) "
-                        "or BIG-Bench Mistake (input, steps, answer, target, mistake_index)")
+    raise DataFileError(
+        path,
+        first_line,
+        None,
+        f"unknown format (keys {sorted(first)}): expected GSM8K (question, answer) "
+        "or BIG-Bench Mistake (input, steps, answer, target, mistake_index)",
+    )
 
 
 def load_chains(path: Path | str, data_format: str | None = None) -> list[Chain]:

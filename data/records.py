@@ -44,7 +44,7 @@ class Chain:
         return record
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> "Chain":
+    def from_dict(cls, record: dict[str, Any]) -> Chain:
         return cls(**{**record, "steps": tuple(record["steps"])})
 
 
@@ -76,7 +76,7 @@ class StageResult:
     error: str | None = None
 
     @classmethod
-    def skipped(cls, reason: str) -> "StageResult":
+    def skipped(cls, reason: str) -> StageResult:
         return cls(ok=False, error=f"skipped: {reason}")
 
 
@@ -115,7 +115,7 @@ class Scenario:
         }
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> "Scenario":
+    def from_dict(cls, record: dict[str, Any]) -> Scenario:
         return cls(
             chain=Chain.from_dict(record["chain"]),
             error_type=record["error_type"],

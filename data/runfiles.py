@@ -78,7 +78,7 @@ class JsonlLog:
     def close(self) -> None:
         self._out.close()
 
-    def __enter__(self) -> "JsonlLog":
+    def __enter__(self) -> JsonlLog:
         return self
 
     def __exit__(self, *exc) -> None:

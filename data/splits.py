@@ -43,8 +43,12 @@ class SplitItem:
     error_type: str | None = None  # the injected error type; None for a valid chain or a human-labelled trace
 
     def to_dict(self) -> dict:
-        return {"item_id": self.item_id, "split": self.split, "error_type": self.error_type,
-                "chain": self.chain.to_dict()}
+        return {
+            "item_id": self.item_id,
+            "split": self.split,
+            "error_type": self.error_type,
+            "chain": self.chain.to_dict(),
+        }
 
 
 def item_id(chain: Chain) -> str:
@@ -84,8 +88,7 @@ def bbm_items(chains: list[Chain], split: str) -> list[SplitItem]:
 
 def save_split(path: Path, items: list[SplitItem]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(item.to_dict(), ensure_ascii=False) + "\n" for item in items),
-                    encoding="utf-8")
+    path.write_text("".join(json.dumps(item.to_dict(), ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
 
 
 def load_split(path: Path | str) -> list[SplitItem]:

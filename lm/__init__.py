@@ -18,6 +18,18 @@ from misstep.lm.models import (  # noqa: E402
 )
 
 __all__ = [
-    "CHAT_STOP", "DEFAULT_MODEL", "REGISTRY", "EmbeddedEngine", "EngineStats", "ModelNotFoundError",
-    "build_tiny_model", "cache_dir", "engine_stats", "fingerprint", "lm_name", "local_lm", "release", "resolve_model",
+    "CHAT_STOP",
+    "DEFAULT_MODEL",
+    "REGISTRY",
+    "EmbeddedEngine",
+    "EngineStats",
+    "ModelNotFoundError",
+    "build_tiny_model",
+    "cache_dir",
+    "engine_stats",
+    "fingerprint",
+    "lm_name",
+    "local_lm",
+    "release",
+    "resolve_model",
 ]

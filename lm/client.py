@@ -21,9 +21,18 @@ def lm_name(model_dir: Path) -> str:
     return f"local/{model_dir.name}-{fingerprint(model_dir)}"
 
 
-def local_lm(model: str | Path = DEFAULT_MODEL, *, engine: EmbeddedEngine | None = None,
-             temperature: float = 0.0, max_tokens: int = 384, seed: int | None = 0, cache: bool = True,
-             max_batch_size: int = 8, cache_dir: Path | str | None = None, provider=None) -> dspy.LM:
+def local_lm(
+    model: str | Path = DEFAULT_MODEL,
+    *,
+    engine: EmbeddedEngine | None = None,
+    temperature: float = 0.0,
+    max_tokens: int = 384,
+    seed: int | None = 0,
+    cache: bool = True,
+    max_batch_size: int = 8,
+    cache_dir: Path | str | None = None,
+    provider=None,
+) -> dspy.LM:
     """A `dspy.LM` whose requests run in-process on `model` (a registry name or a model folder).
 
     Pass `engine` to share one loaded model between several LMs (say, student and judge
@@ -31,20 +40,46 @@ def local_lm(model: str | Path = DEFAULT_MODEL, *, engine: EmbeddedEngine | None
     """
     model_dir = engine.model_dir if engine is not None else resolve_model(model, cache_dir)
     engine = engine or EmbeddedEngine(model_dir, max_batch_size=max_batch_size)
-    return dspy.LM(lm_name(model_dir), engine=engine, temperature=temperature, max_tokens=max_tokens,
-                   seed=seed, stop=list(CHAT_STOP), cache=cache, num_retries=0, provider=provider)
+    return dspy.LM(
+        lm_name(model_dir),
+        engine=engine,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop=list(CHAT_STOP),
+        cache=cache,
+        num_retries=0,
+        provider=provider,
+    )
 
 
-def served_lm(server, *, temperature: float = 0.0, max_tokens: int = 384, seed: int | None = 0, cache: bool = True,
-              provider=None, num_retries: int = 30) -> dspy.LM:
+def served_lm(
+    server,
+    *,
+    temperature: float = 0.0,
+    max_tokens: int = 384,
+    seed: int | None = 0,
+    cache: bool = True,
+    provider=None,
+    num_retries: int = 30,
+) -> dspy.LM:
     """A `dspy.LM` over a running `VllmServer`, as `hosted_vllm/<served name>`.
 
     Connection errors are retried with exponential backoff (capped at 10 s a wait), for
     longer than the server's watchdog takes to restart a dead server: no request is lost.
     """
-    return dspy.LM(f"hosted_vllm/{server.served_name}", api_base=server.api_base, api_key="EMPTY",
-                   temperature=temperature, max_tokens=max_tokens, seed=seed, stop=list(CHAT_STOP), cache=cache,
-                   num_retries=num_retries, provider=provider)
+    return dspy.LM(
+        f"hosted_vllm/{server.served_name}",
+        api_base=server.api_base,
+        api_key="EMPTY",
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop=list(CHAT_STOP),
+        cache=cache,
+        num_retries=num_retries,
+        provider=provider,
+    )
 
 
 def engine_stats(lm: dspy.LM) -> dict[str, Any] | None:

@@ -74,11 +74,24 @@ class EngineStats:
 class EmbeddedEngine:
     """A DSPy engine (`complete(Request) -> Response`) running a local Hugging Face model."""
 
-    def __init__(self, model_dir: Path | str, *, max_batch_size: int = 8, gather_window_s: float = 0.02,
-                 default_max_tokens: int = 512, device: str | None = None, prefix_cache_size: int = 8,
-                 min_prefix_tokens: int = 128, speculate: int = 4, speculate_max_batch: int = 8,
-                 lookup_ngram: tuple[int, int] = (3, 2), cpu_kernels: bool = True,
-                 padding_tolerance: float = 1.2, draft_max_batch: int = 4, draft_bits: int = 4):
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        max_batch_size: int = 8,
+        gather_window_s: float = 0.02,
+        default_max_tokens: int = 512,
+        device: str | None = None,
+        prefix_cache_size: int = 8,
+        min_prefix_tokens: int = 128,
+        speculate: int = 4,
+        speculate_max_batch: int = 8,
+        lookup_ngram: tuple[int, int] = (3, 2),
+        cpu_kernels: bool = True,
+        padding_tolerance: float = 1.2,
+        draft_max_batch: int = 4,
+        draft_bits: int = 4,
+    ):
         self.model_dir = Path(model_dir)
         # Prompt-lookup speculation: up to `speculate` drafted tokens a pass, while at most
         # `speculate_max_batch` rows decode, from n-grams of `lookup_ngram` (longest, shortest)
@@ -145,8 +158,12 @@ class EmbeddedEngine:
                     # step takes 7.9 ms against 9.7 with every product in 8 (then 7.8 -> 7.1 ms once
                     # DraftLlamaLayer split the norms).
                     four_bits = self.draft_bits == 4 and Int4Linear.available()
-                    draft = model.draft(lambda linear: Int4Linear(linear) if four_bits and Int4Linear.fits(linear)
-                                        else Int8Linear(linear), head=Int8Linear)
+                    draft = model.draft(
+                        lambda linear: (
+                            Int4Linear(linear) if four_bits and Int4Linear.fits(linear) else Int8Linear(linear)
+                        ),
+                        head=Int8Linear,
+                    )
                     if not self._runs(draft):  # a shape a low-bit kernel refuses: no draft, not a failed batch
                         draft = None
             else:
@@ -180,20 +197,31 @@ class EmbeddedEngine:
         if request.system is not None:
             system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
             messages.append({"role": "system", "content": system})
-        messages += [{"role": m.role if m.role != "developer" else "system", "content": m.text or ""}
-                     for m in request.messages]
-        job = _Job(messages=messages, max_new_tokens=config.max_tokens or self.default_max_tokens,
-                   temperature=config.temperature or 0.0, top_p=config.top_p, top_k=config.top_k,
-                   stop=tuple(config.stop or ()), seed=config.seed)
+        messages += [
+            {"role": m.role if m.role != "developer" else "system", "content": m.text or ""} for m in request.messages
+        ]
+        job = _Job(
+            messages=messages,
+            max_new_tokens=config.max_tokens or self.default_max_tokens,
+            temperature=config.temperature or 0.0,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            stop=tuple(config.stop or ()),
+            seed=config.seed,
+        )
         self._queue.put(job)
         job.future.result()
         text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
         for stop in job.stop:
             if stop in text:
                 text = text[: text.index(stop)]
-        return Response(id=None, model=self.model_dir.name, message=Message.assistant([TextPart(text)]),
-                        finish_reason=job.finish_reason,
-                        usage=Usage(input_tokens=len(job.prompt_ids), output_tokens=len(job.tokens)))
+        return Response(
+            id=None,
+            model=self.model_dir.name,
+            message=Message.assistant([TextPart(text)]),
+            finish_reason=job.finish_reason,
+            usage=Usage(input_tokens=len(job.prompt_ids), output_tokens=len(job.tokens)),
+        )
 
     def stream(self, request):
         return response_to_events(self.complete(request))
@@ -211,17 +239,27 @@ class EmbeddedEngine:
                 self._prefixes.clear()
 
     def dump_state(self) -> dict:
-        return {"model_dir": str(self.model_dir), "max_batch_size": self.max_batch_size,
-                "prefix_cache_size": self.prefix_cache_size, "speculate": self.speculate,
-                "cpu_kernels": self.cpu_kernels, "draft_max_batch": self.draft_max_batch,
-                "draft_bits": self.draft_bits}
+        return {
+            "model_dir": str(self.model_dir),
+            "max_batch_size": self.max_batch_size,
+            "prefix_cache_size": self.prefix_cache_size,
+            "speculate": self.speculate,
+            "cpu_kernels": self.cpu_kernels,
+            "draft_max_batch": self.draft_max_batch,
+            "draft_bits": self.draft_bits,
+        }
 
     @classmethod
-    def load_state(cls, state: dict) -> "EmbeddedEngine":
-        return cls(state["model_dir"], max_batch_size=state.get("max_batch_size", 8),
-                   prefix_cache_size=state.get("prefix_cache_size", 8), speculate=state.get("speculate", 4),
-                   cpu_kernels=state.get("cpu_kernels", True), draft_max_batch=state.get("draft_max_batch", 4),
-                   draft_bits=state.get("draft_bits", 4))
+    def load_state(cls, state: dict) -> EmbeddedEngine:
+        return cls(
+            state["model_dir"],
+            max_batch_size=state.get("max_batch_size", 8),
+            prefix_cache_size=state.get("prefix_cache_size", 8),
+            speculate=state.get("speculate", 4),
+            cpu_kernels=state.get("cpu_kernels", True),
+            draft_max_batch=state.get("draft_max_batch", 4),
+            draft_bits=state.get("draft_bits", 4),
+        )
 
     # ---- the worker ------------------------------------------------------------------
     def _serve(self) -> None:
@@ -252,8 +290,10 @@ class EmbeddedEngine:
         job.prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         room = self.max_context - len(job.prompt_ids)
         if room <= 0:
-            raise ContextLengthError(f"prompt of {len(job.prompt_ids)} tokens does not fit the "
-                                     f"{self.max_context}-token context of {self.model_dir.name}")
+            raise ContextLengthError(
+                f"prompt of {len(job.prompt_ids)} tokens does not fit the "
+                f"{self.max_context}-token context of {self.model_dir.name}"
+            )
         job.max_new_tokens = min(job.max_new_tokens, room)
         if job.temperature > 0:
             job.generator = torch.Generator(device=self.device)
@@ -289,8 +329,9 @@ class EmbeddedEngine:
                 if not keep:
                     break
                 if len(keep) < len(active):  # finished rows leave the batch and the KV cache
-                    active, (mask, positions, next_tokens) = self._keep_rows(keep, active, cache,
-                                                                             mask, positions, next_tokens)
+                    active, (mask, positions, next_tokens) = self._keep_rows(
+                        keep, active, cache, mask, positions, next_tokens
+                    )
                 # Drafts copied from the prompt where they can be (free), else from the draft model.
                 drafts = self._drafts(active) if wait == 0 else None
                 copied, may_draft = drafts is not None, self._may_draft(active)
@@ -301,8 +342,14 @@ class EmbeddedEngine:
                 inputs = next_tokens[:, None] if drafts is None else torch.cat([next_tokens[:, None], drafts], dim=1)
                 mask = torch.cat([mask, mask.new_ones((len(active), width))], dim=1)
                 steps = torch.arange(1, width + 1, device=self.device)
-                out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions[:, -1:] + steps,
-                                 past_key_values=cache, use_cache=True, **self._shared_head(shared)).logits
+                out = self.model(
+                    input_ids=inputs,
+                    attention_mask=mask,
+                    position_ids=positions[:, -1:] + steps,
+                    past_key_values=cache,
+                    use_cache=True,
+                    **self._shared_head(shared),
+                ).logits
                 self.stats.forward_passes += 1
                 if drafts is None:
                     positions, logits = positions[:, -1:] + 1, out[:, -1, :]
@@ -331,7 +378,8 @@ class EmbeddedEngine:
                     keep = self._take(active, drafts[:, column].tolist(), (agrees > column).tolist())
                     if len(keep) < len(active):
                         active, (mask, positions, logits, drafts, agrees) = self._keep_rows(
-                            keep, active, cache, mask, positions, logits, drafts, agrees)
+                            keep, active, cache, mask, positions, logits, drafts, agrees
+                        )
                     if not active:
                         break
         except Exception as exc:  # a failed batch fails its requests (joined ones too), never the worker
@@ -348,7 +396,9 @@ class EmbeddedEngine:
         """The longest prompt head all rows share that is worth caching, and the cached KV of that
         head (one row; not to be changed). Without one: no prefix and None."""
         shortest = min(len(j.prompt_ids) for j in jobs)
-        known = [p for p in self._prefixes if len(p) < shortest and all(tuple(j.prompt_ids[:len(p)]) == p for j in jobs)]
+        known = [
+            p for p in self._prefixes if len(p) < shortest and all(tuple(j.prompt_ids[: len(p)]) == p for j in jobs)
+        ]
         prefix = max(known, key=len, default=None)
         if prefix is None and len(jobs) > 1 and self.prefix_cache_size:
             common = 0
@@ -358,8 +408,12 @@ class EmbeddedEngine:
             if common >= self.min_prefix_tokens:
                 prefix = tuple(first[:common])
                 head = self._new_cache()
-                self.model(input_ids=torch.tensor([prefix], device=self.device), past_key_values=head, use_cache=True,
-                           logits_to_keep=1)
+                self.model(
+                    input_ids=torch.tensor([prefix], device=self.device),
+                    past_key_values=head,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
                 self._prefixes[prefix] = head
                 while len(self._prefixes) > self.prefix_cache_size:
                     self._prefixes.popitem(last=False)
@@ -408,23 +462,35 @@ class EmbeddedEngine:
         suffixes = [j.prompt_ids[start:] for j in jobs]
         width = max(len(x) for x in suffixes)
         if width * len(suffixes) <= self.padding_tolerance * sum(len(x) for x in suffixes):
-            mask = torch.tensor([[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in suffixes],
-                                device=self.device)
+            mask = torch.tensor(
+                [[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in suffixes], device=self.device
+            )
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
             cache = self._cache_from(head)
             cache.batch_repeat_interleave(len(suffixes))
             pad = self.tokenizer.pad_token_id
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=self.device)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                **self._shared_head(shared)).logits[:, -1, :]
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **self._shared_head(shared),
+            ).logits[:, -1, :]
             return logits, cache, mask, positions, shared
         logits, rows = [], []
         for suffix in suffixes:
             cache = self._cache_from(head)
             positions = torch.arange(start, start + len(suffix), device=self.device)[None]
-            out = self.model(input_ids=torch.tensor([suffix], device=self.device), position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=torch.tensor([suffix], device=self.device),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             logits.append(out.logits[:, -1, :])
             rows.append((cache, torch.ones((1, start + len(suffix)), dtype=torch.long, device=self.device)))
         cache, mask = self._stack(rows, head=start)
@@ -435,8 +501,9 @@ class EmbeddedEngine:
         """A cache of one row to prefill on: a copy of the cached head (which stays as it is), or empty."""
         return copy.deepcopy(head) if head is not None else self._new_cache()
 
-    def _stack(self, parts: list[tuple[DynamicCache, torch.Tensor]],
-               head: int = 0) -> tuple[DynamicCache, torch.Tensor]:
+    def _stack(
+        self, parts: list[tuple[DynamicCache, torch.Tensor]], head: int = 0
+    ) -> tuple[DynamicCache, torch.Tensor]:
         """Caches (with their masks) of different lengths as one batch: the first `head` positions
         (the same head in every part) stay in front, the rest is right-aligned, the shorter parts
         getting masked padding in between. Rows keep their own positions, so padding changes nothing."""
@@ -450,8 +517,9 @@ class EmbeddedEngine:
 
         stacked = self._new_cache()
         for index in range(len(parts[0][0].layers)):
-            keys, values = ([aligned(getattr(cache.layers[index], part), 2) for cache, _ in parts]
-                            for part in ("keys", "values"))
+            keys, values = (
+                [aligned(getattr(cache.layers[index], part), 2) for cache, _ in parts] for part in ("keys", "values")
+            )
             stacked.update(torch.cat(keys), torch.cat(values), index)
         return stacked, torch.cat([aligned(mask, 1) for _, mask in parts])
 
@@ -479,8 +547,9 @@ class EmbeddedEngine:
             job.future.set_result(None)
         return keep
 
-    def _keep_rows(self, keep: list[int], active: list[_Job], cache,
-                   *rows: torch.Tensor) -> tuple[list[_Job], tuple[torch.Tensor, ...]]:
+    def _keep_rows(
+        self, keep: list[int], active: list[_Job], cache, *rows: torch.Tensor
+    ) -> tuple[list[_Job], tuple[torch.Tensor, ...]]:
         """Only the `keep` rows of the batch: of the jobs, the KV cache (in place) and each per-row tensor."""
         index = torch.tensor(keep, device=self.device)
         cache.batch_select_indices(index)
@@ -509,11 +578,21 @@ class EmbeddedEngine:
     def _may_draft(self, active: list[_Job]) -> bool:
         """Whether the draft model (built only when speculating) may draft for this batch: narrow
         enough, every row greedy and with room for a drafted token."""
-        return (self.draft is not None and len(active) <= self.draft_max_batch
-                and all(j.temperature <= 0 and self._room(j) > 0 for j in active))
+        return (
+            self.draft is not None
+            and len(active) <= self.draft_max_batch
+            and all(j.temperature <= 0 and self._room(j) > 0 for j in active)
+        )
 
-    def _model_drafts(self, active: list[_Job], next_tokens: torch.Tensor, cache, mask: torch.Tensor,
-                      positions: torch.Tensor, shared: int) -> torch.Tensor:
+    def _model_drafts(
+        self,
+        active: list[_Job],
+        next_tokens: torch.Tensor,
+        cache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        shared: int,
+    ) -> torch.Tensor:
         """`speculate` greedy tokens a row (fewer where a row has less room) from the low-bit draft model,
         run on the batch's own cache: over the prompt it reads the model's keys and values, and its
         own for the drafted tokens are cropped again before the model checks them."""
@@ -521,8 +600,13 @@ class EmbeddedEngine:
         tokens, inputs = [], next_tokens[:, None]
         for step in range(1, k + 1):
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits = self.draft(input_ids=inputs, attention_mask=mask, position_ids=positions[:, -1:] + step,
-                                past_key_values=cache, **self._shared_head(shared)).logits
+            logits = self.draft(
+                input_ids=inputs,
+                attention_mask=mask,
+                position_ids=positions[:, -1:] + step,
+                past_key_values=cache,
+                **self._shared_head(shared),
+            ).logits
             inputs = logits[:, -1].argmax(dim=-1, keepdim=True)
             tokens.append(inputs)
         cache.crop(-k)
@@ -538,8 +622,8 @@ class EmbeddedEngine:
                 continue
             tail = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):
-                if ids[start:start + n] == tail:
-                    return ids[start + n:start + n + k]
+                if ids[start : start + n] == tail:
+                    return ids[start + n : start + n + k]
         return []
 
     def _hit_stop(self, job: _Job) -> bool:

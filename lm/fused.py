@@ -39,10 +39,12 @@ def fusable(model) -> bool:
     if getattr(config, "pretraining_tp", 1) != 1 or getattr(config, "hidden_act", "silu") != "silu":
         return False
     layer = inner.layers[0]
-    parts = [getattr(layer.self_attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-            [getattr(layer.mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    return all(type(p) is torch.nn.Linear and p.weight.dtype == torch.float32 and p.weight.device.type == "cpu"
-               for p in parts)
+    parts = [getattr(layer.self_attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+        getattr(layer.mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")
+    ]
+    return all(
+        type(p) is torch.nn.Linear and p.weight.dtype == torch.float32 and p.weight.device.type == "cpu" for p in parts
+    )
 
 
 def _fused_linear(*linears: torch.nn.Linear) -> torch.nn.Linear:
@@ -66,8 +68,20 @@ class FusedLlamaLayer(torch.nn.Module):
 
     is_causal = True  # read by sdpa_gqa_attention, in place of transformers' attention module
 
-    def __init__(self, input_norm, post_attention_norm, qkv, o_proj, gate_up, down_proj, *, heads: int,
-                 kv_heads: int, head_dim: int, scaling: float):
+    def __init__(
+        self,
+        input_norm,
+        post_attention_norm,
+        qkv,
+        o_proj,
+        gate_up,
+        down_proj,
+        *,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        scaling: float,
+    ):
         super().__init__()
         self.input_norm, self.post_attention_norm = input_norm, post_attention_norm
         self.qkv, self.o_proj, self.gate_up, self.down_proj = qkv, o_proj, gate_up, down_proj
@@ -75,17 +89,32 @@ class FusedLlamaLayer(torch.nn.Module):
         self.num_key_value_groups = heads // kv_heads
 
     @classmethod
-    def of(cls, layer, config) -> "FusedLlamaLayer":
+    def of(cls, layer, config) -> FusedLlamaLayer:
         """The fused form of one of transformers' Llama decoder layers."""
         attention, mlp = layer.self_attn, layer.mlp
-        return cls(layer.input_layernorm, layer.post_attention_layernorm,
-                   _fused_linear(attention.q_proj, attention.k_proj, attention.v_proj), attention.o_proj,
-                   _fused_linear(mlp.gate_proj, mlp.up_proj), mlp.down_proj,
-                   heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-                   head_dim=attention.head_dim, scaling=attention.scaling)
+        return cls(
+            layer.input_layernorm,
+            layer.post_attention_layernorm,
+            _fused_linear(attention.q_proj, attention.k_proj, attention.v_proj),
+            attention.o_proj,
+            _fused_linear(mlp.gate_proj, mlp.up_proj),
+            mlp.down_proj,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=attention.head_dim,
+            scaling=attention.scaling,
+        )
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache, index: int, shared_head: int) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache,
+        index: int,
+        shared_head: int,
+    ) -> torch.Tensor:
         width = hidden.shape[-1]
         x = F.rms_norm(hidden, (width,), self.input_norm.weight, self.input_norm.variance_epsilon)
         hidden = hidden + self.o_proj(self.attend(self.qkv(x), cos, sin, mask, cache, index, shared_head))
@@ -93,16 +122,25 @@ class FusedLlamaLayer(torch.nn.Module):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return hidden + self.down_proj(F.silu(gate) * up)
 
-    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache,
-               index: int, shared_head: int) -> torch.Tensor:
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache,
+        index: int,
+        shared_head: int,
+    ) -> torch.Tensor:
         """Attention's output (rows, length, heads x head_dim) from the QKV product's."""
         rows, length, _ = qkv.shape
         qkv = qkv.view(rows, length, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
-        rotated = qkv[:, :self.heads + self.kv_heads]  # queries and keys rotate together: one pass
+        rotated = qkv[:, : self.heads + self.kv_heads]  # queries and keys rotate together: one pass
         rotated = rotated * cos + _rotate_half(rotated) * sin
-        keys, values = cache.update(rotated[:, self.heads:], qkv[:, self.heads + self.kv_heads:], index)
-        attended, _ = sdpa_gqa_attention(self, rotated[:, :self.heads], keys, values, mask, scaling=self.scaling,
-                                         shared_head=shared_head)
+        keys, values = cache.update(rotated[:, self.heads :], qkv[:, self.heads + self.kv_heads :], index)
+        attended, _ = sdpa_gqa_attention(
+            self, rotated[:, : self.heads], keys, values, mask, scaling=self.scaling, shared_head=shared_head
+        )
         return attended.reshape(rows, length, -1)
 
 
@@ -116,15 +154,32 @@ class DraftLlamaLayer(FusedLlamaLayer):
     the fp32 model's on 752 of 768 tokens (751 with the norms whole)."""
 
     def __init__(self, layer: FusedLlamaLayer, convert):
-        super().__init__(None, None, convert(layer.qkv), convert(layer.o_proj), convert(layer.gate_up),
-                         convert(layer.down_proj), heads=layer.heads, kv_heads=layer.kv_heads,
-                         head_dim=layer.head_dim, scaling=layer.scaling)
+        super().__init__(
+            None,
+            None,
+            convert(layer.qkv),
+            convert(layer.o_proj),
+            convert(layer.gate_up),
+            convert(layer.down_proj),
+            heads=layer.heads,
+            kv_heads=layer.kv_heads,
+            head_dim=layer.head_dim,
+            scaling=layer.scaling,
+        )
         width = layer.qkv.in_features
-        self.register_buffer("input_scale", layer.input_norm.weight.detach() * width ** 0.5)
-        self.register_buffer("post_attention_scale", layer.post_attention_norm.weight.detach() * width ** 0.5)
+        self.register_buffer("input_scale", layer.input_norm.weight.detach() * width**0.5)
+        self.register_buffer("post_attention_scale", layer.post_attention_norm.weight.detach() * width**0.5)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache, index: int, shared_head: int) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache,
+        index: int,
+        shared_head: int,
+    ) -> torch.Tensor:
         qkv = self.qkv.low(hidden * self.input_scale) / torch.linalg.vector_norm(hidden, dim=-1, keepdim=True)
         hidden = hidden + self.o_proj.low(self.attend(qkv, cos, sin, mask, cache, index, shared_head))
         norm = torch.linalg.vector_norm(hidden, dim=-1, keepdim=True).to(torch.bfloat16)
@@ -145,24 +200,45 @@ class FusedLlama(torch.nn.Module):
         self.eval()
 
     @classmethod
-    def of(cls, model) -> "FusedLlama":
+    def of(cls, model) -> FusedLlama:
         """The fused form of a transformers Llama causal LM (which gives up its separate projections)."""
         if not fusable(model):
             raise ValueError(f"{type(model).__name__} is not a Llama model FusedLlama can run")
         inner = model.model
-        return cls(model.config, model.generation_config, inner.embed_tokens, inner.rotary_emb,
-                   [FusedLlamaLayer.of(layer, model.config) for layer in inner.layers], inner.norm, model.lm_head)
+        return cls(
+            model.config,
+            model.generation_config,
+            inner.embed_tokens,
+            inner.rotary_emb,
+            [FusedLlamaLayer.of(layer, model.config) for layer in inner.layers],
+            inner.norm,
+            model.lm_head,
+        )
 
-    def draft(self, convert, head) -> "FusedLlama":
+    def draft(self, convert, head) -> FusedLlama:
         """A draft of this model: the same embeddings, rotary embedding and final norm (shared), and
         `DraftLlamaLayer`s whose products are `convert(linear)`, the LM head `head(linear)`. Build it
         from the fp32 `nn.Linear`s, before `use_onednn_linears` packs them."""
-        return FusedLlama(self.config, self.generation_config, self.embed_tokens, self.rotary_emb,
-                          [DraftLlamaLayer(layer, convert) for layer in self.layers], self.norm, head(self.lm_head))
+        return FusedLlama(
+            self.config,
+            self.generation_config,
+            self.embed_tokens,
+            self.rotary_emb,
+            [DraftLlamaLayer(layer, convert) for layer in self.layers],
+            self.norm,
+            head(self.lm_head),
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, logits_to_keep: int = 0,
-                shared_head: int = 0, **_) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        logits_to_keep: int = 0,
+        shared_head: int = 0,
+        **_,
+    ) -> CausalLMOutputWithPast:
         rows, length = input_ids.shape
         past = past_key_values.get_seq_length()
         if position_ids is None:

@@ -69,8 +69,9 @@ class OneDNNLinear(_StoredLinear):
     def __init__(self, linear: torch.nn.Linear, batch_hint: int = 8):
         super().__init__(linear)
         # `batch_hint` is the row count the layout is tuned for; any row count works.
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(),
-                                                                               batch_size=batch_hint))
+        self.register_buffer(
+            "packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_size=batch_hint)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -148,8 +149,13 @@ class Int4Linear(_DraftLinear):
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         # The kernel computes (code - 8) * scale + offset: so offset = low + 8 * scale.
         offsets = low + 8 * scales
-        self.register_buffer("scales_offsets", torch.stack([scales.squeeze(-1), offsets.squeeze(-1)], dim=-1)
-                             .transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.register_buffer(
+            "scales_offsets",
+            torch.stack([scales.squeeze(-1), offsets.squeeze(-1)], dim=-1)
+            .transpose(0, 1)
+            .contiguous()
+            .to(torch.bfloat16),
+        )
 
     @staticmethod
     def fits(linear: torch.nn.Linear, group: int = 32) -> bool:
@@ -162,8 +168,11 @@ class Int4Linear(_DraftLinear):
 def onednn_available() -> bool:
     """Whether this torch has oneDNN's linear ops (CPU builds normally do)."""
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+        return (
+            torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        )
     except (AttributeError, RuntimeError):
         return False
 
@@ -182,8 +191,11 @@ def use_onednn_linears(model: torch.nn.Module, batch_hint: int = 8) -> int:
     check = torch.Generator().manual_seed(0)  # its own: loading a model must not move the global RNG
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or child.weight.dtype != torch.float32 \
-                    or child.weight.device.type != "cpu":
+            if (
+                type(child) is not torch.nn.Linear
+                or child.weight.dtype != torch.float32
+                or child.weight.device.type != "cpu"
+            ):
                 continue
             try:
                 fast = OneDNNLinear(child, batch_hint)
@@ -197,9 +209,18 @@ def use_onednn_linears(model: torch.nn.Module, batch_hint: int = 8) -> int:
     return replaced
 
 
-def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                       is_causal: bool | None = None, shared_head: int = 0, **kwargs) -> tuple[torch.Tensor, None]:
+def sdpa_gqa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    shared_head: int = 0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention function, except that shared key/value heads are never copied,
     and that keys every row shares (`shared_head`, passed through the model's call) are read once."""
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
@@ -208,13 +229,27 @@ def sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         output = _attention_with_shared_head(query, key, value, attention_mask, scaling, shared_head, groups)
     else:
         output = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-            is_causal=bool(query.shape[2] > 1 and attention_mask is None and is_causal), enable_gqa=groups > 1)
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=bool(query.shape[2] > 1 and attention_mask is None and is_causal),
+            enable_gqa=groups > 1,
+        )
     return output.transpose(1, 2).contiguous(), None
 
 
-def _attention_with_shared_head(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                                scale: float | None, shared: int, groups: int) -> torch.Tensor:
+def _attention_with_shared_head(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    shared: int,
+    groups: int,
+) -> torch.Tensor:
     """Attention when the first `shared` keys are the same in every row (the cached prompt head a
     batch starts from): the queries of all rows attend to one copy of the head at once, each row's
     to the rest of its own keys, and the two parts are merged by their log-sum-exps. Decoding 8
@@ -232,8 +267,9 @@ def _attention_with_shared_head(query: torch.Tensor, key: torch.Tensor, value: t
     if mask is not None:  # boolean (True: attend) over all keys -> additive over the row's own keys
         own = mask[..., shared:].repeat(1, 1, groups, 1)
         own_mask = torch.zeros(own.shape, dtype=query.dtype).masked_fill_(~own, float("-inf"))
-    own_out, own_lse = attend(grouped, key[:, :, shared:], value[:, :, shared:], 0.0, False, attn_mask=own_mask,
-                              scale=scale)
+    own_out, own_lse = attend(
+        grouped, key[:, :, shared:], value[:, :, shared:], 0.0, False, attn_mask=own_mask, scale=scale
+    )
     top = torch.maximum(head_lse, own_lse)
     head_weight, own_weight = (head_lse - top).exp_().unsqueeze(-1), (own_lse - top).exp_().unsqueeze(-1)
     output = (head_out * head_weight + own_out * own_weight) / (head_weight + own_weight)
@@ -266,8 +302,12 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         start = self.get_seq_length()
         end = start + key_states.shape[-2]
-        in_buffer = (self.key_buffer is not None and self.keys.data_ptr() == self.key_buffer.data_ptr()
-                     and self.keys.shape[0] == self.key_buffer.shape[0] and end <= self.key_buffer.shape[-2])
+        in_buffer = (
+            self.key_buffer is not None
+            and self.keys.data_ptr() == self.key_buffer.data_ptr()
+            and self.keys.shape[0] == self.key_buffer.shape[0]
+            and end <= self.key_buffer.shape[-2]
+        )
         if not in_buffer:  # new, reshaped or full: move into a buffer with half as much room again
             shape = (*key_states.shape[:-2], end + max(256, end // 2), key_states.shape[-1])
             self.key_buffer = key_states.new_empty(shape)
@@ -289,6 +329,7 @@ class GrowingCache(DynamicCache):
 
 
 # -- training: forward and backward products through oneDNN ------------------------------------
+
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), computed by oneDNN."""

@@ -29,8 +29,13 @@ from misstep.lm.training import KEPT_UNTIL_EXIT, TrainSettings, train_chat
 STOP_GRACE_S = 15.0
 
 
-def train(model_dir: Path, records: list[dict[str, Any]], output_dir: Path, settings: TrainSettings,
-          show_progress: bool = True) -> dict[str, Any]:
+def train(
+    model_dir: Path,
+    records: list[dict[str, Any]],
+    output_dir: Path,
+    settings: TrainSettings,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Fine-tune `model_dir` on chat `records` into `output_dir` (see `train_chat`), under
     `settings.launcher` where there is one; the training's summary."""
     if not settings.launcher:
@@ -40,15 +45,24 @@ def train(model_dir: Path, records: list[dict[str, Any]], output_dir: Path, sett
     return launch_training(model_dir, records, output_dir, settings)
 
 
-def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
-                    settings: TrainSettings) -> dict[str, Any]:
+def launch_training(
+    model_dir: Path, records: list[dict[str, Any]], output_dir: Path, settings: TrainSettings
+) -> dict[str, Any]:
     """Run `train_chat` under `settings.launcher` (torchrun, accelerate launch, ...) and return its summary."""
     output_dir.mkdir(parents=True, exist_ok=True)
     data, config = output_dir / "launch_records.jsonl", output_dir / "launch_settings.json"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     config.write_text(json.dumps({**asdict(settings), "launcher": None}))
-    command = [*shlex.split(settings.launcher), "-m", "misstep.lm.launch", str(model_dir), str(data),
-               str(output_dir), "--settings", str(config)]
+    command = [
+        *shlex.split(settings.launcher),
+        "-m",
+        "misstep.lm.launch",
+        str(model_dir),
+        str(data),
+        str(output_dir),
+        "--settings",
+        str(config),
+    ]
     log = output_dir / "launch.log"
     with log.open("w") as out:
         # Its own session, so that a launch that runs out of time goes with all its processes.
@@ -57,15 +71,16 @@ def launch_training(model_dir: Path, records: list[dict[str, Any]], output_dir: 
             returncode = launched.wait(timeout=settings.launch_timeout_s)
         except subprocess.TimeoutExpired:
             stop_group(launched, STOP_GRACE_S)
-            raise RuntimeError(f"training under {settings.launcher!r} ran past launch_timeout_s="
-                               f"{settings.launch_timeout_s} s and was killed; log {log}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"training under {settings.launcher!r} ran past launch_timeout_s="
+                f"{settings.launch_timeout_s} s and was killed; log {log}:\n{log.read_text()[-3000:]}"
+            )
         except BaseException:  # interrupted: do not leave the processes training on
             stop_group(launched, STOP_GRACE_S)
             raise
     if returncode != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"training under {settings.launcher!r} failed (exit {returncode}); "
-                           f"log {log}:\n{tail}")
+        raise RuntimeError(f"training under {settings.launcher!r} failed (exit {returncode}); log {log}:\n{tail}")
     data.unlink()
     summary_path = output_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text())

@@ -84,8 +84,10 @@ def resolve_model(model: str | Path, cache: Path | str | None = None) -> Path:
         return target
     if path.exists():
         raise ModelNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
-    raise ModelNotFoundError(f"unknown model {model!r}: give a registered name ({', '.join(REGISTRY)}) "
-                             "or the path of a local Hugging Face model folder")
+    raise ModelNotFoundError(
+        f"unknown model {model!r}: give a registered name ({', '.join(REGISTRY)}) "
+        "or the path of a local Hugging Face model folder"
+    )
 
 
 def _load_tokenizer_from_gguf(spec: GGUFModel):
@@ -125,9 +127,17 @@ def convert_gguf(spec: GGUFModel, target: Path) -> Path:
     return target
 
 
-def build_tiny_model(target: Path | str, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                     kv_heads: int | None = None, seed: int = 0, tokenizer_model: str = DEFAULT_MODEL,
-                     initializer_range: float = 0.02) -> Path:
+def build_tiny_model(
+    target: Path | str,
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    seed: int = 0,
+    tokenizer_model: str = DEFAULT_MODEL,
+    initializer_range: float = 0.02,
+) -> Path:
     """A random-weight Llama with the real SmolLM2 tokenizer and chat template, saved as a
     Hugging Face folder. Tests and quick runs use it through the same code as the real model
     (grouped-query attention included: `kv_heads` key/value heads, half of `heads` unless given, serve
@@ -139,10 +149,18 @@ def build_tiny_model(target: Path | str, *, hidden_size: int = 64, layers: int =
     target = Path(target)
     tokenizer = _load_tokenizer_from_gguf(REGISTRY[tokenizer_model])
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or max(1, heads // 2),
-        max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=initializer_range,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or max(1, heads // 2),
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        initializer_range=initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

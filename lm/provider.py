@@ -27,9 +27,9 @@ from dspy.clients.utils_finetune import TrainDataFormat
 from misstep.lm.client import local_lm, served_lm
 from misstep.lm.engine import EmbeddedEngine
 from misstep.lm.kernels import on_torch_thread
+from misstep.lm.launch import train
 from misstep.lm.models import fingerprint
 from misstep.lm.serving import VllmOptions, VllmServer
-from misstep.lm.launch import train
 from misstep.lm.training import TrainSettings
 
 SERVINGS = ("embedded", "vllm")
@@ -47,8 +47,15 @@ class LocalProvider(Provider):
     under "settings"; `base_model_dir` is the folder the student starts from.
     """
 
-    def __init__(self, base_model_dir: Path, checkpoint_root: Path, settings: TrainSettings | None = None,
-                 show_progress: bool = True, serving: str = "embedded", vllm: VllmOptions | None = None):
+    def __init__(
+        self,
+        base_model_dir: Path,
+        checkpoint_root: Path,
+        settings: TrainSettings | None = None,
+        show_progress: bool = True,
+        serving: str = "embedded",
+        vllm: VllmOptions | None = None,
+    ):
         super().__init__()
         if serving not in SERVINGS:
             raise ValueError(f"serving must be one of {SERVINGS}, not {serving!r}")
@@ -86,8 +93,9 @@ class LocalProvider(Provider):
         if name not in self.servers:
             folder = self.checkpoints[name]
             served = name.split("/", 1)[1]
-            self.servers[name] = VllmServer(folder, served, self.checkpoint_root / "vllm-logs" / f"{served}.log",
-                                            self.vllm)
+            self.servers[name] = VllmServer(
+                folder, served, self.checkpoint_root / "vllm-logs" / f"{served}.log", self.vllm
+            )
         return self.servers[name].start()
 
     def launch(self, lm: dspy.LM, launch_kwargs: dict[str, Any] | None = None) -> None:
@@ -116,8 +124,14 @@ class LocalProvider(Provider):
 
     # -- training -------------------------------------------------------------------------
 
-    def finetune(self, job: TrainingJob, model: str, train_data: list[dict[str, Any]],
-                 train_data_format: TrainDataFormat | str | None, train_kwargs: dict[str, Any] | None = None) -> str:
+    def finetune(
+        self,
+        job: TrainingJob,
+        model: str,
+        train_data: list[dict[str, Any]],
+        train_data_format: TrainDataFormat | str | None,
+        train_kwargs: dict[str, Any] | None = None,
+    ) -> str:
         if train_data_format not in (TrainDataFormat.CHAT, "chat"):
             raise ValueError(f"LocalProvider trains on chat data, not {train_data_format!r} (use ChatAdapter)")
         settings = (train_kwargs or {}).get("settings") or self.settings

@@ -53,10 +53,25 @@ class VllmOptions:
 
     def command(self, model_dir: Path, served_name: str, port: int) -> list[str]:
         dtype = self.dtype if self.dtype != "auto" else ("auto" if _has_cuda() else "float32")
-        args = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-                "--dtype", dtype, "--max-model-len", str(self.max_model_len),
-                "--tensor-parallel-size", str(self.tensor_parallel_size)]
+        args = [
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            served_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--tensor-parallel-size",
+            str(self.tensor_parallel_size),
+        ]
         if self.enforce_eager or (self.enforce_eager is None and not _has_cuda()):
             args.append("--enforce-eager")
         if self.gpu_memory_utilization is not None:
@@ -67,6 +82,7 @@ class VllmOptions:
 def _has_cuda() -> bool:
     try:
         import torch
+
         return torch.cuda.is_available()
     except ImportError:  # pragma: no cover - torch is a dependency
         return False
@@ -76,9 +92,14 @@ def vllm_available(python: str = sys.executable) -> bool:
     """Whether `python` can import vLLM (without importing it here: that takes seconds)."""
     if python == sys.executable:
         import importlib.util
+
         return importlib.util.find_spec("vllm") is not None
-    return subprocess.run([python, "-c", "import importlib.util as u; exit(u.find_spec('vllm') is None)"],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            [python, "-c", "import importlib.util as u; exit(u.find_spec('vllm') is None)"], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def free_port() -> int:
@@ -100,7 +121,7 @@ def _die_with_parent() -> None:
 # short-lived worker thread is not killed when that thread ends.
 _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-spawner")
 
-_LIVE: "weakref.WeakSet[VllmServer]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[VllmServer] = weakref.WeakSet()
 
 
 @atexit.register
@@ -129,7 +150,7 @@ class VllmServer:
     def api_base(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "VllmServer":
+    def start(self) -> VllmServer:
         """Start the server (on a free port the first time, the same port after) and wait until healthy."""
         with self._lock:
             if self.running() and self.healthy():
@@ -144,26 +165,42 @@ class VllmServer:
         self._stopping.clear()
         self.port = self.port or free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.options.kv_cache_gib), "HF_HUB_OFFLINE": "1",
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": str(self.options.kv_cache_gib),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
         started = time.perf_counter()
         with self.log_path.open("a") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.model_dir} as {self.served_name} "
-                      f"on port {self.port}\n")
+            log.write(
+                f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.model_dir} as {self.served_name} "
+                f"on port {self.port}\n"
+            )
             log.flush()
             self.process = _SPAWNER.submit(
-                subprocess.Popen, self.options.command(self.model_dir, self.served_name, self.port),
-                stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent).result()
+                subprocess.Popen,
+                self.options.command(self.model_dir, self.served_name, self.port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+            ).result()
         _LIVE.add(self)
         deadline = started + self.options.startup_timeout
         while not self.healthy():
             if self.process.poll() is not None:
-                raise ServerError(f"vLLM exited with code {self.process.returncode} while starting; "
-                                  f"its log: {self.log_path}\n{self.log_tail()}")
+                raise ServerError(
+                    f"vLLM exited with code {self.process.returncode} while starting; "
+                    f"its log: {self.log_path}\n{self.log_tail()}"
+                )
             if time.perf_counter() > deadline:
                 self._terminate()
-                raise ServerError(f"vLLM did not answer /health within {self.options.startup_timeout:.0f} s; "
-                                  f"its log: {self.log_path}\n{self.log_tail()}")
+                raise ServerError(
+                    f"vLLM did not answer /health within {self.options.startup_timeout:.0f} s; "
+                    f"its log: {self.log_path}\n{self.log_tail()}"
+                )
             time.sleep(0.5)
         self.start_seconds.append(time.perf_counter() - started)
 
@@ -193,8 +230,10 @@ class VllmServer:
                 misses = 0 if (not dead and self.healthy(timeout=10.0)) else misses + 1
                 if dead or misses >= 3:  # a busy server may miss one check; a dead one misses every one
                     with self.log_path.open("a") as log:
-                        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} watchdog: server "
-                                  f"{'exited' if dead else 'stopped answering'}; restarting\n")
+                        log.write(
+                            f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} watchdog: server "
+                            f"{'exited' if dead else 'stopped answering'}; restarting\n"
+                        )
                     self._terminate()
                     try:
                         self._launch()

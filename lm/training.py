@@ -40,7 +40,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from misstep.lm.kernels import train_linears_through_onednn
 
-
 LOSS_WEIGHTINGS = ("tokens", "fields")
 # DSPy's ChatAdapter writes each output field as a "[[ ## name ## ]]" line and then its value.
 FIELD_MARKER = re.compile(r"\[\[ ## \w+ ## \]\]")
@@ -136,8 +135,9 @@ def answer_weights(answer: str, offsets: list[tuple[int, int]], weighting: str) 
     return [1.0 / (len(sizes) * sizes[i]) for i in segment]
 
 
-def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int,
-                  weighting: str = "tokens") -> tuple[list[int], list[int], list[float]]:
+def tokenize_chat(
+    tokenizer, messages: list[dict[str, str]], max_length: int, weighting: str = "tokens"
+) -> tuple[list[int], list[int], list[float]]:
     """(input ids, labels, loss weights) of one chat: labels are -100 everywhere but the final
     assistant turn, weights 0 there too and by `weighting` (answer_weights) on the answer."""
     if not messages or messages[-1]["role"] != "assistant":
@@ -149,18 +149,19 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int,
     if weighting != "tokens" and not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"loss_weighting={weighting!r} needs a fast tokenizer (its character offsets)")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer = full[len(prompt):].rstrip("\n")
+    answer = full[len(prompt) :].rstrip("\n")
     encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=weighting != "tokens")
     answer_ids = encoded["input_ids"]
     weights = answer_weights(answer, encoded.get("offset_mapping") or [(0, 0)] * len(answer_ids), weighting)
     keep = max_length // 2  # an over-long answer is cut, keeping room for some prompt
     answer_ids, weights = answer_ids[:keep], weights[:keep]
-    prompt_ids = prompt_ids[-(max_length - len(answer_ids)):]
+    prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :]
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids, [0.0] * len(prompt_ids) + weights
 
 
-def record_row(tokenizer, record: dict[str, Any], number: int,
-               settings: TrainSettings) -> tuple[list[int], list[int], list[float]]:
+def record_row(
+    tokenizer, record: dict[str, Any], number: int, settings: TrainSettings
+) -> tuple[list[int], list[int], list[float]]:
     """One training record as (input ids, labels, loss weights): its chat tokenized by
     `tokenize_chat`, the weights scaled by the record's own "weight" (1 where it has none), so
     that one kind of record can count for more than another."""
@@ -180,8 +181,11 @@ class AnswerLoss(torch.nn.Module):
         self.share_prefix = share_prefix
 
     def forward(self, input_ids, attention_mask, labels, weights) -> torch.Tensor:
-        return answer_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                                        "weights": weights}, share_prefix=self.share_prefix)
+        return answer_loss(
+            self.model,
+            {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights},
+            share_prefix=self.share_prefix,
+        )
 
 
 # A shared prefix shorter than this is not worth a second forward call.
@@ -220,16 +224,17 @@ def answer_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = Fals
     if shared >= MIN_SHARED_PREFIX:
         prefix = causal_lm.model(input_ids=ids[:1, :shared], use_cache=True).past_key_values
         prefix.batch_repeat_interleave(ids.shape[0])
-        hidden = causal_lm.model(input_ids=ids[:, shared:], attention_mask=mask, past_key_values=prefix,
-                                 use_cache=True).last_hidden_state
+        hidden = causal_lm.model(
+            input_ids=ids[:, shared:], attention_mask=mask, past_key_values=prefix, use_cache=True
+        ).last_hidden_state
     else:
         shared = 0
         hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    targets = batch["labels"][:, shared + 1:]
+    targets = batch["labels"][:, shared + 1 :]
     scored = targets != -100
     logits = causal_lm.lm_head(hidden[:, :-1][scored])
     losses = torch.nn.functional.cross_entropy(logits.float(), targets[scored], reduction="none")
-    weights = batch["weights"][:, shared + 1:][scored]
+    weights = batch["weights"][:, shared + 1 :][scored]
     return (losses * weights).sum() / weights.sum()
 
 
@@ -247,15 +252,24 @@ def _distributed() -> tuple[bool, int, int, int]:
     """(launched, rank, world size, local rank) from a launcher's environment; (False, 0, 1, 0) without one.
     A launched process joins a process group even when it is the only one, so a one-GPU run
     takes the multi-GPU code path."""
-    return ("RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (
+        "RANK" in os.environ,
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 KEPT_UNTIL_EXIT: list = []  # what a launched process must not free before it exits (see train_chat)
 
 
-def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path, settings: TrainSettings,
-               show_progress: bool = True) -> dict[str, Any]:
+def train_chat(
+    model_dir: Path,
+    records: list[dict[str, Any]],
+    output_dir: Path,
+    settings: TrainSettings,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Fine-tune `model_dir` on chat `records`; write a full Hugging Face folder (LoRA merged in)
     to `output_dir` with `train_log.jsonl` (loss per step) and `train_summary.json`.
 
@@ -270,8 +284,9 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     if launched:
         if cuda:
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo",
-                                             timeout=datetime.timedelta(seconds=settings.collective_timeout_s))
+        torch.distributed.init_process_group(
+            "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=settings.collective_timeout_s)
+        )
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     random.seed(settings.seed)  # the same on every rank: all ranks draw the same global batches
     torch.manual_seed(settings.seed)
@@ -285,9 +300,16 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha,
-                                                 lora_dropout=settings.lora_dropout, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=settings.lora_rank,
+                lora_alpha=settings.lora_alpha,
+                lora_dropout=settings.lora_dropout,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
         if settings.gradient_checkpointing:
             model.enable_input_require_grads()
     # Gradient checkpointing turns the key/value cache off, which the shared prefix needs.
@@ -308,7 +330,8 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=(0.9, settings.adam_beta2), weight_decay=0.0)
     warmup = max(1, int(settings.warmup_fraction * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    )
 
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir / "train_log.jsonl" if rank == 0 else Path(os.devnull)
@@ -322,8 +345,11 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
     trained_tokens = 0
     losses = []
     # Resuming is for a training in one process (a launched one restarts from the start).
-    resume = _Resume(output_dir / "resume.pt", _data_key(records, settings)) \
-        if settings.resume_every_s and not launched else None
+    resume = (
+        _Resume(output_dir / "resume.pt", _data_key(records, settings))
+        if settings.resume_every_s and not launched
+        else None
+    )
     first_step = 0
     if resume is not None and (state := resume.load()) is not None:
         model.load_state_dict(state["model"])
@@ -335,9 +361,17 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
         started -= state["wall_seconds"]
         _keep_log_lines(log_path, first_step)
     last_saved = time.perf_counter()
-    with log_path.open("a" if first_step else "w") as log, Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                                             TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-                                             disable=not show_progress or rank != 0) as progress:
+    with (
+        log_path.open("a" if first_step else "w") as log,
+        Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TimeRemainingColumn(),
+            disable=not show_progress or rank != 0,
+        ) as progress,
+    ):
         task = progress.add_task("train", total=total_steps, completed=first_step, loss=float("nan"))
         for step in range(first_step, total_steps):
             step_started = time.perf_counter()
@@ -363,17 +397,39 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
             trained_tokens += step_tokens
             losses.append(step_loss_value)
             seconds = time.perf_counter() - step_started
-            log.write(json.dumps({"step": step + 1, "loss": step_loss_value, "lr": schedule.get_last_lr()[0],
-                                  "tokens": step_tokens, "seconds": seconds}) + "\n")
+            log.write(
+                json.dumps(
+                    {
+                        "step": step + 1,
+                        "loss": step_loss_value,
+                        "lr": schedule.get_last_lr()[0],
+                        "tokens": step_tokens,
+                        "seconds": seconds,
+                    }
+                )
+                + "\n"
+            )
             log.flush()
             progress.update(task, advance=1, loss=step_loss_value)
-            if resume is not None and step + 1 < total_steps and \
-                    time.perf_counter() - last_saved >= settings.resume_every_s:
-                resume.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "python_random": random.getstate(),
-                             "torch_random": torch.get_rng_state(), "step": step + 1, "order": order,
-                             "losses": losses, "tokens": trained_tokens,
-                             "wall_seconds": time.perf_counter() - started})
+            if (
+                resume is not None
+                and step + 1 < total_steps
+                and time.perf_counter() - last_saved >= settings.resume_every_s
+            ):
+                resume.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "python_random": random.getstate(),
+                        "torch_random": torch.get_rng_state(),
+                        "step": step + 1,
+                        "order": order,
+                        "losses": losses,
+                        "tokens": trained_tokens,
+                        "wall_seconds": time.perf_counter() - started,
+                    }
+                )
                 last_saved = time.perf_counter()
 
     wall = time.perf_counter() - started
@@ -396,10 +452,19 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
         path.replace(output_dir / path.name)
     staging.rmdir()
     summary = {
-        "settings": asdict(settings), "base_model": str(model_dir), "records": len(records), "steps": total_steps,
-        "first_loss": losses[0], "last_loss": losses[-1], "wall_seconds": wall,
-        "seconds_per_step": wall / total_steps, "tokens_per_second": trained_tokens / wall,
-        "resumed_at_step": first_step or None, "device": str(device), "bf16": use_bf16, "world_size": world,
+        "settings": asdict(settings),
+        "base_model": str(model_dir),
+        "records": len(records),
+        "steps": total_steps,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "wall_seconds": wall,
+        "seconds_per_step": wall / total_steps,
+        "tokens_per_second": trained_tokens / wall,
+        "resumed_at_step": first_step or None,
+        "device": str(device),
+        "bf16": use_bf16,
+        "world_size": world,
         "onednn": onednn,
         # The process's peak so far (Linux reports KiB): an upper bound on what training needed.
         "peak_rss_gib": float(peak_rss),
@@ -413,8 +478,11 @@ def train_chat(model_dir: Path, records: list[dict[str, Any]], output_dir: Path,
 
 def _data_key(records: list[dict[str, Any]], settings: TrainSettings) -> str:
     """What a resume point must match: the same records and the settings that shape the run."""
-    shaping = {k: v for k, v in asdict(settings).items()
-               if k not in ("resume_every_s", "launch_timeout_s", "collective_timeout_s", "onednn", "share_prefix")}
+    shaping = {
+        k: v
+        for k, v in asdict(settings).items()
+        if k not in ("resume_every_s", "launch_timeout_s", "collective_timeout_s", "onednn", "share_prefix")
+    }
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
     for record in records:
         digest.update(json.dumps(record, sort_keys=True).encode())

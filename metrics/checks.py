@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from misstep.data.records import STAGES, Scenario
-from misstep.metrics.stats import agreement, rate
 from misstep.metrics.oracle import answers_match, first_error
+from misstep.metrics.stats import agreement, rate
 from misstep.programs.self_corrector import SelfCorrector
 
 

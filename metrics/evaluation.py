@@ -29,8 +29,12 @@ def evaluate_chain(corrector: SelfCorrector, chain: Chain, recover: bool = True)
     """Locate the first error of one labelled chain and, where it has one, recover from it."""
     located, predicted = corrector.find_error(chain.question, chain.steps)
     record: dict[str, Any] = {
-        "source_id": chain.source_id, "task": chain.task, "gold": chain.mistake_index, "steps": len(chain.steps),
-        "parsed": located.ok, "predicted": predicted,
+        "source_id": chain.source_id,
+        "task": chain.task,
+        "gold": chain.mistake_index,
+        "steps": len(chain.steps),
+        "parsed": located.ok,
+        "predicted": predicted,
         "location_ok": located.ok and location_correct(predicted, chain.mistake_index),
         "locate_raw": located.raw,
     }
@@ -58,8 +62,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "n": len(rows),
             "location_accuracy": rate(r["location_ok"] for r in rows),
             "majority_baseline": majority_baseline([r["gold"] for r in rows]),
-            "last_step_baseline": rate(r["gold"] is not None and r["gold"] == (r.get("steps") or 0) - 1
-                                       for r in rows),
+            "last_step_baseline": rate(r["gold"] is not None and r["gold"] == (r.get("steps") or 0) - 1 for r in rows),
             "answers": answer_spread([r["predicted"] if r["parsed"] else "unparsed" for r in rows]),
             "locate_parsed": rate(r["parsed"] for r in rows),
             "recovery_success": rate(r["recovery_ok"] for r in with_mistake),

@@ -21,7 +21,7 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     words = _WORD.findall(text.lower())
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def distinct_n(texts: list[str], n: int) -> float | None:
@@ -46,8 +46,13 @@ def near_duplicate_rate(texts: list[str], threshold: float = 0.8, n: int = 3) ->
 
 
 def diversity(texts: list[str]) -> dict[str, float | int | None]:
-    return {"texts": len(texts), "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
-            "distinct_3": distinct_n(texts, 3), "near_duplicates": near_duplicate_rate(texts)}
+    return {
+        "texts": len(texts),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "distinct_3": distinct_n(texts, 3),
+        "near_duplicates": near_duplicate_rate(texts),
+    }
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,12 @@ class Verdict:
     detail: str
 
 
-def judge_health(accuracy: list[Rate], distinct_2: list[float | None], rule: StopRule = StopRule(),
-                 top_share: list[float | None] | None = None) -> Verdict:
+def judge_health(
+    accuracy: list[Rate],
+    distinct_2: list[float | None],
+    rule: StopRule = StopRule(),
+    top_share: list[float | None] | None = None,
+) -> Verdict:
     """The stop rule over a history (one entry per finished round, round 0 = before any training).
 
     `accuracy` is the primary held-out metric per round; `distinct_2` the kept set's
@@ -92,24 +101,50 @@ def judge_health(accuracy: list[Rate], distinct_2: list[float | None], rule: Sto
     latest = len(accuracy) - 1
     p_drop = two_proportion_p(accuracy[best], accuracy[latest]) if best != latest else 1.0
     if p_drop < rule.alpha:
-        return Verdict(True, "collapse", best, f"round {latest} accuracy {accuracy[latest]} is below round {best}'s "
-                                               f"{accuracy[best]} (one-sided p={p_drop:.3g})")
+        return Verdict(
+            True,
+            "collapse",
+            best,
+            f"round {latest} accuracy {accuracy[latest]} is below round {best}'s "
+            f"{accuracy[best]} (one-sided p={p_drop:.3g})",
+        )
     shares = top_share or []
-    if latest >= 1 and len(shares) > latest and shares[latest] is not None and shares[latest] > rule.max_top_share \
-            and shares[latest - 1] is not None and shares[latest] > shares[latest - 1]:
-        return Verdict(True, "collapse", best, f"round {latest} gives one stage-3 answer to {shares[latest]:.0%} of "
-                                               f"the held-out items (above {rule.max_top_share:.0%}, and up from "
-                                               f"{shares[latest - 1]:.0%})")
+    if (
+        latest >= 1
+        and len(shares) > latest
+        and shares[latest] is not None
+        and shares[latest] > rule.max_top_share
+        and shares[latest - 1] is not None
+        and shares[latest] > shares[latest - 1]
+    ):
+        return Verdict(
+            True,
+            "collapse",
+            best,
+            f"round {latest} gives one stage-3 answer to {shares[latest]:.0%} of "
+            f"the held-out items (above {rule.max_top_share:.0%}, and up from "
+            f"{shares[latest - 1]:.0%})",
+        )
     seen = [d for d in distinct_2 if d is not None]
     if len(seen) >= 2 and distinct_2[latest] is not None and distinct_2[latest] < rule.min_diversity_ratio * seen[0]:
-        return Verdict(True, "collapse", best, f"kept-set distinct-2 fell to {distinct_2[latest]:.3f} from "
-                                               f"{seen[0]:.3f} (below {rule.min_diversity_ratio:.0%})")
+        return Verdict(
+            True,
+            "collapse",
+            best,
+            f"kept-set distinct-2 fell to {distinct_2[latest]:.3f} from "
+            f"{seen[0]:.3f} (below {rule.min_diversity_ratio:.0%})",
+        )
     if latest >= rule.patience:
         gains = []
         for r in range(latest - rule.patience + 1, latest + 1):
             earlier = max(accuracy[:r], key=lambda a: a.value if a.n else -1.0)
             gains.append(two_proportion_p(accuracy[r], earlier) < rule.alpha)
         if not any(gains):
-            return Verdict(True, "plateau", best, f"no significant gain (p < {rule.alpha}) in the last "
-                                                  f"{rule.patience} rounds; best is round {best}: {accuracy[best]}")
+            return Verdict(
+                True,
+                "plateau",
+                best,
+                f"no significant gain (p < {rule.alpha}) in the last "
+                f"{rule.patience} rounds; best is round {best}: {accuracy[best]}",
+            )
     return Verdict(False, "continue", best, f"best so far is round {best}: {accuracy[best]}")

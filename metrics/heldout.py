@@ -34,8 +34,9 @@ BBM_SIZES = {"test": 200, "validation": 99}
 NUMBER_IN_TEXT = re.compile(r"\d+(?:\.\d+)?")
 
 
-def build_gsm8k_splits(path: Path, seed: int = 0, sizes: dict[str, int] = GSM8K_SIZES,
-                       valid_share: float = VALID_SHARE) -> dict[str, list[SplitItem]]:
+def build_gsm8k_splits(
+    path: Path, seed: int = 0, sizes: dict[str, int] = GSM8K_SIZES, valid_share: float = VALID_SHARE
+) -> dict[str, list[SplitItem]]:
     """Test and validation splits from GSM8K test solutions, disjoint by question: per split,
     `valid_share` of the items are valid solutions ("no mistake"), the rest injected errors
     (error types in turn, only errors that change the final answer)."""
@@ -43,7 +44,7 @@ def build_gsm8k_splits(path: Path, seed: int = 0, sizes: dict[str, int] = GSM8K_
     out, cursor = {}, 0
     for split, size in sizes.items():
         n_valid = round(size * valid_share)
-        valid = chains[cursor:cursor + n_valid]
+        valid = chains[cursor : cursor + n_valid]
         cursor += n_valid
         pairs: list = []
         while len(pairs) < size - n_valid:
@@ -63,7 +64,7 @@ def build_bbm_splits(path: Path, seed: int = 0, sizes: dict[str, int] = BBM_SIZE
         raise ValueError(f"{path}: {len(chains)} traces, fewer than the {sum(sizes.values())} the splits need")
     out, cursor = {}, 0
     for split, size in sizes.items():
-        out[split] = bbm_items(chains[cursor:cursor + size], split)
+        out[split] = bbm_items(chains[cursor : cursor + size], split)
         cursor += size
     return out
 
@@ -77,8 +78,10 @@ def majority_label(items: list[SplitItem]) -> int | None:
 def baseline_outcomes(items: list[SplitItem]) -> dict[str, list[bool]]:
     """Per item, whether each floor is right: always the majority label, always the last step."""
     majority = majority_label(items)
-    return {"majority": [item.chain.mistake_index == majority for item in items],
-            "last_step": [item.chain.mistake_index == len(item.chain.steps) - 1 for item in items]}
+    return {
+        "majority": [item.chain.mistake_index == majority for item in items],
+        "last_step": [item.chain.mistake_index == len(item.chain.steps) - 1 for item in items],
+    }
 
 
 def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
@@ -95,13 +98,18 @@ def score(items: list[SplitItem], predictions: dict[str, dict[str, Any]]) -> dic
     correct = [bool(predictions[item.item_id]["correct"]) for item in items]
     floors = baseline_outcomes(items)
     better = max(floors, key=lambda name: sum(floors[name]))
-    answers = [predictions[item.item_id]["predicted"] if predictions[item.item_id]["parsed"] else "unparsed"
-               for item in items]
+    answers = [
+        predictions[item.item_id]["predicted"] if predictions[item.item_id]["parsed"] else "unparsed" for item in items
+    ]
     return {
-        "n": len(items), "correct": sum(correct), "accuracy": Rate(sum(correct), len(items)).to_dict(),
-        "majority_baseline_correct": sum(floors["majority"]), "majority_label": majority_label(items),
+        "n": len(items),
+        "correct": sum(correct),
+        "accuracy": Rate(sum(correct), len(items)).to_dict(),
+        "majority_baseline_correct": sum(floors["majority"]),
+        "majority_label": majority_label(items),
         "last_step_baseline_correct": sum(floors["last_step"]),
-        "better_baseline": better, "mcnemar_p": mcnemar_p(correct, floors[better]),
+        "better_baseline": better,
+        "mcnemar_p": mcnemar_p(correct, floors[better]),
         "parsed": sum(bool(predictions[item.item_id]["parsed"]) for item in items),
         "answers": answer_spread(answers),
     }
@@ -128,15 +136,19 @@ def _size_bucket(value: float) -> str:
 
 SLICES: dict[str, Callable[[SplitItem], str]] = {
     "error_type": lambda item: item.error_type or ("none" if item.chain.mistake_index is None else "labelled"),
-    "error_position": lambda item: "none" if item.chain.mistake_index is None
-    else str(min(item.chain.mistake_index + 1, 5)) + ("+" if item.chain.mistake_index >= 4 else ""),
+    "error_position": lambda item: (
+        "none"
+        if item.chain.mistake_index is None
+        else str(min(item.chain.mistake_index + 1, 5)) + ("+" if item.chain.mistake_index >= 4 else "")
+    ),
     "steps": lambda item: str(min(len(item.chain.steps), 6)) + ("+" if len(item.chain.steps) >= 6 else ""),
     "operand_size": lambda item: _size_bucket(_largest_number(item.chain)),
 }
 
 
-def slices(items: list[SplitItem], predictions: dict[str, dict[str, Any]], min_items: int = 30,
-           alpha: float = 0.05) -> list[dict[str, Any]]:
+def slices(
+    items: list[SplitItem], predictions: dict[str, dict[str, Any]], min_items: int = 30, alpha: float = 0.05
+) -> list[dict[str, Any]]:
     """Where a model beats the floor: for each slice (error type, position of the first error,
     number of steps, size of the largest number) with at least `min_items` items, its accuracy,
     its own majority baseline (the slice's most common label), and McNemar's p between them.
@@ -152,7 +164,15 @@ def slices(items: list[SplitItem], predictions: dict[str, dict[str, Any]], min_i
             correct = [bool(predictions[item.item_id]["correct"]) for item in members]
             floor = baseline_outcomes(members)["majority"]
             p = mcnemar_p(correct, floor)
-            out.append({"slice": dimension, "value": value, "n": len(members), "correct": sum(correct),
-                        "majority_baseline_correct": sum(floor), "mcnemar_p": p,
-                        "significant": sum(correct) > sum(floor) and p < alpha})
+            out.append(
+                {
+                    "slice": dimension,
+                    "value": value,
+                    "n": len(members),
+                    "correct": sum(correct),
+                    "majority_baseline_correct": sum(floor),
+                    "mcnemar_p": p,
+                    "significant": sum(correct) > sum(floor) and p < alpha,
+                }
+            )
     return out

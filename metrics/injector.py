@@ -52,15 +52,21 @@ class _Step:
         """The step's text with a new expression and result, visible arithmetic included."""
         old_expr, old_result = self.match.group(1), self.match.group(2)
         new_expr, new_result = "".join(tokens), format_number(value)
-        before, after = self.text[: self.match.start()], self.text[self.match.end():]
+        before, after = self.text[: self.match.start()], self.text[self.match.end() :]
         # The visible copy: '16 - 3 - 4 = <<16-3-4=9>>9' shows the expression and the result again.
         visible = re.search(r"([\d.,$\s+\-*/x×÷()]+)=\s*\$?\s*$", before)
         if visible and _numbers(visible.group(1)) == _numbers(old_expr):
             pretty = " ".join(tokens).replace("( ", "(").replace(" )", ")")
-            before = before[: visible.start(1)] + (" " if visible.group(1).startswith(" ") else "") + pretty + " " + before[visible.end(1):]
+            before = (
+                before[: visible.start(1)]
+                + (" " if visible.group(1).startswith(" ") else "")
+                + pretty
+                + " "
+                + before[visible.end(1) :]
+            )
         shown = re.match(r"\$?(\d[\d,]*(?:\.\d+)?)", after)
         if shown and shown.group(1).replace(",", "") == old_result:
-            after = after[: shown.start(1)] + new_result + after[shown.end(1):]
+            after = after[: shown.start(1)] + new_result + after[shown.end(1) :]
         return f"{before}<<{new_expr}={new_result}>>{after}"
 
 
@@ -120,7 +126,9 @@ def applicable_steps(chain: Chain, error_type: str) -> list[int]:
             found.append(k)
         elif error_type == "misread_quantity" and any(format_number(float(t)) in question_numbers for t in operands):
             found.append(k)
-        elif error_type == "wrong_operand" and _earlier_values(chain, parsed, k) - {format_number(float(t)) for t in operands}:
+        elif error_type == "wrong_operand" and _earlier_values(chain, parsed, k) - {
+            format_number(float(t)) for t in operands
+        }:
             found.append(k)
         elif error_type == "skipped_step" and _first_use(parsed, k) is not None and _start_value(step) is not None:
             found.append(k)
@@ -162,7 +170,9 @@ def inject(chain: Chain, error_type: str, step: int | None = None, seed: int = 0
             raise InjectionError(f"{chain.source_id}: no step where '{error_type}' applies")
         step = random.Random(f"{seed}:{chain.source_id}:{error_type}").choice(candidates)
     elif step not in candidates:
-        raise InjectionError(f"{chain.source_id}: '{error_type}' does not apply at step {step} (applicable: {candidates})")
+        raise InjectionError(
+            f"{chain.source_id}: '{error_type}' does not apply at step {step} (applicable: {candidates})"
+        )
     rng = random.Random(f"{seed}:{chain.source_id}:{error_type}:{step}")
     steps = list(chain.steps)
     parsed = _Step(steps[step])
@@ -174,7 +184,7 @@ def inject(chain: Chain, error_type: str, step: int | None = None, seed: int = 0
         # Drop the step; the next step that used its result takes the value the step started from.
         use = _first_use([_Step(s) for s in steps], step)
         changed = {old_result: format_number(float(_start_value(parsed)))}
-        steps = steps[:step] + steps[step + 1:]
+        steps = steps[:step] + steps[step + 1 :]
         return _finish(chain, _propagate(steps, step, changed), use - 1, changed)
 
     if error_type == "arithmetic_slip":
@@ -186,7 +196,7 @@ def inject(chain: Chain, error_type: str, step: int | None = None, seed: int = 0
             ops = [i for i, t in enumerate(tokens) if t in _SWAPS]
             rng.shuffle(ops)
             for i in ops:
-                trial = tokens[:i] + [_SWAPS[tokens[i]]] + tokens[i + 1:]
+                trial = tokens[:i] + [_SWAPS[tokens[i]]] + tokens[i + 1 :]
                 if format_number(_value(trial)) != old_result:
                     tokens = trial
                     break
@@ -194,7 +204,13 @@ def inject(chain: Chain, error_type: str, step: int | None = None, seed: int = 0
             question_numbers = {format_number(n) for n in _numbers(chain.question)}
             i = rng.choice([i for i in parsed.operands() if format_number(float(tokens[i])) in question_numbers])
             original = float(tokens[i])
-            tokens[i] = format_number(rng.choice([original + 1, original * 10, original + 10] if original < 10 else [original + 1, original - 1, original * 2]))
+            tokens[i] = format_number(
+                rng.choice(
+                    [original + 1, original * 10, original + 10]
+                    if original < 10
+                    else [original + 1, original - 1, original * 2]
+                )
+            )
         elif error_type == "wrong_operand":
             i = rng.choice(parsed.operands())
             others = sorted(_earlier_values(chain, [_Step(s) for s in chain.steps], step) - {tokens[i]})
@@ -233,8 +249,12 @@ def types_in_turn(n: int, error_types: list[str] | tuple[str, ...] = INJECTABLE_
     return list(error_types[k:]) + list(error_types[:k])
 
 
-def inject_many(chains: list[Chain], error_types: list[str] | tuple[str, ...] = INJECTABLE_TYPES,
-                seed: int = 0, require_answer_change: bool = True) -> list[tuple[Chain, Chain, str]]:
+def inject_many(
+    chains: list[Chain],
+    error_types: list[str] | tuple[str, ...] = INJECTABLE_TYPES,
+    seed: int = 0,
+    require_answer_change: bool = True,
+) -> list[tuple[Chain, Chain, str]]:
     """(valid, corrupted, error type) for each chain, cycling through error types and
     skipping chains where none applies. With `require_answer_change`, only errors that
     change the final answer count: an error that does not matter is no test of recovery.

@@ -42,11 +42,16 @@ def verdicts(judge_outputs: dict[str, Any] | None, curate_outputs: dict[str, Any
     `Thresholds.admit` reads, for a metric's trace and for a scenario record alike."""
     if judge_outputs is None:
         return {}
-    out: dict[str, Any] = {"verdict": bool(judge_outputs["recovery_succeeded"]),
-                           "confidence": float(judge_outputs["confidence"])}
+    out: dict[str, Any] = {
+        "verdict": bool(judge_outputs["recovery_succeeded"]),
+        "confidence": float(judge_outputs["confidence"]),
+    }
     if curate_outputs is not None:
-        out.update(keep=bool(curate_outputs["keep"]), quality=float(curate_outputs["quality"]),
-                   reason=str(curate_outputs.get("reason", "")))
+        out.update(
+            keep=bool(curate_outputs["keep"]),
+            quality=float(curate_outputs["quality"]),
+            reason=str(curate_outputs.get("reason", "")),
+        )
     return out
 
 
@@ -71,9 +76,14 @@ class JudgeMetric:
             decision["reason"] = "no recovery to judge"
         else:
             with dspy.context(lm=self.judge_lm, adapter=default_adapter()):
-                judged = self.judge(question=example.question, valid_steps=example.valid_steps, invalid_steps=example.steps,
-                                    recovered_steps=prediction.recovered_steps, final_answer=prediction.final_answer,
-                                    first_error=prediction.first_error)
+                judged = self.judge(
+                    question=example.question,
+                    valid_steps=example.valid_steps,
+                    invalid_steps=example.steps,
+                    recovered_steps=prediction.recovered_steps,
+                    final_answer=prediction.final_answer,
+                    first_error=prediction.first_error,
+                )
             decision.update(self._decide(judged))
         if example.get("reference_answer") is not None:  # ground truth no model wrote
             decision["oracle_location_ok"] = prediction.get("first_error") == example.get("mistake_index")
@@ -99,8 +109,10 @@ class JudgeMetric:
             "thresholds": asdict(self.thresholds),
             "judged": len(self.decisions),
             "kept": sum(d["kept"] for d in self.decisions),
-            "oracle_agreement": {k: v.to_dict() for k, v in agreement(
-                [d["kept"] for d in checked], [d["oracle_recovery_ok"] for d in checked]).items()},
+            "oracle_agreement": {
+                k: v.to_dict()
+                for k, v in agreement([d["kept"] for d in checked], [d["oracle_recovery_ok"] for d in checked]).items()
+            },
         }
 
 
@@ -119,14 +131,26 @@ class OracleMetric:
         self._lock = threading.Lock()
 
     def __call__(self, example: dspy.Example, prediction: dspy.Prediction, trace=None) -> bool:
-        location_ok = prediction.get("first_error") is not None and prediction.get("first_error") == example.mistake_index
+        location_ok = (
+            prediction.get("first_error") is not None and prediction.get("first_error") == example.mistake_index
+        )
         recovery_ok = answers_match(prediction.get("final_answer"), example.reference_answer)
         kept = location_ok and (recovery_ok or not self.require_recovery)
         with self._lock:
-            self.decisions.append({"source_id": example.get("source_id"), "kept": kept,
-                                   "oracle_location_ok": location_ok, "oracle_recovery_ok": recovery_ok})
+            self.decisions.append(
+                {
+                    "source_id": example.get("source_id"),
+                    "kept": kept,
+                    "oracle_location_ok": location_ok,
+                    "oracle_recovery_ok": recovery_ok,
+                }
+            )
         return kept
 
     def report(self) -> dict[str, Any]:
-        return {"metric": "oracle", "require_recovery": self.require_recovery, "judged": len(self.decisions),
-                "kept": sum(d["kept"] for d in self.decisions)}
+        return {
+            "metric": "oracle",
+            "require_recovery": self.require_recovery,
+            "judged": len(self.decisions),
+            "kept": sum(d["kept"] for d in self.decisions),
+        }

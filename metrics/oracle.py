@@ -21,8 +21,15 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 # Characters an arithmetic expression is made of once spaces, '$' and thousands commas go.
 _ARITH_CHARS = set("0123456789.,+-*/()%^ $x×÷−")
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
@@ -80,7 +87,7 @@ def same_number(actual: float, claimed: float, claimed_text: str = "") -> bool:
     if math.isnan(actual) or math.isnan(claimed):
         return False
     decimals = len(claimed_text.split(".")[1]) if "." in claimed_text else 0
-    tolerance = 0.5 * 10 ** -decimals if claimed_text else 0.0
+    tolerance = 0.5 * 10**-decimals if claimed_text else 0.0
     return abs(actual - claimed) <= max(tolerance, 1e-9 * max(1.0, abs(claimed)))
 
 
@@ -146,7 +153,7 @@ def plain_claims(text: str) -> list[Claim]:
     claims = []
     for left_text, right_text in zip(segments, segments[1:]):
         right_run = _arith_prefix(right_text.lstrip())
-        if re.search(r"\d$", right_run) and re.match(r"[A-Za-z]", right_text.lstrip()[len(right_run):]):
+        if re.search(r"\d$", right_run) and re.match(r"[A-Za-z]", right_text.lstrip()[len(right_run) :]):
             continue  # '240g/5': a unit glued to the number means the run goes on past it
         left = _whole_expression(_arith_suffix(left_text), at_start=True)
         right = _whole_expression(right_run, at_start=False)
@@ -227,7 +234,9 @@ def answers_match(answer: str | None, reference: str) -> bool:
     """Numeric answers compare as numbers; anything else as normalized text (BIG-Bench tasks)."""
     if answer is None:
         return False
-    expected = final_number(reference) if NUMBER.fullmatch(reference.replace(",", "").replace("$", "").strip()) else None
+    expected = (
+        final_number(reference) if NUMBER.fullmatch(reference.replace(",", "").replace("$", "").strip()) else None
+    )
     if expected is not None:
         got = final_number(answer)
         return got is not None and same_number(got, expected)

@@ -23,8 +23,12 @@ def plot_evaluation(metrics: dict[str, Any], path: Path) -> Path:
     with 95% intervals."""
     tasks = [t for t in metrics if not t.startswith("_")]
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) + 2), 4))
-    series = [("location_accuracy", "location accuracy"), ("majority_baseline", "majority baseline"),
-              ("last_step_baseline", "last-step baseline"), ("recovery_success", "recovery success")]
+    series = [
+        ("location_accuracy", "location accuracy"),
+        ("majority_baseline", "majority baseline"),
+        ("last_step_baseline", "last-step baseline"),
+        ("recovery_success", "recovery success"),
+    ]
     width = 0.8 / len(series)
     for n, (key, label) in enumerate(series):
         _bars(ax, tasks, [metrics[t][key] for t in tasks], (n - (len(series) - 1) / 2) * width, width, label)

@@ -20,27 +20,32 @@ from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, re
 from misstep.lm.provider import SERVINGS, LocalProvider
 from misstep.lm.serving import VllmOptions, vllm_available
 from misstep.lm.training import LOSS_WEIGHTINGS, TrainSettings
+from misstep.metrics.health import StopRule
 from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
 from misstep.metrics.injector import inject_many
 from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
 from misstep.optimize.compile import NothingToTrainOn, compile_program, compiled_or_resumed, training_examples, warm_up
 from misstep.optimize.control import LOSSES, ControlRun, publish, run_control
 from misstep.optimize.demos import attach_demos, ground_truth_demos, questions_of
-from misstep.metrics.health import StopRule
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
 from misstep.optimize.rounds import LoopSettings, run_loop
 from misstep.programs import Judge, SelfCorrector
 from misstep.signatures import ERROR_TYPES
 
-app = typer.Typer(help="Teach a local language model to find and recover from reasoning errors.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Teach a local language model to find and recover from reasoning errors.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console()
 
 ModelOption = Annotated[str, typer.Option(help=f"registered model ({', '.join(REGISTRY)}) or a local HF model folder")]
 ThreadsOption = Annotated[int, typer.Option(min=1, help="concurrent requests (the engine batches them)")]
 DemosOption = Annotated[int, typer.Option(min=0, help="ground-truth demos per stage, built from --demo-data")]
-DemoDataOption = Annotated[Path | None, typer.Option(help="valid GSM8K chains for demos (default: shipped train sample)")]
+DemoDataOption = Annotated[
+    Path | None, typer.Option(help="valid GSM8K chains for demos (default: shipped train sample)")
+]
 RunDirOption = Annotated[Path | None, typer.Option(help="where results go; rerun with the same one to resume")]
 # Training and serving options, shared by `compile` and `optimize`.
 MethodOption = Annotated[str, typer.Option(help="lora or full")]
@@ -50,22 +55,43 @@ LoraRankOption = Annotated[int, typer.Option(min=1)]
 MaxLengthOption = Annotated[int, typer.Option(min=16, help="training sequence length in tokens")]
 BatchSizeOption = Annotated[int, typer.Option(min=1)]
 GradAccumOption = Annotated[int, typer.Option(min=1, help="gradient accumulation steps")]
-CheckpointingOption = Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
-                                                   help="recompute activations: less memory, slower steps")]
-LauncherOption = Annotated[str | None, typer.Option(help="train under a distributed launcher, e.g. "
-                                                   "'torchrun --standalone --nproc-per-node 4' or "
-                                                   "'accelerate launch --num_processes 4' (one process per GPU)")]
+CheckpointingOption = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="recompute activations: less memory, slower steps"
+    ),
+]
+LauncherOption = Annotated[
+    str | None,
+    typer.Option(
+        help="train under a distributed launcher, e.g. "
+        "'torchrun --standalone --nproc-per-node 4' or "
+        "'accelerate launch --num_processes 4' (one process per GPU)"
+    ),
+]
 EngineOption = Annotated[str, typer.Option(help="embedded (in-process) or vllm (a local vLLM server per checkpoint)")]
 VllmPythonOption = Annotated[str | None, typer.Option(help="the Python that has vLLM, if not this one")]
-TensorParallelOption = Annotated[int, typer.Option(min=1, help="--engine vllm: GPUs each server shards the model "
-                                                            "over (vLLM's tensor parallelism)")]
-VllmArgOption = Annotated[list[str] | None, typer.Option(help="--engine vllm: an argument passed to every vLLM "
-                                                              "server as it is (repeat; e.g. --vllm-arg=--max-num-seqs=64)")]
-SplitsOption = Annotated[Path | None, typer.Option(help="folder of held-out split files (<set>-test.jsonl, "
-                                                       "<set>-validation.jsonl; default: the committed ones, "
-                                                       "built by `misstep splits`)")]
-GroundTruthOption = Annotated[int, typer.Option(min=0, help="ground-truth worked examples per stage, trained on "
-                                                           "beside the kept traces")]
+TensorParallelOption = Annotated[
+    int, typer.Option(min=1, help="--engine vllm: GPUs each server shards the model over (vLLM's tensor parallelism)")
+]
+VllmArgOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="--engine vllm: an argument passed to every vLLM "
+        "server as it is (repeat; e.g. --vllm-arg=--max-num-seqs=64)"
+    ),
+]
+SplitsOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="folder of held-out split files (<set>-test.jsonl, "
+        "<set>-validation.jsonl; default: the committed ones, "
+        "built by `misstep splits`)"
+    ),
+]
+GroundTruthOption = Annotated[
+    int, typer.Option(min=0, help="ground-truth worked examples per stage, trained on beside the kept traces")
+]
 
 
 def _fail(message: str) -> None:
@@ -96,8 +122,11 @@ def _run_dir(run_dir: Path | None, job: str) -> Path:
 def _demos(k: int, demo_data: Path | None, seed: int, exclude: set[str], heldout=()):
     if not k:
         return {}
-    chains = [c for c in without_heldout(_load(demo_data or sample_path("gsm8k/train.jsonl")), list(heldout))
-              if c.source_id not in exclude]
+    chains = [
+        c
+        for c in without_heldout(_load(demo_data or sample_path("gsm8k/train.jsonl")), list(heldout))
+        if c.source_id not in exclude
+    ]
     return ground_truth_demos(chains, k=k, seed=seed)
 
 
@@ -155,9 +184,11 @@ def generate_command(
     checks = Table(title="ground truth (oracle)")
     checks.add_column("check")
     checks.add_column("rate [95% CI]")
-    for key, label in (("injection_ok", "stage 2 put the first error where stage 1 said"),
-                       ("location_ok", "stage 3 found the true first error"),
-                       ("recovery_ok", "stage 4 reached the right answer")):
+    for key, label in (
+        ("injection_ok", "stage 2 put the first error where stage 1 said"),
+        ("location_ok", "stage 3 found the true first error"),
+        ("recovery_ok", "stage 4 reached the right answer"),
+    ):
         checks.add_row(label, _rate_cell(summary[key]))
     for key in ("precision", "recall"):
         checks.add_row(f"judge {key} vs oracle", _rate_cell(summary["judge"][key]))
@@ -167,9 +198,13 @@ def generate_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    data: Annotated[list[Path] | None, typer.Option(
-        help="labelled chains: BIG-Bench Mistake JSONL, or GSM8K (labelled by the injector); "
-             "repeatable; default: the shipped samples")] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="labelled chains: BIG-Bench Mistake JSONL, or GSM8K (labelled by the injector); "
+            "repeatable; default: the shipped samples"
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="at most this many chains per file")] = None,
     model: ModelOption = DEFAULT_MODEL,
     run_dir: RunDirOption = None,
@@ -180,45 +215,78 @@ def evaluate_command(
     seed: int = 0,
 ) -> None:
     """First-error location accuracy and recovery success, per task, with 95% intervals."""
-    paths = data or [sample_path(f"big-bench-mistake/{t}.jsonl")
-                     for t in ("logical_deduction", "multistep_arithmetic", "word_sorting")] + [sample_path("gsm8k/test.jsonl")]
+    paths = data or [
+        sample_path(f"big-bench-mistake/{t}.jsonl")
+        for t in ("logical_deduction", "multistep_arithmetic", "word_sorting")
+    ] + [sample_path("gsm8k/test.jsonl")]
     chains = [c for path in paths for c in labelled_chains(_load(path), limit, seed)]
     if not chains:
         _fail("no labelled chains in the data")
-    settings = JobSettings(run_dir=_run_dir(run_dir, "evaluate"), num_threads=threads,
-                           demos=_demos(demos, demo_data, seed, exclude={c.source_id for c in chains}, heldout=chains),
-                           seed=seed)
+    settings = JobSettings(
+        run_dir=_run_dir(run_dir, "evaluate"),
+        num_threads=threads,
+        demos=_demos(demos, demo_data, seed, exclude={c.source_id for c in chains}, heldout=chains),
+        seed=seed,
+    )
     console.print(f"evaluate: {len(chains)} labelled chains from {len(paths)} file(s) -> {settings.run_dir}")
     metrics = evaluate(chains, _lm(model, 0.0, seed, threads), settings, recover=recover)
 
     table = Table(title="self-correction, 95% Wilson intervals")
-    for column in ("task", "n", "location accuracy", "majority baseline", "last-step baseline", "parsed",
-                   "recovery success"):
+    for column in (
+        "task",
+        "n",
+        "location accuracy",
+        "majority baseline",
+        "last-step baseline",
+        "parsed",
+        "recovery success",
+    ):
         table.add_column(column)
     for task, row in metrics.items():
         if task.startswith("_"):
             continue
-        table.add_row(task, str(row["n"]), _rate_cell(row["location_accuracy"]), _rate_cell(row["majority_baseline"]),
-                      _rate_cell(row["last_step_baseline"]), _rate_cell(row["locate_parsed"]),
-                      _rate_cell(row["recovery_success"]))
+        table.add_row(
+            task,
+            str(row["n"]),
+            _rate_cell(row["location_accuracy"]),
+            _rate_cell(row["majority_baseline"]),
+            _rate_cell(row["last_step_baseline"]),
+            _rate_cell(row["locate_parsed"]),
+            _rate_cell(row["recovery_success"]),
+        )
     console.print(table)
     console.print(f"metrics: {settings.run_dir / 'metrics.json'}")
 
 
 @app.command("compile")
 def compile_command(
-    data: Annotated[Path | None, typer.Option(help="valid GSM8K chains to train on, corrupted by the injector "
-                                                   "(default: shipped train sample)")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="valid GSM8K chains to train on, corrupted by the injector (default: shipped train sample)"),
+    ] = None,
     train_size: Annotated[int, typer.Option(min=1, help="training examples (invalid chains) to trace")] = 32,
     ground_truth: GroundTruthOption = 16,
-    warm_up_first: Annotated[bool, typer.Option("--warm-up/--no-warm-up", help="first fine-tune on the ground "
-                                                "truth alone, so the student's own traces parse")] = False,
-    metric: Annotated[str, typer.Option(help="which traces to keep: judge (stages 5-6 on the frozen base model) "
-                                             "or oracle (ground truth)")] = "judge",
-    judge_warm_up: Annotated[bool, typer.Option("--judge-warm-up/--no-judge-warm-up", help="give the judge its own "
-                                                "weights: the base model fine-tuned on the ground truth's judge and "
-                                                "curation examples alone (the 135M base model cannot answer in the "
-                                                "judge's fields)")] = False,
+    warm_up_first: Annotated[
+        bool,
+        typer.Option(
+            "--warm-up/--no-warm-up",
+            help="first fine-tune on the ground truth alone, so the student's own traces parse",
+        ),
+    ] = False,
+    metric: Annotated[
+        str,
+        typer.Option(help="which traces to keep: judge (stages 5-6 on the frozen base model) or oracle (ground truth)"),
+    ] = "judge",
+    judge_warm_up: Annotated[
+        bool,
+        typer.Option(
+            "--judge-warm-up/--no-judge-warm-up",
+            help="give the judge its own "
+            "weights: the base model fine-tuned on the ground truth's judge and "
+            "curation examples alone (the 135M base model cannot answer in the "
+            "judge's fields)",
+        ),
+    ] = False,
     heldout: Annotated[Path | None, typer.Option(help="held-out GSM8K chains (default: shipped test sample)")] = None,
     heldout_size: Annotated[int, typer.Option(min=1, help="held-out examples for before/after accuracy")] = 20,
     model: ModelOption = DEFAULT_MODEL,
@@ -249,8 +317,18 @@ def compile_command(
     if metric not in ("judge", "oracle"):
         _fail(f"--metric must be 'judge' or 'oracle', not {metric!r}")
     vllm = _vllm_options(engine, vllm_python, tensor_parallel, vllm_arg)
-    settings = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
-                               gradient_checkpointing, launcher, seed)
+    settings = _train_settings(
+        method,
+        epochs,
+        learning_rate,
+        lora_rank,
+        max_length,
+        batch_size,
+        grad_accum,
+        gradient_checkpointing,
+        launcher,
+        seed,
+    )
     if (warm_up_first or judge_warm_up) and not ground_truth:
         _fail("--warm-up and --judge-warm-up need ground truth to train on: set --ground-truth above 0")
     heldout_source = _load(heldout or sample_path("gsm8k/test.jsonl"))
@@ -264,14 +342,17 @@ def compile_command(
     pool = [c for c in train_chains if c.question not in demo_questions]
     truth = ground_truth_demos(pool, k=ground_truth, seed=seed + 1) if ground_truth else {}
     taken = demo_questions | questions_of(truth)
-    pairs = [(good, bad) for good, bad, _ in inject_many([c for c in pool if c.question not in taken],
-                                                          seed=seed)][:train_size]
+    pairs = [(good, bad) for good, bad, _ in inject_many([c for c in pool if c.question not in taken], seed=seed)][
+        :train_size
+    ]
     if not pairs:
         _fail("no training examples: the injector found no valid chain to corrupt in the data")
     provider = LocalProvider(_model_dir(model), run / "checkpoints", settings, serving=engine, vllm=vllm)
     base = provider.lm(max_batch_size=threads, seed=seed)
-    console.print(f"compile: {len(pairs)} training examples, {ground_truth} ground-truth examples per stage, "
-                  f"{len(heldout_chains)} held out -> {run}")
+    console.print(
+        f"compile: {len(pairs)} training examples, {ground_truth} ground-truth examples per stage, "
+        f"{len(heldout_chains)} held out -> {run}"
+    )
 
     def held_out(lm, folder: str, stage_demos) -> dict:
         return evaluate(heldout_chains, lm, JobSettings(run_dir=run / folder, num_threads=threads, demos=stage_demos))
@@ -279,23 +360,43 @@ def compile_command(
     rows = [("before (base + demos)", held_out(base, "before", demo_sets))]
     student, student_lm = attach_demos(SelfCorrector(), demo_sets), base
     if warm_up_first:
-        warmed = _resume_or(run / "warm-up", lambda: warm_up(SelfCorrector(), truth, lm=student_lm, provider=provider,
-                                                             run_dir=run / "warm-up"), provider, threads)
+        warmed = _resume_or(
+            run / "warm-up",
+            lambda: warm_up(SelfCorrector(), truth, lm=student_lm, provider=provider, run_dir=run / "warm-up"),
+            provider,
+            threads,
+        )
         student, student_lm = warmed, warmed.predictors()[0].lm
         rows.append(("after warm-up (ground truth only)", held_out(student_lm, "after-warm-up", {})))
     if metric == "oracle":
         keep = OracleMetric()
     elif judge_warm_up:  # frozen once trained: the judge program carries its own LM, no demos needed
-        judge = _resume_or(run / "judge-warm-up", lambda: warm_up(Judge(), truth, lm=base, provider=provider,
-                                                                  run_dir=run / "judge-warm-up"),
-                           provider, threads, program=Judge())
+        judge = _resume_or(
+            run / "judge-warm-up",
+            lambda: warm_up(Judge(), truth, lm=base, provider=provider, run_dir=run / "judge-warm-up"),
+            provider,
+            threads,
+            program=Judge(),
+        )
         keep = JudgeMetric(judge.predictors()[0].lm, Thresholds(min_confidence, min_quality), judge=judge)
     else:
         keep = JudgeMetric(base, Thresholds(min_confidence, min_quality), judge=attach_demos(Judge(), demo_sets))
     try:
-        compiled = _resume_or(run, lambda: compile_program(student, training_examples(pairs), lm=student_lm,
-                                                           metric=keep, provider=provider, run_dir=run,
-                                                           extra_examples=truth, num_threads=threads), provider, threads)
+        compiled = _resume_or(
+            run,
+            lambda: compile_program(
+                student,
+                training_examples(pairs),
+                lm=student_lm,
+                metric=keep,
+                provider=provider,
+                run_dir=run,
+                extra_examples=truth,
+                num_threads=threads,
+            ),
+            provider,
+            threads,
+        )
     except NothingToTrainOn as exc:
         _fail(str(exc))
     rows.append(("after compile", held_out(compiled.predictors()[0].lm, "after", {})))
@@ -304,37 +405,54 @@ def compile_command(
     for column in ("", "location accuracy", "recovery success"):
         table.add_column(column)
     for label, metrics in rows:
-        table.add_row(label, _rate_cell(metrics["gsm8k"]["location_accuracy"]),
-                      _rate_cell(metrics["gsm8k"]["recovery_success"]))
+        table.add_row(
+            label, _rate_cell(metrics["gsm8k"]["location_accuracy"]), _rate_cell(metrics["gsm8k"]["recovery_success"])
+        )
     console.print(table)
     floors = rows[0][1]["gsm8k"]
-    console.print(f"floors on the same items: majority label {_rate_cell(floors['majority_baseline'])}, "
-                  f"last step {_rate_cell(floors['last_step_baseline'])}")
+    console.print(
+        f"floors on the same items: majority label {_rate_cell(floors['majority_baseline'])}, "
+        f"last step {_rate_cell(floors['last_step_baseline'])}"
+    )
     report = json.loads((run / "compile_report.json").read_text())
     console.print(f"bootstrap: {report.get('bootstrap')}")
     console.print(f"weights: {report['model_dir']}\nprogram: {run / 'program.json'}")
     provider.close()
 
 
-def _vllm_options(engine: str, vllm_python: str | None, tensor_parallel: int = 1,
-                  vllm_args: list[str] | None = None) -> VllmOptions:
+def _vllm_options(
+    engine: str, vllm_python: str | None, tensor_parallel: int = 1, vllm_args: list[str] | None = None
+) -> VllmOptions:
     if engine not in SERVINGS:
         _fail(f"--engine must be one of {', '.join(SERVINGS)}, not {engine!r}")
-    vllm = VllmOptions(python=vllm_python or sys.executable, tensor_parallel_size=tensor_parallel,
-                       extra_args=list(vllm_args or []))
+    vllm = VllmOptions(
+        python=vllm_python or sys.executable, tensor_parallel_size=tensor_parallel, extra_args=list(vllm_args or [])
+    )
     if engine == "vllm" and not vllm_available(vllm.python):
-        _fail(f"--engine vllm: {vllm.python} cannot import vllm; install it with `bash scripts/install.sh --vllm` "
-              "or point --vllm-python at a Python that has it")
+        _fail(
+            f"--engine vllm: {vllm.python} cannot import vllm; install it with `bash scripts/install.sh --vllm` "
+            "or point --vllm-python at a Python that has it"
+        )
     return vllm
 
 
-def _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
-                    gradient_checkpointing, launcher, seed) -> TrainSettings:
+def _train_settings(
+    method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum, gradient_checkpointing, launcher, seed
+) -> TrainSettings:
     try:
-        return TrainSettings(method=method, epochs=epochs, learning_rate=learning_rate, lora_rank=lora_rank,
-                             lora_alpha=2 * lora_rank, max_length=max_length, batch_size=batch_size,
-                             gradient_accumulation=grad_accum, gradient_checkpointing=gradient_checkpointing,
-                             launcher=launcher, seed=seed)
+        return TrainSettings(
+            method=method,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            lora_rank=lora_rank,
+            lora_alpha=2 * lora_rank,
+            max_length=max_length,
+            batch_size=batch_size,
+            gradient_accumulation=grad_accum,
+            gradient_checkpointing=gradient_checkpointing,
+            launcher=launcher,
+            seed=seed,
+        )
     except ValueError as exc:
         _fail(str(exc))
 
@@ -348,8 +466,9 @@ def _error_types(names: list[str] | None) -> list[str]:
 
 
 def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int, program=None):
-    program, resumed = compiled_or_resumed(folder, compile_step, provider=provider, program=program,
-                                           max_batch_size=threads)
+    program, resumed = compiled_or_resumed(
+        folder, compile_step, provider=provider, program=program, max_batch_size=threads
+    )
     if resumed:
         console.print(f"resumed: {folder / 'program.json'}")
     return program
@@ -358,24 +477,42 @@ def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int
 @app.command("optimize")
 def optimize_command(
     rounds: Annotated[int, typer.Option(min=1, help="rounds of write, judge, keep, compile, measure")] = 3,
-    data: Annotated[Path | None, typer.Option(help="valid GSM8K chains the loop draws seeds and ground truth from "
-                                                   "(default: shipped train sample)")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="valid GSM8K chains the loop draws seeds and ground truth from (default: shipped train sample)"
+        ),
+    ] = None,
     splits: SplitsOption = None,
-    heldout_size: Annotated[int | None, typer.Option(min=1, help="measure only the first N items of each split "
-                                                               "(a quick run; default: all)")] = None,
-    bbm: Annotated[list[str] | None, typer.Option(help="BIG-Bench Mistake task measured each round (repeat): "
-                                                       "word_sorting, multistep_arithmetic, logical_deduction")]
-    = None,
-    seed_chains: Annotated[int, typer.Option(min=1, help="valid chains the model writes scenarios from, per round")]
-    = 32,
+    heldout_size: Annotated[
+        int | None, typer.Option(min=1, help="measure only the first N items of each split (a quick run; default: all)")
+    ] = None,
+    bbm: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="BIG-Bench Mistake task measured each round (repeat): "
+            "word_sorting, multistep_arithmetic, logical_deduction"
+        ),
+    ] = None,
+    seed_chains: Annotated[
+        int, typer.Option(min=1, help="valid chains the model writes scenarios from, per round")
+    ] = 32,
     error_type: Annotated[list[str] | None, typer.Option(help="error type(s); default: all registered")] = None,
     ground_truth: GroundTruthOption = 16,
-    warm_up_first: Annotated[bool, typer.Option("--warm-up/--no-warm-up", help="round 0 fine-tunes on the ground "
-                                                "truth alone")] = True,
-    judge_warm_up: Annotated[bool, typer.Option("--judge-warm-up/--no-judge-warm-up", help="give the frozen judge "
-                                                "its own weights, fine-tuned on ground-truth judgements alone")] = True,
-    active_selection: Annotated[bool, typer.Option("--active/--no-active", help="prefer the error types and chains "
-                                                   "the model failed on last round")] = True,
+    warm_up_first: Annotated[
+        bool, typer.Option("--warm-up/--no-warm-up", help="round 0 fine-tunes on the ground truth alone")
+    ] = True,
+    judge_warm_up: Annotated[
+        bool,
+        typer.Option(
+            "--judge-warm-up/--no-judge-warm-up",
+            help="give the frozen judge its own weights, fine-tuned on ground-truth judgements alone",
+        ),
+    ] = True,
+    active_selection: Annotated[
+        bool,
+        typer.Option("--active/--no-active", help="prefer the error types and chains the model failed on last round"),
+    ] = True,
     trials: Annotated[int, typer.Option(min=1, help="Optuna trials per round for the thresholds")] = 60,
     patience: Annotated[int, typer.Option(min=1, help="rounds without significant gain before stopping")] = 2,
     model: ModelOption = DEFAULT_MODEL,
@@ -402,25 +539,58 @@ def optimize_command(
     and held-out accuracy decides whether to go on. Rerun with the same --run-dir to resume."""
     types = _error_types(error_type)
     vllm = _vllm_options(engine, vllm_python, tensor_parallel, vllm_arg)
-    train = _train_settings(method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum,
-                               gradient_checkpointing, launcher, seed)
+    train = _train_settings(
+        method,
+        epochs,
+        learning_rate,
+        lora_rank,
+        max_length,
+        batch_size,
+        grad_accum,
+        gradient_checkpointing,
+        launcher,
+        seed,
+    )
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
-    held, validation = ({name: _split_chains(splits, set_name, split, heldout_size)
-                         for name, set_name in [("gsm8k", "gsm8k")] + [(f"bbm-{t}", t) for t in bbm or []]}
-                        for split in ("test", "validation"))
-    settings = LoopSettings(rounds=rounds, seed_chains=seed_chains, error_types=types, ground_truth=ground_truth,
-                            warm_up=warm_up_first, judge_warm_up=judge_warm_up, demos=demos,
-                            active_selection=active_selection,
-                            tuning_trials=trials, stop=StopRule(patience=patience), num_threads=threads, seed=seed)
+    held, validation = (
+        {
+            name: _split_chains(splits, set_name, split, heldout_size)
+            for name, set_name in [("gsm8k", "gsm8k")] + [(f"bbm-{t}", t) for t in bbm or []]
+        }
+        for split in ("test", "validation")
+    )
+    settings = LoopSettings(
+        rounds=rounds,
+        seed_chains=seed_chains,
+        error_types=types,
+        ground_truth=ground_truth,
+        warm_up=warm_up_first,
+        judge_warm_up=judge_warm_up,
+        demos=demos,
+        active_selection=active_selection,
+        tuning_trials=trials,
+        stop=StopRule(patience=patience),
+        num_threads=threads,
+        seed=seed,
+    )
     run = _run_dir(run_dir, "optimize")
     provider = LocalProvider(_model_dir(model), run / "checkpoints", train, serving=engine, vllm=vllm)
     judge_lm = provider.lm(max_batch_size=threads, seed=seed).copy(provider=None)  # the frozen judge
-    console.print(f"optimize: {rounds} rounds of {seed_chains} seed chains, held out (test) "
-                  f"{', '.join(f'{k} {len(v)}' for k, v in held.items())}, chosen on (validation) "
-                  f"{', '.join(f'{k} {len(v)}' for k, v in validation.items())} -> {run}")
+    console.print(
+        f"optimize: {rounds} rounds of {seed_chains} seed chains, held out (test) "
+        f"{', '.join(f'{k} {len(v)}' for k, v in held.items())}, chosen on (validation) "
+        f"{', '.join(f'{k} {len(v)}' for k, v in validation.items())} -> {run}"
+    )
     try:
-        history = run_loop(train_chains, held, provider=provider, judge_lm=judge_lm, settings=settings, run_dir=run,
-                           validation=validation)
+        history = run_loop(
+            train_chains,
+            held,
+            provider=provider,
+            judge_lm=judge_lm,
+            settings=settings,
+            run_dir=run,
+            validation=validation,
+        )
     finally:
         provider.close()
     report = write_report(run)
@@ -430,10 +600,15 @@ def optimize_command(
 
 @app.command("splits")
 def splits_command(
-    gsm8k: Annotated[Path, typer.Option(help="GSM8K test solutions the GSM8K splits are built from")] =
-        Path("../shared/data/gsm8k/test.jsonl"),
-    bbm: Annotated[list[Path] | None, typer.Option(help="BIG-Bench Mistake task files (repeat); default: "
-                                                        "every .jsonl beside --gsm8k's ../big-bench-mistake")] = None,
+    gsm8k: Annotated[Path, typer.Option(help="GSM8K test solutions the GSM8K splits are built from")] = Path(
+        "../shared/data/gsm8k/test.jsonl"
+    ),
+    bbm: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="BIG-Bench Mistake task files (repeat); default: every .jsonl beside --gsm8k's ../big-bench-mistake"
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="where the split files go")] = Path("data/splits"),
     seed: int = 0,
 ) -> None:
@@ -449,32 +624,54 @@ def splits_command(
         for split, items in splits.items():
             path = out / f"{name}-{split}.jsonl"
             save_split(path, items)
-            table.add_row(name, split, str(len(items)), str(sum(i.chain.mistake_index is None for i in items)),
-                          str(path))
+            table.add_row(
+                name, split, str(len(items)), str(sum(i.chain.mistake_index is None for i in items)), str(path)
+            )
     console.print(table)
 
 
 @app.command("control")
 def control_command(
-    data: Annotated[Path, typer.Option(help="valid GSM8K chains to train on, labelled by the injector")] =
-        Path("../shared/data/gsm8k/train.jsonl"),
-    split: Annotated[Path, typer.Option(help="the held-out split to measure on")] = Path("data/splits/gsm8k-test.jsonl"),
+    data: Annotated[Path, typer.Option(help="valid GSM8K chains to train on, labelled by the injector")] = Path(
+        "../shared/data/gsm8k/train.jsonl"
+    ),
+    split: Annotated[Path, typer.Option(help="the held-out split to measure on")] = Path(
+        "data/splits/gsm8k-test.jsonl"
+    ),
     sizes: Annotated[list[int] | None, typer.Option("--size", min=1, help="stage-3 training chains (repeat)")] = None,
-    cue: Annotated[list[str] | None, typer.Option(help="'cue' (the first error marked), 'real', or both (repeat)")]
-        = None,
+    cue: Annotated[
+        list[str] | None, typer.Option(help="'cue' (the first error marked), 'real', or both (repeat)")
+    ] = None,
     learning_rate: Annotated[list[float] | None, typer.Option(help="full fine-tune learning rate (repeat)")] = None,
     epochs: Annotated[list[float] | None, typer.Option(min=0.01, help="(repeat)")] = None,
-    loss: Annotated[list[str] | None, typer.Option(help="stage3 (stage-3 records alone) or all (with the other "
-                                                         "stages' ground truth, as the loop trains) (repeat)")] = None,
-    adam_beta2: Annotated[list[float] | None, typer.Option(min=0.5, max=0.9999, help="AdamW's second-moment decay "
-                                                                            "(repeat; default 0.999)")] = None,
-    loss_weighting: Annotated[list[str] | None, typer.Option(help="tokens (one mean over the answer tokens) or "
-                                                                  "fields (each field's value weighs as much as all "
-                                                                  "markers) (repeat; default tokens)")] = None,
+    loss: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="stage3 (stage-3 records alone) or all (with the other "
+            "stages' ground truth, as the loop trains) (repeat)"
+        ),
+    ] = None,
+    adam_beta2: Annotated[
+        list[float] | None,
+        typer.Option(min=0.5, max=0.9999, help="AdamW's second-moment decay (repeat; default 0.999)"),
+    ] = None,
+    loss_weighting: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="tokens (one mean over the answer tokens) or "
+            "fields (each field's value weighs as much as all "
+            "markers) (repeat; default tokens)"
+        ),
+    ] = None,
     model: ModelOption = DEFAULT_MODEL,
     run_dir: Annotated[Path, typer.Option(help="one folder per run; rerun to resume")] = Path("runs/control"),
-    results: Annotated[Path | None, typer.Option(help="also record every finished run here (JSON; its predictions "
-                                                      "and slices beside it), e.g. docs/results/control.json")] = None,
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            help="also record every finished run here (JSON; its predictions "
+            "and slices beside it), e.g. docs/results/control.json"
+        ),
+    ] = None,
     threads: ThreadsOption = 8,
     batch_size: BatchSizeOption = 4,
     max_length: MaxLengthOption = 1024,
@@ -492,28 +689,40 @@ def control_command(
         _fail(f"--loss takes {' or '.join(LOSSES)}, not {sorted(set(losses) - set(LOSSES))}")
     weightings = loss_weighting or ["tokens"]
     if set(weightings) - set(LOSS_WEIGHTINGS):
-        _fail(f"--loss-weighting takes {' or '.join(LOSS_WEIGHTINGS)}, "
-              f"not {sorted(set(weightings) - set(LOSS_WEIGHTINGS))}")
+        _fail(
+            f"--loss-weighting takes {' or '.join(LOSS_WEIGHTINGS)}, "
+            f"not {sorted(set(weightings) - set(LOSS_WEIGHTINGS))}"
+        )
     try:
         items = load_split(split)
     except DataFileError as exc:
         _fail(str(exc))
     pool = _load(data)
     model_dir = _model_dir(model)
-    runs = [ControlRun(n, mode == "cue", lr, e, l, seed, b2, w) for n in sizes or [1000] for mode in modes
-            for lr in learning_rate or [1e-4] for e in epochs or [1.0] for l in losses for b2 in adam_beta2 or [0.999]
-            for w in weightings]
+    runs = [
+        ControlRun(n, mode == "cue", lr, e, l, seed, b2, w)
+        for n in sizes or [1000]
+        for mode in modes
+        for lr in learning_rate or [1e-4]
+        for e in epochs or [1.0]
+        for l in losses
+        for b2 in adam_beta2 or [0.999]
+        for w in weightings
+    ]
     settings = TrainSettings(method="full", batch_size=batch_size, max_length=max_length, seed=seed)
     for number, run in enumerate(runs, start=1):
         console.print(f"[bold]run {number}/{len(runs)}: {run.name}[/bold]")
         try:
-            result = run_control(run, pool, items, model_dir=model_dir, run_dir=run_dir, settings=settings,
-                                 num_threads=threads)
+            result = run_control(
+                run, pool, items, model_dir=model_dir, run_dir=run_dir, settings=settings, num_threads=threads
+            )
         except ValueError as exc:
             _fail(f"{run.name}: {exc}")
-        console.print(f"  {result['correct']}/{result['heldout_n']} correct; majority baseline "
-                      f"{result['majority_baseline_correct']}, last step {result['last_step_baseline_correct']}; "
-                      f"McNemar p against the better: {result['mcnemar_p']:.3g}")
+        console.print(
+            f"  {result['correct']}/{result['heldout_n']} correct; majority baseline "
+            f"{result['majority_baseline_correct']}, last step {result['last_step_baseline_correct']}; "
+            f"McNemar p against the better: {result['mcnemar_p']:.3g}"
+        )
         if results:
             publish(result, items, results)
 

@@ -8,9 +8,10 @@ and `LocalProvider` training a local checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dspy
 from dspy.teleprompt.bootstrap_finetune import BootstrapFinetune, assert_all_predictors_have_lms, prepare_teacher
@@ -24,7 +25,6 @@ from misstep.optimize.demos import chat_records, ground_truth_chat_data, stage_n
 from misstep.programs import SelfCorrector
 from misstep.programs.parallel import default_adapter
 
-
 Metric = Callable[..., bool]  # metric(example, prediction, trace=None) -> keep the trace?
 
 
@@ -34,7 +34,8 @@ class NothingToTrainOn(RuntimeError):
 
 def _failed(item: dict[str, Any]) -> bool:
     return isinstance(item["prediction"], FailedPrediction) or any(
-        isinstance(outputs, FailedPrediction) for _, _, outputs in item["trace"])
+        isinstance(outputs, FailedPrediction) for _, _, outputs in item["trace"]
+    )
 
 
 class RobustBootstrapFinetune(BootstrapFinetune):
@@ -47,8 +48,13 @@ class RobustBootstrapFinetune(BootstrapFinetune):
 
     report: dict[str, int]
 
-    def __init__(self, *args, extra_examples: dict[str, list[dspy.Example]] | None = None,
-                 extra_records: list[dict] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        extra_examples: dict[str, list[dspy.Example]] | None = None,
+        extra_records: list[dict] | None = None,
+        **kwargs,
+    ):
         """`extra_examples`: worked examples by stage name ("locate", "recover", ...) — ground
         truth, earlier rounds' kept traces — formatted like the traces and trained on beside
         them, so a compile never trains on the newest model output alone (the known road to
@@ -61,29 +67,53 @@ class RobustBootstrapFinetune(BootstrapFinetune):
 
     def compile(self, student: dspy.Module, trainset: list[dspy.Example], teacher: dspy.Module | None = None):
         assert_all_predictors_have_lms(student, role="student")
-        traces = bootstrap_trace_data(program=prepare_teacher(student, teacher), dataset=trainset, metric=self.metric,
-                                      num_threads=self.num_threads or dspy.settings.num_threads,
-                                      raise_on_error=False, capture_crashes=True) if trainset else []
+        traces = (
+            bootstrap_trace_data(
+                program=prepare_teacher(student, teacher),
+                dataset=trainset,
+                metric=self.metric,
+                num_threads=self.num_threads or dspy.settings.num_threads,
+                raise_on_error=False,
+                capture_crashes=True,
+            )
+            if trainset
+            else []
+        )
         clean = [t for t in traces if not _failed(t)]
         kept = [t for t in clean if t.get("score")] if self.metric else clean
-        self.report = {"examples": len(trainset), "traced": len(traces), "dropped_failed": len(traces) - len(clean),
-                       "dropped_by_metric": len(clean) - len(kept), "kept_traces": len(kept)}
+        self.report = {
+            "examples": len(trainset),
+            "traced": len(traces),
+            "dropped_failed": len(traces) - len(clean),
+            "dropped_by_metric": len(clean) - len(kept),
+            "kept_traces": len(kept),
+        }
         if not kept and not self.extra_examples and not self.extra_records:
             raise NothingToTrainOn(f"no trace to train on: {self.report}")
 
         jobs: dict[dspy.LM, dict[str, Any]] = {}
         for predictor in student.predictors():
             if predictor.lm not in jobs:  # one fine-tune per distinct LM, on all its predictors' calls
-                data, data_format = self._prepare_finetune_data(trace_data=kept, lm=predictor.lm) if kept else ([], "chat")
-                jobs[predictor.lm] = {"lm": predictor.lm, "train_data": data, "train_data_format": data_format,
-                                      "train_kwargs": self.train_kwargs[predictor.lm]}
+                data, data_format = (
+                    self._prepare_finetune_data(trace_data=kept, lm=predictor.lm) if kept else ([], "chat")
+                )
+                jobs[predictor.lm] = {
+                    "lm": predictor.lm,
+                    "train_data": data,
+                    "train_data_format": data_format,
+                    "train_kwargs": self.train_kwargs[predictor.lm],
+                }
         self.report["trace_records"] = sum(len(job["train_data"]) for job in jobs.values())
         for name, predictor in student.named_predictors():
-            jobs[predictor.lm]["train_data"] += chat_records(predictor, self.extra_examples.get(stage_name(name), []),
-                                                             self.adapter[predictor.lm] or dspy.settings.adapter)
+            jobs[predictor.lm]["train_data"] += chat_records(
+                predictor,
+                self.extra_examples.get(stage_name(name), []),
+                self.adapter[predictor.lm] or dspy.settings.adapter,
+            )
         jobs[student.predictors()[0].lm]["train_data"] += self.extra_records
-        self.report["extra_records"] = sum(len(job["train_data"]) for job in jobs.values()) \
-            - self.report["trace_records"]
+        self.report["extra_records"] = (
+            sum(len(job["train_data"]) for job in jobs.values()) - self.report["trace_records"]
+        )
         self.report["train_records"] = self.report["trace_records"] + self.report["extra_records"]
         if not self.report["train_records"]:
             raise NothingToTrainOn(f"the kept traces hold no predictor call to train on: {self.report}")
@@ -105,16 +135,32 @@ class CompileResult:
 
 def training_examples(pairs: list[tuple[Chain, Chain]]) -> list[dspy.Example]:
     """(valid, invalid) chains as examples: the invalid chain is the input, the rest are labels."""
-    return [dspy.Example(question=bad.question, steps=bad.steps, valid_steps=good.steps,
-                         reference_answer=good.reference_answer, mistake_index=bad.mistake_index,
-                         source_id=bad.source_id).with_inputs("question", "steps")
-            for good, bad in pairs]
+    return [
+        dspy.Example(
+            question=bad.question,
+            steps=bad.steps,
+            valid_steps=good.steps,
+            reference_answer=good.reference_answer,
+            mistake_index=bad.mistake_index,
+            source_id=bad.source_id,
+        ).with_inputs("question", "steps")
+        for good, bad in pairs
+    ]
 
 
-def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm: dspy.LM, metric: Metric,
-                    provider: LocalProvider, run_dir: Path, extra_examples: dict[str, list[dspy.Example]] | None = None,
-                    extra_records: list[dict] | None = None, num_threads: int = 8,
-                    teacher: SelfCorrector | None = None) -> CompileResult:
+def compile_program(
+    student: SelfCorrector,
+    trainset: list[dspy.Example],
+    *,
+    lm: dspy.LM,
+    metric: Metric,
+    provider: LocalProvider,
+    run_dir: Path,
+    extra_examples: dict[str, list[dspy.Example]] | None = None,
+    extra_records: list[dict] | None = None,
+    num_threads: int = 8,
+    teacher: SelfCorrector | None = None,
+) -> CompileResult:
     """Compile `student` (running on `lm`, whose provider is `provider`) on the traces `metric` keeps:
     usually a `JudgeMetric` (stages 5-6 on their own LM), or an `OracleMetric`.
 
@@ -126,9 +172,15 @@ def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm:
     the provider's checkpoint root. Demos are left out of the training prompts and of the compiled
     program: the weights carry the format now.
     """
-    optimizer = RobustBootstrapFinetune(metric=metric, adapter=default_adapter(), exclude_demos=True,
-                                        num_threads=num_threads, train_kwargs={"settings": provider.settings},
-                                        extra_examples=extra_examples, extra_records=extra_records)
+    optimizer = RobustBootstrapFinetune(
+        metric=metric,
+        adapter=default_adapter(),
+        exclude_demos=True,
+        num_threads=num_threads,
+        train_kwargs={"settings": provider.settings},
+        extra_examples=extra_examples,
+        extra_records=extra_records,
+    )
     student.set_lm(lm)
     with dspy.context(adapter=default_adapter()):
         compiled = optimizer.compile(student, trainset, teacher=teacher)
@@ -140,8 +192,15 @@ def compile_program(student: SelfCorrector, trainset: list[dspy.Example], *, lm:
     return _finish(compiled, lm, provider, run_dir, {"bootstrap": optimizer.report, "metric": metric_report})
 
 
-def warm_up(student: dspy.Module, ground_truth: dict[str, list[dspy.Example]], *, lm: dspy.LM,
-            provider: LocalProvider, run_dir: Path, extra_records: list[dict] | None = None) -> CompileResult:
+def warm_up(
+    student: dspy.Module,
+    ground_truth: dict[str, list[dspy.Example]],
+    *,
+    lm: dspy.LM,
+    provider: LocalProvider,
+    run_dir: Path,
+    extra_records: list[dict] | None = None,
+) -> CompileResult:
     """Round 0: fine-tune `lm` on ground-truth examples alone, with no traces, for the stages of
     `student` (a `SelfCorrector`; or a `Judge`, to give the judge weights of its own).
 
@@ -155,25 +214,36 @@ def warm_up(student: dspy.Module, ground_truth: dict[str, list[dspy.Example]], *
     data = ground_truth_chat_data(student, ground_truth, default_adapter()) + list(extra_records or [])
     if not data:
         raise NothingToTrainOn("no ground-truth example for any stage of the program")
-    new_lm = lm.finetune(train_data=data, train_data_format="chat",
-                         train_kwargs={"settings": provider.settings}).result()
+    new_lm = lm.finetune(
+        train_data=data, train_data_format="chat", train_kwargs={"settings": provider.settings}
+    ).result()
     if isinstance(new_lm, Exception):  # DSPy's training job hands back the exception it caught
         raise new_lm
     for predictor in student.predictors():
         predictor.lm, predictor.demos = new_lm, []
-    return _finish(student, lm, provider, run_dir, {"warm_up": {"ground_truth_records": len(data),
-                                                                "of_which_extra": len(extra_records or [])}})
+    return _finish(
+        student,
+        lm,
+        provider,
+        run_dir,
+        {"warm_up": {"ground_truth_records": len(data), "of_which_extra": len(extra_records or [])}},
+    )
 
 
-def _finish(compiled: SelfCorrector, lm: dspy.LM, provider: LocalProvider, run_dir: Path,
-            report: dict[str, Any]) -> CompileResult:
+def _finish(
+    compiled: SelfCorrector, lm: dspy.LM, provider: LocalProvider, run_dir: Path, report: dict[str, Any]
+) -> CompileResult:
     """Point the compiled program at an engine over its new weights and write compile_report.json."""
     # DSPy copied the LM under the new name, still pointing at the old weights: swap in one over the new.
     new_lm = compiled.predictors()[0].lm
     compiled.set_lm(provider.lm_for(new_lm))
     model_dir = provider.checkpoints[new_lm.model]
-    report = {**report, "model_dir": str(model_dir), "model_name": new_lm.model,
-              "training": provider.summaries[new_lm.model]}
+    report = {
+        **report,
+        "model_dir": str(model_dir),
+        "model_name": new_lm.model,
+        "training": provider.summaries[new_lm.model],
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "compile_report.json", report)
     return CompileResult(program=compiled, model_dir=model_dir, report=report)
@@ -187,8 +257,14 @@ def save_compiled(program: SelfCorrector, model_dir: Path, path: Path) -> None:
     write_json_atomic(path, {"model_dir": str(model_dir), "program": state})
 
 
-def compiled_or_resumed(folder: Path, compile_step: Callable[[], CompileResult], *, provider: LocalProvider,
-                        program: dspy.Module | None = None, **lm_options) -> tuple[dspy.Module, bool]:
+def compiled_or_resumed(
+    folder: Path,
+    compile_step: Callable[[], CompileResult],
+    *,
+    provider: LocalProvider,
+    program: dspy.Module | None = None,
+    **lm_options,
+) -> tuple[dspy.Module, bool]:
     """(the program an earlier run saved in `folder`/program.json, True), or (`compile_step()`'s
     program, saved there now, False): a rerun never trains the same step again.
 
@@ -202,8 +278,9 @@ def compiled_or_resumed(folder: Path, compile_step: Callable[[], CompileResult],
     return result.program, False
 
 
-def load_compiled(path: Path, provider: LocalProvider | None = None, program: dspy.Module | None = None,
-                  **lm_options) -> dspy.Module:
+def load_compiled(
+    path: Path, provider: LocalProvider | None = None, program: dspy.Module | None = None, **lm_options
+) -> dspy.Module:
     """`program` (a `SelfCorrector` unless given: a `Judge`, say) from `save_compiled`'s file, running
     on the weights it names: through `provider` (its serving, fine-tunable on from there) or in-process."""
     saved = json.loads(Path(path).read_text())

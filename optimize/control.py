@@ -95,15 +95,18 @@ def control_chains(pool: list[Chain], n: int, valid_share: float = VALID_SHARE, 
             break  # no chain left that takes an error, whatever the cap
         cap += 1
     if len(invalid) < n_invalid or len(valid) < n_valid:
-        raise ValueError(f"the pool of {len(pool)} chains gives {len(invalid)} invalid and {len(valid)} valid "
-                         f"chains, fewer than the {n_invalid} and {n_valid} asked for")
+        raise ValueError(
+            f"the pool of {len(pool)} chains gives {len(invalid)} invalid and {len(valid)} valid "
+            f"chains, fewer than the {n_invalid} and {n_valid} asked for"
+        )
     return shuffled(invalid + valid, seed)
 
 
 def _balanced_injection(chain: Chain, number: int, counts: Counter, cap: int, seed: int) -> Chain | None:
     """`chain` with an error whose first-error bucket is the emptiest still under `cap`, or None."""
-    candidates = [(error_type, step) for error_type in types_in_turn(number)
-                  for step in applicable_steps(chain, error_type)]
+    candidates = [
+        (error_type, step) for error_type in types_in_turn(number) for step in applicable_steps(chain, error_type)
+    ]
     # The emptiest bucket first; a skipped step's label lies after the step, so it is found by trying.
     candidates.sort(key=lambda c: counts[_bucket(c[1])])
     for error_type, step in candidates:
@@ -118,9 +121,12 @@ def _balanced_injection(chain: Chain, number: int, counts: Counter, cap: int, se
 
 def locate_example(chain: Chain) -> dspy.Example:
     """Stage 3's worked example for a labelled chain: the 1-based first wrong step, or 0 and no mistake."""
-    return dspy.Example(question=chain.question, chain=format_steps(chain.steps),
-                        has_mistake=chain.mistake_index is not None,
-                        first_error_step=0 if chain.mistake_index is None else chain.mistake_index + 1)
+    return dspy.Example(
+        question=chain.question,
+        chain=format_steps(chain.steps),
+        has_mistake=chain.mistake_index is not None,
+        first_error_step=0 if chain.mistake_index is None else chain.mistake_index + 1,
+    )
 
 
 def training_records(chains: list[Chain], *, cue: bool, loss: str, seed: int = 0) -> list[dict]:
@@ -157,12 +163,15 @@ class ControlRun:
     def name(self) -> str:
         beta2 = "" if self.adam_beta2 == 0.999 else f"-b{self.adam_beta2:g}"
         weighting = "" if self.loss_weighting == "tokens" else f"-w{self.loss_weighting}"
-        return (f"{'cue' if self.cue else 'real'}-n{self.train_records}-lr{self.learning_rate:g}"
-                f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}-s{self.seed}")
+        return (
+            f"{'cue' if self.cue else 'real'}-n{self.train_records}-lr{self.learning_rate:g}"
+            f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}-s{self.seed}"
+        )
 
 
-def evaluate_location(items: list[SplitItem], lm: dspy.LM, path: Path, *, cue: bool, num_threads: int = 8,
-                      show_progress: bool = True) -> dict[str, dict[str, Any]]:
+def evaluate_location(
+    items: list[SplitItem], lm: dspy.LM, path: Path, *, cue: bool, num_threads: int = 8, show_progress: bool = True
+) -> dict[str, dict[str, Any]]:
     """Stage 3 on every item (chains marked where `cue`), appended to `path` as predictions.jsonl
     lines; items already there are not asked again. Returns the predictions by item id."""
     corrector = SelfCorrector()
@@ -170,21 +179,37 @@ def evaluate_location(items: list[SplitItem], lm: dspy.LM, path: Path, *, cue: b
     def locate(item: SplitItem) -> dict[str, Any]:
         chain = mark_first_error(item.chain) if cue else item.chain
         located, predicted = corrector.find_error(chain.question, chain.steps)
-        return {"item_id": item.item_id, "task": chain.task, "gold": chain.mistake_index, "predicted": predicted,
-                "correct": located.ok and location_correct(predicted, chain.mistake_index), "parsed": located.ok,
-                "raw": located.raw}
+        return {
+            "item_id": item.item_id,
+            "task": chain.task,
+            "gold": chain.mistake_index,
+            "predicted": predicted,
+            "correct": located.ok and location_correct(predicted, chain.mistake_index),
+            "parsed": located.ok,
+            "raw": located.raw,
+        }
 
     with JsonlLog(path) as log:
         done = {r["item_id"] for r in log.records}
         todo = [item for item in items if item.item_id not in done]
-        for _, record in map_threads(locate, todo, lm=lm, num_threads=num_threads, description="locating",
-                                     show_progress=show_progress):
+        for _, record in map_threads(
+            locate, todo, lm=lm, num_threads=num_threads, description="locating", show_progress=show_progress
+        ):
             log.append(record)
         return {r["item_id"]: r for r in log.records}
 
 
-def run_control(run: ControlRun, pool: list[Chain], items: list[SplitItem], *, model_dir: Path, run_dir: Path,
-                settings: TrainSettings, num_threads: int = 8, show_progress: bool = True) -> dict[str, Any]:
+def run_control(
+    run: ControlRun,
+    pool: list[Chain],
+    items: list[SplitItem],
+    *,
+    model_dir: Path,
+    run_dir: Path,
+    settings: TrainSettings,
+    num_threads: int = 8,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Train `run`'s model from `model_dir` on chains from `pool` (held-out questions removed),
     evaluate it on `items`, and write result.json into `run_dir`/<run name>; a finished run is read back."""
     folder = run_dir / run.name
@@ -197,29 +222,51 @@ def run_control(run: ControlRun, pool: list[Chain], items: list[SplitItem], *, m
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(folder / "train_records.jsonl", records)
     weights = folder / "model"
-    settings = replace(settings, method="full", learning_rate=run.learning_rate, epochs=run.epochs, seed=run.seed,
-                       adam_beta2=run.adam_beta2, loss_weighting=run.loss_weighting)
+    settings = replace(
+        settings,
+        method="full",
+        learning_rate=run.learning_rate,
+        epochs=run.epochs,
+        seed=run.seed,
+        adam_beta2=run.adam_beta2,
+        loss_weighting=run.loss_weighting,
+    )
     finished = weights / "train_summary.json"  # trained before a kill that came during evaluation
-    summary = json.loads(finished.read_text()) if finished.exists() else \
-        train(model_dir, records, weights, settings, show_progress=show_progress)
+    summary = (
+        json.loads(finished.read_text())
+        if finished.exists()
+        else train(model_dir, records, weights, settings, show_progress=show_progress)
+    )
     trained = time.perf_counter()
     lm = local_lm(weights, max_batch_size=num_threads)
     try:
-        predictions = evaluate_location(items, lm, folder / "predictions.jsonl", cue=run.cue,
-                                        num_threads=num_threads, show_progress=show_progress)
+        predictions = evaluate_location(
+            items, lm, folder / "predictions.jsonl", cue=run.cue, num_threads=num_threads, show_progress=show_progress
+        )
     finally:
         release(lm)
     measured = score(items, predictions)
     result = {
-        **asdict(run), "name": run.name, "split": items[0].split, "heldout_n": measured["n"],
-        "correct": measured["correct"], "majority_baseline_correct": measured["majority_baseline_correct"],
+        **asdict(run),
+        "name": run.name,
+        "split": items[0].split,
+        "heldout_n": measured["n"],
+        "correct": measured["correct"],
+        "majority_baseline_correct": measured["majority_baseline_correct"],
         "last_step_baseline_correct": measured["last_step_baseline_correct"],
-        "mcnemar_p": measured["mcnemar_p"], "better_baseline": measured["better_baseline"],
-        "accuracy": measured["accuracy"], "parsed": measured["parsed"], "answers": measured["answers"],
-        "records": len(records), "train_positions": dict(sorted(Counter(
-            "none" if c.mistake_index is None else c.mistake_index + 1 for c in chains).items(), key=str)),
-        "training": {k: summary.get(k) for k in ("steps", "first_loss", "last_loss", "wall_seconds",
-                                                 "seconds_per_step", "resumed_at_step")},
+        "mcnemar_p": measured["mcnemar_p"],
+        "better_baseline": measured["better_baseline"],
+        "accuracy": measured["accuracy"],
+        "parsed": measured["parsed"],
+        "answers": measured["answers"],
+        "records": len(records),
+        "train_positions": dict(
+            sorted(Counter("none" if c.mistake_index is None else c.mistake_index + 1 for c in chains).items(), key=str)
+        ),
+        "training": {
+            k: summary.get(k)
+            for k in ("steps", "first_loss", "last_loss", "wall_seconds", "seconds_per_step", "resumed_at_step")
+        },
         "evaluation_seconds": time.perf_counter() - trained,
         "predictions": str(folder / "predictions.jsonl"),
     }
@@ -234,8 +281,11 @@ def publish(result: dict[str, Any], items: list[SplitItem], results_path: Path) 
     predictions_path = results_path.parent / "control" / f"{result['name']}.jsonl"
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result["predictions"], predictions_path)
-    entry = {**result, "predictions": str(predictions_path),
-             "slices": slices(items, read_predictions(predictions_path))}
+    entry = {
+        **result,
+        "predictions": str(predictions_path),
+        "slices": slices(items, read_predictions(predictions_path)),
+    }
     recorded = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
     runs = [run for run in recorded if run["name"] != entry["name"]] + [entry]
     write_json_atomic(results_path, {"runs": sorted(runs, key=lambda run: run["name"])})

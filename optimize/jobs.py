@@ -45,14 +45,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def generate(chains: list[Chain], error_types: list[str | type[DescribeMistake]], lm: dspy.LM,
-             settings: JobSettings) -> dict[str, Any]:
+def generate(
+    chains: list[Chain], error_types: list[str | type[DescribeMistake]], lm: dspy.LM, settings: JobSettings
+) -> dict[str, Any]:
     """Run the six-stage cycle over each valid chain (error types in turn); write scenarios.jsonl,
     summary.json and stages.png into the run directory and return the summary."""
     signatures = [get_error_type(e) for e in error_types]
     corrector, judge = SelfCorrector(), Judge()  # shared by every error type's cycle
-    cycles = {error_type_name(s): attach_demos(SelfCorrectionCycle(s, corrector=corrector, judge=judge), settings.demos)
-              for s in signatures}
+    cycles = {
+        error_type_name(s): attach_demos(SelfCorrectionCycle(s, corrector=corrector, judge=judge), settings.demos)
+        for s in signatures
+    }
     names = list(cycles)
     work = [(chain, names[i % len(names)]) for i, chain in enumerate(c for c in chains if c.is_valid)]
 
@@ -87,14 +90,18 @@ def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover
     with JsonlLog(settings.run_dir / "predictions.jsonl") as log:
         done = {r["source_id"] for r in log.records}
         todo = [c for c in chains if c.source_id not in done]
-        for _, record in map_threads(lambda c: evaluate_chain(corrector, c, recover), todo, lm=lm,
-                                     num_threads=settings.num_threads, description="evaluating"):
+        for _, record in map_threads(
+            lambda c: evaluate_chain(corrector, c, recover),
+            todo,
+            lm=lm,
+            num_threads=settings.num_threads,
+            description="evaluating",
+        ):
             log.append(record)
         wanted = {c.source_id for c in chains}
         metrics = summarize([r for r in log.records if r["source_id"] in wanted])
     metrics = _jsonable(metrics)
-    metrics["_run"] = {"wall_seconds_this_run": time.perf_counter() - started,
-                       "engine": engine_stats(lm)}
+    metrics["_run"] = {"wall_seconds_this_run": time.perf_counter() - started, "engine": engine_stats(lm)}
     write_json_atomic(settings.run_dir / "metrics.json", metrics)
     plot_evaluation(metrics, settings.run_dir / "metrics.png")
     return metrics

@@ -73,8 +73,10 @@ def _written(path: Path) -> dict[str, dict | None]:
     carry it at the step the writer described (the oracle's `injection_ok`)."""
     records = read_records(path)
     oracles = [r.get("oracle") or {} for r in records]
-    return {"checkable": rate(o.get("invalid_first_error") is not None for o in oracles).to_dict() if oracles else None,
-            "as_described": rate(bool(o.get("injection_ok")) for o in oracles).to_dict() if oracles else None}
+    return {
+        "checkable": rate(o.get("invalid_first_error") is not None for o in oracles).to_dict() if oracles else None,
+        "as_described": rate(bool(o.get("injection_ok")) for o in oracles).to_dict() if oracles else None,
+    }
 
 
 _TOP_SHARE = StopRule().max_top_share
@@ -91,24 +93,33 @@ def _answer(value) -> str:
 
 def _floors(metrics: dict[str, Any]) -> str:
     majority, last = metrics.get("majority_baseline"), metrics.get("last_step_baseline")
-    parts = [f"maj. {majority['value']:.3f}" if majority and majority.get("value") is not None else None,
-             f"last {last['value']:.3f}" if last and last.get("value") is not None else None]
+    parts = [
+        f"maj. {majority['value']:.3f}" if majority and majority.get("value") is not None else None,
+        f"last {last['value']:.3f}" if last and last.get("value") is not None else None,
+    ]
     return "; ".join(p for p in parts if p)
 
 
 def _accuracy_table(rows: list[dict[str, Any]], kind: str, tasks: list[tuple[str, str]], recovery: bool) -> list[str]:
     """One line per round: each set's location accuracy with its floors (and GSM8K recovery)."""
     head = "| round | " + " | ".join(f"{task} location (floors)" for _, task in tasks)
-    lines = [head + (" | gsm8k recovery |" if recovery else " |"),
-             "|---|" + "---|" * (len(tasks) + (1 if recovery else 0))]
+    lines = [
+        head + (" | gsm8k recovery |" if recovery else " |"),
+        "|---|" + "---|" * (len(tasks) + (1 if recovery else 0)),
+    ]
     for row in rows:
         cells = []
         for name, task in tasks:
             metrics = row.get(kind, {}).get(name, {}).get(task, {})
             accuracy = metrics.get("location_accuracy")
-            below = accuracy and accuracy.get("value") is not None and any(
-                (metrics.get(f) or {}).get("value") is not None and accuracy["value"] < metrics[f]["value"]
-                for f in ("majority_baseline", "last_step_baseline"))
+            below = (
+                accuracy
+                and accuracy.get("value") is not None
+                and any(
+                    (metrics.get(f) or {}).get("value") is not None and accuracy["value"] < metrics[f]["value"]
+                    for f in ("majority_baseline", "last_step_baseline")
+                )
+            )
             cells.append(f"{_cell(accuracy)} ({_floors(metrics)})" + (" **below a floor**" if below else ""))
         recovered = row.get(kind, {}).get("gsm8k", {}).get("gsm8k", {}).get("recovery_success")
         lines.append(f"| {row['round']} | " + " | ".join(cells) + (f" | {_cell(recovered)} |" if recovery else " |"))
@@ -124,15 +135,27 @@ def write_report(run_dir: Path) -> Path:
     def heldout(name, task, metric):
         return lambda row: row["heldout"].get(name, {}).get(task, {}).get(metric)
 
-    _plot_rates(rows, {f"{task} location": heldout(name, task, "location_accuracy") for name, task in tasks}
-                | {"gsm8k recovery": heldout("gsm8k", "gsm8k", "recovery_success"),
-                   "gsm8k majority floor": heldout("gsm8k", "gsm8k", "majority_baseline"),
-                   "gsm8k last-step floor": heldout("gsm8k", "gsm8k", "last_step_baseline")},
-                "held-out accuracy (95% Wilson)", run_dir / "heldout.png")
-    _plot_rates(rows, {"judge precision": lambda r: r.get("judge", {}).get("precision"),
-                       "judge recall": lambda r: r.get("judge", {}).get("recall"),
-                       "acceptance": lambda r: r.get("acceptance")},
-                "the judge against the oracle, and what it kept", run_dir / "judge.png")
+    _plot_rates(
+        rows,
+        {f"{task} location": heldout(name, task, "location_accuracy") for name, task in tasks}
+        | {
+            "gsm8k recovery": heldout("gsm8k", "gsm8k", "recovery_success"),
+            "gsm8k majority floor": heldout("gsm8k", "gsm8k", "majority_baseline"),
+            "gsm8k last-step floor": heldout("gsm8k", "gsm8k", "last_step_baseline"),
+        },
+        "held-out accuracy (95% Wilson)",
+        run_dir / "heldout.png",
+    )
+    _plot_rates(
+        rows,
+        {
+            "judge precision": lambda r: r.get("judge", {}).get("precision"),
+            "judge recall": lambda r: r.get("judge", {}).get("recall"),
+            "acceptance": lambda r: r.get("acceptance"),
+        },
+        "the judge against the oracle, and what it kept",
+        run_dir / "judge.png",
+    )
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("distinct_1", "distinct_2", "distinct_3", "near_duplicates"):
         points = [(r["round"], r["diversity"][key]) for r in rows if r.get("diversity", {}).get(key) is not None]
@@ -169,65 +192,112 @@ def write_report(run_dir: Path) -> Path:
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").exists() else None
     lines = [f"# misstep run: {run_dir.name}", ""]
     if best:
-        lines += [f"**Stop rule:** {best['verdict']['reason']} — {best['verdict']['detail']}. "
-                  f"**Best round:** {best['round']} (`{best['program']}`).", ""]
+        lines += [
+            f"**Stop rule:** {best['verdict']['reason']} — {best['verdict']['detail']}. "
+            f"**Best round:** {best['round']} (`{best['program']}`).",
+            "",
+        ]
     else:
-        lines += [f"**Status:** unfinished; last verdict: {rows[-1]['verdict']['reason']} — "
-                  f"{rows[-1]['verdict']['detail']}.", ""]
-    lines += ["## Held-out accuracy per round (95% Wilson intervals)", "",
-              "Reported on the test split; each location accuracy stands beside the two floors computed on the "
-              "same items: always the majority label (maj.) and always the last step (last).", ""]
+        lines += [
+            f"**Status:** unfinished; last verdict: {rows[-1]['verdict']['reason']} — {rows[-1]['verdict']['detail']}.",
+            "",
+        ]
+    lines += [
+        "## Held-out accuracy per round (95% Wilson intervals)",
+        "",
+        "Reported on the test split; each location accuracy stands beside the two floors computed on the "
+        "same items: always the majority label (maj.) and always the last step (last).",
+        "",
+    ]
     lines += _accuracy_table(rows, "heldout", tasks, recovery=True)
-    validation = sorted({(name, task) for row in rows for name, tasks in row.get("validation", {}).items()
-                         for task in tasks})
+    validation = sorted(
+        {(name, task) for row in rows for name, tasks in row.get("validation", {}).items() for task in tasks}
+    )
     if validation:
         lines += ["", "### Validation split (the stop rule and the best round are chosen here)", ""]
         lines += _accuracy_table(rows, "validation", validation, recovery=False)
     else:
-        lines += ["", "**No validation split:** the stop rule and the best round were chosen on the reported "
-                      "set above, so its figures are optimistic.", ""]
-    lines += ["", "### Stage-3 answers (collapse shows here)", "",
-              f"On the set choices are made on. A most common answer above {_TOP_SHARE:.0%} of the items is "
-              "flagged; a collapse for the stop rule when it also grew since the round before.", "",
-              "| round | most common answer | its share | entropy (bits) | flag |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "**No validation split:** the stop rule and the best round were chosen on the reported "
+            "set above, so its figures are optimistic.",
+            "",
+        ]
+    lines += [
+        "",
+        "### Stage-3 answers (collapse shows here)",
+        "",
+        f"On the set choices are made on. A most common answer above {_TOP_SHARE:.0%} of the items is "
+        "flagged; a collapse for the stop rule when it also grew since the round before.",
+        "",
+        "| round | most common answer | its share | entropy (bits) | flag |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
         answers = row.get("answers") or {}
         share = answers.get("top_share")
         flag = "**one answer dominates**" if share is not None and share > _TOP_SHARE else ""
-        lines.append(f"| {row['round']} | {_answer(answers.get('top_answer'))} | {_number(share, 2)} "
-                     f"| {_number(answers.get('entropy_bits'), 2)} | {flag} |")
-    lines += ["", "![held-out accuracy](heldout.png)", "",
-              "## The judge, the thresholds and what was kept", "",
-              "| round | judge precision | judge recall | kept / scenarios | thresholds (confidence, quality) "
-              "| distinct-2 | near-duplicates | error types kept |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['round']} | {_answer(answers.get('top_answer'))} | {_number(share, 2)} "
+            f"| {_number(answers.get('entropy_bits'), 2)} | {flag} |"
+        )
+    lines += [
+        "",
+        "![held-out accuracy](heldout.png)",
+        "",
+        "## The judge, the thresholds and what was kept",
+        "",
+        "| round | judge precision | judge recall | kept / scenarios | thresholds (confidence, quality) "
+        "| distinct-2 | near-duplicates | error types kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows[1:]:
         chosen = (row.get("thresholds") or {}).get("thresholds") or {}
-        thresholds = (f"{chosen['min_confidence']:.2f}, {chosen['min_quality']:.2f}" if chosen else "n/a")
+        thresholds = f"{chosen['min_confidence']:.2f}, {chosen['min_quality']:.2f}" if chosen else "n/a"
         judge = row.get("judge", {})
         diversity = row.get("diversity", {})
-        lines.append(f"| {row['round']} | {_cell(judge.get('precision'))} | {_cell(judge.get('recall'))} "
-                     f"| {row.get('kept', 0)} / {row.get('scenarios', 0)} | {thresholds} "
-                     f"| {_number(diversity.get('distinct_2'))} | {_number(diversity.get('near_duplicates'))} "
-                     f"| {row.get('kept_error_types', {})} |")
-    lines += ["", "### What the model wrote (stages 1-2), by the oracle", "",
-              "| round | chains with a mistake the oracle finds | mistake where the writer said it would be |",
-              "|---|---|---|"]
+        lines.append(
+            f"| {row['round']} | {_cell(judge.get('precision'))} | {_cell(judge.get('recall'))} "
+            f"| {row.get('kept', 0)} / {row.get('scenarios', 0)} | {thresholds} "
+            f"| {_number(diversity.get('distinct_2'))} | {_number(diversity.get('near_duplicates'))} "
+            f"| {row.get('kept_error_types', {})} |"
+        )
+    lines += [
+        "",
+        "### What the model wrote (stages 1-2), by the oracle",
+        "",
+        "| round | chains with a mistake the oracle finds | mistake where the writer said it would be |",
+        "|---|---|---|",
+    ]
     for row in rows[1:]:
         written = _written(run_dir / f"round-{row['round']}" / "scenarios.jsonl")
         lines.append(f"| {row['round']} | {_cell(written['checkable'])} | {_cell(written['as_described'])} |")
     timed = [row for row in rows if row.get("seconds")]
     if timed:
         steps = list(dict.fromkeys(step for row in timed for step in row["seconds"]))
-        lines += ["", "### Wall time by step (seconds, in the process that ran it)", "",
-                  "| round | " + " | ".join(steps) + " | total |", "|---|" + "---|" * (len(steps) + 1)]
+        lines += [
+            "",
+            "### Wall time by step (seconds, in the process that ran it)",
+            "",
+            "| round | " + " | ".join(steps) + " | total |",
+            "|---|" + "---|" * (len(steps) + 1),
+        ]
         for row in timed:
-            lines.append(f"| {row['round']} | " + " | ".join(f"{row['seconds'].get(step, 0):.0f}" for step in steps)
-                         + f" | {sum(row['seconds'].values()):.0f} |")
-    lines += ["", "![judge](judge.png) ![diversity](diversity.png) ![answers](answers.png)", "",
-              "Judge precision: of the recoveries the judge called successful, the share the oracle confirms; "
-              "recall: of the recoveries the oracle confirms, the share the judge called successful. "
-              "Thresholds are chosen each round by Optuna on a validation slice of that round's judged "
-              "scenarios (`optuna.db`).", ""]
+            lines.append(
+                f"| {row['round']} | "
+                + " | ".join(f"{row['seconds'].get(step, 0):.0f}" for step in steps)
+                + f" | {sum(row['seconds'].values()):.0f} |"
+            )
+    lines += [
+        "",
+        "![judge](judge.png) ![diversity](diversity.png) ![answers](answers.png)",
+        "",
+        "Judge precision: of the recoveries the judge called successful, the share the oracle confirms; "
+        "recall: of the recoveries the oracle confirms, the share the judge called successful. "
+        "Thresholds are chosen each round by Optuna on a validation slice of that round's judged "
+        "scenarios (`optuna.db`).",
+        "",
+    ]
     if loop:
         lines += ["## Settings", "", "```json", json.dumps(loop.get("settings", {}), indent=2), "```", ""]
     path = run_dir / "report.md"

@@ -47,8 +47,14 @@ from misstep.metrics.health import StopRule, diversity, judge_health
 from misstep.metrics.judge_metric import Thresholds, verdicts
 from misstep.metrics.stats import Rate, agreement, rate
 from misstep.optimize.compile import CompileResult, compile_program, compiled_or_resumed, warm_up
-from misstep.optimize.demos import (attach_demos, ground_truth_demos, questions_of, stage_name, writer_chat_data,
-                                    writer_ground_truth)
+from misstep.optimize.demos import (
+    attach_demos,
+    ground_truth_demos,
+    questions_of,
+    stage_name,
+    writer_chat_data,
+    writer_ground_truth,
+)
 from misstep.optimize.jobs import JobSettings, evaluate
 from misstep.optimize.tuning import tune_thresholds
 from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
@@ -83,9 +89,17 @@ def _round_dir(run_dir: Path, r: int) -> Path:
 
 # -- the loop, top to bottom -------------------------------------------------------------------
 
-def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, provider: LocalProvider,
-             judge_lm: dspy.LM, settings: LoopSettings, run_dir: Path,
-             validation: dict[str, list[Chain]] | None = None) -> list[dict[str, Any]]:
+
+def run_loop(
+    train_chains: list[Chain],
+    heldout: dict[str, list[Chain]],
+    *,
+    provider: LocalProvider,
+    judge_lm: dspy.LM,
+    settings: LoopSettings,
+    run_dir: Path,
+    validation: dict[str, list[Chain]] | None = None,
+) -> list[dict[str, Any]]:
     """Run (or resume) the loop; return the history, one row per round (round 0 = the start).
 
     `heldout` holds the sets reported (the test splits); `validation` the disjoint sets the stop
@@ -93,26 +107,44 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     choose. Without `validation` the choice falls back to `heldout`, and round.json says so."""
     run_dir.mkdir(parents=True, exist_ok=True)
     # No held-out question (test or validation) reaches a demo, the ground truth or a seed.
-    pool = without_heldout([c for c in train_chains if c.is_valid],
-                           [c for sets in (heldout, validation or {}) for chains in sets.values() for c in chains])
+    pool = without_heldout(
+        [c for c in train_chains if c.is_valid],
+        [c for sets in (heldout, validation or {}) for chains in sets.values() for c in chains],
+    )
     demos = ground_truth_demos(pool, k=settings.demos, seed=settings.seed) if settings.demos else {}
     used = questions_of(demos)
-    truth = ground_truth_demos([c for c in pool if c.question not in used], k=settings.ground_truth,
-                               seed=settings.seed + 1) if settings.ground_truth else {}
+    truth = (
+        ground_truth_demos([c for c in pool if c.question not in used], k=settings.ground_truth, seed=settings.seed + 1)
+        if settings.ground_truth
+        else {}
+    )
     used |= questions_of(truth)
     # The writer (stages 1-2) shares the student's weights; it is trained on injected mistakes of
     # each error type, in the warm-up and in every compile, so the chains it writes stay checkable.
-    writer_truth = writer_ground_truth([c for c in pool if c.question not in used], settings.error_types,
-                                       k=settings.ground_truth, seed=settings.seed + 2) if settings.ground_truth else {}
+    writer_truth = (
+        writer_ground_truth(
+            [c for c in pool if c.question not in used],
+            settings.error_types,
+            k=settings.ground_truth,
+            seed=settings.seed + 2,
+        )
+        if settings.ground_truth
+        else {}
+    )
     for examples in writer_truth.values():
         used |= questions_of(examples)
     writer_records = writer_chat_data(writer_truth, default_adapter())
     trained_types = {t for t, examples in writer_truth.items() if examples["describe"]}
     pool = [c for c in pool if c.question not in used]
-    write_json_atomic(run_dir / "loop.json", {"settings": _settings_dict(settings), "pool": len(pool),
-                                              "heldout": {k: len(v) for k, v in heldout.items()},
-                                              "writer_ground_truth": {t: len(e["describe"])
-                                                                      for t, e in writer_truth.items()}})
+    write_json_atomic(
+        run_dir / "loop.json",
+        {
+            "settings": _settings_dict(settings),
+            "pool": len(pool),
+            "heldout": {k: len(v) for k, v in heldout.items()},
+            "writer_ground_truth": {t: len(e["describe"]) for t, e in writer_truth.items()},
+        },
+    )
     # The frozen judge: compiling the student never trains it. The 135M base model cannot
     # answer in the judge's fields, so by default the judge is the base model fine-tuned once
     # on ground-truth judgements (it never sees the student's output in training).
@@ -120,10 +152,14 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     if settings.judge_warm_up:
         judge_dir = run_dir / "judge"
         with _timed(seconds, "judge_warm_up"):
-            judge, _ = compiled_or_resumed(judge_dir, lambda: warm_up(Judge(), truth,
-                                                                      lm=judge_lm.copy(provider=provider),
-                                                                      provider=provider, run_dir=judge_dir),
-                                           provider=provider, program=Judge())
+            judge, _ = compiled_or_resumed(
+                judge_dir,
+                lambda: warm_up(
+                    Judge(), truth, lm=judge_lm.copy(provider=provider), provider=provider, run_dir=judge_dir
+                ),
+                provider=provider,
+                program=Judge(),
+            )
     else:
         judge = attach_demos(Judge(), demos)
         judge.set_lm(judge_lm)
@@ -131,11 +167,13 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
     # Round 0: the model the loop starts from.
     start = _round_dir(run_dir, 0)
     if settings.warm_up:
+
         def warm_up_student() -> CompileResult:
             base = provider.lm()  # loaded only when round 0 is trained, not when it is resumed
             try:
-                return warm_up(SelfCorrector(), truth, lm=base, provider=provider, run_dir=start,
-                               extra_records=writer_records)
+                return warm_up(
+                    SelfCorrector(), truth, lm=base, provider=provider, run_dir=start, extra_records=writer_records
+                )
             finally:
                 release(base)
 
@@ -153,9 +191,10 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
         folder = _round_dir(run_dir, r)
         seconds = {}
         previous = read_records(_round_dir(run_dir, r - 1) / "scenarios.jsonl")
-        selection = _step(folder / "selection.json",
-                          lambda: select_seeds(pool, previous, settings, random.Random(settings.seed * 1009 + r),
-                                               round_index=r))
+        selection = _step(
+            folder / "selection.json",
+            lambda: select_seeds(pool, previous, settings, random.Random(settings.seed * 1009 + r), round_index=r),
+        )
         work = [(chains[s], e) for s, e in selection["seeds"]]
         with _timed(seconds, "scenarios"):
             # The writer's weights know its format once a warm-up or a compile has trained them on it.
@@ -170,29 +209,46 @@ def run_loop(train_chains: list[Chain], heldout: dict[str, list[Chain]], *, prov
         previous = student.predictors()[0].lm
         with _timed(seconds, "compile"):
             student, _ = compiled_or_resumed(
-                folder, lambda: compile_program(student, examples, lm=student.predictors()[0].lm,
-                                                metric=ReproducesKept(), provider=provider, run_dir=folder,
-                                                extra_examples=extra, extra_records=writer_records,
-                                                num_threads=settings.num_threads),
-                provider=provider, max_batch_size=settings.num_threads)
+                folder,
+                lambda: compile_program(
+                    student,
+                    examples,
+                    lm=student.predictors()[0].lm,
+                    metric=ReproducesKept(),
+                    provider=provider,
+                    run_dir=folder,
+                    extra_examples=extra,
+                    extra_records=writer_records,
+                    num_threads=settings.num_threads,
+                ),
+                provider=provider,
+                max_batch_size=settings.num_threads,
+            )
         release(previous)  # the round's model is done with: one student in memory at a time
         for stage, stage_examples in stage_examples_of(kept).items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
-        history.append(_finish_round(r, folder, student, measured, scenarios, kept, settings, history,
-                                     thresholds=tuning, seconds=seconds))
+        history.append(
+            _finish_round(
+                r, folder, student, measured, scenarios, kept, settings, history, thresholds=tuning, seconds=seconds
+            )
+        )
         if history[-1]["verdict"]["stop"]:
             break
 
     best = history[-1]["verdict"]["best_round"]
-    write_json_atomic(run_dir / "best.json", {"round": best, "program": str(_round_dir(run_dir, best) / "program.json"),
-                                             "verdict": history[-1]["verdict"]})
+    write_json_atomic(
+        run_dir / "best.json",
+        {"round": best, "program": str(_round_dir(run_dir, best) / "program.json"), "verdict": history[-1]["verdict"]},
+    )
     return history
 
 
 # -- the steps ---------------------------------------------------------------------------------
 
-def select_seeds(pool: list[Chain], previous: list[dict[str, Any]], settings: LoopSettings, rng: random.Random,
-                 round_index: int) -> dict[str, Any]:
+
+def select_seeds(
+    pool: list[Chain], previous: list[dict[str, Any]], settings: LoopSettings, rng: random.Random, round_index: int
+) -> dict[str, Any]:
     """Which valid chains and error types this round writes scenarios from, and why.
 
     Active selection weighs each error type by how often the current model failed on it
@@ -209,15 +265,22 @@ def select_seeds(pool: list[Chain], previous: list[dict[str, Any]], settings: Lo
     if settings.active_selection and previous:
         failure = {t: (sum(f) / len(f) if f else 1.0) for t, f in failed_by_type.items()}
         total = sum(failure.values()) or 1.0
-        weights = {t: settings.exploration / len(types) + (1 - settings.exploration) * failure[t] / total
-                   for t in types}
-        failed_chains = sorted({r["source_id"] for r in previous
-                                if not ((r.get("oracle") or {}).get("location_ok")
-                                        and (r.get("oracle") or {}).get("recovery_ok"))})
+        weights = {
+            t: settings.exploration / len(types) + (1 - settings.exploration) * failure[t] / total for t in types
+        }
+        failed_chains = sorted(
+            {
+                r["source_id"]
+                for r in previous
+                if not ((r.get("oracle") or {}).get("location_ok") and (r.get("oracle") or {}).get("recovery_ok"))
+            }
+        )
         revisit = rng.sample(failed_chains, min(len(failed_chains), int(n * (1 - settings.exploration) / 2)))
-        reason = (f"error types weighted by last round's failure rate {_rounded(failure)} "
-                  f"({settings.exploration:.0%} spread evenly); {len(revisit)} of last round's failed chains "
-                  f"revisited under another error type")
+        reason = (
+            f"error types weighted by last round's failure rate {_rounded(failure)} "
+            f"({settings.exploration:.0%} spread evenly); {len(revisit)} of last round's failed chains "
+            f"revisited under another error type"
+        )
     else:
         weights = {t: 1 / len(types) for t in types}
         revisit = []
@@ -230,13 +293,25 @@ def select_seeds(pool: list[Chain], previous: list[dict[str, Any]], settings: Lo
     for source_id in revisit + fresh:
         candidates = [t for t in types if t != last_type.get(source_id)] or types
         seeds.append((source_id, rng.choices(candidates, weights=[weights[t] for t in candidates])[0]))
-    return {"round": round_index, "seeds": seeds, "weights": weights, "revisited": len(revisit),
-            "mix": dict(Counter(t for _, t in seeds)), "reason": reason}
+    return {
+        "round": round_index,
+        "seeds": seeds,
+        "weights": weights,
+        "revisited": len(revisit),
+        "mix": dict(Counter(t for _, t in seeds)),
+        "reason": reason,
+    }
 
 
-def write_scenarios(work: list[tuple[Chain, str]], student: SelfCorrector, judge: Judge,
-                    demos: dict[str, list[dspy.Example]], folder: Path, settings: LoopSettings,
-                    trained_writers: set[str] = frozenset()) -> list[dict[str, Any]]:
+def write_scenarios(
+    work: list[tuple[Chain, str]],
+    student: SelfCorrector,
+    judge: Judge,
+    demos: dict[str, list[dspy.Example]],
+    folder: Path,
+    settings: LoopSettings,
+    trained_writers: set[str] = frozenset(),
+) -> list[dict[str, Any]]:
     """Stages 1-4 on the current student, 5-6 on the frozen judge, the oracle beside them.
 
     The writer (stages 1-2) runs on the student's weights: without demos for the error types
@@ -257,8 +332,9 @@ def write_scenarios(work: list[tuple[Chain, str]], student: SelfCorrector, judge
             scenario.oracle = check_scenario(scenario)
             return scenario
 
-        for _, scenario in map_threads(run, todo, lm=lm, num_threads=settings.num_threads,
-                                       description=f"round {folder.name}: writing scenarios"):
+        for _, scenario in map_threads(
+            run, todo, lm=lm, num_threads=settings.num_threads, description=f"round {folder.name}: writing scenarios"
+        ):
             log.append(scenario.to_dict())
         return list(log.records)
 
@@ -267,8 +343,11 @@ def decision(record: dict[str, Any]) -> dict[str, Any]:
     """The judge's and curator's verdicts on one scenario, beside the oracle's."""
     stages, oracle = record["stages"], record.get("oracle") or {}
     parsed = {name: result["outputs"] if result.get("ok") else None for name, result in stages.items()}
-    out: dict[str, Any] = {"source_id": record["source_id"], "error_type": record["error_type"],
-                           **verdicts(parsed.get("judge"), parsed.get("curate"))}
+    out: dict[str, Any] = {
+        "source_id": record["source_id"],
+        "error_type": record["error_type"],
+        **verdicts(parsed.get("judge"), parsed.get("curate")),
+    }
     if "recovery_ok" in oracle:
         out["oracle_recovery_ok"] = bool(oracle["recovery_ok"])
     if "location_ok" in oracle:
@@ -276,23 +355,40 @@ def decision(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _tune(scenarios: list[dict[str, Any]], run_dir: Path, r: int, history: list[dict[str, Any]],
-          settings: LoopSettings) -> dict[str, Any]:
+def _tune(
+    scenarios: list[dict[str, Any]], run_dir: Path, r: int, history: list[dict[str, Any]], settings: LoopSettings
+) -> dict[str, Any]:
     decisions = [decision(s) for s in scenarios]
     judged = [d for d in decisions if "verdict" in d and "keep" in d and "oracle_recovery_ok" in d]
     if not judged:
-        return {"thresholds": asdict(Thresholds()), "reason": "nothing judged with an oracle verdict: defaults",
-                "judged": 0}
+        return {
+            "thresholds": asdict(Thresholds()),
+            "reason": "nothing judged with an oracle verdict: defaults",
+            "judged": 0,
+        }
     # Tune on a validation slice (every other judged trace), report precision on the rest.
     validation, rest = judged[::2], judged[1::2]
-    earlier = [Thresholds(**row["thresholds"]["thresholds"]) for row in history
-               if row.get("thresholds") and "trial" in row["thresholds"]]
-    result = tune_thresholds(validation, run_dir / "optuna.db", r, trials=settings.tuning_trials,
-                             min_yield=settings.min_yield, warm_start=earlier, seed=settings.seed)
+    earlier = [
+        Thresholds(**row["thresholds"]["thresholds"])
+        for row in history
+        if row.get("thresholds") and "trial" in row["thresholds"]
+    ]
+    result = tune_thresholds(
+        validation,
+        run_dir / "optuna.db",
+        r,
+        trials=settings.tuning_trials,
+        min_yield=settings.min_yield,
+        warm_start=earlier,
+        seed=settings.seed,
+    )
     chosen = result.thresholds
     held = [d for d in rest if chosen.admit(d)]
-    return {**result.to_dict(), "validation": len(validation),
-            "precision_on_rest": rate(d["oracle_recovery_ok"] for d in held).to_dict()}
+    return {
+        **result.to_dict(),
+        "validation": len(validation),
+        "precision_on_rest": rate(d["oracle_recovery_ok"] for d in held).to_dict(),
+    }
 
 
 def keep(scenarios: list[dict[str, Any]], thresholds: Thresholds) -> list[dict[str, Any]]:
@@ -313,18 +409,22 @@ def stage_examples_of(kept: list[dict[str, Any]]) -> dict[str, list[dspy.Example
         located = record["stages"]["locate"]["outputs"]
         recovered = record["stages"]["recover"]["outputs"]
         out["locate"].append(dspy.Example(question=question, chain=chain, **located))
-        out["recover"].append(dspy.Example(question=question, chain=chain,
-                                           first_error_step=located["first_error_step"], **recovered))
+        out["recover"].append(
+            dspy.Example(question=question, chain=chain, first_error_step=located["first_error_step"], **recovered)
+        )
     return out
 
 
 def scenario_example(record: dict[str, Any]) -> dspy.Example:
     """A kept scenario as a BootstrapFinetune example: the model-written chain is the input, and
     what the judge accepted is what the re-run trace must reproduce."""
-    return dspy.Example(question=record["chain"]["question"], steps=tuple(record["invalid_steps"]),
-                        kept_first_error=record["oracle"].get("located"),
-                        kept_final_answer=record["stages"]["recover"]["outputs"]["final_answer"],
-                        source_id=record["source_id"]).with_inputs("question", "steps")
+    return dspy.Example(
+        question=record["chain"]["question"],
+        steps=tuple(record["invalid_steps"]),
+        kept_first_error=record["oracle"].get("located"),
+        kept_final_answer=record["stages"]["recover"]["outputs"]["final_answer"],
+        source_id=record["source_id"],
+    ).with_inputs("question", "steps")
 
 
 class ReproducesKept:
@@ -337,20 +437,32 @@ class ReproducesKept:
         self.decisions: list[dict[str, Any]] = []
 
     def __call__(self, example: dspy.Example, prediction: dspy.Prediction, trace=None) -> bool:
-        same = (prediction.get("first_error") == example.kept_first_error
-                and str(prediction.get("final_answer")) == str(example.kept_final_answer))
+        same = prediction.get("first_error") == example.kept_first_error and str(prediction.get("final_answer")) == str(
+            example.kept_final_answer
+        )
         self.decisions.append({"source_id": example.source_id, "kept": same})
         return same
 
     def report(self) -> dict[str, Any]:
-        return {"metric": "reproduces_kept", "judged": len(self.decisions),
-                "kept": sum(d["kept"] for d in self.decisions)}
+        return {
+            "metric": "reproduces_kept",
+            "judged": len(self.decisions),
+            "kept": sum(d["kept"] for d in self.decisions),
+        }
 
 
-def _finish_round(r: int, folder: Path, student: SelfCorrector, measured: dict[str, dict[str, list[Chain]]],
-                  scenarios: list[dict[str, Any]] | None, kept: list[dict[str, Any]], settings: LoopSettings,
-                  history: list[dict[str, Any]], thresholds: dict[str, Any] | None = None,
-                  seconds: dict[str, float] | None = None) -> dict[str, Any]:
+def _finish_round(
+    r: int,
+    folder: Path,
+    student: SelfCorrector,
+    measured: dict[str, dict[str, list[Chain]]],
+    scenarios: list[dict[str, Any]] | None,
+    kept: list[dict[str, Any]],
+    settings: LoopSettings,
+    history: list[dict[str, Any]],
+    thresholds: dict[str, Any] | None = None,
+    seconds: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Measure the round's model on the held-out sets (`measured`: "heldout", the reported test sets,
     and "validation", the sets choices are made on) and write round.json with the stop rule's
     verdict and the seconds each step took here (a step resumed from its file takes ~0)."""
@@ -367,14 +479,19 @@ def _finish_round(r: int, folder: Path, student: SelfCorrector, measured: dict[s
                 where = folder / kind / name if kind == "validation" else folder / "heldout" / name
                 job = JobSettings(run_dir=where, num_threads=settings.num_threads, demos=demos)
                 result = evaluate(chains, lm, job, recover=kind == "heldout" and chains[0].task == "gsm8k")
-                row[kind][name] = {task: {k: v for k, v in m.items() if k in _ROUND_METRICS}
-                                   for task, m in result.items() if not task.startswith("_")}
+                row[kind][name] = {
+                    task: {k: v for k, v in m.items() if k in _ROUND_METRICS}
+                    for task, m in result.items()
+                    if not task.startswith("_")
+                }
     row["chosen_on"] = "validation" if measured.get("validation") else "heldout"
     if scenarios is not None:
         decisions = [decision(s) for s in scenarios]
         judged = [d for d in decisions if "verdict" in d and "oracle_recovery_ok" in d]
-        row["judge"] = {k: v.to_dict() for k, v in agreement([d["verdict"] for d in judged],
-                                                             [d["oracle_recovery_ok"] for d in judged]).items()}
+        row["judge"] = {
+            k: v.to_dict()
+            for k, v in agreement([d["verdict"] for d in judged], [d["oracle_recovery_ok"] for d in judged]).items()
+        }
         row["scenarios"] = len(scenarios)
         row["kept"] = len(kept)
         row["acceptance"] = rate([True] * len(kept) + [False] * (len(scenarios) - len(kept))).to_dict()
@@ -384,8 +501,12 @@ def _finish_round(r: int, folder: Path, student: SelfCorrector, measured: dict[s
     past = [*history, row]
     primary = [_primary(h, settings.primary_metric) for h in past]
     row["answers"] = _answers(row)
-    verdict = judge_health(primary, [h.get("diversity", {}).get("distinct_2") for h in past], settings.stop,
-                           top_share=[(h.get("answers") or {}).get("top_share") for h in past])
+    verdict = judge_health(
+        primary,
+        [h.get("diversity", {}).get("distinct_2") for h in past],
+        settings.stop,
+        top_share=[(h.get("answers") or {}).get("top_share") for h in past],
+    )
     row["verdict"] = asdict(verdict)
     row["seconds"] = {step: round(value, 1) for step, value in seconds.items()}
     write_json_atomic(folder / "round.json", row)
@@ -412,6 +533,7 @@ def _answers(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- small helpers -----------------------------------------------------------------------------
+
 
 @contextmanager
 def _timed(seconds: dict[str, float], step: str):

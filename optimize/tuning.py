@@ -40,8 +40,15 @@ class TuningResult:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"thresholds": asdict(self.thresholds), "precision": self.precision.to_dict(), "kept": self.kept,
-                "judged": self.judged, "trial": self.trial, "study": self.study, "reason": self.reason}
+        return {
+            "thresholds": asdict(self.thresholds),
+            "precision": self.precision.to_dict(),
+            "kept": self.kept,
+            "judged": self.judged,
+            "trial": self.trial,
+            "study": self.study,
+            "reason": self.reason,
+        }
 
 
 def score(decisions: list[dict[str, Any]], thresholds: Thresholds) -> tuple[Rate, int]:
@@ -50,17 +57,29 @@ def score(decisions: list[dict[str, Any]], thresholds: Thresholds) -> tuple[Rate
     return Rate(sum(bool(d["oracle_recovery_ok"]) for d in kept), len(kept)), len(kept)
 
 
-def tune_thresholds(decisions: list[dict[str, Any]], storage: Path, round_index: int, *, trials: int = 60,
-                    min_yield: float = 0.05, warm_start: list[Thresholds] = (), seed: int = 0) -> TuningResult:
+def tune_thresholds(
+    decisions: list[dict[str, Any]],
+    storage: Path,
+    round_index: int,
+    *,
+    trials: int = 60,
+    min_yield: float = 0.05,
+    warm_start: list[Thresholds] = (),
+    seed: int = 0,
+) -> TuningResult:
     """Run (or resume) round `round_index`'s study over `decisions` and choose thresholds."""
     labelled = [d for d in decisions if "oracle_recovery_ok" in d]
     if not labelled:
         raise ValueError("no judged trace carries an oracle verdict to tune against")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = f"thresholds-round-{round_index}"
-    study = optuna.create_study(storage=f"sqlite:///{storage}", study_name=name, load_if_exists=True,
-                                directions=["maximize", "maximize"],
-                                sampler=optuna.samplers.TPESampler(seed=seed + round_index))
+    study = optuna.create_study(
+        storage=f"sqlite:///{storage}",
+        study_name=name,
+        load_if_exists=True,
+        directions=["maximize", "maximize"],
+        sampler=optuna.samplers.TPESampler(seed=seed + round_index),
+    )
     with warnings.catch_warnings():  # set_metric_names is marked experimental; it only labels the dashboard
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["precision", "yield"])
@@ -69,8 +88,10 @@ def tune_thresholds(decisions: list[dict[str, Any]], storage: Path, round_index:
             study.enqueue_trial(asdict(thresholds), skip_if_exists=True)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        thresholds = Thresholds(min_confidence=trial.suggest_float("min_confidence", 0.0, 1.0),
-                                min_quality=trial.suggest_float("min_quality", 0.0, 1.0))
+        thresholds = Thresholds(
+            min_confidence=trial.suggest_float("min_confidence", 0.0, 1.0),
+            min_quality=trial.suggest_float("min_quality", 0.0, 1.0),
+        )
         precision, kept = score(labelled, thresholds)
         trial.set_user_attr("kept", kept)
         trial.set_user_attr("precision_low", precision.interval[0] if kept else 0.0)
@@ -88,5 +109,12 @@ def tune_thresholds(decisions: list[dict[str, Any]], storage: Path, round_index:
     chosen = max(front, key=lambda t: (t.user_attrs["precision_low"], t.values[1], -t.number))
     thresholds = Thresholds(**chosen.params)
     precision, kept = score(labelled, thresholds)
-    return TuningResult(thresholds=thresholds, precision=precision, kept=kept, judged=len(labelled),
-                        trial=chosen.number, study=name, reason=reason)
+    return TuningResult(
+        thresholds=thresholds,
+        precision=precision,
+        kept=kept,
+        judged=len(labelled),
+        trial=chosen.number,
+        study=name,
+        reason=reason,
+    )

@@ -14,9 +14,13 @@ from misstep.signatures import DescribeMistake
 class SelfCorrectionCycle(dspy.Module):
     """Write a mistaken chain (1-2), find and recover from its first error (3-4), judge and curate (5-6)."""
 
-    def __init__(self, error_type: str | type[DescribeMistake] = "arithmetic_slip",
-                 writer: ScenarioWriter | None = None, corrector: SelfCorrector | None = None,
-                 judge: Judge | None = None):
+    def __init__(
+        self,
+        error_type: str | type[DescribeMistake] = "arithmetic_slip",
+        writer: ScenarioWriter | None = None,
+        corrector: SelfCorrector | None = None,
+        judge: Judge | None = None,
+    ):
         super().__init__()
         self.writer = writer or ScenarioWriter(error_type)
         self.corrector = corrector or SelfCorrector()
@@ -24,8 +28,10 @@ class SelfCorrectionCycle(dspy.Module):
 
     def forward(self, chain: Chain) -> Scenario:
         if not chain.is_valid:
-            raise ValueError(f"{chain.source_id}: the cycle starts from a valid chain, this one has a "
-                             f"mistake at step {chain.mistake_index}")
+            raise ValueError(
+                f"{chain.source_id}: the cycle starts from a valid chain, this one has a "
+                f"mistake at step {chain.mistake_index}"
+            )
         scenario = Scenario(chain=chain, error_type=self.writer.error_type)
         written = self.writer(question=chain.question, steps=chain.steps)
         scenario.stages["describe"] = written.describe
@@ -45,10 +51,15 @@ class SelfCorrectionCycle(dspy.Module):
                 scenario.stages[stage] = StageResult.skipped("no recovery to judge")
             return scenario
 
-        judged = self.judge(question=chain.question, valid_steps=chain.steps, invalid_steps=scenario.invalid_steps,
-                            recovered_steps=scenario.recovered_steps, final_answer=corrected.final_answer,
-                            first_error=corrected.first_error,
-                            mistake_description=written.describe.outputs.get("mistake_description", ""))
+        judged = self.judge(
+            question=chain.question,
+            valid_steps=chain.steps,
+            invalid_steps=scenario.invalid_steps,
+            recovered_steps=scenario.recovered_steps,
+            final_answer=corrected.final_answer,
+            first_error=corrected.first_error,
+            mistake_description=written.describe.outputs.get("mistake_description", ""),
+        )
         scenario.stages["judge"] = judged.judge
         scenario.stages["curate"] = judged.curate or StageResult.skipped("the judge's verdict could not be read")
         return scenario

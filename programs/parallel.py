@@ -24,13 +24,27 @@ def default_adapter() -> dspy.ChatAdapter:
 
 
 def progress_bar(**kwargs) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), **kwargs)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        **kwargs,
+    )
 
 
-def map_threads(function: Callable[[Item], Result], items: Iterable[Item], *, lm: dspy.LM,
-                adapter: dspy.Adapter | None = None, num_threads: int = 8, description: str = "working",
-                show_progress: bool = True) -> Iterator[tuple[Item, Result]]:
+def map_threads(
+    function: Callable[[Item], Result],
+    items: Iterable[Item],
+    *,
+    lm: dspy.LM,
+    adapter: dspy.Adapter | None = None,
+    num_threads: int = 8,
+    description: str = "working",
+    show_progress: bool = True,
+) -> Iterator[tuple[Item, Result]]:
     """(item, function(item)) in completion order, each call under `lm` and `adapter`.
 
     They are passed explicitly because DSPy's `dspy.context` is per thread: a worker

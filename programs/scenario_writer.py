@@ -24,8 +24,12 @@ class ScenarioWriter(dspy.Module):
         described = run_stage(self.describe, question=question, valid_chain=valid_chain)
         if not described.ok:
             return dspy.Prediction(describe=described, corrupt=None, invalid_steps=())
-        corrupted = run_stage(self.corrupt, question=question, valid_chain=valid_chain,
-                              mistake_step=described.outputs["mistake_step"],
-                              mistake_description=described.outputs["mistake_description"])
+        corrupted = run_stage(
+            self.corrupt,
+            question=question,
+            valid_chain=valid_chain,
+            mistake_step=described.outputs["mistake_step"],
+            mistake_description=described.outputs["mistake_description"],
+        )
         invalid_steps = parse_steps(corrupted.outputs["invalid_chain"]) if corrupted.ok else ()
         return dspy.Prediction(describe=described, corrupt=corrupted, invalid_steps=invalid_steps)

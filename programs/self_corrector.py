@@ -23,13 +23,16 @@ class SelfCorrector(dspy.Module):
         self.locate = stage_predictor(LocateFirstError, "locate")
         self.recover = stage_predictor(RecoverFromError, "recover")
 
-    def forward(self, question: str, steps: tuple[str, ...] | list[str], error_index: int | None = None) -> dspy.Prediction:
+    def forward(
+        self, question: str, steps: tuple[str, ...] | list[str], error_index: int | None = None
+    ) -> dspy.Prediction:
         located = None
         if error_index is None:
             located, error_index = self.find_error(question, steps)
             if error_index is None or error_index < 0:
-                return dspy.Prediction(locate=located, recover=None, first_error=error_index, recovered_steps=(),
-                                       final_answer=None)
+                return dspy.Prediction(
+                    locate=located, recover=None, first_error=error_index, recovered_steps=(), final_answer=None
+                )
         recovered = self.recover_from(question, steps, error_index)
         return dspy.Prediction(locate=located, first_error=error_index, **recovered)
 
@@ -41,13 +44,16 @@ class SelfCorrector(dspy.Module):
     def recover_from(self, question: str, steps, error_index: int) -> dict:
         """Stage 4 alone: rewrite `steps` from `error_index` on."""
         steps = tuple(steps)
-        recovered = run_stage(self.recover, question=question, chain=format_steps(steps),
-                              first_error_step=error_index + 1)
+        recovered = run_stage(
+            self.recover, question=question, chain=format_steps(steps), first_error_step=error_index + 1
+        )
         if not recovered.ok:
             return {"recover": recovered, "recovered_steps": (), "final_answer": None}
-        return {"recover": recovered,
-                "recovered_steps": steps[:error_index] + parse_steps(recovered.outputs["recovered_steps"]),
-                "final_answer": str(recovered.outputs["final_answer"])}
+        return {
+            "recover": recovered,
+            "recovered_steps": steps[:error_index] + parse_steps(recovered.outputs["recovered_steps"]),
+            "final_answer": str(recovered.outputs["final_answer"]),
+        }
 
     @staticmethod
     def to_index(outputs: dict, n_steps: int) -> int | None:

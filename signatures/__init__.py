@@ -21,7 +21,19 @@ from misstep.signatures.stages import (
 )
 
 __all__ = [
-    "ERROR_TYPES", "ArithmeticSlip", "CurateScenario", "DescribeMistake", "JudgeRecovery", "LocateFirstError",
-    "MisreadQuantity", "RecoverFromError", "SkippedStep", "WriteMistakenChain", "WrongOperand", "WrongOperation",
-    "error_type_name", "get_error_type", "register_error_type",
+    "ERROR_TYPES",
+    "ArithmeticSlip",
+    "CurateScenario",
+    "DescribeMistake",
+    "JudgeRecovery",
+    "LocateFirstError",
+    "MisreadQuantity",
+    "RecoverFromError",
+    "SkippedStep",
+    "WriteMistakenChain",
+    "WrongOperand",
+    "WrongOperation",
+    "error_type_name",
+    "get_error_type",
+    "register_error_type",
 ]

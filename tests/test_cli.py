@@ -1,12 +1,12 @@
 import json
 import re
 
+from test_rounds import assert_no_question_in
 from typer.testing import CliRunner
 
 from misstep.cli import app
 from misstep.data import sample_path
 from misstep.data.splits import normalize_question
-from test_rounds import assert_no_question_in
 
 runner = CliRunner()
 
@@ -79,8 +79,23 @@ def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir):
 def test_compile_stops_clearly_when_the_judge_keeps_nothing(tmp_path, tiny_model_dir):
     """A random model's answers never parse, so there is no trace to train on: a clear error, no crash."""
     run_dir = tmp_path / "compile"
-    result = _invoke("compile", "--model", tiny_model_dir, "--train-size", 2, "--heldout-size", 2, "--demos", 1,
-                     "--ground-truth", 0, "--threads", 2, "--run-dir", run_dir)
+    result = _invoke(
+        "compile",
+        "--model",
+        tiny_model_dir,
+        "--train-size",
+        2,
+        "--heldout-size",
+        2,
+        "--demos",
+        1,
+        "--ground-truth",
+        0,
+        "--threads",
+        2,
+        "--run-dir",
+        run_dir,
+    )
     assert result.exit_code == 2, result.output
     assert "no trace to train on" in result.output and "dropped_by_metric" in result.output
     assert (run_dir / "before" / "metrics.json").exists()  # the work done before the failure is kept
@@ -92,11 +107,37 @@ def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny
     heldout = [json.loads(line) for line in sample_path("gsm8k/test.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in sample_path("gsm8k/train.jsonl").read_text().splitlines()]
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({**r, "question": r["question"].upper()}) + "\n" for r in heldout)
-                    + "".join(json.dumps(r) + "\n" for r in train))
-    args = ("compile", "--model", tiny_model_dir, "--train-size", 2, "--heldout-size", 2, "--demos", 1,
-            "--ground-truth", 2, "--warm-up", "--judge-warm-up", "--method", "full", "--learning-rate", 1e-3, "--threads", 2,
-            "--data", data, "--demo-data", data, "--run-dir", run_dir)
+    data.write_text(
+        "".join(json.dumps({**r, "question": r["question"].upper()}) + "\n" for r in heldout)
+        + "".join(json.dumps(r) + "\n" for r in train)
+    )
+    args = (
+        "compile",
+        "--model",
+        tiny_model_dir,
+        "--train-size",
+        2,
+        "--heldout-size",
+        2,
+        "--demos",
+        1,
+        "--ground-truth",
+        2,
+        "--warm-up",
+        "--judge-warm-up",
+        "--method",
+        "full",
+        "--learning-rate",
+        1e-3,
+        "--threads",
+        2,
+        "--data",
+        data,
+        "--demo-data",
+        data,
+        "--run-dir",
+        run_dir,
+    )
     result = _invoke(*args)
     assert result.exit_code == 0, result.output
     for label in ("before (base + demos)", "after warm-up", "after compile"):
@@ -124,9 +165,31 @@ def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny
 
 def test_optimize_runs_a_round_and_writes_a_report_readable_alone(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "loop"
-    result = _invoke("optimize", "--rounds", 1, "--model", tiny_model_dir, "--seed-chains", 2, "--heldout-size", 2,
-                     "--ground-truth", 2, "--demos", 1, "--trials", 3, "--method", "full", "--learning-rate", 1e-3,
-                     "--threads", 2, "--run-dir", run_dir)
+    result = _invoke(
+        "optimize",
+        "--rounds",
+        1,
+        "--model",
+        tiny_model_dir,
+        "--seed-chains",
+        2,
+        "--heldout-size",
+        2,
+        "--ground-truth",
+        2,
+        "--demos",
+        1,
+        "--trials",
+        3,
+        "--method",
+        "full",
+        "--learning-rate",
+        1e-3,
+        "--threads",
+        2,
+        "--run-dir",
+        run_dir,
+    )
     assert result.exit_code == 0, result.output
     report = (run_dir / "report.md").read_text()
     assert "| 0 |" in report and "| 1 |" in report and "Best round" in report

@@ -23,16 +23,25 @@ def _locate_raw(program, chain) -> str:
     return located.raw
 
 
-def test_compile_trains_new_weights_through_bootstrap_finetune_and_loads_back(tmp_path, tiny_model_dir, gsm8k_train,
-                                                                              gsm8k_test):
+def test_compile_trains_new_weights_through_bootstrap_finetune_and_loads_back(
+    tmp_path, tiny_model_dir, gsm8k_train, gsm8k_test
+):
     settings = TrainSettings(method="full", epochs=3.0, learning_rate=5e-3, batch_size=4, max_length=768)
     provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
     base = local_lm(tiny_model_dir, max_tokens=24, cache=False, provider=provider)
     truth = ground_truth_demos(gsm8k_train[:20], k=4)
     pairs = [(good, bad) for good, bad, _ in inject_many(gsm8k_train[20:], seed=0)[:4]]
 
-    result = compile_program(SelfCorrector(), training_examples(pairs), lm=base, metric=JudgeMetric(base, Thresholds()),
-                             provider=provider, run_dir=tmp_path / "run", extra_examples=truth, num_threads=4)
+    result = compile_program(
+        SelfCorrector(),
+        training_examples(pairs),
+        lm=base,
+        metric=JudgeMetric(base, Thresholds()),
+        provider=provider,
+        run_dir=tmp_path / "run",
+        extra_examples=truth,
+        num_threads=4,
+    )
 
     bootstrap = result.report["bootstrap"]
     assert bootstrap["traced"] == 4  # every example ran through the program and the metric
@@ -60,8 +69,9 @@ def test_compile_trains_new_weights_through_bootstrap_finetune_and_loads_back(tm
 
 
 def test_warm_up_trains_on_ground_truth_alone_and_compiles_on_from_it(tmp_path, tiny_model_dir, gsm8k_train):
-    settings = TrainSettings(method="lora", epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=768, lora_rank=4,
-                             lora_alpha=8)
+    settings = TrainSettings(
+        method="lora", epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=768, lora_rank=4, lora_alpha=8
+    )
     provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
     base = local_lm(tiny_model_dir, max_tokens=16, cache=False, provider=provider)
     truth = ground_truth_demos(gsm8k_train, k=2)
@@ -72,8 +82,16 @@ def test_warm_up_trains_on_ground_truth_alone_and_compiles_on_from_it(tmp_path, 
 
     pairs = [(good, bad) for good, bad, _ in inject_many(gsm8k_train[5:], seed=0)[:2]]
     warm_lm = warmed.program.predictors()[0].lm
-    again = compile_program(warmed.program, training_examples(pairs), lm=warm_lm, metric=OracleMetric(),
-                            provider=provider, run_dir=tmp_path / "run", extra_examples=truth, num_threads=2)
+    again = compile_program(
+        warmed.program,
+        training_examples(pairs),
+        lm=warm_lm,
+        metric=OracleMetric(),
+        provider=provider,
+        run_dir=tmp_path / "run",
+        extra_examples=truth,
+        num_threads=2,
+    )
     # The second compile starts from the warmed weights, not from the base model's.
     assert again.report["training"]["base_model"] == str(warmed.model_dir)
     assert again.report["metric"]["metric"] == "oracle" and again.report["metric"]["judged"] == 2

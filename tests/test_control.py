@@ -13,8 +13,20 @@ from misstep.lm.training import TrainSettings
 from misstep.metrics.oracle import first_error
 from misstep.optimize.control import CUE, POSITIONS, ControlRun, control_chains, run_control, training_records
 
-RESULT_KEYS = {"train_records", "cue", "split", "heldout_n", "correct", "majority_baseline_correct",
-               "last_step_baseline_correct", "mcnemar_p", "learning_rate", "epochs", "loss", "predictions"}
+RESULT_KEYS = {
+    "train_records",
+    "cue",
+    "split",
+    "heldout_n",
+    "correct",
+    "majority_baseline_correct",
+    "last_step_baseline_correct",
+    "mcnemar_p",
+    "learning_rate",
+    "epochs",
+    "loss",
+    "predictions",
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +61,9 @@ def test_the_cue_marks_exactly_the_first_erroneous_step(pool):
         marked = [line for line in prompt.splitlines() if line.endswith(CUE)]
         if chain.mistake_index is None:
             assert not marked
-            assert answer.startswith("[[ ## has_mistake ## ]]\nFalse\n") and "[[ ## first_error_step ## ]]\n0\n" in answer
+            assert (
+                answer.startswith("[[ ## has_mistake ## ]]\nFalse\n") and "[[ ## first_error_step ## ]]\n0\n" in answer
+            )
         else:
             step = chain.mistake_index + 1
             assert marked == [f"Step {step}: {chain.steps[chain.mistake_index]}{CUE}"]
@@ -66,8 +80,16 @@ def test_a_control_run_trains_measures_and_resumes_without_training_again(tmp_pa
     run = ControlRun(train_records=8, cue=True, learning_rate=1e-3, epochs=1.0, loss_weighting="fields")
     assert run.name == "cue-n8-lr0.001-e1-stage3-wfields-s0"
     settings = TrainSettings(method="full", batch_size=4, max_length=512)
-    result = run_control(run, pool, items, model_dir=tiny_model_dir, run_dir=tmp_path, settings=settings,
-                         num_threads=3, show_progress=False)
+    result = run_control(
+        run,
+        pool,
+        items,
+        model_dir=tiny_model_dir,
+        run_dir=tmp_path,
+        settings=settings,
+        num_threads=3,
+        show_progress=False,
+    )
     assert RESULT_KEYS <= result.keys()
     assert result["heldout_n"] == 6 and result["split"] == "test" and result["cue"] is True
     folder = tmp_path / run.name
@@ -82,8 +104,16 @@ def test_a_control_run_trains_measures_and_resumes_without_training_again(tmp_pa
     # Killed during the evaluation: the rerun asks only the items not yet answered, and trains nothing.
     (folder / "result.json").unlink()
     (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions[:4]))
-    again = run_control(run, pool, items, model_dir=tiny_model_dir, run_dir=tmp_path, settings=settings,
-                        num_threads=3, show_progress=False)
+    again = run_control(
+        run,
+        pool,
+        items,
+        model_dir=tiny_model_dir,
+        run_dir=tmp_path,
+        settings=settings,
+        num_threads=3,
+        show_progress=False,
+    )
     assert again["heldout_n"] == 6
     assert (folder / "model" / "model.safetensors").stat().st_mtime_ns == trained_at
     assert len((folder / "predictions.jsonl").read_text().splitlines()) == 6
@@ -98,9 +128,27 @@ def test_the_control_command_records_each_run_once_and_refuses_bad_input(tmp_pat
     split = tmp_path / "split.jsonl"
     save_split(split, load_split(split_path("gsm8k", "test"))[:5])
     results = tmp_path / "results" / "control.json"
-    args = ["control", "--model", str(tiny_model_dir), "--data", str(sample_path("gsm8k/train.jsonl")),
-            "--split", str(split), "--size", "8", "--cue", "real", "--learning-rate", "1e-3", "--threads", "2",
-            "--run-dir", str(tmp_path / "runs"), "--results", str(results)]
+    args = [
+        "control",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(sample_path("gsm8k/train.jsonl")),
+        "--split",
+        str(split),
+        "--size",
+        "8",
+        "--cue",
+        "real",
+        "--learning-rate",
+        "1e-3",
+        "--threads",
+        "2",
+        "--run-dir",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+    ]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "correct; majority baseline" in first.output

@@ -179,15 +179,29 @@ def test_prefilling_row_by_row_gives_what_padding_gives(tiny_model_dir):
                 results = []
                 for tolerance in (1e9, 1.0):  # padded; row by row
                     engine.padding_tolerance = tolerance
-                    jobs = [_Job(messages=[], max_new_tokens=1, temperature=0.0, top_p=None, top_k=None, stop=(),
-                                 seed=None, prompt_ids=head + ending) for ending in endings]
+                    jobs = [
+                        _Job(
+                            messages=[],
+                            max_new_tokens=1,
+                            temperature=0.0,
+                            top_p=None,
+                            top_k=None,
+                            stop=(),
+                            seed=None,
+                            prompt_ids=head + ending,
+                        )
+                        for ending in endings
+                    ]
                     logits, cache, mask, positions, shared = engine._prefill(jobs)
                     assert shared == len(head)  # the head stays in front, the same in every row
                     steps = []
                     for reads_head_once in (False, True):
-                        step = dict(input_ids=torch.tensor([[1], [2], [3]]), position_ids=positions[:, -1:] + 1,
-                                    attention_mask=torch.cat([mask, mask.new_ones(3, 1)], dim=1),
-                                    past_key_values=copy.deepcopy(cache))
+                        step = dict(
+                            input_ids=torch.tensor([[1], [2], [3]]),
+                            position_ids=positions[:, -1:] + 1,
+                            attention_mask=torch.cat([mask, mask.new_ones(3, 1)], dim=1),
+                            past_key_values=copy.deepcopy(cache),
+                        )
                         steps.append(engine.model(**step, **engine._shared_head(shared if reads_head_once else 0)))
                     torch.testing.assert_close(steps[1].logits, steps[0].logits, rtol=1e-4, atol=1e-4)
                     results.append((logits, steps[0].logits))

@@ -59,9 +59,10 @@ def test_one_stage3_answer_to_most_items_is_a_collapse_once_it_grows():
 def test_the_evaluation_summary_carries_both_floors_and_the_answer_spread():
     from misstep.metrics.evaluation import summarize
 
-    records = [{"task": "gsm8k", "gold": gold, "steps": steps, "predicted": 0, "parsed": True,
-                "location_ok": gold == 0}
-               for gold, steps in [(0, 3), (2, 3), (2, 3), (1, 4), (None, 2)]]
+    records = [
+        {"task": "gsm8k", "gold": gold, "steps": steps, "predicted": 0, "parsed": True, "location_ok": gold == 0}
+        for gold, steps in [(0, 3), (2, 3), (2, 3), (1, 4), (None, 2)]
+    ]
     summary = summarize(records)["gsm8k"]
     assert summary["majority_baseline"].k == 2  # step 3 is the most common label
     assert summary["last_step_baseline"].k == 2  # (2, 3) twice; a valid chain has no last-step error

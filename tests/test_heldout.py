@@ -46,8 +46,11 @@ def test_gsm8k_splits_are_a_pure_function_of_the_data_and_labelled_exactly():
 
 def test_a_bad_split_line_names_the_file_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
-    item = SplitItem("a#0", "test", build_gsm8k_splits(sample_path("gsm8k/test.jsonl"),
-                                                       sizes={"test": 2, "validation": 1})["test"][0].chain)
+    item = SplitItem(
+        "a#0",
+        "test",
+        build_gsm8k_splits(sample_path("gsm8k/test.jsonl"), sizes={"test": 2, "validation": 1})["test"][0].chain,
+    )
     save_split(path, [item])
     path.write_text(path.read_text() + json.dumps({"item_id": "b", "split": "test"}) + "\n")
     with pytest.raises(DataFileError, match=r"bad.jsonl:2: field 'chain': missing"):
@@ -58,8 +61,10 @@ def test_a_bad_split_line_names_the_file_line_and_field(tmp_path):
 
 
 def test_without_heldout_compares_normalised_questions(gsm8k_test):
-    disguised = [c.__class__(**{**c.to_dict(), "question": "  " + c.question.upper().replace(" ", "\n ")})
-                 for c in gsm8k_test[:3]]
+    disguised = [
+        c.__class__(**{**c.to_dict(), "question": "  " + c.question.upper().replace(" ", "\n ")})
+        for c in gsm8k_test[:3]
+    ]
     kept = without_heldout(disguised + gsm8k_test[3:6], gsm8k_test[:3])
     assert [c.question for c in kept] == [c.question for c in gsm8k_test[3:6]]
 
@@ -82,8 +87,9 @@ def test_score_stands_every_accuracy_beside_both_floors_and_sees_a_constant_answ
     assert sum(floors["majority"]) == Counter(i.chain.mistake_index for i in items)[label]
     assert sum(floors["last_step"]) == sum(i.chain.mistake_index == len(i.chain.steps) - 1 for i in items)
     # A model that always names the majority step equals that floor, and its answers have collapsed.
-    constant = {i.item_id: {"predicted": label, "parsed": True, "correct": i.chain.mistake_index == label}
-                for i in items}
+    constant = {
+        i.item_id: {"predicted": label, "parsed": True, "correct": i.chain.mistake_index == label} for i in items
+    }
     scored = score(items, constant)
     assert scored["correct"] == scored["majority_baseline_correct"] and scored["n"] == len(items)
     assert scored["answers"]["top_share"] == 1.0 and scored["answers"]["entropy_bits"] == 0.0
@@ -104,14 +110,18 @@ def test_answer_spread():
 def test_slices_find_where_a_model_beats_its_own_floor():
     items = load_split(split_path("gsm8k", "test"))
     # A model that knows the errors made by a wrong operation and nothing else.
-    predictions = {i.item_id: {"correct": i.error_type == "wrong_operation", "parsed": True,
-                               "predicted": i.chain.mistake_index} for i in items}
+    predictions = {
+        i.item_id: {"correct": i.error_type == "wrong_operation", "parsed": True, "predicted": i.chain.mistake_index}
+        for i in items
+    }
     found = slices(items, predictions)
     assert {row["slice"] for row in found} == {"error_type", "error_position", "steps", "operand_size"}
     assert all(row["n"] >= 30 for row in found)
     by_type = {row["value"]: row for row in found if row["slice"] == "error_type"}
-    assert by_type["wrong_operation"]["significant"] and by_type["wrong_operation"]["correct"] == \
-        by_type["wrong_operation"]["n"]
+    assert (
+        by_type["wrong_operation"]["significant"]
+        and by_type["wrong_operation"]["correct"] == by_type["wrong_operation"]["n"]
+    )
     assert not by_type["arithmetic_slip"]["significant"] and by_type["arithmetic_slip"]["correct"] == 0
     positions = [row for row in found if row["slice"] == "error_position"]
     assert sum(row["n"] for row in positions) <= len(items)

@@ -1,7 +1,7 @@
 import pytest
 
-from misstep.metrics.injector import INJECTABLE_TYPES, InjectionError, applicable_steps, inject, inject_many
 from misstep.data.records import parse_steps
+from misstep.metrics.injector import INJECTABLE_TYPES, InjectionError, applicable_steps, inject, inject_many
 from misstep.metrics.oracle import answers_match, first_error
 from misstep.optimize.demos import writer_chat_data, writer_ground_truth
 

@@ -10,8 +10,16 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from misstep.lm import EmbeddedEngine, build_tiny_model, local_lm
 from misstep.lm.fused import FusedLlama, fusable
-from misstep.lm.kernels import (GQA_SDPA, GrowingCache, Int4Linear, Int8Linear, OneDNNLinear, on_torch_thread,
-                                use_gqa_attention, use_onednn_linears)
+from misstep.lm.kernels import (
+    GQA_SDPA,
+    GrowingCache,
+    Int4Linear,
+    Int8Linear,
+    OneDNNLinear,
+    on_torch_thread,
+    use_gqa_attention,
+    use_onednn_linears,
+)
 
 PROMPTS = ["Say something.", "Count to 3.", "Name a colour."]
 
@@ -50,14 +58,18 @@ def test_grouped_query_attention_without_copies_gives_the_same_logits(tiny_model
     assert use_gqa_attention(fast) and fast.config._attn_implementation == GQA_SDPA
     ids, mask, positions = _padded_batch()
     caches = DynamicCache(), DynamicCache()
-    outputs = [model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
-               for model, cache in zip((plain, fast), caches)]
+    outputs = [
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        for model, cache in zip((plain, fast), caches)
+    ]
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
     # one decoding step on top of the masked cache
     step = torch.tensor([[16], [29]])
     mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
-    outputs = [model(input_ids=step, attention_mask=mask, position_ids=positions[:, -1:] + 1,
-                     past_key_values=cache).logits for model, cache in zip((plain, fast), caches)]
+    outputs = [
+        model(input_ids=step, attention_mask=mask, position_ids=positions[:, -1:] + 1, past_key_values=cache).logits
+        for model, cache in zip((plain, fast), caches)
+    ]
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 
@@ -72,8 +84,14 @@ def test_growing_cache_matches_dynamic_cache_through_crop_select_and_repeat(tiny
         for token in range(5):  # decode a few steps, two tokens at a time as speculation does
             step = torch.tensor([[30 + token, 31 + token]] * 2)
             m = torch.cat([m, m.new_ones(2, 2)], dim=1)
-            logits.append(model(input_ids=step, attention_mask=m, position_ids=pos[:, -1:] + torch.tensor([1, 2]),
-                                past_key_values=cache).logits)
+            logits.append(
+                model(
+                    input_ids=step,
+                    attention_mask=m,
+                    position_ids=pos[:, -1:] + torch.tensor([1, 2]),
+                    past_key_values=cache,
+                ).logits
+            )
             cache.crop(-1)  # the second token was a rejected draft
             m, pos = m[:, :-1], pos[:, -1:] + 1
             pointers.append(cache.layers[0].keys.data_ptr())
@@ -82,8 +100,14 @@ def test_growing_cache_matches_dynamic_cache_through_crop_select_and_repeat(tiny
         head = copy.deepcopy(cache)
         head.batch_repeat_interleave(2)  # a cached prefix handed to a batch of two
         m2 = torch.cat([m.repeat(2, 1), m.new_ones(2, 1)], dim=1)
-        logits.append(model(input_ids=torch.tensor([[40], [41]]), attention_mask=m2, position_ids=pos.repeat(2, 1) + 1,
-                            past_key_values=head).logits)
+        logits.append(
+            model(
+                input_ids=torch.tensor([[40], [41]]),
+                attention_mask=m2,
+                position_ids=pos.repeat(2, 1) + 1,
+                past_key_values=head,
+            ).logits
+        )
         return logits, pointers
 
     expected, _ = run(DynamicCache())
@@ -131,8 +155,9 @@ def test_the_fused_llama_forward_gives_the_models_logits_through_prefill_decodin
     torch.testing.assert_close(once, per_row, rtol=1e-4, atol=1e-4)
     # Without a cached head (a padding query then has no key at all), and with logits_to_keep.
     ids, mask, positions = _padded_batch()
-    last = fused(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=GrowingCache(),
-                 logits_to_keep=1).logits
+    last = fused(
+        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=GrowingCache(), logits_to_keep=1
+    ).logits
     expected = plain(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1:]
     torch.testing.assert_close(last, expected, rtol=1e-4, atol=1e-4)
 
@@ -253,4 +278,3 @@ def test_all_torch_work_of_the_engines_runs_on_one_thread(tiny_model_dir, tiny_e
     finally:
         other.close()
     assert seen == {torch_thread}
-

@@ -11,8 +11,10 @@ def test_gsm8k_sample_splits_steps_and_final_answer():
     assert len(chains) == 40
     first = chains[0]
     assert first.question.startswith("Janet’s ducks lay 16 eggs")
-    assert first.steps == ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.",
-                           "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer’s market.")
+    assert first.steps == (
+        "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.",
+        "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer’s market.",
+    )
     assert first.answer == first.reference_answer == "18"
     assert first.source_id == "gsm8k/test.jsonl:1"
     assert first.is_valid
@@ -55,13 +57,16 @@ def _write(tmp_path, lines):
 GOOD_GSM8K = json.dumps({"question": "q?", "answer": "1+1=<<1+1=2>>2\n#### 2"})
 
 
-@pytest.mark.parametrize("bad_line, field, problem", [
-    ('{"question": "q?", "answer": ', None, "not valid JSON"),
-    ('{"question": "q?"}', "answer", "missing"),
-    ('{"question": 7, "answer": "x\\n#### 1"}', "question", "expected str, got int"),
-    ('{"question": "q?", "answer": "no final answer"}', "answer", "no final answer"),
-    ('[1, 2]', None, "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad_line, field, problem",
+    [
+        ('{"question": "q?", "answer": ', None, "not valid JSON"),
+        ('{"question": "q?"}', "answer", "missing"),
+        ('{"question": 7, "answer": "x\\n#### 1"}', "question", "expected str, got int"),
+        ('{"question": "q?", "answer": "no final answer"}', "answer", "no final answer"),
+        ("[1, 2]", None, "expected a JSON object"),
+    ],
+)
 def test_malformed_gsm8k_names_file_line_and_field(tmp_path, bad_line, field, problem):
     path = _write(tmp_path, [GOOD_GSM8K, bad_line])
     with pytest.raises(DataFileError) as error:
@@ -71,12 +76,15 @@ def test_malformed_gsm8k_names_file_line_and_field(tmp_path, bad_line, field, pr
     assert problem in str(error.value)
 
 
-@pytest.mark.parametrize("record, field", [
-    ({"input": "x", "steps": ["a", 3], "answer": "1", "target": "1", "mistake_index": 0}, "steps[1]"),
-    ({"input": "x", "steps": ["a"], "answer": "1", "target": "1", "mistake_index": 4}, "mistake_index"),
-    ({"input": "x", "steps": ["a"], "answer": "1", "target": "1", "mistake_index": True}, "mistake_index"),
-    ({"input": "x", "steps": ["a"], "answer": "1", "mistake_index": None}, "target"),
-])
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"input": "x", "steps": ["a", 3], "answer": "1", "target": "1", "mistake_index": 0}, "steps[1]"),
+        ({"input": "x", "steps": ["a"], "answer": "1", "target": "1", "mistake_index": 4}, "mistake_index"),
+        ({"input": "x", "steps": ["a"], "answer": "1", "target": "1", "mistake_index": True}, "mistake_index"),
+        ({"input": "x", "steps": ["a"], "answer": "1", "mistake_index": None}, "target"),
+    ],
+)
 def test_malformed_big_bench_mistake_names_the_field(tmp_path, record, field):
     path = _write(tmp_path, [json.dumps(record)])
     with pytest.raises(DataFileError) as error:

@@ -25,28 +25,34 @@ def test_annotation_with_wrong_result_is_the_first_error(gsm8k_test):
     assert first_error(chain.steps) is None
 
 
-@pytest.mark.parametrize("step, ok", [
-    ("17 + 25 = 32", False),
-    ("17 + 25 = 42", True),
-    ("She pays 3 x 4 = $12 in total.", True),
-    ("She pays 3 x 4 = $13 in total.", False),
-    ("A = (-9 - 5 - 0) = (-9 - 5) = -14.", True),
-    ("A = (-9 - 5 - 0) = (-9 - 6) = -15.", False),
-    ("10 / 3 = 3.33 hours", True),
-    ("1,000 + 250 = 1,250 people", True),
-    ("18 / 450 x 100 = 4%", True),
-])
+@pytest.mark.parametrize(
+    "step, ok",
+    [
+        ("17 + 25 = 32", False),
+        ("17 + 25 = 42", True),
+        ("She pays 3 x 4 = $12 in total.", True),
+        ("She pays 3 x 4 = $13 in total.", False),
+        ("A = (-9 - 5 - 0) = (-9 - 5) = -14.", True),
+        ("A = (-9 - 5 - 0) = (-9 - 6) = -15.", False),
+        ("10 / 3 = 3.33 hours", True),
+        ("1,000 + 250 = 1,250 people", True),
+        ("18 / 450 x 100 = 4%", True),
+    ],
+)
 def test_plain_claims_as_a_model_writes_them(step, ok):
     claims = claims_in_step(step)
     assert claims, step
     assert all(c.ok for c in claims) is ok
 
 
-@pytest.mark.parametrize("prose", [
-    "There are 60 students x 2/3 = 40 of them",  # cut by a word: no claim is invented
-    "Solve 3x + 4 = 28",  # algebra, not arithmetic
-    "The answer is 5.",
-])
+@pytest.mark.parametrize(
+    "prose",
+    [
+        "There are 60 students x 2/3 = 40 of them",  # cut by a word: no claim is invented
+        "Solve 3x + 4 = 28",  # algebra, not arithmetic
+        "The answer is 5.",
+    ],
+)
 def test_text_that_is_not_a_whole_claim_is_not_checked(prose):
     assert claims_in_step(prose) == []
 

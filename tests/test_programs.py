@@ -40,8 +40,14 @@ def test_step_numbers_become_indices():
 def test_judge_runs_both_stages_or_records_why_not(tiny_lm, gsm8k_test):
     chain = gsm8k_test[0]
     with _with(tiny_lm):
-        judged = Judge()(question=chain.question, valid_steps=chain.steps, invalid_steps=chain.steps,
-                         recovered_steps=chain.steps, final_answer="18", first_error=0)
+        judged = Judge()(
+            question=chain.question,
+            valid_steps=chain.steps,
+            invalid_steps=chain.steps,
+            recovered_steps=chain.steps,
+            final_answer="18",
+            first_error=0,
+        )
     assert judged.judge.ok is False and judged.curate is None
 
 

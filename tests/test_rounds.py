@@ -4,11 +4,10 @@ failure, no held-out leakage, and active selection's choice."""
 import gc
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from dataclasses import replace
 
 from misstep.data.splits import normalize_question
 from misstep.lm import EmbeddedEngine, local_lm
@@ -20,8 +19,11 @@ from misstep.optimize.rounds import LoopSettings, run_loop, select_seeds
 
 def _open_engines(run_dir):
     """The in-process engines still holding weights from under `run_dir`."""
-    return {id(o) for o in gc.get_objects()
-            if type(o) is EmbeddedEngine and o.model is not None and run_dir in o.model_dir.parents}
+    return {
+        id(o)
+        for o in gc.get_objects()
+        if type(o) is EmbeddedEngine and o.model is not None and run_dir in o.model_dir.parents
+    }
 
 
 def _settings(**overrides):
@@ -61,16 +63,30 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     run_dir = tmp_path / "loop"
     failing = FailingOnce(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_loop(train_chains, heldout, provider=failing, judge_lm=judge_lm, settings=_settings(), run_dir=run_dir,
-                 validation=validation)
+        run_loop(
+            train_chains,
+            heldout,
+            provider=failing,
+            judge_lm=judge_lm,
+            settings=_settings(),
+            run_dir=run_dir,
+            validation=validation,
+        )
     assert (run_dir / "round-0" / "round.json").exists() and not (run_dir / "round-1" / "program.json").exists()
     scenarios_before = (run_dir / "round-1" / "scenarios.jsonl").read_text()
     selection_before = (run_dir / "round-1" / "selection.json").read_text()
 
     provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
     open_before = _open_engines(run_dir)
-    history = run_loop(train_chains, heldout, provider=provider, judge_lm=judge_lm, settings=_settings(),
-                       run_dir=run_dir, validation=validation)
+    history = run_loop(
+        train_chains,
+        heldout,
+        provider=provider,
+        judge_lm=judge_lm,
+        settings=_settings(),
+        run_dir=run_dir,
+        validation=validation,
+    )
     # Each round's model is let go once the next is compiled: the judge and the last student stay.
     assert len(_open_engines(run_dir) - open_before) == 2
 
@@ -83,14 +99,23 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     assert [row["round"] for row in history] == [0, 1, 2]
     for r in (1, 2):
         folder = run_dir / f"round-{r}"
-        for name in ("selection.json", "scenarios.jsonl", "tuning.json", "kept.jsonl", "program.json",
-                     "compile_report.json", "round.json"):
+        for name in (
+            "selection.json",
+            "scenarios.jsonl",
+            "tuning.json",
+            "kept.jsonl",
+            "program.json",
+            "compile_report.json",
+            "round.json",
+        ):
             assert (folder / name).exists(), f"round {r}: {name}"
         row = json.loads((folder / "round.json").read_text())
         assert row["heldout"]["gsm8k"]["gsm8k"]["location_accuracy"]["n"] == 3
         assert row["validation"]["gsm8k"]["gsm8k"]["location_accuracy"]["n"] == 3 and row["chosen_on"] == "validation"
-        assert "recovery_success" not in row["validation"]["gsm8k"]["gsm8k"] or \
-            not row["validation"]["gsm8k"]["gsm8k"]["recovery_success"]["n"]  # only the reported set recovers
+        assert (
+            "recovery_success" not in row["validation"]["gsm8k"]["gsm8k"]
+            or not row["validation"]["gsm8k"]["gsm8k"]["recovery_success"]["n"]
+        )  # only the reported set recovers
         for floor in ("majority_baseline", "last_step_baseline"):
             assert row["heldout"]["gsm8k"]["gsm8k"][floor]["n"] == 3
         assert 0 < row["answers"]["top_share"] <= 1 and row["answers"]["n"] == 3
@@ -108,7 +133,10 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     warm = json.loads((run_dir / "round-0" / "compile_report.json").read_text())
     assert warm["warm_up"]["of_which_extra"] == 3 * 2 * 2  # 3 error types x (describe, corrupt) x 2 examples
     assert json.loads((run_dir / "loop.json").read_text())["writer_ground_truth"] == {
-        "arithmetic_slip": 2, "wrong_operand": 2, "wrong_operation": 2}
+        "arithmetic_slip": 2,
+        "wrong_operand": 2,
+        "wrong_operation": 2,
+    }
     best = json.loads((run_dir / "best.json").read_text())
     assert best["round"] in (0, 1, 2) and best["program"].endswith("program.json")
 
@@ -137,20 +165,30 @@ def test_active_selection_prefers_the_error_types_that_failed(gsm8k_train):
     for n, chain in enumerate(gsm8k_train[:20]):
         error_type = ("arithmetic_slip", "wrong_operand")[n % 2]
         solved = error_type == "arithmetic_slip"  # the model always recovers slips, never wrong operands
-        previous.append({"source_id": chain.source_id, "error_type": error_type,
-                         "oracle": {"location_ok": solved, "recovery_ok": solved}})
+        previous.append(
+            {
+                "source_id": chain.source_id,
+                "error_type": error_type,
+                "oracle": {"location_ok": solved, "recovery_ok": solved},
+            }
+        )
     settings = _settings(seed_chains=40, error_types=["arithmetic_slip", "wrong_operand"], exploration=0.2)
     chosen = select_seeds(gsm8k_train, previous, settings, random.Random(0), round_index=2)
     assert chosen["weights"]["wrong_operand"] > 0.8 and chosen["mix"]["wrong_operand"] > chosen["mix"].get(
-        "arithmetic_slip", 0)
+        "arithmetic_slip", 0
+    )
     assert chosen["revisited"] > 0 and "failure rate" in chosen["reason"]
     failed = {p["source_id"] for p in previous if p["error_type"] == "wrong_operand"}
     revisited = [(s, e) for s, e in chosen["seeds"] if s in failed]
     assert revisited and all(e == "arithmetic_slip" for _, e in revisited)  # under another error type
 
-    off = select_seeds(gsm8k_train, previous, _settings(seed_chains=40, active_selection=False,
-                                                        error_types=["arithmetic_slip", "wrong_operand"]),
-                       random.Random(0), round_index=2)
+    off = select_seeds(
+        gsm8k_train,
+        previous,
+        _settings(seed_chains=40, active_selection=False, error_types=["arithmetic_slip", "wrong_operand"]),
+        random.Random(0),
+        round_index=2,
+    )
     assert off["weights"] == {"arithmetic_slip": 0.5, "wrong_operand": 0.5} and off["revisited"] == 0
     assert "off" in off["reason"]
 

@@ -12,7 +12,9 @@ from misstep.signatures import (
 
 
 def test_the_five_built_in_error_types_are_stage_one_signatures():
-    assert {"arithmetic_slip", "wrong_operand", "wrong_operation", "skipped_step", "misread_quantity"} <= set(ERROR_TYPES)
+    assert {"arithmetic_slip", "wrong_operand", "wrong_operation", "skipped_step", "misread_quantity"} <= set(
+        ERROR_TYPES
+    )
     for name, signature in ERROR_TYPES.items():
         assert issubclass(signature, DescribeMistake)
         assert list(signature.output_fields) == ["mistake_step", "mistake_description"]

@@ -35,7 +35,6 @@ def test_with_demos_the_real_model_answers_in_fields(smollm2, gsm8k_train, gsm8k
     assert located.first_error is None or -1 <= located.first_error < len(chain.steps)
 
 
-
 def test_the_cpu_kernels_give_transformers_greedy_answers_on_the_real_model(smollm2):
     """The fused Llama forward, oneDNN products, in-place grouped-query attention, the growing
     cache, row-by-row prefill, attention that reads a shared head once, prompt-lookup speculation
@@ -46,12 +45,19 @@ def test_the_cpu_kernels_give_transformers_greedy_answers_on_the_real_model(smol
     from misstep.lm import EmbeddedEngine
 
     chain = "Step 1: 12 * 3 = 36\nStep 2: 36 + 14 = 50\nStep 3: 50 / 5 = 10\n"
-    head = ("You are a careful teacher. Read the solution below, find the first step whose arithmetic "
-            "is wrong, and explain the mistake in one sentence. " * 6)  # a head long enough to be cached
-    groups = [["Write two sentences about a fox.", f"Copy these steps, then add a fourth:\n{chain}",
-               "What is 7 times 8? Explain.", "List three colours."],
-              [head + f"Solution:\n{chain}", head + "Solution:\nStep 1: 4 + 4 = 9",
-               head + "Solution:\nStep 1: 2 * 5 = 10"]]
+    head = (
+        "You are a careful teacher. Read the solution below, find the first step whose arithmetic "
+        "is wrong, and explain the mistake in one sentence. " * 6
+    )  # a head long enough to be cached
+    groups = [
+        [
+            "Write two sentences about a fox.",
+            f"Copy these steps, then add a fourth:\n{chain}",
+            "What is 7 times 8? Explain.",
+            "List three colours.",
+        ],
+        [head + f"Solution:\n{chain}", head + "Solution:\nStep 1: 4 + 4 = 9", head + "Solution:\nStep 1: 2 * 5 = 10"],
+    ]
     plain = EmbeddedEngine(resolve_model(DEFAULT_MODEL), cpu_kernels=False, speculate=0)
     try:
         reference = [[local_lm(engine=plain, max_tokens=40, cache=False)(p)[0] for p in group] for group in groups]

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from misstep.lm import local_lm
-from misstep.lm.provider import LocalProvider
 from misstep.lm.launch import train
+from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings, tokenize_chat, train_chat
 from misstep.metrics.injector import inject_many
 from misstep.optimize.compile import NothingToTrainOn, RobustBootstrapFinetune, training_examples
@@ -35,7 +35,9 @@ def test_only_the_answer_carries_loss(tiny_model_dir, chat_records):
     assert labels[: len(labels) - len(answer)] == [-100] * (len(labels) - len(answer))
     limit = 2 * len(answer) + 10
     short_ids, short_labels, _ = tokenize_chat(tokenizer, chat_records[0]["messages"], max_length=limit)
-    assert len(short_ids) == limit and [t for t in short_labels if t != -100] == answer  # the prompt is cut, not the answer
+    assert (
+        len(short_ids) == limit and [t for t in short_labels if t != -100] == answer
+    )  # the prompt is cut, not the answer
 
 
 def test_field_weighting_gives_each_value_the_weight_of_all_markers(tiny_model_dir, chat_records):
@@ -43,8 +45,9 @@ def test_field_weighting_gives_each_value_the_weight_of_all_markers(tiny_model_d
     third of the record, where "tokens" gives the step number one share among dozens."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     answer_pattern = re.compile(r"has_mistake ## \]\]\n(True|False)\n\n\[\[ ## first_error_step ## \]\]\n(\d)\n")
-    messages, found = next((r["messages"], found) for r in chat_records
-                           if (found := answer_pattern.search(r["messages"][-1]["content"])))
+    messages, found = next(
+        (r["messages"], found) for r in chat_records if (found := answer_pattern.search(r["messages"][-1]["content"]))
+    )
     ids, labels, weights = tokenize_chat(tokenizer, messages, 4096, weighting="fields")
     _, plain_labels, plain = tokenize_chat(tokenizer, messages, 4096)
     assert labels == plain_labels and set(plain) == {0.0, 1.0}
@@ -104,8 +107,17 @@ def test_onednn_products_give_mkls_loss_and_gradients(tiny_model_dir, chat_recor
         if method == "lora":
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                                     task_type="CAUSAL_LM", init_lora_weights=False))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=4,
+                    lora_alpha=8,
+                    lora_dropout=0.0,
+                    target_modules="all-linear",
+                    task_type="CAUSAL_LM",
+                    init_lora_weights=False,
+                ),
+            )
         model.train()
         linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
         if onednn:
@@ -133,10 +145,11 @@ def test_a_shared_prefix_run_once_gives_the_same_loss_and_gradients(tiny_model_d
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     records = training_records(control_chains(gsm8k_train, 4), cue=False, loss="stage3")
-    batch = _collate([tokenize_chat(tokenizer, r["messages"], 1024, weighting) for r in records],
-                     tokenizer.pad_token_id)
+    batch = _collate(
+        [tokenize_chat(tokenizer, r["messages"], 1024, weighting) for r in records], tokenizer.pad_token_id
+    )
     shared = shared_prefix_length(batch)
-    assert shared > 100 and (batch["labels"][:, :shared + 1] == -100).all()
+    assert shared > 100 and (batch["labels"][:, : shared + 1] == -100).all()
     results = []
     for share in (False, True):
         torch.manual_seed(0)
@@ -144,8 +157,17 @@ def test_a_shared_prefix_run_once_gives_the_same_loss_and_gradients(tiny_model_d
         if method == "lora":
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                                     task_type="CAUSAL_LM", init_lora_weights=False))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=4,
+                    lora_alpha=8,
+                    lora_dropout=0.0,
+                    target_modules="all-linear",
+                    task_type="CAUSAL_LM",
+                    init_lora_weights=False,
+                ),
+            )
         model.train()
         loss = AnswerLoss(model, share_prefix=share)(**batch)
         loss.backward()
@@ -159,8 +181,9 @@ def test_a_shared_prefix_run_once_gives_the_same_loss_and_gradients(tiny_model_d
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_provider_trains_a_new_checkpoint_with_a_new_name(tmp_path, tiny_model_dir, tiny_engine, chat_records, method):
-    settings = TrainSettings(method=method, epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=512,
-                             lora_rank=4, lora_alpha=8)
+    settings = TrainSettings(
+        method=method, epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=512, lora_rank=4, lora_alpha=8
+    )
     provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
     base_lm = local_lm(engine=tiny_engine, max_tokens=8, cache=True, provider=provider)
     prompt = "Which step is wrong?"
@@ -196,8 +219,15 @@ def test_data_parallel_training_under_torchrun_is_configuration_only(tmp_path, t
     """Two processes over gloo on this CPU, as on GPUs over NCCL: each trains on its half of every batch."""
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2"
     # A bound, so that a stuck process fails the test with the launch log instead of holding CI.
-    settings = TrainSettings(method="full", learning_rate=5e-3, batch_size=2, max_length=512, launcher=launcher,
-                             launch_timeout_s=300, collective_timeout_s=120)
+    settings = TrainSettings(
+        method="full",
+        learning_rate=5e-3,
+        batch_size=2,
+        max_length=512,
+        launcher=launcher,
+        launch_timeout_s=300,
+        collective_timeout_s=120,
+    )
     provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
     compiled_lm = local_lm(tiny_model_dir, provider=provider).finetune(chat_records, "chat").result()
     assert isinstance(compiled_lm, dspy.LM), compiled_lm
@@ -208,23 +238,28 @@ def test_data_parallel_training_under_torchrun_is_configuration_only(tmp_path, t
     assert len(log) == 2 and log[-1]["loss"] < log[0]["loss"]  # 8 records, 2 per process x 2 processes: two steps
     # The two processes' halves together are every record once: no row trained twice, none missed.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert sum(row["tokens"] for row in log) == sum(len(tokenize_chat(tokenizer, r["messages"], 512)[0])
-                                                    for r in chat_records)
+    assert sum(row["tokens"] for row in log) == sum(
+        len(tokenize_chat(tokenizer, r["messages"], 512)[0]) for r in chat_records
+    )
     new, old = load_file(folder / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     assert any(not (new[k] == old[k]).all() for k in old)
     assert "rank" not in " ".join(p.name for p in folder.iterdir())  # one folder of weights, from rank 0
 
 
 def test_a_failing_launcher_names_its_log(tmp_path, tiny_model_dir, chat_records):
-    settings = TrainSettings(launcher=f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 1 --no-such-flag")
+    settings = TrainSettings(
+        launcher=f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 1 --no-such-flag"
+    )
     with pytest.raises(RuntimeError, match="launch.log"):
         train(tiny_model_dir, chat_records, tmp_path / "out", settings, show_progress=False)
 
 
 def test_a_launch_past_its_time_limit_is_killed_and_names_its_log(tmp_path, tiny_model_dir, chat_records):
     # The injected fault: a "launcher" whose process starts a child and never finishes.
-    launcher = f"{sys.executable} -c 'import subprocess, sys, time; print(\"stuck\", flush=True); " \
-               f"subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"]); time.sleep(600)'"
+    launcher = (
+        f'{sys.executable} -c \'import subprocess, sys, time; print("stuck", flush=True); '
+        f'subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]); time.sleep(600)\''
+    )
     settings = TrainSettings(launcher=launcher, launch_timeout_s=3)
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)launch_timeout_s=3 s.*launch\.log.*stuck"):
@@ -246,28 +281,42 @@ def test_failed_examples_are_dropped_and_counted_not_fatal(tiny_lm, gsm8k_train)
     student = Flaky()
     student.set_lm(tiny_lm)
     optimizer = RobustBootstrapFinetune(metric=lambda example, prediction, trace=None: True, num_threads=2)
-    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)), \
-            pytest.raises(NothingToTrainOn, match="no predictor call to train on"):
+    with (
+        dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)),
+        pytest.raises(NothingToTrainOn, match="no predictor call to train on"),
+    ):
         optimizer.compile(student, trainset)
     assert optimizer.report["examples"] == 4
     assert optimizer.report["dropped_failed"] == 1  # the Natalia example
     assert optimizer.report["kept_traces"] == 3  # a random model's answers never parse: nothing in their traces
 
 
-def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weights(tmp_path, tiny_model_dir,
-                                                                                      chat_records):
+def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weights(
+    tmp_path, tiny_model_dir, chat_records
+):
     """kill -9 mid-training, then the same call again: it continues from its last resume point
     (not from step 1) and the weights equal those of a training never interrupted."""
     records = chat_records * 3
-    settings = TrainSettings(method="full", epochs=2.0, learning_rate=1e-3, batch_size=2, max_length=512,
-                             resume_every_s=1e-9)  # a resume point after every step
+    settings = TrainSettings(
+        method="full", epochs=2.0, learning_rate=1e-3, batch_size=2, max_length=512, resume_every_s=1e-9
+    )  # a resume point after every step
     whole = train_chat(tiny_model_dir, records, tmp_path / "whole", settings, show_progress=False)
 
     out = tmp_path / "killed"
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "settings.json").write_text(json.dumps(settings.__dict__))
-    process = subprocess.Popen([sys.executable, "-m", "misstep.lm.launch", str(tiny_model_dir),
-                                str(tmp_path / "records.jsonl"), str(out), "--settings", str(tmp_path / "settings.json")])
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "misstep.lm.launch",
+            str(tiny_model_dir),
+            str(tmp_path / "records.jsonl"),
+            str(out),
+            "--settings",
+            str(tmp_path / "settings.json"),
+        ]
+    )
     deadline = time.time() + 300
     while not (out / "resume.pt").exists() or len((out / "train_log.jsonl").read_text().splitlines()) < 3:
         assert process.poll() is None and time.time() < deadline, "the training ended before it could be killed"

@@ -16,8 +16,15 @@ def _decisions(n=300, seed=0):
     for _ in range(n):
         right = rng.random() < 0.4
         confidence = min(1.0, max(0.0, rng.gauss(0.75 if right else 0.45, 0.15)))
-        out.append({"verdict": True, "confidence": confidence, "keep": True, "quality": rng.random(),
-                    "oracle_recovery_ok": right})
+        out.append(
+            {
+                "verdict": True,
+                "confidence": confidence,
+                "keep": True,
+                "quality": rng.random(),
+                "oracle_recovery_ok": right,
+            }
+        )
     return out
 
 
@@ -44,11 +51,14 @@ def test_the_next_round_starts_from_the_last_rounds_choice(tmp_path):
     first = tune_thresholds(_decisions(seed=1), storage, round_index=1, trials=20)
     tune_thresholds(_decisions(seed=2), storage, round_index=2, trials=20, warm_start=[first.thresholds])
     second = optuna.load_study(study_name="thresholds-round-2", storage=f"sqlite:///{storage}")
-    assert second.trials[1].params == {"min_confidence": first.thresholds.min_confidence,
-                                       "min_quality": first.thresholds.min_quality}
+    assert second.trials[1].params == {
+        "min_confidence": first.thresholds.min_confidence,
+        "min_quality": first.thresholds.min_quality,
+    }
 
 
 def test_without_oracle_verdicts_there_is_nothing_to_tune_against(tmp_path):
     with pytest.raises(ValueError, match="oracle verdict"):
-        tune_thresholds([{"verdict": True, "confidence": 0.9, "keep": True, "quality": 0.9}],
-                        tmp_path / "o.db", round_index=1)
+        tune_thresholds(
+            [{"verdict": True, "confidence": 0.9, "keep": True, "quality": 0.9}], tmp_path / "o.db", round_index=1
+        )

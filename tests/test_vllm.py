@@ -23,8 +23,10 @@ from misstep.lm.training import TrainSettings
 from misstep.optimize.demos import ground_truth_chat_data, ground_truth_demos
 from misstep.programs import SelfCorrector
 
-pytestmark = [pytest.mark.vllm,
-              pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (scripts/install.sh --vllm)")]
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (scripts/install.sh --vllm)"),
+]
 
 OPTIONS = VllmOptions(max_model_len=1024, kv_cache_gib=1, watch_interval=1.0)
 
@@ -43,8 +45,9 @@ def _listening(port: int) -> bool:
 
 def test_vllm_serves_relaunches_with_new_weights_and_leaves_nothing_running(tmp_path, tiny_model_dir, gsm8k_train):
     settings = TrainSettings(method="full", epochs=1.0, learning_rate=5e-3, batch_size=4, max_length=512)
-    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False, serving="vllm",
-                             vllm=OPTIONS)
+    provider = LocalProvider(
+        tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False, serving="vllm", vllm=OPTIONS
+    )
     try:
         base = provider.lm(max_tokens=8, cache=False)
         assert base.model.startswith("hosted_vllm/")
@@ -100,7 +103,8 @@ def test_a_server_never_outlives_its_process_even_after_kill_9(tmp_path, tiny_mo
         f"server = VllmServer(Path({str(tiny_model_dir)!r}), 'orphan-check', Path({str(tmp_path / 'vllm.log')!r}),\n"
         "                     VllmOptions(max_model_len=1024, kv_cache_gib=1)).start()\n"
         "print(server.port, server.process.pid, flush=True)\n"
-        "time.sleep(900)\n")
+        "time.sleep(900)\n"
+    )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     port, pid = map(int, parent.stdout.readline().split())
     assert _listening(port)
@@ -126,9 +130,29 @@ def test_the_same_compile_runs_on_vllm_by_one_option(tmp_path, tiny_model_dir):
     from misstep.cli import app
 
     run_dir = tmp_path / "compile"
-    args = ["compile", "--engine", "vllm", "--model", tiny_model_dir, "--train-size", 2, "--heldout-size", 2,
-            "--demos", 1, "--ground-truth", 2, "--method", "full", "--learning-rate", 1e-3, "--threads", 2,
-            "--run-dir", run_dir]
+    args = [
+        "compile",
+        "--engine",
+        "vllm",
+        "--model",
+        tiny_model_dir,
+        "--train-size",
+        2,
+        "--heldout-size",
+        2,
+        "--demos",
+        1,
+        "--ground-truth",
+        2,
+        "--method",
+        "full",
+        "--learning-rate",
+        1e-3,
+        "--threads",
+        2,
+        "--run-dir",
+        run_dir,
+    ]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = json.loads((run_dir / "compile_report.json").read_text())

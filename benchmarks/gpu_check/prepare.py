@@ -19,9 +19,10 @@ build_tiny_model(out / "tiny-model", hidden_size=64, layers=2, heads=1)  # ~16 M
 chains = misstep.load_chains(misstep.sample_path("gsm8k/train.jsonl"))
 records = ground_truth_chat_data(SelfCorrector(), ground_truth_demos(chains, k=8))
 (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-configs = {"full": dict(method="full", learning_rate=1e-3, batch_size=4, max_length=512),
-           "lora_ckpt": dict(method="lora", learning_rate=1e-3, batch_size=4, max_length=512,
-                             gradient_checkpointing=True)}
+configs = {
+    "full": dict(method="full", learning_rate=1e-3, batch_size=4, max_length=512),
+    "lora_ckpt": dict(method="lora", learning_rate=1e-3, batch_size=4, max_length=512, gradient_checkpointing=True),
+}
 for name, settings in configs.items():
     (out / f"{name}.json").write_text(json.dumps(settings))
 shutil.copy(Path(__file__).parent / "run.sh", out / "run.sh")
