@@ -65,8 +65,9 @@ import json, sys
 from pathlib import Path
 from misstep.lm.training import TrainSettings, train_chat
 records = [json.loads(l) for l in open({str(records)!r})]
-settings = TrainSettings(method={method!r}, batch_size=4, max_length={max_length}, gradient_checkpointing={checkpointing},
-                         epochs={steps} * 4 / len(records), share_prefix={share_prefix})
+settings = TrainSettings(method={method!r}, batch_size=4, max_length={max_length},
+                         gradient_checkpointing={checkpointing}, epochs={steps} * 4 / len(records),
+                         share_prefix={share_prefix})
 out = Path(sys.argv[1])
 summary = train_chat(Path({str(model_dir)!r}), records, out, settings, show_progress=False)
 log = [json.loads(l) for l in open(out / "train_log.jsonl")]

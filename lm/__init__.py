@@ -6,7 +6,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch a p
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from misstep.lm.client import CHAT_STOP, engine_stats, lm_name, local_lm, release  # noqa: E402
-from misstep.lm.engine import EmbeddedEngine, EngineStats  # noqa: E402
+from misstep.lm.engine import EmbeddedEngine, EngineSettings, EngineStats  # noqa: E402
 from misstep.lm.models import (  # noqa: E402
     DEFAULT_MODEL,
     REGISTRY,
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "REGISTRY",
     "EmbeddedEngine",
+    "EngineSettings",
     "EngineStats",
     "ModelNotFoundError",
     "build_tiny_model",

@@ -8,7 +8,7 @@ from typing import Any
 
 import dspy
 
-from misstep.lm.engine import EmbeddedEngine
+from misstep.lm.engine import EmbeddedEngine, EngineSettings
 from misstep.lm.models import DEFAULT_MODEL, fingerprint, resolve_model
 
 # ChatAdapter ends every answer with this marker; stopping there saves a small model
@@ -25,21 +25,25 @@ def local_lm(
     model: str | Path = DEFAULT_MODEL,
     *,
     engine: EmbeddedEngine | None = None,
+    engine_settings: EngineSettings | None = None,
     temperature: float = 0.0,
     max_tokens: int = 384,
     seed: int | None = 0,
     cache: bool = True,
-    max_batch_size: int = 8,
+    max_batch_size: int | None = None,
     cache_dir: Path | str | None = None,
     provider=None,
 ) -> dspy.LM:
     """A `dspy.LM` whose requests run in-process on `model` (a registry name or a model folder).
 
     Pass `engine` to share one loaded model between several LMs (say, student and judge
-    at different temperatures), and a `LocalProvider` to make the LM fine-tunable.
+    at different temperatures), and a `LocalProvider` to make the LM fine-tunable. A new
+    engine runs with `engine_settings` (and `max_batch_size`, where given, on top).
     """
     model_dir = engine.model_dir if engine is not None else resolve_model(model, cache_dir)
-    engine = engine or EmbeddedEngine(model_dir, max_batch_size=max_batch_size)
+    if engine is None:
+        overrides = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+        engine = EmbeddedEngine(model_dir, engine_settings, **overrides)
     return dspy.LM(
         lm_name(model_dir),
         engine=engine,

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,50 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from .fused import FusedLlama, fusable
 from .kernels import GrowingCache, Int4Linear, Int8Linear, on_torch_thread, use_gqa_attention, use_onednn_linears
+
+
+@dataclass
+class EngineSettings:
+    """Every knob of the embedded engine, in one place."""
+
+    max_batch_size: int = 8  # rows decoded together
+    # How long the worker waits for more requests before it starts a batch.
+    gather_window_s: float = 0.02
+    default_max_tokens: int = 512  # for a request that sets none
+    device: str | None = None  # None: CUDA where present, else CPU
+    # Prompts of one stage share a long head (instructions and demos) and differ only in the
+    # example: the KV caches of up to `prefix_cache_size` heads of at least `min_prefix_tokens`
+    # tokens are kept and reused (prefill is most of the work).
+    prefix_cache_size: int = 8
+    min_prefix_tokens: int = 128
+    # Prompt-lookup speculation: up to `speculate` drafted tokens a pass, while at most
+    # `speculate_max_batch` rows decode, from n-grams of `lookup_ngram` (longest, shortest)
+    # tokens; 0 turns it off. A pass whose drafts all fail makes the batch wait longer
+    # before drafting again (1, 2, 4, ... passes): text with nothing to copy pays little.
+    speculate: int = 4
+    speculate_max_batch: int = 8
+    lookup_ngram: tuple[int, int] = (3, 2)
+    # On CPU: linear layers through oneDNN rather than MKL (about twice as fast here), attention
+    # that reads shared key/value heads in place, and a KV cache that grows in place; see
+    # lm/kernels.py. Off: transformers' own path, for comparison.
+    cpu_kernels: bool = True
+    # Prompts of one batch differ in length; padding them to the longest wastes that much
+    # prefill. Past this ratio of padded to real tokens each row is prefilled on its own and
+    # the caches are put together.
+    padding_tolerance: float = 1.2
+    # Where the text has nothing to copy, batches of up to `draft_max_batch` rows take their drafts
+    # from a low-bit copy of the model instead (Llama models on CPU; 0: never): its layers' products
+    # in `draft_bits` bits (4, or 8), its LM head in 8. Checking many rows' drafts costs more than
+    # they save, hence the limit (benchmarks/engines.py measures it).
+    draft_max_batch: int = 4
+    draft_bits: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {self.max_batch_size}")
+        if self.draft_bits not in (4, 8):
+            raise ValueError(f"draft_bits must be 4 or 8, not {self.draft_bits!r}")
+        self.lookup_ngram = tuple(self.lookup_ngram)  # a list where it was read from a file
 
 
 @dataclass
@@ -74,64 +118,17 @@ class EngineStats:
 class EmbeddedEngine:
     """A DSPy engine (`complete(Request) -> Response`) running a local Hugging Face model."""
 
-    def __init__(
-        self,
-        model_dir: Path | str,
-        *,
-        max_batch_size: int = 8,
-        gather_window_s: float = 0.02,
-        default_max_tokens: int = 512,
-        device: str | None = None,
-        prefix_cache_size: int = 8,
-        min_prefix_tokens: int = 128,
-        speculate: int = 4,
-        speculate_max_batch: int = 8,
-        lookup_ngram: tuple[int, int] = (3, 2),
-        cpu_kernels: bool = True,
-        padding_tolerance: float = 1.2,
-        draft_max_batch: int = 4,
-        draft_bits: int = 4,
-    ):
+    def __init__(self, model_dir: Path | str, settings: EngineSettings | None = None, **overrides):
+        """`settings` (default `EngineSettings()`), with any of its fields given as keywords on top."""
         self.model_dir = Path(model_dir)
-        # Prompt-lookup speculation: up to `speculate` drafted tokens a pass, while at most
-        # `speculate_max_batch` rows decode, from n-grams of `lookup_ngram` (longest, shortest)
-        # tokens; 0 turns it off. A pass whose drafts all fail makes the batch wait longer
-        # before drafting again (1, 2, 4, ... passes): text with nothing to copy pays little.
-        self.speculate = speculate
-        self.speculate_max_batch = speculate_max_batch
-        self.lookup_ngram = lookup_ngram
-        # Where the text has nothing to copy, batches of up to `draft_max_batch` rows take their drafts
-        # from a low-bit copy of the model instead (Llama models on CPU; 0: never): its layers' products
-        # in `draft_bits` bits (4, or 8), its LM head in 8. With 4 it runs in half a step's time and
-        # agrees with the model on ~98% of SmolLM2's tokens. Free text, 128 tokens, with the int8 draft:
-        # 66 -> 88 tok/s alone, 204 -> 216 at 4 rows, but 334 -> 272 at 8 (recover prompts there:
-        # 113 -> 122), as checking 8 rows x 5 tokens costs more than the drafts save; with 4-bit
-        # layers, against 8: 1.19x alone, 1.09x at 4 rows, and at 8 rows no gain from drafting.
-        self.draft_max_batch = draft_max_batch
-        if draft_bits not in (4, 8):
-            raise ValueError(f"draft_bits must be 4 or 8, not {draft_bits!r}")
-        self.draft_bits = draft_bits
-        # Prompts of one stage share a long head (instructions and demos) and differ only in
-        # the example: its KV cache is computed once and reused (prefill is most of the work).
-        self.prefix_cache_size = prefix_cache_size
-        self.min_prefix_tokens = min_prefix_tokens
-        # Prompts of one batch differ in length; padding them to the longest wastes that much
-        # prefill (30% for 8 recover prompts). Past this ratio of padded to real tokens each row
-        # is prefilled on its own and the caches are put together.
-        self.padding_tolerance = padding_tolerance
+        self.settings = replace(settings or EngineSettings(), **overrides)
         self._prefixes: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
-        self.max_batch_size = max_batch_size
-        self.gather_window_s = gather_window_s
-        self.default_max_tokens = default_max_tokens
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer.padding_side = "left"
         # fp32 on CPU: bf16 there was slower and gave degenerate text (ENVIRONMENT.md).
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        # On CPU (`cpu_kernels`): linear layers through oneDNN rather than MKL (about twice as fast
-        # here), attention that reads shared key/value heads in place, and a KV cache that grows
-        # in place; see lm/kernels.py. Off: transformers' own path, for comparison.
-        self.cpu_kernels = cpu_kernels and self.device.type == "cpu"
+        self.cpu_kernels = self.settings.cpu_kernels and self.device.type == "cpu"
         self.model, self.draft = on_torch_thread(self._load_model, dtype)
         self._new_cache = GrowingCache if self.cpu_kernels else DynamicCache
         self.max_context = getattr(self.model.config, "max_position_embeddings", 2048)
@@ -151,13 +148,13 @@ class EmbeddedEngine:
         if self.cpu_kernels:
             if fusable(model):  # Llama: a forward of fewer, larger operations (lm/fused.py)
                 model = FusedLlama.of(model)
-                if self.speculate and self.draft_max_batch and Int8Linear.available():
+                if self.settings.speculate and self.settings.draft_max_batch and Int8Linear.available():
                     # The layers' products in 4 bits where torch has that kernel (it streams weights faster
                     # than the 8-bit one), the LM head in 8. SmolLM2's draft picks the fp32 model's greedy
                     # token on 499 of 512 tokens so, 465 with a 4-bit head, 487 with every product in 8; a
                     # step takes 7.9 ms against 9.7 with every product in 8 (then 7.8 -> 7.1 ms once
                     # DraftLlamaLayer split the norms).
-                    four_bits = self.draft_bits == 4 and Int4Linear.available()
+                    four_bits = self.settings.draft_bits == 4 and Int4Linear.available()
                     draft = model.draft(
                         lambda linear: (
                             Int4Linear(linear) if four_bits and Int4Linear.fits(linear) else Int8Linear(linear)
@@ -202,7 +199,7 @@ class EmbeddedEngine:
         ]
         job = _Job(
             messages=messages,
-            max_new_tokens=config.max_tokens or self.default_max_tokens,
+            max_new_tokens=config.max_tokens or self.settings.default_max_tokens,
             temperature=config.temperature or 0.0,
             top_p=config.top_p,
             top_k=config.top_k,
@@ -239,27 +236,12 @@ class EmbeddedEngine:
                 self._prefixes.clear()
 
     def dump_state(self) -> dict:
-        return {
-            "model_dir": str(self.model_dir),
-            "max_batch_size": self.max_batch_size,
-            "prefix_cache_size": self.prefix_cache_size,
-            "speculate": self.speculate,
-            "cpu_kernels": self.cpu_kernels,
-            "draft_max_batch": self.draft_max_batch,
-            "draft_bits": self.draft_bits,
-        }
+        return {"model_dir": str(self.model_dir), **asdict(self.settings)}
 
     @classmethod
     def load_state(cls, state: dict) -> EmbeddedEngine:
-        return cls(
-            state["model_dir"],
-            max_batch_size=state.get("max_batch_size", 8),
-            prefix_cache_size=state.get("prefix_cache_size", 8),
-            speculate=state.get("speculate", 4),
-            cpu_kernels=state.get("cpu_kernels", True),
-            draft_max_batch=state.get("draft_max_batch", 4),
-            draft_bits=state.get("draft_bits", 4),
-        )
+        known = {f.name for f in fields(EngineSettings)}
+        return cls(state["model_dir"], EngineSettings(**{k: v for k, v in state.items() if k in known}))
 
     # ---- the worker ------------------------------------------------------------------
     def _serve(self) -> None:
@@ -268,8 +250,8 @@ class EmbeddedEngine:
             if job is None:
                 return
             batch = [job]
-            deadline = time.monotonic() + self.gather_window_s
-            while len(batch) < self.max_batch_size:
+            deadline = time.monotonic() + self.settings.gather_window_s
+            while len(batch) < self.settings.max_batch_size:
                 try:
                     more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
@@ -314,7 +296,7 @@ class EmbeddedEngine:
             while active:
                 # Continuous batching: requests that arrived since the batch started join it at the next
                 # pass instead of waiting for its longest answer (DSPy's threads ask at staggered times).
-                joining = self._prepared(self._arrived(self.max_batch_size - len(active)))
+                joining = self._prepared(self._arrived(self.settings.max_batch_size - len(active)))
                 if joining:
                     jobs += joining
                     new_logits, new_cache, new_mask, new_positions, _ = self._prefill(joining)
@@ -400,12 +382,12 @@ class EmbeddedEngine:
             p for p in self._prefixes if len(p) < shortest and all(tuple(j.prompt_ids[: len(p)]) == p for j in jobs)
         ]
         prefix = max(known, key=len, default=None)
-        if prefix is None and len(jobs) > 1 and self.prefix_cache_size:
+        if prefix is None and len(jobs) > 1 and self.settings.prefix_cache_size:
             common = 0
             first = jobs[0].prompt_ids
             while common < shortest - 1 and all(j.prompt_ids[common] == first[common] for j in jobs):
                 common += 1
-            if common >= self.min_prefix_tokens:
+            if common >= self.settings.min_prefix_tokens:
                 prefix = tuple(first[:common])
                 head = self._new_cache()
                 self.model(
@@ -415,7 +397,7 @@ class EmbeddedEngine:
                     logits_to_keep=1,
                 )
                 self._prefixes[prefix] = head
-                while len(self._prefixes) > self.prefix_cache_size:
+                while len(self._prefixes) > self.settings.prefix_cache_size:
                     self._prefixes.popitem(last=False)
         if prefix is None:
             return [], None
@@ -461,7 +443,7 @@ class EmbeddedEngine:
         self.stats.reused_prompt_tokens += start * len(jobs)
         suffixes = [j.prompt_ids[start:] for j in jobs]
         width = max(len(x) for x in suffixes)
-        if width * len(suffixes) <= self.padding_tolerance * sum(len(x) for x in suffixes):
+        if width * len(suffixes) <= self.settings.padding_tolerance * sum(len(x) for x in suffixes):
             mask = torch.tensor(
                 [[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in suffixes], device=self.device
             )
@@ -559,12 +541,16 @@ class EmbeddedEngine:
         """Prompt-lookup drafts, one row per active job, or None when this pass should not speculate:
         a sampling row (a draft is only checked against the greedy pick), too wide a batch, or a
         row with nothing to copy."""
-        if not self.speculate or len(active) > self.speculate_max_batch or any(j.temperature > 0 for j in active):
+        if (
+            not self.settings.speculate
+            or len(active) > self.settings.speculate_max_batch
+            or any(j.temperature > 0 for j in active)
+        ):
             return None
         drafts = []
         for job in active:
             room = self._room(job)
-            draft = self._lookup(job.prompt_ids + job.tokens, min(self.speculate, room)) if room > 0 else []
+            draft = self._lookup(job.prompt_ids + job.tokens, min(self.settings.speculate, room)) if room > 0 else []
             if not draft:
                 return None
             drafts.append(draft)
@@ -580,7 +566,7 @@ class EmbeddedEngine:
         enough, every row greedy and with room for a drafted token."""
         return (
             self.draft is not None
-            and len(active) <= self.draft_max_batch
+            and len(active) <= self.settings.draft_max_batch
             and all(j.temperature <= 0 and self._room(j) > 0 for j in active)
         )
 
@@ -596,7 +582,7 @@ class EmbeddedEngine:
         """`speculate` greedy tokens a row (fewer where a row has less room) from the low-bit draft model,
         run on the batch's own cache: over the prompt it reads the model's keys and values, and its
         own for the drafted tokens are cropped again before the model checks them."""
-        k = min(self.speculate, *(self._room(j) for j in active))
+        k = min(self.settings.speculate, *(self._room(j) for j in active))
         tokens, inputs = [], next_tokens[:, None]
         for step in range(1, k + 1):
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
@@ -616,7 +602,7 @@ class EmbeddedEngine:
     def _lookup(self, ids: list[int], k: int) -> list[int]:
         """The `k` tokens that followed the latest earlier occurrence of the last n tokens (n from
         the longest of `lookup_ngram` down to the shortest), or none."""
-        longest, shortest = self.lookup_ngram
+        longest, shortest = self.settings.lookup_ngram
         for n in range(longest, shortest - 1, -1):
             if len(ids) <= n:
                 continue

@@ -74,7 +74,7 @@ def launch_training(
             raise RuntimeError(
                 f"training under {settings.launcher!r} ran past launch_timeout_s="
                 f"{settings.launch_timeout_s} s and was killed; log {log}:\n{log.read_text()[-3000:]}"
-            )
+            ) from None
         except BaseException:  # interrupted: do not leave the processes training on
             stop_group(launched, STOP_GRACE_S)
             raise

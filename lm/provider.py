@@ -25,7 +25,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
 from misstep.lm.client import local_lm, served_lm
-from misstep.lm.engine import EmbeddedEngine
+from misstep.lm.engine import EmbeddedEngine, EngineSettings
 from misstep.lm.kernels import on_torch_thread
 from misstep.lm.launch import train
 from misstep.lm.models import fingerprint
@@ -55,6 +55,7 @@ class LocalProvider(Provider):
         show_progress: bool = True,
         serving: str = "embedded",
         vllm: VllmOptions | None = None,
+        engine: EngineSettings | None = None,
     ):
         super().__init__()
         if serving not in SERVINGS:
@@ -67,6 +68,7 @@ class LocalProvider(Provider):
         self.show_progress = show_progress
         self.serving = serving
         self.vllm = vllm or VllmOptions()
+        self.engine = engine or EngineSettings()  # for the in-process engines (serving="embedded")
         self.checkpoints: dict[str, Path] = {}  # model name -> folder, for every compile so far
         self.summaries: dict[str, dict[str, Any]] = {}
         self.servers: dict[str, VllmServer] = {}  # model name -> its vLLM server (serving="vllm")
@@ -78,7 +80,7 @@ class LocalProvider(Provider):
         prefix = "hosted_vllm" if self.serving == "vllm" else "local"
         return f"{prefix}/{folder.name}-{fingerprint(folder)}"
 
-    def lm(self, folder: Path | None = None, *, max_batch_size: int = 8, **lm_options) -> dspy.LM:
+    def lm(self, folder: Path | None = None, *, max_batch_size: int | None = None, **lm_options) -> dspy.LM:
         """A fine-tunable LM over `folder` (default: the base model), served this provider's way.
 
         `lm_options` go to the LM: temperature, max_tokens, seed, cache."""
@@ -86,7 +88,9 @@ class LocalProvider(Provider):
         name = self.name_for(folder)
         self.checkpoints.setdefault(name, folder)
         if self.serving == "embedded":
-            return local_lm(folder, max_batch_size=max_batch_size, provider=self, **lm_options)
+            return local_lm(
+                folder, engine_settings=self.engine, max_batch_size=max_batch_size, provider=self, **lm_options
+            )
         return served_lm(self._server(name), provider=self, **lm_options)
 
     def _server(self, name: str) -> VllmServer:
@@ -118,7 +122,7 @@ class LocalProvider(Provider):
         """A copy of `lm` (named after a checkpoint of this provider) that runs that checkpoint's weights."""
         folder = self.checkpoints[lm.model]
         if self.serving == "embedded":
-            engine = EmbeddedEngine(folder, max_batch_size=getattr(lm.engine, "max_batch_size", 8))
+            engine = EmbeddedEngine(folder, lm.engine.settings if isinstance(lm.engine, EmbeddedEngine) else None)
             return lm.copy(engine=engine)
         return lm.copy(api_base=self._server(lm.model).api_base)
 

@@ -53,7 +53,7 @@ class TrainSettings:
     epochs: float = 1.0
     learning_rate: float | None = None  # None: 2e-4 for LoRA, 2e-5 for full
     lora_rank: int = 16
-    lora_alpha: int = 32
+    lora_alpha: int | None = None  # None: twice lora_rank
     lora_dropout: float = 0.05
     max_length: int = 1024  # longer examples are cut from the left of the prompt, never the answer
     batch_size: int = 4
@@ -304,7 +304,7 @@ def train_chat(
             model,
             LoraConfig(
                 r=settings.lora_rank,
-                lora_alpha=settings.lora_alpha,
+                lora_alpha=settings.lora_alpha or 2 * settings.lora_rank,
                 lora_dropout=settings.lora_dropout,
                 target_modules="all-linear",
                 task_type="CAUSAL_LM",

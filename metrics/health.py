@@ -75,6 +75,10 @@ class StopRule:
     # in the report, not a reason to stop after round 1).
     max_top_share: float = 0.6
 
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"patience must be at least 1, not {self.patience}")
+
 
 @dataclass(frozen=True)
 class Verdict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,21 +16,21 @@ import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is im
 from misstep.data import DataFileError, load_chains, sample_path
 from misstep.data.splits import load_split, save_split, split_path, without_heldout
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
-from misstep.lm.provider import SERVINGS, LocalProvider
-from misstep.lm.serving import VllmOptions, vllm_available
+from misstep.lm.provider import LocalProvider
+from misstep.lm.serving import vllm_available
 from misstep.lm.training import LOSS_WEIGHTINGS, TrainSettings
-from misstep.metrics.health import StopRule
 from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
 from misstep.metrics.injector import inject_many
 from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
 from misstep.optimize.compile import NothingToTrainOn, compile_program, compiled_or_resumed, training_examples, warm_up
+from misstep.optimize.config import RunConfig, write_config
 from misstep.optimize.control import LOSSES, ControlRun, publish, run_control
 from misstep.optimize.demos import attach_demos, ground_truth_demos, questions_of
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
-from misstep.optimize.rounds import LoopSettings, run_loop
+from misstep.optimize.rounds import run_loop
+from misstep.options import SERVING, TRAINING, configured
 from misstep.programs import Judge, SelfCorrector
-from misstep.signatures import ERROR_TYPES
 
 app = typer.Typer(
     help="Teach a local language model to find and recover from reasoning errors.",
@@ -42,45 +41,10 @@ console = Console()
 
 ModelOption = Annotated[str, typer.Option(help=f"registered model ({', '.join(REGISTRY)}) or a local HF model folder")]
 ThreadsOption = Annotated[int, typer.Option(min=1, help="concurrent requests (the engine batches them)")]
-DemosOption = Annotated[int, typer.Option(min=0, help="ground-truth demos per stage, built from --demo-data")]
 DemoDataOption = Annotated[
     Path | None, typer.Option(help="valid GSM8K chains for demos (default: shipped train sample)")
 ]
 RunDirOption = Annotated[Path | None, typer.Option(help="where results go; rerun with the same one to resume")]
-# Training and serving options, shared by `compile` and `optimize`.
-MethodOption = Annotated[str, typer.Option(help="lora or full")]
-EpochsOption = Annotated[float, typer.Option(min=0.01)]
-LearningRateOption = Annotated[float | None, typer.Option(help="default 2e-4 (LoRA) or 2e-5 (full)")]
-LoraRankOption = Annotated[int, typer.Option(min=1)]
-MaxLengthOption = Annotated[int, typer.Option(min=16, help="training sequence length in tokens")]
-BatchSizeOption = Annotated[int, typer.Option(min=1)]
-GradAccumOption = Annotated[int, typer.Option(min=1, help="gradient accumulation steps")]
-CheckpointingOption = Annotated[
-    bool,
-    typer.Option(
-        "--gradient-checkpointing/--no-gradient-checkpointing", help="recompute activations: less memory, slower steps"
-    ),
-]
-LauncherOption = Annotated[
-    str | None,
-    typer.Option(
-        help="train under a distributed launcher, e.g. "
-        "'torchrun --standalone --nproc-per-node 4' or "
-        "'accelerate launch --num_processes 4' (one process per GPU)"
-    ),
-]
-EngineOption = Annotated[str, typer.Option(help="embedded (in-process) or vllm (a local vLLM server per checkpoint)")]
-VllmPythonOption = Annotated[str | None, typer.Option(help="the Python that has vLLM, if not this one")]
-TensorParallelOption = Annotated[
-    int, typer.Option(min=1, help="--engine vllm: GPUs each server shards the model over (vLLM's tensor parallelism)")
-]
-VllmArgOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        help="--engine vllm: an argument passed to every vLLM "
-        "server as it is (repeat; e.g. --vllm-arg=--max-num-seqs=64)"
-    ),
-]
 SplitsOption = Annotated[
     Path | None,
     typer.Option(
@@ -88,9 +52,6 @@ SplitsOption = Annotated[
         "<set>-validation.jsonl; default: the committed ones, "
         "built by `misstep splits`)"
     ),
-]
-GroundTruthOption = Annotated[
-    int, typer.Option(min=0, help="ground-truth worked examples per stage, trained on beside the kept traces")
 ]
 
 
@@ -138,10 +99,11 @@ def _model_dir(model: str) -> Path:
         _fail(str(exc))
 
 
-def _lm(model: str, temperature: float, seed: int, threads: int):
-    model_dir = _model_dir(model)
+def _lm(config: RunConfig, temperature: float):
     # Each stage sets its own answer budget (misstep.programs.stage.STAGE_MAX_TOKENS).
-    return local_lm(model_dir, temperature=temperature, seed=seed, max_batch_size=threads)
+    return local_lm(
+        _model_dir(config.model), engine_settings=config.engine, temperature=temperature, seed=config.loop.seed
+    )
 
 
 def _rate_cell(rate: dict) -> str:
@@ -151,29 +113,26 @@ def _rate_cell(rate: dict) -> str:
 
 
 @app.command("generate")
+@configured("error_type", "model", "threads", "demos", "seed")
 def generate_command(
+    config: RunConfig,
     data: Annotated[Path | None, typer.Option(help="valid chains (GSM8K JSONL); default: shipped train sample")] = None,
     chains: Annotated[int, typer.Option(min=1, help="how many chains to run the cycle over")] = 8,
-    error_type: Annotated[list[str] | None, typer.Option(help="error type(s) to use, in turn; default: all")] = None,
-    model: ModelOption = DEFAULT_MODEL,
     run_dir: RunDirOption = None,
-    threads: ThreadsOption = 8,
-    demos: DemosOption = 2,
     demo_data: DemoDataOption = None,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
-    seed: int = 0,
 ) -> None:
     """Run all six stages over N valid chains; write the scenarios and a summary into a run directory."""
-    types = _error_types(error_type)
+    types, seed, threads = config.loop.error_types, config.loop.seed, config.loop.num_threads
     loaded = [c for c in _load(data or sample_path("gsm8k/train.jsonl")) if c.is_valid]
-    demo_chains = _demos(demos, demo_data, seed, exclude=set())
+    demo_chains = _demos(config.loop.demos, demo_data, seed, exclude=set())
     used_for_demos = questions_of(demo_chains)
     selected = [c for c in loaded if c.question not in used_for_demos][:chains]
     if not selected:
         _fail("no valid chains to start from in the data")
     settings = JobSettings(run_dir=_run_dir(run_dir, "generate"), num_threads=threads, demos=demo_chains, seed=seed)
     console.print(f"generate: {len(selected)} chains, error types {', '.join(types)} -> {settings.run_dir}")
-    summary = generate(selected, types, _lm(model, temperature, seed, threads), settings)
+    summary = generate(selected, types, _lm(config, temperature), settings)
 
     table = Table(title="stages")
     for column in ("stage", "parsed", "unparsable", "skipped", "other errors"):
@@ -197,7 +156,9 @@ def generate_command(
 
 
 @app.command("evaluate")
+@configured("model", "threads", "demos", "seed")
 def evaluate_command(
+    config: RunConfig,
     data: Annotated[
         list[Path] | None,
         typer.Option(
@@ -206,15 +167,12 @@ def evaluate_command(
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="at most this many chains per file")] = None,
-    model: ModelOption = DEFAULT_MODEL,
     run_dir: RunDirOption = None,
-    threads: ThreadsOption = 8,
-    demos: DemosOption = 2,
     demo_data: DemoDataOption = None,
     recover: Annotated[bool, typer.Option(help="also recover from the labelled first error")] = True,
-    seed: int = 0,
 ) -> None:
     """First-error location accuracy and recovery success, per task, with 95% intervals."""
+    seed, threads = config.loop.seed, config.loop.num_threads
     paths = data or [
         sample_path(f"big-bench-mistake/{t}.jsonl")
         for t in ("logical_deduction", "multistep_arithmetic", "word_sorting")
@@ -225,11 +183,11 @@ def evaluate_command(
     settings = JobSettings(
         run_dir=_run_dir(run_dir, "evaluate"),
         num_threads=threads,
-        demos=_demos(demos, demo_data, seed, exclude={c.source_id for c in chains}, heldout=chains),
+        demos=_demos(config.loop.demos, demo_data, seed, exclude={c.source_id for c in chains}, heldout=chains),
         seed=seed,
     )
     console.print(f"evaluate: {len(chains)} labelled chains from {len(paths)} file(s) -> {settings.run_dir}")
-    metrics = evaluate(chains, _lm(model, 0.0, seed, threads), settings, recover=recover)
+    metrics = evaluate(chains, _lm(config, 0.0), settings, recover=recover)
 
     table = Table(title="self-correction, 95% Wilson intervals")
     for column in (
@@ -259,13 +217,14 @@ def evaluate_command(
 
 
 @app.command("compile")
+@configured("model", "threads", "demos", "seed", "ground_truth", *TRAINING, *SERVING)
 def compile_command(
+    config: RunConfig,
     data: Annotated[
         Path | None,
         typer.Option(help="valid GSM8K chains to train on, corrupted by the injector (default: shipped train sample)"),
     ] = None,
     train_size: Annotated[int, typer.Option(min=1, help="training examples (invalid chains) to trace")] = 32,
-    ground_truth: GroundTruthOption = 16,
     warm_up_first: Annotated[
         bool,
         typer.Option(
@@ -289,46 +248,18 @@ def compile_command(
     ] = False,
     heldout: Annotated[Path | None, typer.Option(help="held-out GSM8K chains (default: shipped test sample)")] = None,
     heldout_size: Annotated[int, typer.Option(min=1, help="held-out examples for before/after accuracy")] = 20,
-    model: ModelOption = DEFAULT_MODEL,
     run_dir: RunDirOption = None,
-    threads: ThreadsOption = 8,
-    demos: DemosOption = 2,
     demo_data: DemoDataOption = None,
-    method: MethodOption = "lora",
-    epochs: EpochsOption = 1.0,
-    learning_rate: LearningRateOption = None,
-    lora_rank: LoraRankOption = 16,
-    max_length: MaxLengthOption = 1024,
-    batch_size: BatchSizeOption = 4,
-    grad_accum: GradAccumOption = 1,
-    gradient_checkpointing: CheckpointingOption = False,
-    launcher: LauncherOption = None,
     min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="judge confidence to keep a trace")] = 0.5,
     min_quality: Annotated[float, typer.Option(min=0.0, max=1.0, help="curation quality to keep a trace")] = 0.5,
-    engine: EngineOption = "embedded",
-    vllm_python: VllmPythonOption = None,
-    tensor_parallel: TensorParallelOption = 1,
-    vllm_arg: VllmArgOption = None,
-    seed: int = 0,
 ) -> None:
     """Compile the self-corrector into new weights (BootstrapFinetune, the judge as metric); print
     held-out location accuracy and recovery success before and after. Rerun with the same
     --run-dir to resume: finished evaluations and trainings are not repeated."""
     if metric not in ("judge", "oracle"):
         _fail(f"--metric must be 'judge' or 'oracle', not {metric!r}")
-    vllm = _vllm_options(engine, vllm_python, tensor_parallel, vllm_arg)
-    settings = _train_settings(
-        method,
-        epochs,
-        learning_rate,
-        lora_rank,
-        max_length,
-        batch_size,
-        grad_accum,
-        gradient_checkpointing,
-        launcher,
-        seed,
-    )
+    _check_serving(config)
+    seed, threads, ground_truth = config.loop.seed, config.loop.num_threads, config.loop.ground_truth
     if (warm_up_first or judge_warm_up) and not ground_truth:
         _fail("--warm-up and --judge-warm-up need ground truth to train on: set --ground-truth above 0")
     heldout_source = _load(heldout or sample_path("gsm8k/test.jsonl"))
@@ -336,7 +267,8 @@ def compile_command(
     # No question of the held-out file (measured or not) reaches a demo, the ground truth or a trace.
     train_chains = without_heldout(_load(data or sample_path("gsm8k/train.jsonl")), heldout_source)
     run = _run_dir(run_dir, "compile")
-    demo_sets = _demos(demos, demo_data, seed, exclude=set(), heldout=heldout_source)
+    write_config(config, run / "config.toml")
+    demo_sets = _demos(config.loop.demos, demo_data, seed, exclude=set(), heldout=heldout_source)
     # Demos, ground truth and traced examples come from disjoint training chains.
     demo_questions = questions_of(demo_sets)
     pool = [c for c in train_chains if c.question not in demo_questions]
@@ -347,8 +279,8 @@ def compile_command(
     ]
     if not pairs:
         _fail("no training examples: the injector found no valid chain to corrupt in the data")
-    provider = LocalProvider(_model_dir(model), run / "checkpoints", settings, serving=engine, vllm=vllm)
-    base = provider.lm(max_batch_size=threads, seed=seed)
+    provider = _provider(config, run)
+    base = provider.lm(seed=seed)
     console.print(
         f"compile: {len(pairs)} training examples, {ground_truth} ground-truth examples per stage, "
         f"{len(heldout_chains)} held out -> {run}"
@@ -420,49 +352,23 @@ def compile_command(
     provider.close()
 
 
-def _vllm_options(
-    engine: str, vllm_python: str | None, tensor_parallel: int = 1, vllm_args: list[str] | None = None
-) -> VllmOptions:
-    if engine not in SERVINGS:
-        _fail(f"--engine must be one of {', '.join(SERVINGS)}, not {engine!r}")
-    vllm = VllmOptions(
-        python=vllm_python or sys.executable, tensor_parallel_size=tensor_parallel, extra_args=list(vllm_args or [])
-    )
-    if engine == "vllm" and not vllm_available(vllm.python):
+def _check_serving(config: RunConfig) -> None:
+    if config.serving == "vllm" and not vllm_available(config.vllm.python):
         _fail(
-            f"--engine vllm: {vllm.python} cannot import vllm; install it with `bash scripts/install.sh --vllm` "
-            "or point --vllm-python at a Python that has it"
+            f"--engine vllm: {config.vllm.python} cannot import vllm; install it with `bash scripts/install.sh "
+            "--vllm` or point --vllm-python at a Python that has it"
         )
-    return vllm
 
 
-def _train_settings(
-    method, epochs, learning_rate, lora_rank, max_length, batch_size, grad_accum, gradient_checkpointing, launcher, seed
-) -> TrainSettings:
-    try:
-        return TrainSettings(
-            method=method,
-            epochs=epochs,
-            learning_rate=learning_rate,
-            lora_rank=lora_rank,
-            lora_alpha=2 * lora_rank,
-            max_length=max_length,
-            batch_size=batch_size,
-            gradient_accumulation=grad_accum,
-            gradient_checkpointing=gradient_checkpointing,
-            launcher=launcher,
-            seed=seed,
-        )
-    except ValueError as exc:
-        _fail(str(exc))
-
-
-def _error_types(names: list[str] | None) -> list[str]:
-    types = names or sorted(ERROR_TYPES)
-    for name in types:
-        if name not in ERROR_TYPES:
-            _fail(f"unknown --error-type {name!r}; registered: {', '.join(sorted(ERROR_TYPES))}")
-    return types
+def _provider(config: RunConfig, run: Path) -> LocalProvider:
+    return LocalProvider(
+        _model_dir(config.model),
+        run / "checkpoints",
+        config.train,
+        serving=config.serving,
+        vllm=config.vllm,
+        engine=config.engine,
+    )
 
 
 def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int, program=None):
@@ -475,8 +381,25 @@ def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int
 
 
 @app.command("optimize")
+@configured(
+    "rounds",
+    "seed_chains",
+    "error_type",
+    "ground_truth",
+    "warm_up",
+    "judge_warm_up",
+    "active",
+    "trials",
+    "patience",
+    "model",
+    "threads",
+    "demos",
+    "seed",
+    *TRAINING,
+    *SERVING,
+)
 def optimize_command(
-    rounds: Annotated[int, typer.Option(min=1, help="rounds of write, judge, keep, compile, measure")] = 3,
+    config: RunConfig,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -494,63 +417,12 @@ def optimize_command(
             "word_sorting, multistep_arithmetic, logical_deduction"
         ),
     ] = None,
-    seed_chains: Annotated[
-        int, typer.Option(min=1, help="valid chains the model writes scenarios from, per round")
-    ] = 32,
-    error_type: Annotated[list[str] | None, typer.Option(help="error type(s); default: all registered")] = None,
-    ground_truth: GroundTruthOption = 16,
-    warm_up_first: Annotated[
-        bool, typer.Option("--warm-up/--no-warm-up", help="round 0 fine-tunes on the ground truth alone")
-    ] = True,
-    judge_warm_up: Annotated[
-        bool,
-        typer.Option(
-            "--judge-warm-up/--no-judge-warm-up",
-            help="give the frozen judge its own weights, fine-tuned on ground-truth judgements alone",
-        ),
-    ] = True,
-    active_selection: Annotated[
-        bool,
-        typer.Option("--active/--no-active", help="prefer the error types and chains the model failed on last round"),
-    ] = True,
-    trials: Annotated[int, typer.Option(min=1, help="Optuna trials per round for the thresholds")] = 60,
-    patience: Annotated[int, typer.Option(min=1, help="rounds without significant gain before stopping")] = 2,
-    model: ModelOption = DEFAULT_MODEL,
-    engine: EngineOption = "embedded",
-    vllm_python: VllmPythonOption = None,
-    tensor_parallel: TensorParallelOption = 1,
-    vllm_arg: VllmArgOption = None,
     run_dir: RunDirOption = None,
-    threads: ThreadsOption = 8,
-    demos: DemosOption = 2,
-    method: MethodOption = "lora",
-    epochs: EpochsOption = 1.0,
-    learning_rate: LearningRateOption = None,
-    lora_rank: LoraRankOption = 16,
-    max_length: MaxLengthOption = 1024,
-    batch_size: BatchSizeOption = 4,
-    grad_accum: GradAccumOption = 1,
-    gradient_checkpointing: CheckpointingOption = False,
-    launcher: LauncherOption = None,
-    seed: int = 0,
 ) -> None:
     """The self-improvement loop: each round the model writes scenarios, the frozen judge scores
     them, Optuna-tuned thresholds keep some, the student is compiled on everything kept so far,
     and held-out accuracy decides whether to go on. Rerun with the same --run-dir to resume."""
-    types = _error_types(error_type)
-    vllm = _vllm_options(engine, vllm_python, tensor_parallel, vllm_arg)
-    train = _train_settings(
-        method,
-        epochs,
-        learning_rate,
-        lora_rank,
-        max_length,
-        batch_size,
-        grad_accum,
-        gradient_checkpointing,
-        launcher,
-        seed,
-    )
+    _check_serving(config)
     train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
     held, validation = (
         {
@@ -559,25 +431,13 @@ def optimize_command(
         }
         for split in ("test", "validation")
     )
-    settings = LoopSettings(
-        rounds=rounds,
-        seed_chains=seed_chains,
-        error_types=types,
-        ground_truth=ground_truth,
-        warm_up=warm_up_first,
-        judge_warm_up=judge_warm_up,
-        demos=demos,
-        active_selection=active_selection,
-        tuning_trials=trials,
-        stop=StopRule(patience=patience),
-        num_threads=threads,
-        seed=seed,
-    )
+    settings = config.loop
     run = _run_dir(run_dir, "optimize")
-    provider = LocalProvider(_model_dir(model), run / "checkpoints", train, serving=engine, vllm=vllm)
-    judge_lm = provider.lm(max_batch_size=threads, seed=seed).copy(provider=None)  # the frozen judge
+    write_config(config, run / "config.toml")
+    provider = _provider(config, run)
+    judge_lm = provider.lm(seed=settings.seed).copy(provider=None)  # the frozen judge
     console.print(
-        f"optimize: {rounds} rounds of {seed_chains} seed chains, held out (test) "
+        f"optimize: {settings.rounds} rounds of {settings.seed_chains} seed chains, held out (test) "
         f"{', '.join(f'{k} {len(v)}' for k, v in held.items())}, chosen on (validation) "
         f"{', '.join(f'{k} {len(v)}' for k, v in validation.items())} -> {run}"
     )
@@ -673,8 +533,8 @@ def control_command(
         ),
     ] = None,
     threads: ThreadsOption = 8,
-    batch_size: BatchSizeOption = 4,
-    max_length: MaxLengthOption = 1024,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    max_length: Annotated[int, typer.Option(min=16, help="training sequence length in tokens")] = 1024,
     seed: int = 0,
 ) -> None:
     """The positive control: fine-tune stage 3 alone on injector-labelled chains (first errors
@@ -700,12 +560,12 @@ def control_command(
     pool = _load(data)
     model_dir = _model_dir(model)
     runs = [
-        ControlRun(n, mode == "cue", lr, e, l, seed, b2, w)
+        ControlRun(n, mode == "cue", lr, e, loss_kind, seed, b2, w)
         for n in sizes or [1000]
         for mode in modes
         for lr in learning_rate or [1e-4]
         for e in epochs or [1.0]
-        for l in losses
+        for loss_kind in losses
         for b2 in adam_beta2 or [0.999]
         for w in weightings
     ]

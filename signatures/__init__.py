@@ -1,6 +1,7 @@
 """The six stage signatures, and error types as stage-1 subclasses with a registry."""
 
 from misstep.signatures.error_types import (
+    DEFAULT_ERROR_TYPES,
     ERROR_TYPES,
     ArithmeticSlip,
     MisreadQuantity,
@@ -21,6 +22,7 @@ from misstep.signatures.stages import (
 )
 
 __all__ = [
+    "DEFAULT_ERROR_TYPES",
     "ERROR_TYPES",
     "ArithmeticSlip",
     "CurateScenario",

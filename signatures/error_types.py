@@ -70,3 +70,8 @@ class SkippedStep(DescribeMistake):
 class MisreadQuantity(DescribeMistake):
     """Read a correct step-by-step solution and describe a mistake where the solver misreads a quantity
     given in the question (a wrong number, or the wrong one of two numbers)."""
+
+
+# The error types a run uses unless told otherwise: the built-in ones, in this order (the order
+# in which the injector and the loop take them in turn).
+DEFAULT_ERROR_TYPES: tuple[str, ...] = tuple(sorted(ERROR_TYPES))

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 from misstep.cli import app
 from misstep.data import sample_path
 from misstep.data.splits import normalize_question
+from misstep.optimize.config import load_config
 
 runner = CliRunner()
 
@@ -71,7 +72,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir):
     assert not (tmp_path / "r").exists()
 
     result = _invoke("generate", "--error-type", "typo", "--model", tiny_model_dir)
-    assert result.exit_code == 2 and "unknown --error-type 'typo'" in result.output
+    assert result.exit_code == 2 and "--error-type: unknown error type 'typo'" in result.output
     result = _invoke("evaluate", "--model", tmp_path, "--limit", 1)
     assert result.exit_code == 2 and "no config.json" in result.output
 
@@ -191,6 +192,15 @@ def test_optimize_runs_a_round_and_writes_a_report_readable_alone(tmp_path, tiny
         run_dir,
     )
     assert result.exit_code == 0, result.output
+    config = load_config(run_dir / "config.toml")  # what it ran with, readable as a --config file
+    assert (
+        config.loop.rounds,
+        config.loop.seed_chains,
+        config.loop.num_threads,
+        config.engine.max_batch_size,
+        config.train.method,
+        config.train.learning_rate,
+    ) == (1, 2, 2, 2, "full", 1e-3)
     report = (run_dir / "report.md").read_text()
     assert "| 0 |" in report and "| 1 |" in report and "Best round" in report
     writer = report.split("### What the model wrote")[1].split("###")[0]
@@ -206,9 +216,13 @@ def test_optimize_runs_a_round_and_writes_a_report_readable_alone(tmp_path, tiny
 
 def test_optimize_refuses_bad_arguments_before_any_work(tmp_path, tiny_model_dir):
     result = _invoke("optimize", "--error-type", "typo", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
-    assert result.exit_code == 2 and "unknown --error-type 'typo'" in result.output
+    assert result.exit_code == 2 and "--error-type: unknown error type 'typo'" in result.output
     result = _invoke("optimize", "--engine", "tpu", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
-    assert result.exit_code == 2 and "--engine must be one of" in result.output
+    assert result.exit_code == 2 and "--engine: serving must be one of" in " ".join(result.output.split())
+    config = tmp_path / "run.toml"
+    config.write_text("[loop]\nrounds = 2\nseed_chain = 4\n")
+    result = _invoke("optimize", "--config", config, "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2 and f"{config}: unknown key loop.seed_chain" in " ".join(result.output.split())
     assert not (tmp_path / "r").exists()
     result = _invoke("report", tmp_path / "nothing")
     assert result.exit_code == 2 and "no finished round" in " ".join(result.output.split())

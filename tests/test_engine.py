@@ -175,10 +175,13 @@ def test_prefilling_row_by_row_gives_what_padding_gives(tiny_model_dir):
     endings = [[5, 6, 7], list(range(200, 230)), [8]]
     try:
         with torch.inference_mode():
-            for head in ([], list(range(100, 100 + engine.min_prefix_tokens + 5))):  # without, with a shared head
+            for head in (
+                [],
+                list(range(100, 100 + engine.settings.min_prefix_tokens + 5)),
+            ):  # without, with a shared head
                 results = []
                 for tolerance in (1e9, 1.0):  # padded; row by row
-                    engine.padding_tolerance = tolerance
+                    engine.settings.padding_tolerance = tolerance
                     jobs = [
                         _Job(
                             messages=[],

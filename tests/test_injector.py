@@ -62,7 +62,7 @@ def test_writer_ground_truth_is_exact_for_each_error_type_it_can_make(gsm8k_trai
     types = ["arithmetic_slip", "wrong_operation", "skipped_step"]
     truth = writer_ground_truth(gsm8k_train, types, k=3)
     assert set(truth) == {"arithmetic_slip", "wrong_operation"}  # a skipped step is not step-aligned: no examples
-    for error_type, stages in truth.items():
+    for stages in truth.values():
         assert len(stages["describe"]) == len(stages["corrupt"]) == 3
         for described, written in zip(stages["describe"], stages["corrupt"]):
             # The chain the writer is taught to write has its first error exactly where it says.

@@ -27,7 +27,15 @@ def _open_engines(run_dir):
 
 
 def _settings(**overrides):
-    values = dict(rounds=2, seed_chains=3, ground_truth=2, demos=1, num_threads=4, tuning_trials=5)
+    values = dict(
+        rounds=2,
+        seed_chains=3,
+        ground_truth=2,
+        demos=1,
+        num_threads=4,
+        tuning_trials=5,
+        error_types=["arithmetic_slip", "wrong_operand", "wrong_operation"],
+    )
     return LoopSettings(**{**values, **overrides})
 
 

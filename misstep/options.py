@@ -1,0 +1,200 @@
+"""The command line's configuration options, mapped onto `RunConfig`'s fields in one table.
+
+Each option's type and default are its field's (declared once, in the layer's settings); this
+table adds only the option's name, the fields it sets and its help. `@configured(...)` gives a
+command those options and `--config FILE`, and hands it the `RunConfig` they make: the
+defaults, then the file (if any), then the options given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from misstep.lm.models import REGISTRY
+from misstep.optimize.config import ConfigError, RunConfig, apply, load_config
+
+
+@dataclass(frozen=True)
+class Option:
+    fields: tuple[str, ...]  # the config fields it sets, as paths ("train.learning_rate"); the first types it
+    help: str = ""
+
+
+OPTIONS: dict[str, Option] = {
+    # the model and how it is served
+    "model": Option(("model",), f"registered model ({', '.join(REGISTRY)}) or a local HF model folder"),
+    "engine": Option(("serving",), "embedded (in-process) or vllm (a local vLLM server per checkpoint)"),
+    "vllm_python": Option(("vllm.python",), "--engine vllm: the Python that has vLLM, if not this one"),
+    "tensor_parallel": Option(
+        ("vllm.tensor_parallel_size",),
+        "--engine vllm: GPUs each server shards the model over (vLLM's tensor parallelism)",
+    ),
+    "vllm_arg": Option(
+        ("vllm.extra_args",),
+        "--engine vllm: an argument passed to every vLLM server as it is (repeat; e.g. --vllm-arg=--max-num-seqs=64)",
+    ),
+    "threads": Option(("loop.num_threads", "engine.max_batch_size"), "concurrent requests (the engine batches them)"),
+    "seed": Option(("loop.seed", "train.seed")),
+    "demos": Option(("loop.demos",), "ground-truth demos per stage in the prompts"),
+    # training
+    "method": Option(("train.method",), "lora or full"),
+    "epochs": Option(("train.epochs",)),
+    "learning_rate": Option(("train.learning_rate",), "default 2e-4 (LoRA) or 2e-5 (full)"),
+    "lora_rank": Option(("train.lora_rank",), "LoRA rank (alpha is twice the rank)"),
+    "max_length": Option(("train.max_length",), "training sequence length in tokens"),
+    "batch_size": Option(("train.batch_size",)),
+    "grad_accum": Option(("train.gradient_accumulation",), "gradient accumulation steps"),
+    "gradient_checkpointing": Option(
+        ("train.gradient_checkpointing",), "recompute activations: less memory, slower steps"
+    ),
+    "launcher": Option(
+        ("train.launcher",),
+        "train under a distributed launcher, e.g. 'torchrun --standalone "
+        "--nproc-per-node 4' or 'accelerate launch --num_processes 4' (one process per GPU)",
+    ),
+    "loss_weighting": Option(
+        ("train.loss_weighting",),
+        "tokens (one mean over the answer tokens) or fields (each field's value weighs as much as all the markers)",
+    ),
+    # the loop
+    "rounds": Option(("loop.rounds",), "rounds of write, judge, keep, compile, measure"),
+    "seed_chains": Option(("loop.seed_chains",), "valid chains the model writes scenarios from, per round"),
+    "error_type": Option(("loop.error_types",), "error type(s), taken in turn (repeat)"),
+    "ground_truth": Option(
+        ("loop.ground_truth",), "ground-truth worked examples per stage, trained on beside the kept traces"
+    ),
+    "warm_up": Option(("loop.warm_up",), "round 0 fine-tunes on the ground truth alone"),
+    "judge_warm_up": Option(
+        ("loop.judge_warm_up",), "give the frozen judge its own weights, fine-tuned on ground-truth judgements alone"
+    ),
+    "active": Option(("loop.active_selection",), "prefer the error types and chains the model failed on last round"),
+    "trials": Option(("loop.tuning_trials",), "Optuna trials per round for the thresholds"),
+    "patience": Option(("loop.stop.patience",), "rounds without significant gain before stopping"),
+}
+
+console = Console()
+
+TRAINING = (
+    "method",
+    "epochs",
+    "learning_rate",
+    "lora_rank",
+    "max_length",
+    "batch_size",
+    "grad_accum",
+    "gradient_checkpointing",
+    "launcher",
+    "loss_weighting",
+)
+SERVING = ("engine", "vllm_python", "tensor_parallel", "vllm_arg")
+
+
+def _field(path: str) -> tuple[Any, Any]:
+    """(type, default) of a RunConfig field given as a path."""
+    settings: Any = RunConfig()
+    *sections, name = path.split(".")
+    for section in sections:
+        settings = getattr(settings, section)
+    return typing.get_type_hints(type(settings))[name], getattr(settings, name)
+
+
+def _parameter(name: str) -> inspect.Parameter:
+    kind, default = _field(OPTIONS[name].fields[0])
+    if typing.get_origin(kind) in (list, tuple):  # a repeated option; not given, the field's default stands
+        kind, default = list[typing.get_args(kind)[0]] | None, None
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[kind, typer.Option(help=OPTIONS[name].help)],
+    )
+
+
+def config_from(values: dict[str, Any], file: Path | None, given: set[str]) -> RunConfig:
+    """The RunConfig of a command: `file` on top of the defaults, then the options in `given`
+    (those on the command line; without a file, every option, which is its default otherwise).
+    A value a field refuses is an error that names the option."""
+    config = load_config(file) if file else RunConfig()
+    for name, value in values.items():
+        if (file and name not in given) or (value is None and _repeated(name)):
+            continue  # the file's (or the default) value stands
+        for path in OPTIONS[name].fields:
+            *sections, field_name = path.split(".")
+            changes: dict[str, Any] = {field_name: value}
+            for section in reversed(sections):
+                changes = {section: changes}
+            try:
+                config = apply(config, changes, "")
+            except ConfigError as exc:
+                detail = str(exc).split(": ", 1)[-1] if str(exc).startswith(sections[0] if sections else "\0") else exc
+                raise ConfigError(f"--{name.replace('_', '-')}: {detail}") from None
+    return config
+
+
+def _repeated(name: str) -> bool:
+    return typing.get_origin(_field(OPTIONS[name].fields[0])[0]) in (list, tuple)
+
+
+def configured(*names: str):
+    """Give a command the options `names` (keys of OPTIONS) and `--config`; it receives `config: RunConfig`."""
+
+    def wrap(command):
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.name != "config"]
+        config_file = inspect.Parameter(
+            "config_file",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                typer.Option(
+                    "--config",
+                    help="a TOML file of settings (see misstep.optimize.config); options given here override it",
+                ),
+            ],
+        )
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            values = {name: kwargs.pop(name) for name in names}
+            file = kwargs.pop("config_file")
+            context = kwargs.pop("context")
+            # By name: typer may bring its own copy of click's ParameterSource.
+            given = {
+                name
+                for name in names
+                if getattr(context.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+            }
+            try:
+                config = config_from(values, file, given)
+            except (ConfigError, ValueError) as exc:
+                console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            return command(config=config, **kwargs)
+
+        context = inspect.Parameter("context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        run.__signature__ = signature.replace(parameters=own + [_parameter(n) for n in names] + [config_file, context])
+        return run
+
+    return wrap
+
+
+def option_names(config_type: type = RunConfig) -> list[str]:
+    """Every field path of `config_type` (for the docs and a test that the table names real fields)."""
+    out = []
+    for f in dataclasses.fields(config_type):
+        hint = typing.get_type_hints(config_type)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += [f"{f.name}.{inner}" for inner in option_names(hint)]
+        else:
+            out.append(f.name)
+    return out
