@@ -149,7 +149,13 @@ def configured(*names: str):
 
     def wrap(command):
         signature = inspect.signature(command)
-        own = [p for p in signature.parameters.values() if p.name != "config"]
+        # The command's annotations resolved where it was written (they may be strings there).
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+            if p.name != "config"
+        ]
         config_file = inspect.Parameter(
             "config_file",
             inspect.Parameter.KEYWORD_ONLY,
@@ -182,7 +188,10 @@ def configured(*names: str):
             return command(config=config, **kwargs)
 
         context = inspect.Parameter("context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-        run.__signature__ = signature.replace(parameters=own + [_parameter(n) for n in names] + [config_file, context])
+        run.__signature__ = signature.replace(
+            parameters=own + [_parameter(n) for n in names] + [config_file, context], return_annotation=None
+        )
+        run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
         return run
 
     return wrap
