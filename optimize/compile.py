@@ -14,14 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-from dspy.teleprompt.bootstrap_finetune import BootstrapFinetune, assert_all_predictors_have_lms, prepare_teacher
-from dspy.teleprompt.bootstrap_trace import FailedPrediction, bootstrap_trace_data
 
 from misstep.data.records import Chain
 from misstep.data.runfiles import write_json_atomic
 from misstep.lm.client import local_lm
 from misstep.lm.provider import LocalProvider
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, stage_name
+from misstep.optimize.dspy_internals import (
+    BootstrapFinetune,
+    FailedPrediction,
+    assert_all_predictors_have_lms,
+    bootstrap_trace_data,
+    prepare_teacher,
+)
 from misstep.programs import SelfCorrector
 from misstep.programs.parallel import default_adapter
 
