@@ -38,7 +38,7 @@ from misstep.lm.client import local_lm, release
 from misstep.lm.launch import train
 from misstep.lm.training import TrainSettings
 from misstep.metrics.checks import location_correct
-from misstep.metrics.heldout import read_predictions, score, slices
+from misstep.metrics.heldout import confusion, read_predictions, score, slices
 from misstep.metrics.injector import InjectionError, applicable_steps, inject, types_in_turn
 from misstep.metrics.oracle import first_error
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, ground_truth_demos
@@ -277,14 +277,16 @@ def run_control(
 def publish(result: dict[str, Any], items: list[SplitItem], results_path: Path) -> dict[str, Any]:
     """Record a finished run in `results_path` ({"runs": [...]}, one entry per run name, kept
     across invocations): its predictions copied beside it (<folder>/control/<run name>.jsonl, the
-    path the entry names) and its slices. Returns the entry."""
+    path the entry names), its slices and its confusion table. Returns the entry."""
     predictions_path = results_path.parent / "control" / f"{result['name']}.jsonl"
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result["predictions"], predictions_path)
+    predictions = read_predictions(predictions_path)
     entry = {
         **result,
         "predictions": str(predictions_path),
-        "slices": slices(items, read_predictions(predictions_path)),
+        "slices": slices(items, predictions),
+        "confusion": confusion(items, predictions),
     }
     recorded = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
     runs = [run for run in recorded if run["name"] != entry["name"]] + [entry]

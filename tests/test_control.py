@@ -159,6 +159,7 @@ def test_the_control_command_records_each_run_once_and_refuses_bad_input(tmp_pat
     copied = Path(runs[0]["predictions"])
     assert copied.parent == results.parent / "control" and len(copied.read_text().splitlines()) == 5
     assert isinstance(runs[0]["slices"], list)
+    assert sum(sum(row.values()) for row in runs[0]["confusion"]["by_true_label"].values()) == 5
 
     bad = CliRunner().invoke(app, args[:-4] + ["--cue", "maybe"])
     assert bad.exit_code == 2 and "--cue takes 'cue' or 'real'" in bad.output

@@ -7,7 +7,15 @@ import pytest
 
 from misstep.data import DataFileError, sample_path
 from misstep.data.splits import SplitItem, load_split, normalize_question, save_split, split_path, without_heldout
-from misstep.metrics.heldout import baseline_outcomes, build_gsm8k_splits, compare, majority_label, score, slices
+from misstep.metrics.heldout import (
+    baseline_outcomes,
+    build_gsm8k_splits,
+    compare,
+    confusion,
+    majority_label,
+    score,
+    slices,
+)
 from misstep.metrics.oracle import first_error
 from misstep.metrics.stats import answer_spread, mcnemar_p
 
@@ -125,3 +133,18 @@ def test_slices_find_where_a_model_beats_its_own_floor():
     assert not by_type["arithmetic_slip"]["significant"] and by_type["arithmetic_slip"]["correct"] == 0
     positions = [row for row in found if row["slice"] == "error_position"]
     assert sum(row["n"] for row in positions) <= len(items)
+
+
+def test_confusion_counts_each_true_label_s_answers_and_the_last_step_shortcut():
+    items = load_split(split_path("gsm8k", "test"))
+    # A model that always names the chain's last step, except that one answer does not parse.
+    predictions = {i.item_id: {"predicted": len(i.chain.steps) - 1, "parsed": True, "correct": False} for i in items}
+    predictions[items[0].item_id]["parsed"] = False
+    table = confusion(items, predictions)
+    assert table["last_step_answers"] == len(items) - 1
+    rows = table["by_true_label"]
+    assert sum(sum(row.values()) for row in rows.values()) == len(items)
+    assert sum(rows["no mistake"].values()) == sum(i.chain.mistake_index is None for i in items)
+    assert "no mistake" not in {answer for row in rows.values() for answer in row}  # never answered
+    assert sum(row.get("unparsed", 0) for row in rows.values()) == 1
+    assert list(rows)[:2] == ["step 1", "step 2"] and list(rows)[-1] == "no mistake"
