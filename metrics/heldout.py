@@ -22,7 +22,7 @@ from typing import Any
 from misstep.data.loaders import load_chains
 from misstep.data.runfiles import read_records
 from misstep.data.splits import SplitItem, bbm_items, gsm8k_items, shuffled
-from misstep.metrics.injector import inject_many, types_in_turn
+from misstep.metrics.injector import has_annotations, inject_many, types_in_turn
 from misstep.metrics.oracle import first_error
 from misstep.metrics.stats import Rate, answer_spread, mcnemar_p
 
@@ -51,7 +51,8 @@ def build_gsm8k_splits(
             if cursor >= len(chains):
                 raise ValueError(f"{path}: too few valid chains for a {split} split of {size}")
             # Error types in turn across the split, as inject_many gives them over a list.
-            pairs += inject_many([chains[cursor]], types_in_turn(cursor), seed=seed)
+            if has_annotations(chains[cursor]):
+                pairs += inject_many([chains[cursor]], types_in_turn(cursor), seed=seed)
             cursor += 1
         out[split] = gsm8k_items(pairs, valid, split)
     return out

@@ -1,6 +1,11 @@
 """A deterministic error injector: corrupts a valid GSM8K chain at a chosen step, with a
 chosen error type, and carries the wrong value through every later step.
 
+Steps are read one of two ways, per chain: where any step carries GSM8K's calculator
+annotation (`<<48/2=24>>`), the annotations are the steps' arithmetic; in a chain without
+any, a step's plain `expr = result` claim is (`3*12=36 pencils`, `$12 x 3 = $36`,
+`1,200 - 300 = 900`, `(3 + 4) = 7 = 7`). A step whose arithmetic cannot be read is left alone.
+
 It is a program, not a model: held-out sets built with it have exact first-error
 labels, and it checks what stage 2 (the model's own corruption) should look like.
 The error-type names match the stage-1 signatures in misstep.signatures.
@@ -13,7 +18,7 @@ import re
 from dataclasses import replace
 
 from misstep.data.records import Chain
-from misstep.metrics.oracle import ANNOTATION, evaluate, first_error
+from misstep.metrics.oracle import ANNOTATION, NotArithmetic, arith_suffix, evaluate, first_error, has_operator
 
 INJECTABLE_TYPES = ("arithmetic_slip", "wrong_operand", "wrong_operation", "skipped_step", "misread_quantity")
 _TOKEN = re.compile(r"\d+(?:\.\d+)?|\*\*|[-+*/()%]")
@@ -70,12 +75,138 @@ class _Step:
         return f"{before}<<{new_expr}={new_result}>>{after}"
 
 
+# A number as people write it (thousands commas, decimals), an operator (ASCII, 'x', '×', '÷'),
+# a bracket or a percent sign; '$' and spaces between them are formatting.
+_PLAIN_TOKEN = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+|[-+*/x×÷()%]")
+_CANONICAL_OPERATOR = {"x": "*", "×": "*", "÷": "/"}
+
+
+class _PlainStep:
+    """One step of a chain without annotations, read from its one plain `expr = result` claim.
+
+    The same face as `_Step`: the expression's tokens (numbers without their commas, operators
+    as Python writes them), the claimed value, and `rewrite`, which puts new numbers and
+    operators back in the step's own style ('$', thousands commas, 'x') and repeats the new
+    result wherever the claim restates it ('= 36 = 36')."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens: list[str] = []
+        self.value: float | None = None
+        self._token_spans: list[tuple[int, int]] = []
+        self._result_spans: list[tuple[int, int]] = []
+        claims = _plain_claim_spans(text)
+        if len(claims) != 1:  # none, or several: which one later steps build on is a guess
+            return
+        (start, end), results = claims[0]
+        spans = [(m.start() + start, m.end() + start) for m in _PLAIN_TOKEN.finditer(text[start:end])]
+        tokens = [_CANONICAL_OPERATOR.get(text[a:b], text[a:b].replace(",", "")) for a, b in spans]
+        try:
+            value = evaluate(text[results[0][0] : results[0][1]])
+            # The tokens must be the expression the oracle reads, nothing lost between them.
+            if evaluate("".join(tokens)) != evaluate(text[start:end]):
+                return
+        except ValueError:
+            return
+        self.tokens, self._token_spans, self._result_spans, self.value = tokens, spans, results, value
+
+    @property
+    def annotated(self) -> bool:  # "readable": named as `_Step`'s, which both serve
+        return self.value is not None and bool(self.tokens)
+
+    def operands(self) -> list[int]:
+        return [i for i, token in enumerate(self.tokens) if token[0].isdigit() or token[0] == "."]
+
+    def rewrite(self, tokens: list[str], value: float) -> str:
+        edits = []
+        for (a, b), old, new in zip(self._token_spans, self.tokens, tokens):
+            if new != old:
+                edits.append((a, b, self._styled(self.text[a:b], new)))
+        for a, b in self._result_spans:
+            edits.append((a, b, self._styled(self.text[a:b], format_number(value))))
+        text = self.text
+        for a, b, new in sorted(edits, reverse=True):
+            text = text[:a] + new + text[b:]
+        return text
+
+    @staticmethod
+    def _styled(old: str, new: str) -> str:
+        """`new` (a number, or an operator) written the way `old` was."""
+        if new in _SWAPS:  # an operator: keep 'x' and '÷' where the step used them
+            typeset = old in ("×", "÷")  # the signs of print; else ASCII ('x' for times where it was used)
+            return {"*": "×" if typeset else ("x" if old == "x" else "*"), "/": "÷" if typeset else "/"}.get(new, new)
+        if "," in old and re.fullmatch(r"-?\d+", new) and abs(int(new)) >= 1000:
+            return f"{int(new):,}"
+        return new
+
+
+_RESULT = re.compile(r"\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?%?)")
+
+
+def _plain_claim_spans(text: str) -> list[tuple[tuple[int, int], list[tuple[int, int]]]]:
+    """Each plain claim with an operator: (span of its expression, spans of its result and of every
+    restatement of the result in a chain 'a = b = b')."""
+    equals = [i for i, c in enumerate(text) if c == "="]
+    ends = [*equals[1:], len(text)]  # where the text right of each '=' ends
+    found = []
+    for n, eq in enumerate(equals):
+        left = text[equals[n - 1] + 1 if n else 0 : eq]
+        run = arith_suffix(left)
+        lead = len(run) - len(re.sub(r"^(?:[\s,;:]|\.(?!\d))+", "", run))
+        expression = run[lead:].rstrip()
+        if not re.search(r"\d", expression) or re.match(r"([+*/x×÷^]|-\s)", expression):
+            continue
+        if not has_operator(expression):
+            continue  # 'b = b' restates; it claims nothing
+        results = _results(text, equals, ends, n)
+        if results:
+            start = eq - len(run) + lead
+            found.append(((start, start + len(expression)), results))
+    return found
+
+
+def _results(text: str, equals: list[int], ends: list[int], n: int) -> list[tuple[int, int]]:
+    """The spans of the number right of the n-th '=' and of its restatements ('= 36 = 36'); none
+    where the right side is not one number (an expression, a number with a unit glued on)."""
+    spans: list[tuple[int, int]] = []
+    for m in range(n, len(equals)):
+        right = text[equals[m] + 1 : ends[m]]
+        number = _RESULT.match(right)
+        if not number:
+            break
+        after = right[number.end() :]
+        if re.match(r"[A-Za-z\d]|\.\d", after) or (not spans and re.match(r"\s*[-+*/x×÷^(]\s*[\d($]", after)):
+            break  # '240g', '36 + 4': not one number
+        span = (equals[m] + 1 + number.start(1), equals[m] + 1 + number.end(1))
+        if spans and evaluate(text[span[0] : span[1]]) != evaluate(text[spans[0][0] : spans[0][1]]):
+            break  # '= 36 = 37' states something else: not a restatement
+        spans.append(span)
+        if after.strip():  # words after the number: the chain of '=' ends here
+            break
+    return spans
+
+
+def has_annotations(chain: Chain) -> bool:
+    """Whether any step of `chain` carries a GSM8K calculator annotation. The committed held-out
+    splits and the control's training chains are built from such chains alone, as they were
+    before plain steps could be injected, so that rebuilding them gives the same files."""
+    return any(ANNOTATION.search(s) for s in chain.steps)
+
+
+def _parser(steps: tuple[str, ...] | list[str]):
+    """How this chain's steps are read: by their annotations, or (a chain without any) plainly."""
+    return _Step if any(ANNOTATION.search(s) for s in steps) else _PlainStep
+
+
 def _is_number(text: str) -> bool:
     return re.fullmatch(r"\s*-?\d+(?:\.\d+)?\s*", text) is not None
 
 
 def _value(tokens: list[str]) -> float:
-    value = evaluate("".join(tokens))
+    try:
+        value = evaluate("".join(tokens))
+    except NotArithmetic:
+        raise InjectionError(f"'{''.join(tokens)}' is not arithmetic") from None
     if value != value or abs(value) == float("inf"):
         raise InjectionError(f"'{''.join(tokens)}' has no value (division by zero)")
     return value
@@ -88,11 +219,11 @@ def _replace_numbers(text: str, changed: dict[str, str]) -> str:
     return text
 
 
-def _propagate(steps: list[str], start: int, changed: dict[str, str]) -> list[str]:
+def _propagate(steps: list[str], start: int, changed: dict[str, str], parse) -> list[str]:
     """Recompute every step after `start` whose operands used a changed value."""
     out = steps[:start]
     for text in steps[start:]:
-        step = _Step(text)
+        step = parse(text)
         if not step.annotated:
             out.append(_replace_numbers(text, changed))
             continue
@@ -113,7 +244,7 @@ def applicable_steps(chain: Chain, error_type: str) -> list[int]:
     """The steps of `chain` where `error_type` can be injected with an exact label."""
     if error_type not in INJECTABLE_TYPES:
         raise InjectionError(f"unknown error type {error_type!r}; injectable: {', '.join(INJECTABLE_TYPES)}")
-    parsed = [_Step(s) for s in chain.steps]
+    parsed = [_parser(chain.steps)(s) for s in chain.steps]
     question_numbers = {format_number(n) for n in _numbers(chain.question)}
     found = []
     for k, step in enumerate(parsed):
@@ -175,17 +306,18 @@ def inject(chain: Chain, error_type: str, step: int | None = None, seed: int = 0
         )
     rng = random.Random(f"{seed}:{chain.source_id}:{error_type}:{step}")
     steps = list(chain.steps)
-    parsed = _Step(steps[step])
+    parse = _parser(chain.steps)
+    parsed = parse(steps[step])
     old_result = format_number(parsed.value)
     tokens = list(parsed.tokens)
     label = step
 
     if error_type == "skipped_step":
         # Drop the step; the next step that used its result takes the value the step started from.
-        use = _first_use([_Step(s) for s in steps], step)
+        use = _first_use([parse(s) for s in steps], step)
         changed = {old_result: format_number(float(_start_value(parsed)))}
         steps = steps[:step] + steps[step + 1 :]
-        return _finish(chain, _propagate(steps, step, changed), use - 1, changed)
+        return _finish(chain, _propagate(steps, step, changed, parse), use - 1, changed)
 
     if error_type == "arithmetic_slip":
         value = parsed.value
@@ -213,7 +345,7 @@ def inject(chain: Chain, error_type: str, step: int | None = None, seed: int = 0
             )
         elif error_type == "wrong_operand":
             i = rng.choice(parsed.operands())
-            others = sorted(_earlier_values(chain, [_Step(s) for s in chain.steps], step) - {tokens[i]})
+            others = sorted(_earlier_values(chain, [parse(s) for s in chain.steps], step) - {tokens[i]})
             tokens[i] = rng.choice(others)
         wrong = _value(tokens)
         if format_number(wrong) == old_result:
@@ -221,14 +353,15 @@ def inject(chain: Chain, error_type: str, step: int | None = None, seed: int = 0
         new_text = parsed.rewrite(tokens, wrong)
     steps[step] = new_text
     changed = {old_result: format_number(wrong)}
-    return _finish(chain, _propagate(steps, step + 1, changed), label, changed)
+    return _finish(chain, _propagate(steps, step + 1, changed, parse), label, changed)
 
 
 def _finish(chain: Chain, steps: list[str], label: int, changed: dict[str, str]) -> Chain:
     # The final answer moves with the values it was computed from.
     answer = chain.answer
-    final_results = [format_number(s.value) for s in map(_Step, steps) if s.annotated]
-    original_results = [format_number(s.value) for s in map(_Step, chain.steps) if s.annotated]
+    parse = _parser(chain.steps)
+    final_results = [format_number(s.value) for s in map(parse, steps) if s.annotated]
+    original_results = [format_number(s.value) for s in map(parse, chain.steps) if s.annotated]
     if original_results and answer == original_results[-1] and final_results:
         answer = final_results[-1]
     else:

@@ -74,7 +74,7 @@ def evaluate(expression: str, percent: str = "fraction") -> float:
     return walk(tree.body)
 
 
-def _has_operator(expression: str) -> bool:
+def has_operator(expression: str) -> bool:
     return bool(re.search(r"(?<=[\d)\s])\s*[-+*/x×÷^]\s*(?=[\d(\s$.-])", _normalize_for_ops(expression)))
 
 
@@ -115,14 +115,14 @@ def _claimed_literal(text: str) -> str:
     return text if NUMBER.fullmatch(text) else ""
 
 
-def _arith_suffix(text: str) -> str:
+def arith_suffix(text: str) -> str:
     i = len(text)
     while i > 0 and text[i - 1] in _ARITH_CHARS:
         i -= 1
     return text[i:]
 
 
-def _arith_prefix(text: str) -> str:
+def arith_prefix(text: str) -> str:
     i = 0
     while i < len(text) and text[i] in _ARITH_CHARS:
         i += 1
@@ -152,14 +152,14 @@ def plain_claims(text: str) -> list[Claim]:
     segments = text.split("=")
     claims = []
     for left_text, right_text in zip(segments, segments[1:]):
-        right_run = _arith_prefix(right_text.lstrip())
+        right_run = arith_prefix(right_text.lstrip())
         if re.search(r"\d$", right_run) and re.match(r"[A-Za-z]", right_text.lstrip()[len(right_run) :]):
             continue  # '240g/5': a unit glued to the number means the run goes on past it
-        left = _whole_expression(_arith_suffix(left_text), at_start=True)
+        left = _whole_expression(arith_suffix(left_text), at_start=True)
         right = _whole_expression(right_run, at_start=False)
         if left is None or right is None:
             continue
-        if not (_has_operator(left[0]) or _has_operator(right[0])):
+        if not (has_operator(left[0]) or has_operator(right[0])):
             continue  # '5 = 5' states nothing to check
         other = None
         if "%" in left[0] + right[0]:

@@ -39,7 +39,7 @@ from misstep.lm.launch import train
 from misstep.lm.training import TrainSettings
 from misstep.metrics.checks import location_correct
 from misstep.metrics.heldout import confusion, read_predictions, score, slices
-from misstep.metrics.injector import InjectionError, applicable_steps, inject, types_in_turn
+from misstep.metrics.injector import InjectionError, applicable_steps, has_annotations, inject, types_in_turn
 from misstep.metrics.oracle import first_error
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, ground_truth_demos
 from misstep.programs import SelfCorrectionCycle, SelfCorrector
@@ -84,7 +84,7 @@ def control_chains(pool: list[Chain], n: int, valid_share: float = VALID_SHARE, 
         for number, chain in enumerate(checkable):
             if len(invalid) == n_invalid:
                 break
-            if id(chain) in taken:
+            if id(chain) in taken or not has_annotations(chain):
                 continue
             injected = _balanced_injection(chain, number, counts, cap, seed)
             if injected is not None:

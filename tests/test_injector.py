@@ -1,7 +1,18 @@
+from collections import Counter
+from pathlib import Path
+
 import pytest
 
+from misstep.data import load_chains
 from misstep.data.records import parse_steps
-from misstep.metrics.injector import INJECTABLE_TYPES, InjectionError, applicable_steps, inject, inject_many
+from misstep.metrics.injector import (
+    INJECTABLE_TYPES,
+    InjectionError,
+    applicable_steps,
+    format_number,
+    inject,
+    inject_many,
+)
 from misstep.metrics.oracle import answers_match, first_error
 from misstep.optimize.demos import writer_chat_data, writer_ground_truth
 
@@ -73,3 +84,44 @@ def test_writer_ground_truth_is_exact_for_each_error_type_it_can_make(gsm8k_trai
     assert len(records) == 2 * 2 * 3
     # Each record is under its own error type's signature (its instructions name the mistake).
     assert sum("arithmetic slip" in r["messages"][0]["content"] for r in records) == 3  # its describe records
+
+
+PLAIN_CHAINS = Path(__file__).parent / "data" / "plain_chains.jsonl"  # written by hand: no annotations
+
+
+def test_plain_arithmetic_chains_take_every_error_type_with_labels_the_oracle_confirms():
+    chains = load_chains(PLAIN_CHAINS)
+    made = Counter()
+    for chain in chains:
+        assert chain.is_valid and first_error(chain.steps) is None
+        for error_type in INJECTABLE_TYPES:
+            for step in applicable_steps(chain, error_type):
+                try:
+                    bad = inject(chain, error_type, step=step)
+                except InjectionError:
+                    continue
+                assert first_error(bad.steps, reference=chain.steps) == bad.mistake_index
+                assert not any("<<" in s for s in bad.steps)  # written as the chain was: plainly
+                made[error_type] += 1
+    assert set(made) == set(INJECTABLE_TYPES) and min(made.values()) >= 10, made
+
+
+def test_plain_steps_keep_their_style_and_carry_the_wrong_value_to_the_answer():
+    chains = {c.steps[0]: c for c in load_chains(PLAIN_CHAINS)}
+    pencils = chains["Tom buys 3 boxes of 12 pencils, so he has 3*12=36 pencils"]
+    slipped = inject(pencils, "arithmetic_slip", step=1)  # 36-9=27 becomes wrong; 27/3 follows it
+    wrong = slipped.steps[1].split("=")[1].split()[0]
+    assert wrong != "27" and slipped.steps[2].startswith(f"Each of his 3 friends gets {wrong}/3=")
+    assert slipped.answer == format_number(float(wrong) / 3) != pencils.answer
+
+    books = chains["The books cost $12 x 3 = $36."]
+    assert inject(books, "wrong_operation", step=0).steps[0] == "The books cost $12 / 3 = $4."  # '$' stays
+    stadium = chains["1,200 - 300 = 900 people came."]
+    swapped = inject(stadium, "wrong_operation", step=0)
+    assert swapped.steps == ("1,200 + 300 = 1500 people came.", "They paid 1500 * $5 = $7,500 in all.")
+    apples = chains["The bags hold (3 * 4) = 12 = 12 apples."]
+    chained = inject(apples, "arithmetic_slip", step=0).steps[0]
+    value = chained.split("= ")[1].split()[0]
+    assert value != "12" and chained == f"The bags hold (3 * 4) = {value} = {value} apples."  # restated too
+    bakery = chains["He bakes 24 × 6 = 144 muffins."]
+    assert inject(bakery, "wrong_operation", step=1).steps[1] == "That makes 144 × 8 = 1152 boxes."
