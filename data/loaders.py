@@ -38,8 +38,16 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.exists():
         raise DataFileError(path, None, None, "file does not exist")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if b"\0" in raw:
+                raise DataFileError(path, number, None, "holds binary data (a NUL byte), not JSON lines")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFileError(
+                    path, number, None, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:

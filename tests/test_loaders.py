@@ -97,3 +97,14 @@ def test_unknown_format_and_missing_file_are_clear(tmp_path):
         load_chains(_write(tmp_path, ['{"text": "hello"}']))
     with pytest.raises(DataFileError, match="does not exist"):
         load_chains(tmp_path / "nope.jsonl")
+
+
+def test_binary_and_non_utf8_files_are_named_with_their_line(tmp_path):
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'{"question": "q?", "answer": "1\\n#### 1"}\n{"question": "caf\xe9?", "answer": "1\\n#### 1"}\n')
+    with pytest.raises(DataFileError, match=rf"^{latin}:2: is not UTF-8 text \(byte 0xe9 at column 18\)"):
+        load_chains(latin)
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\xff\xfe")
+    with pytest.raises(DataFileError, match=rf"^{binary}:1: holds binary data"):
+        load_chains(binary)
