@@ -2,6 +2,7 @@
 
 from misstep.data.loaders import (
     DataFileError,
+    LoadReport,
     detect_format,
     load_big_bench_mistake,
     load_chains,
@@ -14,6 +15,7 @@ __all__ = [
     "STAGES",
     "Chain",
     "DataFileError",
+    "LoadReport",
     "Scenario",
     "StageResult",
     "detect_format",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,39 @@ class DataFileError(ValueError):
         where = f"{path}:{line}" if line is not None else str(path)
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{problem}")
+
+
+# Why a record of a data file could not be used (the keys of a LoadReport's "skipped").
+NO_FINAL_ANSWER = "no final answer"
+NO_CHECKABLE_STEP = "no checkable step"
+ORACLE_FINDS_WRONG = "a solution the oracle finds wrong"
+
+
+@dataclass
+class LoadReport:
+    """What one data file gave: how many records were used, how many were skipped and why, and
+    for each reason the first line it happened on."""
+
+    loaded: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    example_line: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.example_line.setdefault(reason, line)
+
+    def why_nothing(self) -> str:
+        """Why no record was usable, reason by reason, each with an example line."""
+        reasons = [f"{n} with {reason} (e.g. line {self.example_line[reason]})" for reason, n in self.skipped.items()]
+        return "nothing usable: " + ("; ".join(reasons) if reasons else "no records")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loaded": self.loaded, "skipped": dict(self.skipped), "example_line": dict(self.example_line)}
+
+
+def line_of(chain: Chain) -> int:
+    """The 1-based line of its file a chain came from (its source id ends in ':<line>')."""
+    return int(chain.source_id.rsplit(":", 1)[1].split("#")[0])
 
 
 def sample_path(name: str) -> Path:
@@ -79,16 +113,21 @@ def normalize_number(text: str) -> str:
     return text.replace(",", "").replace("$", "").strip()
 
 
-def load_gsm8k(path: Path | str) -> list[Chain]:
-    """GSM8K: the `answer` field is the valid chain, one step a line, final answer after '####'."""
+def load_gsm8k(path: Path | str, report: LoadReport | None = None) -> list[Chain]:
+    """GSM8K: the `answer` field is the valid chain, one step a line, final answer after '####'.
+
+    A solution without a final answer is skipped and counted in `report`; a file where no
+    solution has one is an error that says so, with an example line."""
     path = Path(path)
+    report = report if report is not None else LoadReport()
     chains = []
     for line, record in read_jsonl(path):
         question = _field(path, line, record, "question", str)
         solution = _field(path, line, record, "answer", str)
         body, separator, final = solution.rpartition("####")
         if not separator:
-            raise DataFileError(path, line, "answer", "has no final answer after '####'")
+            report.skip(NO_FINAL_ANSWER, line)
+            continue
         steps = tuple(step.strip() for step in body.strip().splitlines() if step.strip())
         if not steps:
             raise DataFileError(path, line, "answer", "has no reasoning steps before '####'")
@@ -104,6 +143,14 @@ def load_gsm8k(path: Path | str) -> list[Chain]:
                 mistake_index=None,
             )
         )
+    if not chains:
+        raise DataFileError(
+            path,
+            report.example_line.get(NO_FINAL_ANSWER),
+            "answer",
+            report.why_nothing() + ": a GSM8K solution ends with '#### <answer>'",
+        )
+    report.loaded = len(chains)
     return chains
 
 
@@ -162,9 +209,15 @@ def detect_format(path: Path | str) -> str:
     )
 
 
-def load_chains(path: Path | str, data_format: str | None = None) -> list[Chain]:
-    """Load any supported file; the format is detected unless given."""
+def load_chains(path: Path | str, data_format: str | None = None, report: LoadReport | None = None) -> list[Chain]:
+    """Load any supported file; the format is detected unless given. `report` (if given) learns
+    how many records were used and which were skipped, and why."""
     data_format = data_format or detect_format(path)
     if data_format not in LOADERS:
         raise ValueError(f"unknown data format {data_format!r}; known: {', '.join(LOADERS)}")
-    return LOADERS[data_format](Path(path))
+    if data_format == "gsm8k":
+        return load_gsm8k(Path(path), report)
+    chains = LOADERS[data_format](Path(path))
+    if report is not None:
+        report.loaded = len(chains)
+    return chains

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
-from misstep.data import DataFileError, load_chains, sample_path
+from misstep.data import DataFileError, LoadReport, load_chains, sample_path
+from misstep.data.runfiles import write_json_atomic
 from misstep.data.splits import load_split, save_split, split_path, without_heldout
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
 from misstep.lm.provider import LocalProvider
@@ -60,11 +61,27 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(path: Path):
+def _load(path: Path, reports: dict[str, LoadReport] | None = None):
+    """The chains of a data file; `reports` (if given) learns what the file gave and what it could not."""
+    report = LoadReport()
     try:
-        return load_chains(path)
+        chains = load_chains(path, report=report)
     except (DataFileError, ValueError) as exc:
         _fail(str(exc))
+    if reports is not None:
+        reports[str(path)] = report
+    return chains
+
+
+def _write_data_report(reports: dict[str, LoadReport], run_dir: Path) -> None:
+    """RUN_DIR/data_report.json, and a line for each file that had records it could not use."""
+    write_json_atomic(run_dir / "data_report.json", {path: r.to_dict() for path, r in reports.items()})
+    for path, report in reports.items():
+        if report.skipped:
+            skipped = ", ".join(
+                f"{n} {reason} (e.g. line {report.example_line[reason]})" for reason, n in report.skipped.items()
+            )
+            console.print(f"{path}: used {report.loaded}; skipped {skipped}")
 
 
 def _split_chains(folder: Path | None, set_name: str, split: str, limit: int | None = None):
@@ -177,11 +194,16 @@ def evaluate_command(
         sample_path(f"big-bench-mistake/{t}.jsonl")
         for t in ("logical_deduction", "multistep_arithmetic", "word_sorting")
     ] + [sample_path("gsm8k/test.jsonl")]
-    chains = [c for path in paths for c in labelled_chains(_load(path), limit, seed)]
+    reports: dict[str, LoadReport] = {}
+    chains = []
+    for path in paths:
+        chains += labelled_chains(_load(path, reports), limit, seed, report=reports[str(path)])
     if not chains:
-        _fail("no labelled chains in the data")
+        _fail("no labelled chains in the data: " + "; ".join(f"{p}: {r.why_nothing()}" for p, r in reports.items()))
+    run_dir = _run_dir(run_dir, "evaluate")
+    _write_data_report(reports, run_dir)
     settings = JobSettings(
-        run_dir=_run_dir(run_dir, "evaluate"),
+        run_dir=run_dir,
         num_threads=threads,
         demos=_demos(config.loop.demos, demo_data, seed, exclude={c.source_id for c in chains}, heldout=chains),
         seed=seed,

@@ -14,11 +14,14 @@ from typing import Any
 
 import dspy
 
+from misstep.data.loaders import NO_CHECKABLE_STEP, ORACLE_FINDS_WRONG, LoadReport, line_of
 from misstep.data.records import Chain
 from misstep.data.runfiles import JsonlLog, write_json_atomic
 from misstep.lm.client import engine_stats
 from misstep.metrics.checks import check_scenario, summarize_scenarios
-from misstep.metrics.evaluation import evaluate_chain, injected_gsm8k, summarize
+from misstep.metrics.evaluation import evaluate_chain, summarize
+from misstep.metrics.injector import inject_many, types_in_turn
+from misstep.metrics.oracle import first_error
 from misstep.metrics.plots import plot_evaluation, plot_generation
 from misstep.metrics.stats import Rate
 from misstep.optimize.demos import attach_demos
@@ -107,8 +110,33 @@ def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover
     return metrics
 
 
-def labelled_chains(chains: list[Chain], limit: int | None, seed: int) -> list[Chain]:
-    """Chains with first-error labels: BIG-Bench Mistake's as they are, GSM8K's from the injector."""
-    if chains and chains[0].task == "gsm8k":
-        return injected_gsm8k(chains, limit or len(chains), seed=seed)
-    return chains[:limit] if limit else chains
+def labelled_chains(chains: list[Chain], limit: int | None, seed: int, report: LoadReport | None = None) -> list[Chain]:
+    """Chains with first-error labels: BIG-Bench Mistake's as they are, GSM8K's from the injector.
+
+    `report` learns which GSM8K solutions could not be labelled and why: the oracle finds a
+    mistake in the solution itself, or no step holds arithmetic the injector can read."""
+    if not (chains and chains[0].task == "gsm8k"):
+        if report is not None:
+            report.loaded = len(chains)
+        return chains[:limit] if limit else chains
+    labelled = []
+    valid = 0
+    for chain in chains:
+        if first_error(chain.steps) is not None:  # a few GSM8K solutions have slips of their own
+            _skip(report, ORACLE_FINDS_WRONG, chain)
+            continue
+        # Error types in turn across the valid solutions, as inject_many gives them over a list.
+        injected = inject_many([chain], types_in_turn(valid), seed=seed)
+        valid += 1
+        if not injected:
+            _skip(report, NO_CHECKABLE_STEP, chain)
+            continue
+        labelled.append(injected[0][1])
+    if report is not None:
+        report.loaded = len(labelled)
+    return labelled[:limit] if limit else labelled
+
+
+def _skip(report: LoadReport | None, reason: str, chain: Chain) -> None:
+    if report is not None:
+        report.skip(reason, line_of(chain))

@@ -1,6 +1,7 @@
 import json
 import re
 
+from test_injector import PLAIN_CHAINS
 from test_rounds import assert_no_question_in
 from typer.testing import CliRunner
 
@@ -61,6 +62,44 @@ def test_evaluate_reports_each_task_with_intervals(tmp_path, tiny_model_dir):
     assert accuracy["n"] == 8 and 0.0 <= accuracy["low"] <= accuracy["high"] <= 1.0
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 8
     assert (run_dir / "metrics.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluate_labels_plain_arithmetic_and_reports_what_it_could_not_use(tmp_path, tiny_model_dir):
+    plain = [json.loads(line) for line in PLAIN_CHAINS.read_text().splitlines()][:3]
+    data = tmp_path / "mine.jsonl"
+    rows = [
+        plain[0],
+        {"question": "q?", "answer": "no final answer"},
+        plain[1],
+        {"question": "What is 2 and 2?", "answer": "It is four.\n#### 4"},
+        plain[2],
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_dir = tmp_path / "run"
+    result = _invoke(
+        "evaluate",
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--no-recover",
+        "--demos",
+        0,
+        "--threads",
+        3,
+        "--run-dir",
+        run_dir,
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "data_report.json").read_text()) == {
+        str(data): {
+            "loaded": 3,
+            "skipped": {"no final answer": 1, "no checkable step": 1},
+            "example_line": {"no final answer": 2, "no checkable step": 4},
+        }
+    }
+    assert f"{data}: used 3; skipped" in " ".join(result.output.split())
+    assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 3
 
 
 def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir):

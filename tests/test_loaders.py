@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from misstep.data import DataFileError, detect_format, load_big_bench_mistake, load_chains, load_gsm8k, sample_path
+from misstep.data import (
+    DataFileError,
+    LoadReport,
+    detect_format,
+    load_big_bench_mistake,
+    load_chains,
+    load_gsm8k,
+    sample_path,
+)
 from misstep.data.records import format_steps, parse_steps
 
 
@@ -63,7 +71,6 @@ GOOD_GSM8K = json.dumps({"question": "q?", "answer": "1+1=<<1+1=2>>2\n#### 2"})
         ('{"question": "q?", "answer": ', None, "not valid JSON"),
         ('{"question": "q?"}', "answer", "missing"),
         ('{"question": 7, "answer": "x\\n#### 1"}', "question", "expected str, got int"),
-        ('{"question": "q?", "answer": "no final answer"}', "answer", "no final answer"),
         ("[1, 2]", None, "expected a JSON object"),
     ],
 )
@@ -108,3 +115,15 @@ def test_binary_and_non_utf8_files_are_named_with_their_line(tmp_path):
     binary.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\xff\xfe")
     with pytest.raises(DataFileError, match=rf"^{binary}:1: holds binary data"):
         load_chains(binary)
+
+
+def test_solutions_without_a_final_answer_are_skipped_and_counted_and_a_file_of_them_is_refused(tmp_path):
+    path = _write(tmp_path, [GOOD_GSM8K, '{"question": "q?", "answer": "no final answer"}', GOOD_GSM8K])
+    report = LoadReport()
+    assert len(load_chains(path, report=report)) == 2
+    assert report.to_dict() == {"loaded": 2, "skipped": {"no final answer": 1}, "example_line": {"no final answer": 2}}
+    only_bad = _write(tmp_path, ['{"question": "q?", "answer": "4"}'] * 2)
+    with pytest.raises(
+        DataFileError, match=r":1: field 'answer': nothing usable: 2 with no final answer \(e.g. line 1\)"
+    ):
+        load_chains(only_bad)
