@@ -1,7 +1,7 @@
 """Chain records, loaders for GSM8K and BIG-Bench Mistake, and the samples shipped for tests."""
 
 from misstep.data.loaders import (
-    DataFileError,
+    Fields,
     LoadReport,
     detect_format,
     load_big_bench_mistake,
@@ -10,11 +10,13 @@ from misstep.data.loaders import (
     sample_path,
 )
 from misstep.data.records import STAGES, Chain, Scenario, StageResult, format_steps, parse_steps
+from misstep.data.tables import DataFileError
 
 __all__ = [
     "STAGES",
     "Chain",
     "DataFileError",
+    "Fields",
     "LoadReport",
     "Scenario",
     "StageResult",

@@ -6,25 +6,13 @@ fails the load cleanly instead of leaving a half-read data set behind.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from misstep.data.records import Chain
-
-
-class DataFileError(ValueError):
-    """A data file that cannot be read: names the file, the 1-based line and the field."""
-
-    def __init__(self, path: Path | str, line: int | None, field: str | None, problem: str):
-        self.path, self.line, self.field, self.problem = Path(path), line, field, problem
-        where = f"{path}:{line}" if line is not None else str(path)
-        what = f"field '{field}': " if field else ""
-        super().__init__(f"{where}: {what}{problem}")
-
+from misstep.data.tables import DataFileError, read_rows
 
 # Why a record of a data file could not be used (the keys of a LoadReport's "skipped").
 NO_FINAL_ANSWER = "no final answer"
@@ -67,35 +55,6 @@ def sample_path(name: str) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(1-based line, record) for every JSON object of a JSONL file; a bad line names the file and line."""
-    if not path.exists():
-        raise DataFileError(path, None, None, "file does not exist")
-    rows = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if b"\0" in raw:
-                raise DataFileError(path, number, None, "holds binary data (a NUL byte), not JSON lines")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataFileError(
-                    path, number, None, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFileError(path, number, None, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataFileError(path, number, None, f"expected a JSON object, got {type(record).__name__}")
-            rows.append((number, record))
-    if not rows:
-        raise DataFileError(path, None, None, "file holds no records")
-    return rows
-
-
 def _field(path: Path, line: int, record: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     if name not in record:
         raise DataFileError(path, line, name, "missing")
@@ -113,24 +72,54 @@ def normalize_number(text: str) -> str:
     return text.replace(",", "").replace("$", "").strip()
 
 
-def load_gsm8k(path: Path | str, report: LoadReport | None = None) -> list[Chain]:
-    """GSM8K: the `answer` field is the valid chain, one step a line, final answer after '####'.
+@dataclass(frozen=True)
+class Fields:
+    """Which field of a record holds what. By default GSM8K's: `question`, and `answer` with the
+    steps one a line and the final answer after '####'. A set whose steps carry a first-error
+    label names `steps` (a list, or one text with a step a line) and `label` instead, with the
+    label's base (0: the first step is 0; 1: it is 1) and the value that means "no mistake"
+    (besides an empty one); `answer`, where the record has it, is then the reference answer."""
 
-    A solution without a final answer is skipped and counted in `report`; a file where no
-    solution has one is an error that says so, with an example line."""
-    path = Path(path)
+    question: str = "question"
+    answer: str = "answer"
+    steps: str | None = None
+    label: str | None = None
+    label_base: int = 0
+    no_mistake: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) != (self.label is None):
+            raise ValueError("a labelled set names both its steps field and its label field")
+        if self.label_base not in (0, 1):
+            raise ValueError(f"label_base must be 0 or 1, not {self.label_base}")
+
+    @property
+    def labelled(self) -> bool:
+        return self.steps is not None
+
+
+def load_gsm8k(path: Path | str, report: LoadReport | None = None, fields: Fields = Fields()) -> list[Chain]:
+    """GSM8K: the `answer` field is the valid chain, one step a line, final answer after '####'."""
+    return gsm8k_chains(Path(path), read_rows(path), report, fields)
+
+
+def gsm8k_chains(
+    path: Path, rows: list[tuple[int, dict[str, Any]]], report: LoadReport | None = None, fields: Fields = Fields()
+) -> list[Chain]:
+    """Chains from GSM8K-shaped records. A solution without a final answer is skipped and counted
+    in `report`; a file where no solution has one is an error that says so, with an example line."""
     report = report if report is not None else LoadReport()
     chains = []
-    for line, record in read_jsonl(path):
-        question = _field(path, line, record, "question", str)
-        solution = _field(path, line, record, "answer", str)
+    for line, record in rows:
+        question = _field(path, line, record, fields.question, str)
+        solution = _field(path, line, record, fields.answer, str)
         body, separator, final = solution.rpartition("####")
         if not separator:
             report.skip(NO_FINAL_ANSWER, line)
             continue
         steps = tuple(step.strip() for step in body.strip().splitlines() if step.strip())
         if not steps:
-            raise DataFileError(path, line, "answer", "has no reasoning steps before '####'")
+            raise DataFileError(path, line, fields.answer, "has no reasoning steps before '####'")
         answer = normalize_number(final)
         chains.append(
             Chain(
@@ -147,7 +136,7 @@ def load_gsm8k(path: Path | str, report: LoadReport | None = None) -> list[Chain
         raise DataFileError(
             path,
             report.example_line.get(NO_FINAL_ANSWER),
-            "answer",
+            fields.answer,
             report.why_nothing() + ": a GSM8K solution ends with '#### <answer>'",
         )
     report.loaded = len(chains)
@@ -156,16 +145,14 @@ def load_gsm8k(path: Path | str, report: LoadReport | None = None) -> list[Chain
 
 def load_big_bench_mistake(path: Path | str) -> list[Chain]:
     """BIG-Bench Mistake: model-written traces with `mistake_index`, the people-labelled first mistake."""
-    path = Path(path)
+    return big_bench_mistake_chains(Path(path), read_rows(path))
+
+
+def big_bench_mistake_chains(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> list[Chain]:
     chains = []
-    for line, record in read_jsonl(path):
+    for line, record in rows:
         question = _field(path, line, record, "input", str)
-        steps = _field(path, line, record, "steps", list)
-        for i, step in enumerate(steps):
-            if not isinstance(step, str):
-                raise DataFileError(path, line, f"steps[{i}]", f"expected str, got {type(step).__name__}")
-        if not steps:
-            raise DataFileError(path, line, "steps", "is empty")
+        steps = _steps(path, line, record, "steps")
         # null where the trace never reached an answer (one logical_deduction trace does this)
         answer = _field(path, line, record, "answer", (str, int, float, type(None)))
         target = _field(path, line, record, "target", (str, int, float))
@@ -175,7 +162,7 @@ def load_big_bench_mistake(path: Path | str) -> list[Chain]:
         chains.append(
             Chain(
                 question=question,
-                steps=tuple(steps),
+                steps=steps,
                 answer=None if answer is None else str(answer),
                 reference_answer=str(target),
                 source_id=f"{path.parent.name}/{path.name}:{line}",
@@ -186,16 +173,65 @@ def load_big_bench_mistake(path: Path | str) -> list[Chain]:
     return chains
 
 
-LOADERS: dict[str, Callable[[Path], list[Chain]]] = {
-    "gsm8k": load_gsm8k,
-    "big-bench-mistake": load_big_bench_mistake,
-}
+def labelled_chains_of(path: Path, rows: list[tuple[int, dict[str, Any]]], fields: Fields) -> list[Chain]:
+    """Chains from a set whose records carry their steps and a first-error label (`fields`)."""
+    chains = []
+    for line, record in rows:
+        question = _field(path, line, record, fields.question, str)
+        steps = _steps(path, line, record, fields.steps)
+        if fields.label not in record:
+            raise DataFileError(path, line, fields.label, "missing")
+        label = record[fields.label]
+        if label is None or (isinstance(label, str) and not label.strip()) or str(label) == fields.no_mistake:
+            mistake = None
+        else:
+            try:
+                mistake = int(str(label).strip()) - fields.label_base
+            except ValueError:
+                raise DataFileError(path, line, fields.label, f"{label!r} is not a step number") from None
+            if isinstance(label, bool) or not 0 <= mistake < len(steps):
+                raise DataFileError(
+                    path,
+                    line,
+                    fields.label,
+                    f"{label!r} is not one of the {len(steps)} steps (counted from {fields.label_base})",
+                )
+        answer = record.get(fields.answer)
+        chains.append(
+            Chain(
+                question=question,
+                steps=steps,
+                answer=None if answer is None else normalize_number(str(answer)),
+                reference_answer="" if answer is None else normalize_number(str(answer)),
+                source_id=f"{path.parent.name}/{path.name}:{line}",
+                task=path.stem,
+                mistake_index=mistake,
+            )
+        )
+    return chains
+
+
+def _steps(path: Path, line: int, record: dict[str, Any], name: str) -> tuple[str, ...]:
+    """A record's steps: a list of strings, or one string with a step a line."""
+    value = _field(path, line, record, name, (list, str))
+    if isinstance(value, str):
+        value = [step.strip() for step in value.splitlines() if step.strip()]
+    for i, step in enumerate(value):
+        if not isinstance(step, str):
+            raise DataFileError(path, line, f"{name}[{i}]", f"expected str, got {type(step).__name__}")
+    if not value:
+        raise DataFileError(path, line, name, "is empty")
+    return tuple(value)
 
 
 def detect_format(path: Path | str) -> str:
     """Which loader fits a file, from the keys of its first record."""
     path = Path(path)
-    first_line, first = read_jsonl(path)[0]
+    return _detect(path, read_rows(path))
+
+
+def _detect(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> str:
+    first_line, first = rows[0]
     if {"question", "answer"} <= first.keys():
         return "gsm8k"
     if {"input", "steps", "mistake_index"} <= first.keys():
@@ -205,19 +241,31 @@ def detect_format(path: Path | str) -> str:
         first_line,
         None,
         f"unknown format (keys {sorted(first)}): expected GSM8K (question, answer) "
-        "or BIG-Bench Mistake (input, steps, answer, target, mistake_index)",
+        "or BIG-Bench Mistake (input, steps, answer, target, mistake_index); for other field names "
+        "see --question-field, --answer-field, --steps-field and --label-field",
     )
 
 
-def load_chains(path: Path | str, data_format: str | None = None, report: LoadReport | None = None) -> list[Chain]:
-    """Load any supported file; the format is detected unless given. `report` (if given) learns
-    how many records were used and which were skipped, and why."""
-    data_format = data_format or detect_format(path)
-    if data_format not in LOADERS:
-        raise ValueError(f"unknown data format {data_format!r}; known: {', '.join(LOADERS)}")
-    if data_format == "gsm8k":
-        return load_gsm8k(Path(path), report)
-    chains = LOADERS[data_format](Path(path))
+def load_chains(
+    path: Path | str, data_format: str | None = None, report: LoadReport | None = None, fields: Fields | None = None
+) -> list[Chain]:
+    """Load a data file (JSONL, JSON, CSV, Parquet, or a folder saved by `datasets`); its format is
+    detected from its first record unless given, or set by `fields` (other field names, or a
+    first-error-labelled set). `report` (if given) learns how many records were used and which
+    were skipped, and why."""
+    path = Path(path)
+    rows = read_rows(path)
+    if fields is not None and fields != Fields():
+        if not fields.labelled:
+            return gsm8k_chains(path, rows, report, fields)
+        chains = labelled_chains_of(path, rows, fields)
+    else:
+        data_format = data_format or _detect(path, rows)
+        if data_format == "gsm8k":
+            return gsm8k_chains(path, rows, report)
+        if data_format != "big-bench-mistake":
+            raise ValueError(f"unknown data format {data_format!r}; known: gsm8k, big-bench-mistake")
+        chains = big_bench_mistake_chains(path, rows)
     if report is not None:
         report.loaded = len(chains)
     return chains

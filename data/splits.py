@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from misstep.data.loaders import DataFileError, read_jsonl
 from misstep.data.records import Chain
+from misstep.data.tables import DataFileError, read_jsonl
 
 SPLITS = ("test", "validation")
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
-from misstep.data import DataFileError, LoadReport, load_chains, sample_path
+from misstep.data import DataFileError, Fields, LoadReport, load_chains, sample_path
 from misstep.data.runfiles import write_json_atomic
 from misstep.data.splits import load_split, save_split, split_path, without_heldout
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
@@ -30,7 +30,7 @@ from misstep.optimize.demos import attach_demos, ground_truth_demos, questions_o
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
 from misstep.optimize.rounds import run_loop
-from misstep.options import SERVING, TRAINING, configured
+from misstep.options import DATA, SERVING, TRAINING, configured
 from misstep.programs import Judge, SelfCorrector
 
 app = typer.Typer(
@@ -61,16 +61,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(path: Path, reports: dict[str, LoadReport] | None = None):
-    """The chains of a data file; `reports` (if given) learns what the file gave and what it could not."""
+def _load(path: Path, reports: dict[str, LoadReport] | None = None, fields: Fields | None = None):
+    """The chains of a data file (its records' fields named by `fields`, for a user's --data); `reports`
+    (if given) learns what the file gave and what it could not."""
     report = LoadReport()
     try:
-        chains = load_chains(path, report=report)
+        chains = load_chains(path, report=report, fields=fields)
     except (DataFileError, ValueError) as exc:
         _fail(str(exc))
     if reports is not None:
         reports[str(path)] = report
     return chains
+
+
+def _fields(config: RunConfig, given) -> Fields | None:
+    """The field names of --data files the user gave; the shipped samples are GSM8K's own."""
+    return config.data if given else None
 
 
 def _write_data_report(reports: dict[str, LoadReport], run_dir: Path) -> None:
@@ -130,7 +136,7 @@ def _rate_cell(rate: dict) -> str:
 
 
 @app.command("generate")
-@configured("error_type", "model", "threads", "demos", "seed")
+@configured("error_type", "model", "threads", "demos", "seed", *DATA)
 def generate_command(
     config: RunConfig,
     data: Annotated[Path | None, typer.Option(help="valid chains (GSM8K JSONL); default: shipped train sample")] = None,
@@ -141,7 +147,7 @@ def generate_command(
 ) -> None:
     """Run all six stages over N valid chains; write the scenarios and a summary into a run directory."""
     types, seed, threads = config.loop.error_types, config.loop.seed, config.loop.num_threads
-    loaded = [c for c in _load(data or sample_path("gsm8k/train.jsonl")) if c.is_valid]
+    loaded = [c for c in _load(data or sample_path("gsm8k/train.jsonl"), fields=_fields(config, data)) if c.is_valid]
     demo_chains = _demos(config.loop.demos, demo_data, seed, exclude=set())
     used_for_demos = questions_of(demo_chains)
     selected = [c for c in loaded if c.question not in used_for_demos][:chains]
@@ -173,7 +179,7 @@ def generate_command(
 
 
 @app.command("evaluate")
-@configured("model", "threads", "demos", "seed")
+@configured("model", "threads", "demos", "seed", *DATA)
 def evaluate_command(
     config: RunConfig,
     data: Annotated[
@@ -197,7 +203,7 @@ def evaluate_command(
     reports: dict[str, LoadReport] = {}
     chains = []
     for path in paths:
-        chains += labelled_chains(_load(path, reports), limit, seed, report=reports[str(path)])
+        chains += labelled_chains(_load(path, reports, _fields(config, data)), limit, seed, report=reports[str(path)])
     if not chains:
         _fail("no labelled chains in the data: " + "; ".join(f"{p}: {r.why_nothing()}" for p, r in reports.items()))
     run_dir = _run_dir(run_dir, "evaluate")
@@ -239,7 +245,7 @@ def evaluate_command(
 
 
 @app.command("compile")
-@configured("model", "threads", "demos", "seed", "ground_truth", *TRAINING, *SERVING)
+@configured("model", "threads", "demos", "seed", "ground_truth", *DATA, *TRAINING, *SERVING)
 def compile_command(
     config: RunConfig,
     data: Annotated[
@@ -284,10 +290,12 @@ def compile_command(
     seed, threads, ground_truth = config.loop.seed, config.loop.num_threads, config.loop.ground_truth
     if (warm_up_first or judge_warm_up) and not ground_truth:
         _fail("--warm-up and --judge-warm-up need ground truth to train on: set --ground-truth above 0")
-    heldout_source = _load(heldout or sample_path("gsm8k/test.jsonl"))
+    heldout_source = _load(heldout or sample_path("gsm8k/test.jsonl"), fields=_fields(config, heldout))
     heldout_chains = labelled_chains(heldout_source, heldout_size, seed)
     # No question of the held-out file (measured or not) reaches a demo, the ground truth or a trace.
-    train_chains = without_heldout(_load(data or sample_path("gsm8k/train.jsonl")), heldout_source)
+    train_chains = without_heldout(
+        _load(data or sample_path("gsm8k/train.jsonl"), fields=_fields(config, data)), heldout_source
+    )
     run = _run_dir(run_dir, "compile")
     write_config(config, run / "config.toml")
     demo_sets = _demos(config.loop.demos, demo_data, seed, exclude=set(), heldout=heldout_source)
@@ -417,6 +425,7 @@ def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int
     "threads",
     "demos",
     "seed",
+    *DATA,
     *TRAINING,
     *SERVING,
 )
@@ -445,7 +454,7 @@ def optimize_command(
     them, Optuna-tuned thresholds keep some, the student is compiled on everything kept so far,
     and held-out accuracy decides whether to go on. Rerun with the same --run-dir to resume."""
     _check_serving(config)
-    train_chains = _load(data or sample_path("gsm8k/train.jsonl"))
+    train_chains = _load(data or sample_path("gsm8k/train.jsonl"), fields=_fields(config, data))
     held, validation = (
         {
             name: _split_chains(splits, set_name, split, heldout_size)

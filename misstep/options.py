@@ -45,6 +45,20 @@ OPTIONS: dict[str, Option] = {
     "threads": Option(("loop.num_threads", "engine.max_batch_size"), "concurrent requests (the engine batches them)"),
     "seed": Option(("loop.seed", "train.seed")),
     "demos": Option(("loop.demos",), "ground-truth demos per stage in the prompts"),
+    # the data files' fields
+    "question_field": Option(("data.question",), "the field holding the question"),
+    "answer_field": Option(
+        ("data.answer",),
+        "the field holding the solution (GSM8K-shaped: steps, then '#### "
+        "<answer>'), or in a labelled set the reference answer",
+    ),
+    "steps_field": Option(
+        ("data.steps",),
+        "a first-error-labelled set: the field holding its steps (a list, or one text with a step a line)",
+    ),
+    "label_field": Option(("data.label",), "a first-error-labelled set: the field holding the first wrong step"),
+    "label_base": Option(("data.label_base",), "the number the label gives the first step (0 or 1)"),
+    "no_mistake_label": Option(("data.no_mistake",), "the label value meaning 'no mistake' (besides an empty one)"),
     # training
     "method": Option(("train.method",), "lora or full"),
     "epochs": Option(("train.epochs",)),
@@ -83,6 +97,7 @@ OPTIONS: dict[str, Option] = {
 
 console = Console()
 
+DATA = ("question_field", "answer_field", "steps_field", "label_field", "label_base", "no_mistake_label")
 TRAINING = (
     "method",
     "epochs",
@@ -121,23 +136,43 @@ def _parameter(name: str) -> inspect.Parameter:
 
 def config_from(values: dict[str, Any], file: Path | None, given: set[str]) -> RunConfig:
     """The RunConfig of a command: `file` on top of the defaults, then the options in `given`
-    (those on the command line; without a file, every option, which is its default otherwise).
-    A value a field refuses is an error that names the option."""
+    (those on the command line; without a file, every option, which is its default otherwise),
+    all at once (a labelled set names its steps and its label together). A value a field
+    refuses is an error that names the option."""
     config = load_config(file) if file else RunConfig()
+    chosen = {
+        name: value
+        for name, value in values.items()
+        if not ((file and name not in given) or (value is None and _repeated(name)))
+    }
+    try:
+        return apply(config, _changes(chosen), "")
+    except ConfigError as exc:
+        detail = (
+            str(exc).split(": ", 1)[-1]
+            if str(exc).split(": ", 1)[0] in ("train", "engine", "vllm", "loop", "loop.stop", "data")
+            else str(exc)
+        )
+        for name in chosen:  # the option without which the rest is accepted is the one to name
+            try:
+                apply(config, _changes({k: v for k, v in chosen.items() if k != name}), "")
+            except ConfigError:
+                continue
+            raise ConfigError(f"--{name.replace('_', '-')}: {detail}") from None
+        raise ConfigError(f"the options together: {detail}") from None
+
+
+def _changes(values: dict[str, Any]) -> dict[str, Any]:
+    """Option values as nested changes of RunConfig's fields."""
+    changes: dict[str, Any] = {}
     for name, value in values.items():
-        if (file and name not in given) or (value is None and _repeated(name)):
-            continue  # the file's (or the default) value stands
         for path in OPTIONS[name].fields:
             *sections, field_name = path.split(".")
-            changes: dict[str, Any] = {field_name: value}
-            for section in reversed(sections):
-                changes = {section: changes}
-            try:
-                config = apply(config, changes, "")
-            except ConfigError as exc:
-                detail = str(exc).split(": ", 1)[-1] if str(exc).startswith(sections[0] if sections else "\0") else exc
-                raise ConfigError(f"--{name.replace('_', '-')}: {detail}") from None
-    return config
+            inner = changes
+            for section in sections:
+                inner = inner.setdefault(section, {})
+            inner[field_name] = value
+    return changes
 
 
 def _repeated(name: str) -> bool:

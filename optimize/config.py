@@ -5,7 +5,7 @@
     config.train.learning_rate = 1e-4                     # or in code
     write_config(config, run_dir / "config.toml")         # what a run ran with, beside its results
 
-A field is declared once, in its layer's dataclass (`TrainSettings` in lm/training.py,
+A field is declared once, in its layer's dataclass (`Fields` in data/loaders.py, `TrainSettings` in lm/training.py,
 `EngineSettings` in lm/engine.py, `VllmOptions` in lm/serving.py, `LoopSettings` in
 optimize/rounds.py); the command line's options are mapped onto these fields in one table,
 `misstep.options.OPTIONS`.
@@ -39,6 +39,7 @@ from typing import Any
 
 import tomli_w
 
+from misstep.data.loaders import Fields
 from misstep.lm.engine import EngineSettings
 from misstep.lm.models import DEFAULT_MODEL
 from misstep.lm.provider import SERVINGS
@@ -53,6 +54,7 @@ class RunConfig:
 
     model: str = DEFAULT_MODEL  # a registered model's name, or a local Hugging Face model folder
     serving: str = "embedded"  # "embedded" (in this process) or "vllm" (a local vLLM server per checkpoint)
+    data: Fields = field(default_factory=Fields)  # which field of a data file's records holds what
     train: TrainSettings = field(default_factory=TrainSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     vllm: VllmOptions = field(default_factory=VllmOptions)

@@ -4,6 +4,7 @@ import pytest
 
 from misstep.data import (
     DataFileError,
+    Fields,
     LoadReport,
     detect_format,
     load_big_bench_mistake,
@@ -111,10 +112,19 @@ def test_binary_and_non_utf8_files_are_named_with_their_line(tmp_path):
     latin.write_bytes(b'{"question": "q?", "answer": "1\\n#### 1"}\n{"question": "caf\xe9?", "answer": "1\\n#### 1"}\n')
     with pytest.raises(DataFileError, match=rf"^{latin}:2: is not UTF-8 text \(byte 0xe9 at column 18\)"):
         load_chains(latin)
-    binary = tmp_path / "model.safetensors"
+    binary = tmp_path / "data.jsonl"
     binary.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\xff\xfe")
     with pytest.raises(DataFileError, match=rf"^{binary}:1: holds binary data"):
         load_chains(binary)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\xff\xfe")
+    with pytest.raises(DataFileError, match=rf"^{weights}: unknown kind of file; readable: .jsonl, .json, .csv"):
+        load_chains(weights)
+    for name in ("bad.csv", "bad.parquet", "bad.json"):
+        broken = tmp_path / name
+        broken.write_bytes(b"\xff\xfe\x00garbage")
+        with pytest.raises(DataFileError, match=rf"^{broken}: cannot be read as"):
+            load_chains(broken)
 
 
 def test_solutions_without_a_final_answer_are_skipped_and_counted_and_a_file_of_them_is_refused(tmp_path):
@@ -127,3 +137,50 @@ def test_solutions_without_a_final_answer_are_skipped_and_counted_and_a_file_of_
         DataFileError, match=r":1: field 'answer': nothing usable: 2 with no final answer \(e.g. line 1\)"
     ):
         load_chains(only_bad)
+
+
+def _content(chains):
+    return [(c.question, c.steps, c.answer, c.reference_answer, c.mistake_index, c.task) for c in chains]
+
+
+def test_every_accepted_format_loads_the_same_chains_as_the_jsonl(tmp_path):
+    import datasets
+
+    source = sample_path("gsm8k/test.jsonl")
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    table = datasets.Dataset.from_list(rows)
+    (tmp_path / "set.json").write_text(json.dumps(rows))
+    table.to_csv(tmp_path / "set.csv")
+    table.to_parquet(tmp_path / "set.parquet")
+    table.save_to_disk(tmp_path / "set")
+    expected = _content(load_chains(source))
+    for path in ("set.json", "set.csv", "set.parquet", "set"):
+        assert _content(load_chains(tmp_path / path)) == expected, path
+    assert load_chains(tmp_path / "set.csv")[0].source_id.endswith("set.csv:2")  # its line: the header is line 1
+
+
+def test_other_field_names_and_a_first_error_labelled_set(tmp_path):
+    import datasets
+
+    renamed = tmp_path / "renamed.csv"
+    datasets.Dataset.from_list([{"problem": "What is 2+3?", "solution": "2+3=5\n#### 5"}]).to_csv(renamed)
+    (chain,) = load_chains(renamed, fields=Fields(question="problem", answer="solution"))
+    assert (chain.question, chain.steps, chain.answer) == ("What is 2+3?", ("2+3=5",), "5")
+
+    labelled = tmp_path / "labelled.parquet"
+    datasets.Dataset.from_list(
+        [
+            {"q": "q1", "trace": "a\nb\nc", "first_wrong": "2", "final": "7"},
+            {"q": "q2", "trace": "a\nb", "first_wrong": "none", "final": "1,000"},
+        ]
+    ).to_parquet(labelled)
+    fields = Fields(question="q", answer="final", steps="trace", label="first_wrong", label_base=1, no_mistake="none")
+    first, second = load_chains(labelled, fields=fields)
+    assert (first.steps, first.mistake_index, first.answer) == (("a", "b", "c"), 1, "7")
+    assert (second.mistake_index, second.answer) == (None, "1000")
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps([{"q": "q1", "trace": ["a", "b", "c"], "first_wrong": 5}]))
+    with pytest.raises(DataFileError, match=r"outside.json:1: field 'first_wrong': 5 is not one of the 3 steps"):
+        load_chains(outside, fields=fields)
+    with pytest.raises(ValueError, match="both its steps field and its label field"):
+        Fields(steps="trace")
