@@ -102,6 +102,12 @@ def test_evaluate_labels_plain_arithmetic_and_reports_what_it_could_not_use(tmp_
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 3
 
 
+def _binary(folder):
+    path = folder / "data.jsonl"
+    path.write_bytes(b"\xff\xfe{\x00}")
+    return path
+
+
 def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q?", "answer": "1\\n#### 1"}\n{"question": "q?"}\n')
@@ -109,6 +115,14 @@ def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir):
     assert result.exit_code == 2
     assert f"{bad}:2: field 'answer': missing" in " ".join(result.output.split())
     assert not (tmp_path / "r").exists()
+    written = tmp_path / "written"  # a run directory with results in it loses nothing to bad input
+    written.mkdir()
+    (written / "metrics.json").write_text('{"kept": true}')
+    for broken in (bad, _binary(tmp_path)):
+        result = _invoke("evaluate", "--data", broken, "--model", tiny_model_dir, "--run-dir", written)
+        assert result.exit_code == 2 and str(broken) in " ".join(result.output.split())
+    assert [p.name for p in written.iterdir()] == ["metrics.json"]
+    assert (written / "metrics.json").read_text() == '{"kept": true}'
 
     result = _invoke("generate", "--error-type", "typo", "--model", tiny_model_dir)
     assert result.exit_code == 2 and "--error-type: unknown error type 'typo'" in result.output
