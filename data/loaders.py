@@ -28,6 +28,8 @@ class LoadReport:
     loaded: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     example_line: dict[str, int] = field(default_factory=dict)
+    # Of the chains used, the steps the injector could not read and left alone (where it labels them).
+    unreadable_steps: int | None = None
 
     def skip(self, reason: str, line: int) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -39,7 +41,8 @@ class LoadReport:
         return "nothing usable: " + ("; ".join(reasons) if reasons else "no records")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loaded": self.loaded, "skipped": dict(self.skipped), "example_line": dict(self.example_line)}
+        out = {"loaded": self.loaded, "skipped": dict(self.skipped), "example_line": dict(self.example_line)}
+        return out if self.unreadable_steps is None else {**out, "unreadable_steps": self.unreadable_steps}
 
 
 def line_of(chain: Chain) -> int:

@@ -193,6 +193,13 @@ def has_annotations(chain: Chain) -> bool:
     return any(ANNOTATION.search(s) for s in chain.steps)
 
 
+def unreadable_steps(chain: Chain) -> int:
+    """How many of `chain`'s steps hold no arithmetic the injector can read (no claim, or several):
+    no error is ever put there."""
+    parse = _parser(chain.steps)
+    return sum(not parse(step).annotated for step in chain.steps)
+
+
 def _parser(steps: tuple[str, ...] | list[str]):
     """How this chain's steps are read: by their annotations, or (a chain without any) plainly."""
     return _Step if any(ANNOTATION.search(s) for s in steps) else _PlainStep

@@ -20,7 +20,7 @@ from misstep.data.runfiles import JsonlLog, write_json_atomic
 from misstep.lm.client import engine_stats
 from misstep.metrics.checks import check_scenario, summarize_scenarios
 from misstep.metrics.evaluation import evaluate_chain, summarize
-from misstep.metrics.injector import inject_many, types_in_turn
+from misstep.metrics.injector import inject_many, types_in_turn, unreadable_steps
 from misstep.metrics.oracle import first_error
 from misstep.metrics.plots import plot_evaluation, plot_generation
 from misstep.metrics.stats import Rate
@@ -134,6 +134,8 @@ def labelled_chains(chains: list[Chain], limit: int | None, seed: int, report: L
         labelled.append(injected[0][1])
     if report is not None:
         report.loaded = len(labelled)
+        originals = {c.source_id: c for c in chains}
+        report.unreadable_steps = sum(unreadable_steps(originals[c.source_id]) for c in labelled)
     return labelled[:limit] if limit else labelled
 
 

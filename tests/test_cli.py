@@ -66,6 +66,7 @@ def test_evaluate_reports_each_task_with_intervals(tmp_path, tiny_model_dir):
 
 def test_evaluate_labels_plain_arithmetic_and_reports_what_it_could_not_use(tmp_path, tiny_model_dir):
     plain = [json.loads(line) for line in PLAIN_CHAINS.read_text().splitlines()][:3]
+    plain[1]["answer"] = plain[1]["answer"].replace("\n####", "\nMia is happy with her change.\n####")
     data = tmp_path / "mine.jsonl"
     rows = [
         plain[0],
@@ -96,6 +97,7 @@ def test_evaluate_labels_plain_arithmetic_and_reports_what_it_could_not_use(tmp_
             "loaded": 3,
             "skipped": {"no final answer": 1, "no checkable step": 1},
             "example_line": {"no final answer": 2, "no checkable step": 4},
+            "unreadable_steps": 1,  # the prose step added below: left alone
         }
     }
     assert f"{data}: used 3; skipped" in " ".join(result.output.split())
