@@ -483,6 +483,12 @@ def _data_key(records: list[dict[str, Any]], settings: TrainSettings) -> str:
         for k, v in asdict(settings).items()
         if k not in ("resume_every_s", "launch_timeout_s", "collective_timeout_s", "onednn", "share_prefix")
     }
+    # Keyed by what they mean: a LoRA alpha left to its default is twice the rank, and a setting added
+    # since resume points were first written, at the value that means what training did before it
+    # existed, is left out, so that a training started before it resumes.
+    shaping["lora_alpha"] = settings.lora_alpha or 2 * settings.lora_rank
+    if shaping["loss_weighting"] == "tokens":
+        del shaping["loss_weighting"]
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
     for record in records:
         digest.update(json.dumps(record, sort_keys=True).encode())

@@ -339,3 +339,14 @@ def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weigh
     (out / "train_summary.json").unlink()
     fresh = train_chat(tiny_model_dir, records[:4], out, settings, show_progress=False)
     assert fresh["resumed_at_step"] is None
+
+
+def test_a_resume_point_is_keyed_by_what_the_settings_mean():
+    from misstep.lm.training import _data_key
+
+    records = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    plain = TrainSettings(method="full")
+    assert _data_key(records, plain) == _data_key(records, TrainSettings(method="full", lora_alpha=32))
+    assert _data_key(records, plain) != _data_key(records, TrainSettings(method="full", loss_weighting="fields"))
+    assert _data_key(records, plain) != _data_key(records, TrainSettings(method="full", lora_rank=8))
+    assert _data_key(records, plain) == _data_key(records, TrainSettings(method="full", resume_every_s=5))
