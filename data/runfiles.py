@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,3 +85,65 @@ class JsonlLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process owns the run directory."""
+
+
+class RunLock:
+    """One process at a time writes a run directory: an exclusive `flock` on RUN_DIR/.lock, which
+    names the holder's process id. The kernel drops the lock when its holder exits, however it
+    dies (kill -9 included), so a killed run never leaves a stuck lock behind. Within the process
+    that holds it the lock may be taken again (a command, then the loop it runs).
+
+        with RunLock(run_dir):
+            ...  # write there
+    """
+
+    _held: dict[Path, list] = {}  # resolved lock path -> [open handle, depth], for this process
+    _guard = threading.Lock()
+
+    def __init__(self, run_dir: Path):
+        self.path = (Path(run_dir) / ".lock").resolve()
+
+    def acquire(self) -> RunLock:
+        with RunLock._guard:
+            if self.path in RunLock._held:
+                RunLock._held[self.path][1] += 1
+                return self
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.path.open("a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise RunDirBusy(
+                    f"{self.path.parent} is in use by process {holder}: wait for it to finish, or stop it, "
+                    "before running another command that writes there"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            RunLock._held[self.path] = [handle, 1]
+            return self
+
+    def release(self) -> None:
+        with RunLock._guard:
+            held = RunLock._held.get(self.path)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] == 0:
+                del RunLock._held[self.path]
+                fcntl.flock(held[0], fcntl.LOCK_UN)
+                held[0].close()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

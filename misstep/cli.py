@@ -14,7 +14,7 @@ from rich.table import Table
 
 import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
 from misstep.data import DataFileError, Fields, LoadReport, load_chains, sample_path
-from misstep.data.runfiles import write_json_atomic
+from misstep.data.runfiles import RunDirBusy, RunLock, write_json_atomic
 from misstep.data.splits import load_split, save_split, split_path, without_heldout
 from misstep.lm import DEFAULT_MODEL, REGISTRY, ModelNotFoundError, local_lm, resolve_model
 from misstep.lm.provider import LocalProvider
@@ -207,15 +207,16 @@ def evaluate_command(
     if not chains:
         _fail("no labelled chains in the data: " + "; ".join(f"{p}: {r.why_nothing()}" for p, r in reports.items()))
     run_dir = _run_dir(run_dir, "evaluate")
-    _write_data_report(reports, run_dir)
     settings = JobSettings(
         run_dir=run_dir,
         num_threads=threads,
         demos=_demos(config.loop.demos, demo_data, seed, exclude={c.source_id for c in chains}, heldout=chains),
         seed=seed,
     )
-    console.print(f"evaluate: {len(chains)} labelled chains from {len(paths)} file(s) -> {settings.run_dir}")
-    metrics = evaluate(chains, _lm(config, 0.0), settings, recover=recover)
+    with RunLock(run_dir):  # one process at a time writes a run directory
+        _write_data_report(reports, run_dir)
+        console.print(f"evaluate: {len(chains)} labelled chains from {len(paths)} file(s) -> {settings.run_dir}")
+        metrics = evaluate(chains, _lm(config, 0.0), settings, recover=recover)
 
     table = Table(title="self-correction, 95% Wilson intervals")
     for column in (
@@ -297,89 +298,94 @@ def compile_command(
         _load(data or sample_path("gsm8k/train.jsonl"), fields=_fields(config, data)), heldout_source
     )
     run = _run_dir(run_dir, "compile")
-    write_config(config, run / "config.toml")
-    demo_sets = _demos(config.loop.demos, demo_data, seed, exclude=set(), heldout=heldout_source)
-    # Demos, ground truth and traced examples come from disjoint training chains.
-    demo_questions = questions_of(demo_sets)
-    pool = [c for c in train_chains if c.question not in demo_questions]
-    truth = ground_truth_demos(pool, k=ground_truth, seed=seed + 1) if ground_truth else {}
-    taken = demo_questions | questions_of(truth)
-    pairs = [(good, bad) for good, bad, _ in inject_many([c for c in pool if c.question not in taken], seed=seed)][
-        :train_size
-    ]
-    if not pairs:
-        _fail("no training examples: the injector found no valid chain to corrupt in the data")
-    provider = _provider(config, run)
-    base = provider.lm(seed=seed)
-    console.print(
-        f"compile: {len(pairs)} training examples, {ground_truth} ground-truth examples per stage, "
-        f"{len(heldout_chains)} held out -> {run}"
-    )
+    with RunLock(run):  # one process at a time writes a run directory
+        write_config(config, run / "config.toml")
+        demo_sets = _demos(config.loop.demos, demo_data, seed, exclude=set(), heldout=heldout_source)
+        # Demos, ground truth and traced examples come from disjoint training chains.
+        demo_questions = questions_of(demo_sets)
+        pool = [c for c in train_chains if c.question not in demo_questions]
+        truth = ground_truth_demos(pool, k=ground_truth, seed=seed + 1) if ground_truth else {}
+        taken = demo_questions | questions_of(truth)
+        pairs = [(good, bad) for good, bad, _ in inject_many([c for c in pool if c.question not in taken], seed=seed)][
+            :train_size
+        ]
+        if not pairs:
+            _fail("no training examples: the injector found no valid chain to corrupt in the data")
+        provider = _provider(config, run)
+        base = provider.lm(seed=seed)
+        console.print(
+            f"compile: {len(pairs)} training examples, {ground_truth} ground-truth examples per stage, "
+            f"{len(heldout_chains)} held out -> {run}"
+        )
 
-    def held_out(lm, folder: str, stage_demos) -> dict:
-        return evaluate(heldout_chains, lm, JobSettings(run_dir=run / folder, num_threads=threads, demos=stage_demos))
+        def held_out(lm, folder: str, stage_demos) -> dict:
+            return evaluate(
+                heldout_chains, lm, JobSettings(run_dir=run / folder, num_threads=threads, demos=stage_demos)
+            )
 
-    rows = [("before (base + demos)", held_out(base, "before", demo_sets))]
-    student, student_lm = attach_demos(SelfCorrector(), demo_sets), base
-    if warm_up_first:
-        warmed = _resume_or(
-            run / "warm-up",
-            lambda: warm_up(SelfCorrector(), truth, lm=student_lm, provider=provider, run_dir=run / "warm-up"),
-            provider,
-            threads,
-        )
-        student, student_lm = warmed, warmed.predictors()[0].lm
-        rows.append(("after warm-up (ground truth only)", held_out(student_lm, "after-warm-up", {})))
-    if metric == "oracle":
-        keep = OracleMetric()
-    elif judge_warm_up:  # frozen once trained: the judge program carries its own LM, no demos needed
-        judge = _resume_or(
-            run / "judge-warm-up",
-            lambda: warm_up(Judge(), truth, lm=base, provider=provider, run_dir=run / "judge-warm-up"),
-            provider,
-            threads,
-            program=Judge(),
-        )
-        keep = JudgeMetric(judge.predictors()[0].lm, Thresholds(min_confidence, min_quality), judge=judge)
-    else:
-        keep = JudgeMetric(base, Thresholds(min_confidence, min_quality), judge=attach_demos(Judge(), demo_sets))
-    try:
-        compiled = _resume_or(
-            run,
-            lambda: compile_program(
-                student,
-                training_examples(pairs),
-                lm=student_lm,
-                metric=keep,
-                provider=provider,
-                run_dir=run,
-                extra_examples=truth,
-                num_threads=threads,
-            ),
-            provider,
-            threads,
-        )
-    except NothingToTrainOn as exc:
-        _fail(str(exc))
-    rows.append(("after compile", held_out(compiled.predictors()[0].lm, "after", {})))
+        rows = [("before (base + demos)", held_out(base, "before", demo_sets))]
+        student, student_lm = attach_demos(SelfCorrector(), demo_sets), base
+        if warm_up_first:
+            warmed = _resume_or(
+                run / "warm-up",
+                lambda: warm_up(SelfCorrector(), truth, lm=student_lm, provider=provider, run_dir=run / "warm-up"),
+                provider,
+                threads,
+            )
+            student, student_lm = warmed, warmed.predictors()[0].lm
+            rows.append(("after warm-up (ground truth only)", held_out(student_lm, "after-warm-up", {})))
+        if metric == "oracle":
+            keep = OracleMetric()
+        elif judge_warm_up:  # frozen once trained: the judge program carries its own LM, no demos needed
+            judge = _resume_or(
+                run / "judge-warm-up",
+                lambda: warm_up(Judge(), truth, lm=base, provider=provider, run_dir=run / "judge-warm-up"),
+                provider,
+                threads,
+                program=Judge(),
+            )
+            keep = JudgeMetric(judge.predictors()[0].lm, Thresholds(min_confidence, min_quality), judge=judge)
+        else:
+            keep = JudgeMetric(base, Thresholds(min_confidence, min_quality), judge=attach_demos(Judge(), demo_sets))
+        try:
+            compiled = _resume_or(
+                run,
+                lambda: compile_program(
+                    student,
+                    training_examples(pairs),
+                    lm=student_lm,
+                    metric=keep,
+                    provider=provider,
+                    run_dir=run,
+                    extra_examples=truth,
+                    num_threads=threads,
+                ),
+                provider,
+                threads,
+            )
+        except NothingToTrainOn as exc:
+            _fail(str(exc))
+        rows.append(("after compile", held_out(compiled.predictors()[0].lm, "after", {})))
 
-    table = Table(title="held-out GSM8K (injected errors), 95% Wilson intervals")
-    for column in ("", "location accuracy", "recovery success"):
-        table.add_column(column)
-    for label, metrics in rows:
-        table.add_row(
-            label, _rate_cell(metrics["gsm8k"]["location_accuracy"]), _rate_cell(metrics["gsm8k"]["recovery_success"])
+        table = Table(title="held-out GSM8K (injected errors), 95% Wilson intervals")
+        for column in ("", "location accuracy", "recovery success"):
+            table.add_column(column)
+        for label, metrics in rows:
+            table.add_row(
+                label,
+                _rate_cell(metrics["gsm8k"]["location_accuracy"]),
+                _rate_cell(metrics["gsm8k"]["recovery_success"]),
+            )
+        console.print(table)
+        floors = rows[0][1]["gsm8k"]
+        console.print(
+            f"floors on the same items: majority label {_rate_cell(floors['majority_baseline'])}, "
+            f"last step {_rate_cell(floors['last_step_baseline'])}"
         )
-    console.print(table)
-    floors = rows[0][1]["gsm8k"]
-    console.print(
-        f"floors on the same items: majority label {_rate_cell(floors['majority_baseline'])}, "
-        f"last step {_rate_cell(floors['last_step_baseline'])}"
-    )
-    report = json.loads((run / "compile_report.json").read_text())
-    console.print(f"bootstrap: {report.get('bootstrap')}")
-    console.print(f"weights: {report['model_dir']}\nprogram: {run / 'program.json'}")
-    provider.close()
+        report = json.loads((run / "compile_report.json").read_text())
+        console.print(f"bootstrap: {report.get('bootstrap')}")
+        console.print(f"weights: {report['model_dir']}\nprogram: {run / 'program.json'}")
+        provider.close()
 
 
 def _check_serving(config: RunConfig) -> None:
@@ -464,29 +470,30 @@ def optimize_command(
     )
     settings = config.loop
     run = _run_dir(run_dir, "optimize")
-    write_config(config, run / "config.toml")
-    provider = _provider(config, run)
-    judge_lm = provider.lm(seed=settings.seed).copy(provider=None)  # the frozen judge
-    console.print(
-        f"optimize: {settings.rounds} rounds of {settings.seed_chains} seed chains, held out (test) "
-        f"{', '.join(f'{k} {len(v)}' for k, v in held.items())}, chosen on (validation) "
-        f"{', '.join(f'{k} {len(v)}' for k, v in validation.items())} -> {run}"
-    )
-    try:
-        history = run_loop(
-            train_chains,
-            held,
-            provider=provider,
-            judge_lm=judge_lm,
-            settings=settings,
-            run_dir=run,
-            validation=validation,
+    with RunLock(run):  # one process at a time writes a run directory
+        write_config(config, run / "config.toml")
+        provider = _provider(config, run)
+        judge_lm = provider.lm(seed=settings.seed).copy(provider=None)  # the frozen judge
+        console.print(
+            f"optimize: {settings.rounds} rounds of {settings.seed_chains} seed chains, held out (test) "
+            f"{', '.join(f'{k} {len(v)}' for k, v in held.items())}, chosen on (validation) "
+            f"{', '.join(f'{k} {len(v)}' for k, v in validation.items())} -> {run}"
         )
-    finally:
-        provider.close()
-    report = write_report(run)
-    console.print(f"{history[-1]['verdict']['reason']}: {history[-1]['verdict']['detail']}")
-    console.print(f"report: {report}")
+        try:
+            history = run_loop(
+                train_chains,
+                held,
+                provider=provider,
+                judge_lm=judge_lm,
+                settings=settings,
+                run_dir=run,
+                validation=validation,
+            )
+        finally:
+            provider.close()
+        report = write_report(run)
+        console.print(f"{history[-1]['verdict']['reason']}: {history[-1]['verdict']['detail']}")
+        console.print(f"report: {report}")
 
 
 @app.command("splits")
@@ -607,7 +614,7 @@ def control_command(
             result = run_control(
                 run, pool, items, model_dir=model_dir, run_dir=run_dir, settings=settings, num_threads=threads
             )
-        except ValueError as exc:
+        except (ValueError, RunDirBusy) as exc:
             _fail(f"{run.name}: {exc}")
         console.print(
             f"  {result['correct']}/{result['heldout_n']} correct; majority baseline "

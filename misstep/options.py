@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from misstep.data.runfiles import RunDirBusy
 from misstep.lm.models import REGISTRY
 from misstep.optimize.config import ConfigError, RunConfig, apply, load_config
 
@@ -220,7 +221,11 @@ def configured(*names: str):
             except (ConfigError, ValueError) as exc:
                 console.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(2) from None
-            return command(config=config, **kwargs)
+            try:
+                return command(config=config, **kwargs)
+            except RunDirBusy as exc:  # another process writes there: refused, nothing touched
+                console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
 
         context = inspect.Parameter("context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
         run.__signature__ = signature.replace(

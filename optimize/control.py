@@ -32,7 +32,7 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain, format_steps
-from misstep.data.runfiles import JsonlLog, write_json_atomic, write_jsonl_atomic
+from misstep.data.runfiles import JsonlLog, RunLock, write_json_atomic, write_jsonl_atomic
 from misstep.data.splits import SplitItem, shuffled, without_heldout
 from misstep.lm.client import local_lm, release
 from misstep.lm.launch import train
@@ -211,7 +211,22 @@ def run_control(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train `run`'s model from `model_dir` on chains from `pool` (held-out questions removed),
-    evaluate it on `items`, and write result.json into `run_dir`/<run name>; a finished run is read back."""
+    evaluate it on `items`, and write result.json into `run_dir`/<run name>; a finished run is read back.
+    The run's folder is this process's while it runs (`RunLock`)."""
+    with RunLock(run_dir / run.name):
+        return _run_control(run, pool, items, model_dir, run_dir, settings, num_threads, show_progress)
+
+
+def _run_control(
+    run: ControlRun,
+    pool: list[Chain],
+    items: list[SplitItem],
+    model_dir: Path,
+    run_dir: Path,
+    settings: TrainSettings,
+    num_threads: int,
+    show_progress: bool,
+) -> dict[str, Any]:
     folder = run_dir / run.name
     result_path = folder / "result.json"
     if result_path.exists():
