@@ -149,11 +149,8 @@ def config_from(values: dict[str, Any], file: Path | None, given: set[str]) -> R
     try:
         return apply(config, _changes(chosen), "")
     except ConfigError as exc:
-        detail = (
-            str(exc).split(": ", 1)[-1]
-            if str(exc).split(": ", 1)[0] in ("train", "engine", "vllm", "loop", "loop.stop", "data")
-            else str(exc)
-        )
+        where, _, rest = str(exc).partition(": ")
+        detail = rest if where in _sections(RunConfig) else str(exc)  # the option will say where
         for name in chosen:  # the option without which the rest is accepted is the one to name
             try:
                 apply(config, _changes({k: v for k, v in chosen.items() if k != name}), "")
@@ -161,6 +158,16 @@ def config_from(values: dict[str, Any], file: Path | None, given: set[str]) -> R
                 continue
             raise ConfigError(f"--{name.replace('_', '-')}: {detail}") from None
         raise ConfigError(f"the options together: {detail}") from None
+
+
+def _sections(config_type: type, prefix: str = "") -> set[str]:
+    """The paths of RunConfig's sections ("train", "loop", "loop.stop", ...)."""
+    out = set()
+    for f in dataclasses.fields(config_type):
+        hint = typing.get_type_hints(config_type)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out |= {prefix + f.name} | _sections(hint, prefix + f.name + ".")
+    return out
 
 
 def _changes(values: dict[str, Any]) -> dict[str, Any]:
