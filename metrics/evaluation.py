@@ -11,18 +11,44 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from misstep.data.loaders import NO_CHECKABLE_STEP, ORACLE_FINDS_WRONG, LoadReport, line_of
 from misstep.data.records import Chain
 from misstep.metrics.checks import location_correct
-from misstep.metrics.injector import inject_many
+from misstep.metrics.injector import inject_many, types_in_turn, unreadable_steps
 from misstep.metrics.oracle import answers_match, first_error
 from misstep.metrics.stats import answer_spread, majority_baseline, rate
 from misstep.programs.self_corrector import SelfCorrector
 
 
-def injected_gsm8k(chains: list[Chain], limit: int, seed: int = 0) -> list[Chain]:
-    """`limit` oracle-labelled invalid chains from valid GSM8K chains, error types in turn."""
-    valid = [c for c in chains if first_error(c.steps) is None]  # a few GSM8K solutions have slips of their own
-    return [corrupted for _, corrupted, _ in inject_many(valid, seed=seed)][:limit]
+def injected_gsm8k(
+    chains: list[Chain], limit: int | None, seed: int = 0, report: LoadReport | None = None
+) -> list[Chain]:
+    """`limit` (None: all) oracle-labelled invalid chains from valid GSM8K chains, error types in
+    turn. `report` learns which solutions could not be labelled and why: the oracle finds a mistake
+    in the solution itself, or no step holds arithmetic the injector can read."""
+    labelled = []
+    valid = 0
+    for chain in chains:
+        if first_error(chain.steps) is not None:  # a few GSM8K solutions have slips of their own
+            _skip(report, ORACLE_FINDS_WRONG, chain)
+            continue
+        # Error types in turn across the valid solutions, as inject_many gives them over a list.
+        injected = inject_many([chain], types_in_turn(valid), seed=seed)
+        valid += 1
+        if not injected:
+            _skip(report, NO_CHECKABLE_STEP, chain)
+            continue
+        labelled.append(injected[0][1])
+    if report is not None:
+        report.loaded = len(labelled)
+        originals = {c.source_id: c for c in chains}
+        report.unreadable_steps = sum(unreadable_steps(originals[c.source_id]) for c in labelled)
+    return labelled[:limit] if limit else labelled
+
+
+def _skip(report: LoadReport | None, reason: str, chain: Chain) -> None:
+    if report is not None:
+        report.skip(reason, line_of(chain))
 
 
 def evaluate_chain(corrector: SelfCorrector, chain: Chain, recover: bool = True) -> dict[str, Any]:

@@ -14,14 +14,12 @@ from typing import Any
 
 import dspy
 
-from misstep.data.loaders import NO_CHECKABLE_STEP, ORACLE_FINDS_WRONG, LoadReport, line_of
+from misstep.data.loaders import LoadReport
 from misstep.data.records import Chain
 from misstep.data.runfiles import JsonlLog, RunLock, write_json_atomic
 from misstep.lm.client import engine_stats
 from misstep.metrics.checks import check_scenario, summarize_scenarios
-from misstep.metrics.evaluation import evaluate_chain, summarize
-from misstep.metrics.injector import inject_many, types_in_turn, unreadable_steps
-from misstep.metrics.oracle import first_error
+from misstep.metrics.evaluation import evaluate_chain, injected_gsm8k, summarize
 from misstep.metrics.plots import plot_evaluation, plot_generation
 from misstep.metrics.stats import Rate
 from misstep.optimize.demos import attach_demos
@@ -133,26 +131,4 @@ def labelled_chains(chains: list[Chain], limit: int | None, seed: int, report: L
         if report is not None:
             report.loaded = len(chains)
         return chains[:limit] if limit else chains
-    labelled = []
-    valid = 0
-    for chain in chains:
-        if first_error(chain.steps) is not None:  # a few GSM8K solutions have slips of their own
-            _skip(report, ORACLE_FINDS_WRONG, chain)
-            continue
-        # Error types in turn across the valid solutions, as inject_many gives them over a list.
-        injected = inject_many([chain], types_in_turn(valid), seed=seed)
-        valid += 1
-        if not injected:
-            _skip(report, NO_CHECKABLE_STEP, chain)
-            continue
-        labelled.append(injected[0][1])
-    if report is not None:
-        report.loaded = len(labelled)
-        originals = {c.source_id: c for c in chains}
-        report.unreadable_steps = sum(unreadable_steps(originals[c.source_id]) for c in labelled)
-    return labelled[:limit] if limit else labelled
-
-
-def _skip(report: LoadReport | None, reason: str, chain: Chain) -> None:
-    if report is not None:
-        report.skip(reason, line_of(chain))
+    return injected_gsm8k(chains, limit, seed=seed, report=report)
