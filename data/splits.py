@@ -8,6 +8,12 @@ labels), plus a share of the valid solutions themselves, so "no mistake" is a cl
 can get wrong; BIG-Bench Mistake items are the human-labelled traces as they are.
 `misstep splits` builds them from the full data sets (`../shared/data`); the built files live
 in `data/splits/` and are read from there by evaluations.
+
+The committed files are the data of record, not a cache: every result in docs/ is measured on
+them, so a change to the injector does not rebuild them. Today's `misstep splits` draws a
+different GSM8K set from the one committed (the injector now reads '.5' as one half, which
+changes which steps take which errors); every committed label is still the first error the
+oracle finds against its source chain (`scripts/verify_splits.py`).
 """
 
 from __future__ import annotations

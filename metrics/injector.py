@@ -21,7 +21,7 @@ from misstep.data.records import Chain
 from misstep.metrics.oracle import ANNOTATION, NotArithmetic, arith_suffix, evaluate, first_error, has_operator
 
 INJECTABLE_TYPES = ("arithmetic_slip", "wrong_operand", "wrong_operation", "skipped_step", "misread_quantity")
-_TOKEN = re.compile(r"\d+(?:\.\d+)?|\*\*|[-+*/()%]")
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|\.\d+|\*\*|[-+*/()%]")  # '.5' is a number too
 _SWAPS = {"+": "-", "-": "+", "*": "/", "/": "*"}
 
 
@@ -31,6 +31,14 @@ class InjectionError(ValueError):
 
 def format_number(value: float) -> str:
     return str(int(round(value))) if abs(value - round(value)) < 1e-9 else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _is_number_token(token: str) -> bool:
+    return token[0].isdigit() or token[0] == "."
+
+
+def _as_written(token: str) -> str:
+    return "0" + token if token.startswith(".") else token
 
 
 def _numbers(text: str) -> list[float]:
@@ -51,7 +59,7 @@ class _Step:
         return self.match is not None and self.value is not None and bool(self.tokens)
 
     def operands(self) -> list[int]:
-        return [i for i, token in enumerate(self.tokens) if token[0].isdigit()]
+        return [i for i, token in enumerate(self.tokens) if _is_number_token(token)]
 
     def rewrite(self, tokens: list[str], value: float) -> str:
         """The step's text with a new expression and result, visible arithmetic included."""
@@ -75,10 +83,11 @@ class _Step:
         return f"{before}<<{new_expr}={new_result}>>{after}"
 
 
-# A number as people write it (thousands commas, decimals), an operator (ASCII, 'x', '×', '÷'),
+# A number as people write it (thousands commas, decimals), an operator (ASCII, 'x', '×', '÷',
+# the minus sign and the en dash typesetting puts for '-'),
 # a bracket or a percent sign; '$' and spaces between them are formatting.
-_PLAIN_TOKEN = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+|[-+*/x×÷()%]")
-_CANONICAL_OPERATOR = {"x": "*", "×": "*", "÷": "/"}
+_PLAIN_TOKEN = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+|[-+*/x×÷()%−–]")
+_CANONICAL_OPERATOR = {"x": "*", "×": "*", "÷": "/", "−": "-", "–": "-"}
 
 
 class _PlainStep:
@@ -115,7 +124,7 @@ class _PlainStep:
         return self.value is not None and bool(self.tokens)
 
     def operands(self) -> list[int]:
-        return [i for i, token in enumerate(self.tokens) if token[0].isdigit() or token[0] == "."]
+        return [i for i, token in enumerate(self.tokens) if _is_number_token(token)]
 
     def rewrite(self, tokens: list[str], value: float) -> str:
         edits = []
@@ -134,7 +143,10 @@ class _PlainStep:
         """`new` (a number, or an operator) written the way `old` was."""
         if new in _SWAPS:  # an operator: keep 'x' and '÷' where the step used them
             typeset = old in ("×", "÷")  # the signs of print; else ASCII ('x' for times where it was used)
-            return {"*": "×" if typeset else ("x" if old == "x" else "*"), "/": "÷" if typeset else "/"}.get(new, new)
+            dash = old if old in ("−", "–") else "-"
+            return {"*": "×" if typeset else ("x" if old == "x" else "*"), "/": "÷" if typeset else "/", "-": dash}.get(
+                new, new
+            )
         if "," in old and re.fullmatch(r"-?\d+", new) and abs(int(new)) >= 1000:
             return f"{int(new):,}"
         return new
@@ -154,7 +166,7 @@ def _plain_claim_spans(text: str) -> list[tuple[tuple[int, int], list[tuple[int,
         run = arith_suffix(left)
         lead = len(run) - len(re.sub(r"^(?:[\s,;:]|\.(?!\d))+", "", run))
         expression = run[lead:].rstrip()
-        if not re.search(r"\d", expression) or re.match(r"([+*/x×÷^]|-\s)", expression):
+        if not re.search(r"\d", expression) or re.match(r"([+*/x×÷^]|[-−–]\s)", expression):
             continue
         if not has_operator(expression):
             continue  # 'b = b' restates; it claims nothing
@@ -187,9 +199,9 @@ def _results(text: str, equals: list[int], ends: list[int], n: int) -> list[tupl
 
 
 def has_annotations(chain: Chain) -> bool:
-    """Whether any step of `chain` carries a GSM8K calculator annotation. The committed held-out
-    splits and the control's training chains are built from such chains alone, as they were
-    before plain steps could be injected, so that rebuilding them gives the same files."""
+    """Whether any step of `chain` carries a GSM8K calculator annotation. The held-out splits and
+    the control's training chains are built from such chains alone: their labels come from
+    GSM8K's own calculator, not from reading prose."""
     return any(ANNOTATION.search(s) for s in chain.steps)
 
 
@@ -234,7 +246,8 @@ def _propagate(steps: list[str], start: int, changed: dict[str, str], parse) -> 
         if not step.annotated:
             out.append(_replace_numbers(text, changed))
             continue
-        tokens = [changed.get(t, t) if t[0].isdigit() else t for t in step.tokens]
+        # A changed result is keyed as `format_number` writes it: '.5' is looked up as '0.5'.
+        tokens = [changed.get(_as_written(t), t) if _is_number_token(t) else t for t in step.tokens]
         if tokens == step.tokens:
             out.append(text)
             continue

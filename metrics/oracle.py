@@ -19,7 +19,7 @@ from dataclasses import dataclass
 ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>=]*)>>")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 # Characters an arithmetic expression is made of once spaces, '$' and thousands commas go.
-_ARITH_CHARS = set("0123456789.,+-*/()%^ $x×÷−")
+_ARITH_CHARS = set("0123456789.,+-*/()%^ $x×÷−–")
 
 _BINARY = {
     ast.Add: operator.add,
@@ -38,7 +38,7 @@ class NotArithmetic(ValueError):
 
 
 def _normalize(expression: str, percent: str = "fraction") -> str:
-    text = expression.replace("$", "").replace(",", "").replace("−", "-")
+    text = expression.replace("$", "").replace(",", "").replace("−", "-").replace("–", "-")
     text = text.replace("×", "*").replace("÷", "/").replace("^", "**")
     text = re.sub(r"(?<=[\d)])(\s*)x(\s*)(?=[\d(.])", r"\1*\2", text)  # '3 x 4', never the '3x' of algebra
     text = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)" if percent == "fraction" else r"\1", text)
@@ -79,7 +79,7 @@ def has_operator(expression: str) -> bool:
 
 
 def _normalize_for_ops(expression: str) -> str:
-    return expression.replace("$", "").replace(",", "").strip()
+    return expression.replace("$", "").replace(",", "").replace("−", "-").replace("–", "-").strip()
 
 
 def same_number(actual: float, claimed: float, claimed_text: str = "") -> bool:
@@ -139,7 +139,7 @@ def _whole_expression(candidate: str, *, at_start: bool) -> tuple[str, float] | 
         expression = re.sub(r"^(?:[\s,;:]|\.(?!\d))+", "", candidate).strip()
     else:
         expression = re.sub(r"[\s,.;:]*$", "", candidate).strip()
-    if not re.search(r"\d", expression) or re.match(r"([+*/x×÷^]|-\s)", expression):
+    if not re.search(r"\d", expression) or re.match(r"([+*/x×÷^]|[-−–]\s)", expression):
         return None
     try:
         return expression, evaluate(expression)

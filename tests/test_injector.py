@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from misstep.data import load_chains
-from misstep.data.records import parse_steps
+from misstep.data.records import Chain, parse_steps
 from misstep.metrics.injector import (
     INJECTABLE_TYPES,
     InjectionError,
@@ -125,3 +125,25 @@ def test_plain_steps_keep_their_style_and_carry_the_wrong_value_to_the_answer():
     assert value != "12" and chained == f"The bags hold (3 * 4) = {value} = {value} apples."  # restated too
     bakery = chains["He bakes 24 × 6 = 144 muffins."]
     assert inject(bakery, "wrong_operation", step=1).steps[1] == "That makes 144 × 8 = 1152 boxes."
+    tank = chains["After the leak the tank holds 48 – 12 = 36 litres."]  # an en dash for '-'
+    assert inject(tank, "wrong_operation", step=0).steps == (
+        "After the leak the tank holds 48 + 12 = 60 litres.",
+        "Each bucket gets 60 / 4 = 15 litres.",
+    )
+    assert inject(tank, "arithmetic_slip", step=0).steps[0].startswith("After the leak the tank holds 48 – 12 = ")
+    laps = chains["36 minutes is 36 / 3 = 12 stretches of 3 minutes."]  # '.5' is one half, not five
+    assert inject(laps, "wrong_operation", step=1).steps[1] == "She runs 12 / .5 = 24 km."
+
+
+def test_an_annotated_decimal_without_its_leading_zero_stays_a_decimal():
+    chain = Chain(
+        question="A lap is .5 km. She runs 12 laps and then 4 km more. How far does she run?",
+        steps=("She runs 12 * .5 = <<12*.5=6>>6 km in laps.", "In all 6 + 4 = <<6+4=10>>10 km."),
+        answer="10",
+        reference_answer="10",
+        source_id="laps",
+        task="gsm8k",
+    )
+    swapped = inject(chain, "wrong_operation", step=0)
+    assert swapped.steps == ("She runs 12 / .5 = <<12/.5=24>>24 km in laps.", "In all 24 + 4 = <<24+4=28>>28 km.")
+    assert first_error(swapped.steps, reference=chain.steps) == 0
