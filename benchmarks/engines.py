@@ -34,6 +34,9 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 import misstep
+
+misstep.offline()  # before anything below imports DSPy (and LiteLLM)
+
 from misstep.lm import EmbeddedEngine, local_lm, resolve_model
 from misstep.lm.client import served_lm
 from misstep.lm.models import fingerprint

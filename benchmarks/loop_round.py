@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 import misstep
+
+misstep.offline()  # before anything below imports DSPy (and LiteLLM)
+
 from misstep.lm import local_lm, resolve_model
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings

@@ -16,6 +16,9 @@ import tempfile
 from pathlib import Path
 
 import misstep
+
+misstep.offline()  # before anything below imports DSPy (and LiteLLM)
+
 from misstep.lm import local_lm, resolve_model
 from misstep.optimize.demos import ground_truth_demos, questions_of
 from misstep.optimize.jobs import JobSettings, generate

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 import misstep
+
+misstep.offline()  # before anything below imports DSPy (and LiteLLM)
+
 from misstep.lm import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))

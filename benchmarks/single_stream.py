@@ -17,6 +17,9 @@ from common import save
 from engines import decode, parse_gguf, run_llamacpp, same_answers
 
 import misstep
+
+misstep.offline()  # before anything below imports DSPy (and LiteLLM)
+
 from misstep.lm import EmbeddedEngine, local_lm, resolve_model
 
 

@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 
 import misstep
+
+misstep.offline()  # before anything below imports DSPy (and LiteLLM)
+
 from misstep.lm import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,13 +1,11 @@
-"""The local-model layer: base-model registry and conversion, and the embedded engine."""
+"""The local-model layer: base-model registry and conversion, and the embedded engine.
 
-import os
+Weights are only ever read from folders on disk (`local_files_only`); nothing here changes the
+process's environment (the command line's `misstep.offline()` does, before DSPy loads)."""
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch a price map
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from misstep.lm.client import CHAT_STOP, engine_stats, lm_name, local_lm, release  # noqa: E402
-from misstep.lm.engine import EmbeddedEngine, EngineSettings, EngineStats  # noqa: E402
-from misstep.lm.models import (  # noqa: E402
+from misstep.lm.client import CHAT_STOP, engine_stats, lm_name, local_lm, release
+from misstep.lm.engine import EmbeddedEngine, EngineSettings, EngineStats
+from misstep.lm.models import (
     DEFAULT_MODEL,
     REGISTRY,
     ModelNotFoundError,

@@ -124,7 +124,7 @@ class EmbeddedEngine:
         self.settings = replace(settings or EngineSettings(), **overrides)
         self._prefixes: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
         self.device = torch.device(self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         self.tokenizer.padding_side = "left"
         # fp32 on CPU: bf16 there was slower and gave degenerate text (ENVIRONMENT.md).
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -143,7 +143,11 @@ class EmbeddedEngine:
 
     def _load_model(self, dtype: torch.dtype):
         """The model, and the low-bit draft model that shares its embeddings (or None)."""
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        model = (
+            AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, local_files_only=True)
+            .to(self.device)
+            .eval()
+        )
         draft = None
         if self.cpu_kernels:
             if fusable(model):  # Llama: a forward of fewer, larger operations (lm/fused.py)

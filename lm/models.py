@@ -18,8 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub name would otherwise hang in retries
-
 
 @dataclass(frozen=True)
 class GGUFModel:
@@ -93,7 +91,7 @@ def resolve_model(model: str | Path, cache: Path | str | None = None) -> Path:
 def _load_tokenizer_from_gguf(spec: GGUFModel):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.gguf_folder(), gguf_file=spec.gguf_file)
+    return AutoTokenizer.from_pretrained(spec.gguf_folder(), gguf_file=spec.gguf_file, local_files_only=True)
 
 
 def convert_gguf(spec: GGUFModel, target: Path) -> Path:
@@ -106,7 +104,9 @@ def convert_gguf(spec: GGUFModel, target: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tokenizer = _load_tokenizer_from_gguf(spec)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=spec.gguf_file, dtype=torch.float32, local_files_only=True
+        )
         # A model loaded from GGUF refuses save_pretrained; its weights are already dense,
         # so rebuild a plain model from the config and move the weights across.
         config = loaded.config

@@ -291,8 +291,8 @@ def train_chat(
     random.seed(settings.seed)  # the same on every rank: all ranks draw the same global batches
     torch.manual_seed(settings.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).to(device)
     if settings.gradient_checkpointing:
         # Non-reentrant checkpointing is the kind DistributedDataParallel works with.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -12,7 +12,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-import misstep.lm  # noqa: F401  (sets the offline environment before DSPy is imported)
 from misstep.data import DataFileError, Fields, LoadReport, load_chains, sample_path
 from misstep.data.runfiles import RunDirBusy, RunLock, write_json_atomic
 from misstep.data.splits import load_split, save_split, split_path, without_heldout

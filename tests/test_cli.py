@@ -1,5 +1,8 @@
 import json
+import os
 import re
+import subprocess
+import sys
 
 from test_injector import PLAIN_CHAINS
 from test_rounds import assert_no_question_in
@@ -8,6 +11,7 @@ from typer.testing import CliRunner
 from misstep.cli import app
 from misstep.data import sample_path
 from misstep.data.splits import normalize_question
+from misstep.offline import OFFLINE_ENVIRONMENT
 from misstep.optimize.config import load_config
 
 runner = CliRunner()
@@ -281,3 +285,24 @@ def test_optimize_refuses_bad_arguments_before_any_work(tmp_path, tiny_model_dir
     assert not (tmp_path / "r").exists()
     result = _invoke("report", tmp_path / "nothing")
     assert result.exit_code == 2 and "no finished round" in " ".join(result.output.split())
+
+
+def test_importing_misstep_changes_no_environment_and_offline_is_asked_for():
+    # In a fresh interpreter with none of the switches set: the conftest's process has them.
+    environment = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENVIRONMENT}
+    script = (
+        "import os, sys\n"
+        "before = dict(os.environ)\n"
+        "import misstep\n"
+        "assert dict(os.environ) == before, 'import misstep changed the environment'\n"
+        "assert 'dspy' not in sys.modules and 'litellm' not in sys.modules\n"
+        "misstep.offline()\n"
+        "assert os.environ['LITELLM_LOCAL_MODEL_COST_MAP'] == 'True' and os.environ['HF_HUB_OFFLINE'] == '1'\n"
+        "assert misstep.Chain.__name__ == 'Chain' and callable(misstep.inject)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    command = subprocess.run(
+        [sys.executable, "-m", "misstep", "--help"], env=environment, capture_output=True, text=True
+    )
+    assert command.returncode == 0 and "optimize" in command.stdout, command.stderr

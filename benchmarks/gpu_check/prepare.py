@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import misstep
+
+misstep.offline()  # before anything below imports DSPy (and LiteLLM)
+
 from misstep.lm import build_tiny_model
 from misstep.optimize.demos import ground_truth_chat_data, ground_truth_demos
 from misstep.programs import SelfCorrector
