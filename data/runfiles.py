@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import functools
+import inspect
 import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,26 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def holds_run_dir(run_dir_of: Callable[[dict[str, Any]], Path]):
+    """Decorate a function that writes a run directory so it holds `RunLock` on it while it runs.
+    `run_dir_of` picks the folder from the call's arguments, by name:
+
+        @holds_run_dir(lambda args: args["settings"].run_dir)
+        def generate(chains, error_types, lm, settings): ...
+    """
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with RunLock(run_dir_of(bound.arguments)):
+                return function(*args, **kwargs)
+
+        return locked
+
+    return decorate

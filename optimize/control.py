@@ -32,7 +32,7 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain, format_steps
-from misstep.data.runfiles import JsonlLog, RunLock, write_json_atomic, write_jsonl_atomic
+from misstep.data.runfiles import JsonlLog, holds_run_dir, write_json_atomic, write_jsonl_atomic
 from misstep.data.splits import SplitItem, shuffled, without_heldout
 from misstep.lm.client import local_lm, release
 from misstep.lm.launch import train
@@ -199,6 +199,7 @@ def evaluate_location(
         return {r["item_id"]: r for r in log.records}
 
 
+@holds_run_dir(lambda args: args["run_dir"] / args["run"].name)
 def run_control(
     run: ControlRun,
     pool: list[Chain],
@@ -213,20 +214,6 @@ def run_control(
     """Train `run`'s model from `model_dir` on chains from `pool` (held-out questions removed),
     evaluate it on `items`, and write result.json into `run_dir`/<run name>; a finished run is read back.
     The run's folder is this process's while it runs (`RunLock`)."""
-    with RunLock(run_dir / run.name):
-        return _run_control(run, pool, items, model_dir, run_dir, settings, num_threads, show_progress)
-
-
-def _run_control(
-    run: ControlRun,
-    pool: list[Chain],
-    items: list[SplitItem],
-    model_dir: Path,
-    run_dir: Path,
-    settings: TrainSettings,
-    num_threads: int,
-    show_progress: bool,
-) -> dict[str, Any]:
     folder = run_dir / run.name
     result_path = folder / "result.json"
     if result_path.exists():

@@ -16,7 +16,7 @@ import dspy
 
 from misstep.data.loaders import LoadReport
 from misstep.data.records import Chain
-from misstep.data.runfiles import JsonlLog, RunLock, write_json_atomic
+from misstep.data.runfiles import JsonlLog, holds_run_dir, write_json_atomic
 from misstep.lm.client import engine_stats
 from misstep.metrics.checks import check_scenario, summarize_scenarios
 from misstep.metrics.evaluation import evaluate_chain, injected_gsm8k, summarize
@@ -46,19 +46,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@holds_run_dir(lambda args: args["settings"].run_dir)
 def generate(
     chains: list[Chain], error_types: list[str | type[DescribeMistake]], lm: dspy.LM, settings: JobSettings
 ) -> dict[str, Any]:
     """Run the six-stage cycle over each valid chain (error types in turn); write scenarios.jsonl,
     summary.json and stages.png into the run directory and return the summary. The run directory
     is this process's while it runs (`RunLock`)."""
-    with RunLock(settings.run_dir):
-        return _generate(chains, error_types, lm, settings)
-
-
-def _generate(
-    chains: list[Chain], error_types: list[str | type[DescribeMistake]], lm: dspy.LM, settings: JobSettings
-) -> dict[str, Any]:
     signatures = [get_error_type(e) for e in error_types]
     corrector, judge = SelfCorrector(), Judge()  # shared by every error type's cycle
     cycles = {
@@ -91,15 +85,11 @@ def _generate(
     return summary
 
 
+@holds_run_dir(lambda args: args["settings"].run_dir)
 def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover: bool = True) -> dict[str, Any]:
     """Location accuracy and recovery success of the self-corrector on labelled chains; writes
     predictions.jsonl, metrics.json and metrics.png into the run directory and returns the metrics.
     The run directory is this process's while it runs (`RunLock`)."""
-    with RunLock(settings.run_dir):
-        return _evaluate(chains, lm, settings, recover)
-
-
-def _evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, recover: bool) -> dict[str, Any]:
     corrector = attach_demos(SelfCorrector(), settings.demos)
     started = time.perf_counter()
     with JsonlLog(settings.run_dir / "predictions.jsonl") as log:

@@ -38,7 +38,7 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain, Scenario, format_steps
-from misstep.data.runfiles import JsonlLog, RunLock, read_records, write_json_atomic, write_jsonl_atomic
+from misstep.data.runfiles import JsonlLog, holds_run_dir, read_records, write_json_atomic, write_jsonl_atomic
 from misstep.data.splits import without_heldout
 from misstep.lm.client import release
 from misstep.lm.provider import LocalProvider
@@ -109,6 +109,7 @@ def _round_dir(run_dir: Path, r: int) -> Path:
 # -- the loop, top to bottom -------------------------------------------------------------------
 
 
+@holds_run_dir(lambda args: args["run_dir"])
 def run_loop(
     train_chains: list[Chain],
     heldout: dict[str, list[Chain]],
@@ -125,28 +126,6 @@ def run_loop(
     rule and the best round are chosen on, so that the reported figures were never used to
     choose. Without `validation` the choice falls back to `heldout`, and round.json says so. The run
     directory is this process's while it runs (`RunLock`)."""
-    with RunLock(run_dir):
-        return _run_loop(
-            train_chains,
-            heldout,
-            provider=provider,
-            judge_lm=judge_lm,
-            settings=settings,
-            run_dir=run_dir,
-            validation=validation,
-        )
-
-
-def _run_loop(
-    train_chains: list[Chain],
-    heldout: dict[str, list[Chain]],
-    *,
-    provider: LocalProvider,
-    judge_lm: dspy.LM,
-    settings: LoopSettings,
-    run_dir: Path,
-    validation: dict[str, list[Chain]] | None = None,
-) -> list[dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     # No held-out question (test or validation) reaches a demo, the ground truth or a seed.
     pool = without_heldout(

@@ -63,3 +63,28 @@ def test_commands_that_write_a_held_run_directory_are_refused_and_report_is_not(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_library_functions_that_write_a_run_directory_take_its_lock_before_any_work(tmp_path):
+    from misstep.lm.training import TrainSettings
+    from misstep.optimize.control import ControlRun, run_control
+    from misstep.optimize.jobs import JobSettings, evaluate, generate
+    from misstep.optimize.rounds import LoopSettings, run_loop
+
+    run = ControlRun(train_records=1, cue=True, learning_rate=1e-4, epochs=1)
+    calls = {  # arguments no work could use: each call must stop at the lock, before them
+        "generate": lambda d: generate([], [], None, JobSettings(run_dir=d)),
+        "evaluate": lambda d: evaluate([], None, JobSettings(run_dir=d)),
+        "run_loop": lambda d: run_loop([], {}, provider=None, judge_lm=None, settings=LoopSettings(), run_dir=d),
+        "run_control": lambda d: run_control(run, [], [], model_dir=d, run_dir=d.parent, settings=TrainSettings()),
+    }
+    for name, call in calls.items():
+        run_dir = tmp_path / name / (run.name if name == "run_control" else "")
+        holder = _holder(run_dir)
+        try:
+            with pytest.raises(RunDirBusy, match=f"in use by process {holder.pid}"):
+                call(run_dir)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"], name
