@@ -16,9 +16,10 @@ from misstep.lm.models import DEFAULT_MODEL, fingerprint, resolve_model
 CHAT_STOP = ("[[ ## completed ## ]]",)
 
 
-def lm_name(model_dir: Path) -> str:
-    """`local/<folder>-<weights hash>`: DSPy caches by model name alone, so new weights need a new name."""
-    return f"local/{model_dir.name}-{fingerprint(model_dir)}"
+def lm_name(model_dir: Path, prefix: str = "local") -> str:
+    """`<prefix>/<folder>-<weights hash>`: DSPy caches by model name alone, so new weights need a new
+    name. The prefix is how LiteLLM routes it: `local` for the embedded engine, `hosted_vllm` for a server."""
+    return f"{prefix}/{model_dir.name}-{fingerprint(model_dir)}"
 
 
 def local_lm(

@@ -24,11 +24,10 @@ import dspy
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
-from misstep.lm.client import local_lm, served_lm
+from misstep.lm.client import lm_name, local_lm, served_lm
 from misstep.lm.engine import EmbeddedEngine, EngineSettings
 from misstep.lm.kernels import on_torch_thread
 from misstep.lm.launch import train
-from misstep.lm.models import fingerprint
 from misstep.lm.serving import VllmOptions, VllmServer
 from misstep.lm.training import TrainSettings
 
@@ -76,9 +75,7 @@ class LocalProvider(Provider):
     # -- naming and serving ---------------------------------------------------------------
 
     def name_for(self, folder: Path) -> str:
-        """DSPy caches by model name alone, so the weights' hash is in every name."""
-        prefix = "hosted_vllm" if self.serving == "vllm" else "local"
-        return f"{prefix}/{folder.name}-{fingerprint(folder)}"
+        return lm_name(folder, prefix="hosted_vllm" if self.serving == "vllm" else "local")
 
     def lm(self, folder: Path | None = None, *, max_batch_size: int | None = None, **lm_options) -> dspy.LM:
         """A fine-tunable LM over `folder` (default: the base model), served this provider's way.

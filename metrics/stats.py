@@ -30,10 +30,14 @@ class Rate:
         return {**asdict(self), "value": self.value, "low": low, "high": high}
 
     def __str__(self) -> str:
-        if not self.n:
-            return "n/a (0)"
-        low, high = self.interval
-        return f"{self.value:.3f} [{low:.3f}, {high:.3f}] ({self.k}/{self.n})"
+        return rate_text(self.to_dict()) if self.n else "n/a (0)"
+
+
+def rate_text(rate: dict | None) -> str:
+    """A rate as run files store it (`Rate.to_dict`), as people read it: '0.433 [0.382, 0.485] (156/360)'."""
+    if not rate or rate.get("value") is None:
+        return "n/a"
+    return f"{rate['value']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] ({rate['k']}/{rate['n']})"
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -22,6 +22,7 @@ from misstep.lm.training import LOSS_WEIGHTINGS, TrainSettings
 from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
 from misstep.metrics.injector import inject_many
 from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
+from misstep.metrics.stats import rate_text
 from misstep.optimize.compile import NothingToTrainOn, compile_program, compiled_or_resumed, training_examples, warm_up
 from misstep.optimize.config import RunConfig, write_config
 from misstep.optimize.control import LOSSES, ControlRun, publish, run_control
@@ -128,12 +129,6 @@ def _lm(config: RunConfig, temperature: float):
     )
 
 
-def _rate_cell(rate: dict) -> str:
-    if not rate["n"]:
-        return "n/a"
-    return f"{rate['value']:.3f} [{rate['low']:.2f}, {rate['high']:.2f}] ({rate['k']}/{rate['n']})"
-
-
 @app.command("generate")
 @configured("error_type", "model", "threads", "demos", "seed", *DATA)
 def generate_command(
@@ -170,9 +165,9 @@ def generate_command(
         ("location_ok", "stage 3 found the true first error"),
         ("recovery_ok", "stage 4 reached the right answer"),
     ):
-        checks.add_row(label, _rate_cell(summary[key]))
+        checks.add_row(label, rate_text(summary[key]))
     for key in ("precision", "recall"):
-        checks.add_row(f"judge {key} vs oracle", _rate_cell(summary["judge"][key]))
+        checks.add_row(f"judge {key} vs oracle", rate_text(summary["judge"][key]))
     console.print(checks)
     console.print(f"scenarios: {settings.run_dir / 'scenarios.jsonl'}")
 
@@ -234,11 +229,11 @@ def evaluate_command(
         table.add_row(
             task,
             str(row["n"]),
-            _rate_cell(row["location_accuracy"]),
-            _rate_cell(row["majority_baseline"]),
-            _rate_cell(row["last_step_baseline"]),
-            _rate_cell(row["locate_parsed"]),
-            _rate_cell(row["recovery_success"]),
+            rate_text(row["location_accuracy"]),
+            rate_text(row["majority_baseline"]),
+            rate_text(row["last_step_baseline"]),
+            rate_text(row["locate_parsed"]),
+            rate_text(row["recovery_success"]),
         )
     console.print(table)
     console.print(f"metrics: {settings.run_dir / 'metrics.json'}")
@@ -372,14 +367,14 @@ def compile_command(
         for label, metrics in rows:
             table.add_row(
                 label,
-                _rate_cell(metrics["gsm8k"]["location_accuracy"]),
-                _rate_cell(metrics["gsm8k"]["recovery_success"]),
+                rate_text(metrics["gsm8k"]["location_accuracy"]),
+                rate_text(metrics["gsm8k"]["recovery_success"]),
             )
         console.print(table)
         floors = rows[0][1]["gsm8k"]
         console.print(
-            f"floors on the same items: majority label {_rate_cell(floors['majority_baseline'])}, "
-            f"last step {_rate_cell(floors['last_step_baseline'])}"
+            f"floors on the same items: majority label {rate_text(floors['majority_baseline'])}, "
+            f"last step {rate_text(floors['last_step_baseline'])}"
         )
         report = json.loads((run / "compile_report.json").read_text())
         console.print(f"bootstrap: {report.get('bootstrap')}")

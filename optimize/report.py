@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from misstep.data.runfiles import read_records  # noqa: E402
 from misstep.metrics.health import StopRule  # noqa: E402
-from misstep.metrics.stats import rate  # noqa: E402
+from misstep.metrics.stats import rate, rate_text  # noqa: E402
 
 
 def load_history(run_dir: Path) -> list[dict[str, Any]]:
@@ -24,12 +24,6 @@ def load_history(run_dir: Path) -> list[dict[str, Any]]:
     if not rows:
         raise FileNotFoundError(f"{run_dir}: no finished round (round-*/round.json) to report on")
     return rows
-
-
-def _cell(rate: dict | None) -> str:
-    if not rate or rate.get("value") is None:
-        return "n/a"
-    return f"{rate['value']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] ({rate['k']}/{rate['n']})"
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -120,9 +114,10 @@ def _accuracy_table(rows: list[dict[str, Any]], kind: str, tasks: list[tuple[str
                     for f in ("majority_baseline", "last_step_baseline")
                 )
             )
-            cells.append(f"{_cell(accuracy)} ({_floors(metrics)})" + (" **below a floor**" if below else ""))
+            cells.append(f"{rate_text(accuracy)} ({_floors(metrics)})" + (" **below a floor**" if below else ""))
         recovered = row.get(kind, {}).get("gsm8k", {}).get("gsm8k", {}).get("recovery_success")
-        lines.append(f"| {row['round']} | " + " | ".join(cells) + (f" | {_cell(recovered)} |" if recovery else " |"))
+        tail = f" | {rate_text(recovered)} |" if recovery else " |"
+        lines.append(f"| {row['round']} | " + " | ".join(cells) + tail)
     return lines
 
 
@@ -257,7 +252,7 @@ def write_report(run_dir: Path) -> Path:
         judge = row.get("judge", {})
         diversity = row.get("diversity", {})
         lines.append(
-            f"| {row['round']} | {_cell(judge.get('precision'))} | {_cell(judge.get('recall'))} "
+            f"| {row['round']} | {rate_text(judge.get('precision'))} | {rate_text(judge.get('recall'))} "
             f"| {row.get('kept', 0)} / {row.get('scenarios', 0)} | {thresholds} "
             f"| {_number(diversity.get('distinct_2'))} | {_number(diversity.get('near_duplicates'))} "
             f"| {row.get('kept_error_types', {})} |"
@@ -271,7 +266,7 @@ def write_report(run_dir: Path) -> Path:
     ]
     for row in rows[1:]:
         written = _written(run_dir / f"round-{row['round']}" / "scenarios.jsonl")
-        lines.append(f"| {row['round']} | {_cell(written['checkable'])} | {_cell(written['as_described'])} |")
+        lines.append(f"| {row['round']} | {rate_text(written['checkable'])} | {rate_text(written['as_described'])} |")
     timed = [row for row in rows if row.get("seconds")]
     if timed:
         steps = list(dict.fromkeys(step for row in timed for step in row["seconds"]))
