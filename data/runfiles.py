@@ -9,7 +9,9 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +174,32 @@ def holds_run_dir(run_dir_of: Callable[[dict[str, Any]], Path]):
         return locked
 
     return decorate
+
+
+def saved_or_made(path: Path, make: Callable[[], Any]) -> Any:
+    """A step's saved output, or `make()`'s, saved atomically now: a rerun never redoes a finished
+    step, and a half-written file is never read."""
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    value = make()
+    write_json_atomic(path, value)
+    return value
+
+
+def saved_or_made_jsonl(path: Path, make: Callable[[], list[dict]]) -> list[dict]:
+    """`saved_or_made` for a list of records, one a line."""
+    if path.exists():
+        return read_records(path)
+    records = make()
+    write_jsonl_atomic(path, records)
+    return records
+
+
+@contextmanager
+def timed(seconds: dict[str, float], step: str):
+    """Add the wall time of the block to `seconds[step]` (a run's evidence of where its time went)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - started

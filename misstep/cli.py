@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -20,18 +21,17 @@ from misstep.lm.provider import LocalProvider
 from misstep.lm.serving import vllm_available
 from misstep.lm.training import LOSS_WEIGHTINGS, TrainSettings
 from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
-from misstep.metrics.injector import inject_many
-from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
+from misstep.metrics.judge_metric import Thresholds
 from misstep.metrics.stats import rate_text
-from misstep.optimize.compile import NothingToTrainOn, compile_program, compiled_or_resumed, training_examples, warm_up
+from misstep.optimize.compile import NothingToTrainOn
 from misstep.optimize.config import RunConfig, write_config
 from misstep.optimize.control import LOSSES, ControlRun, publish, run_control
-from misstep.optimize.demos import attach_demos, ground_truth_demos, questions_of
+from misstep.optimize.demos import ground_truth_demos, questions_of
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
 from misstep.optimize.rounds import run_loop
+from misstep.optimize.sources import InjectedTraces
 from misstep.options import DATA, SERVING, TRAINING, configured
-from misstep.programs import Judge, SelfCorrector
 
 app = typer.Typer(
     help="Teach a local language model to find and recover from reasoning errors.",
@@ -276,110 +276,63 @@ def compile_command(
     min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="judge confidence to keep a trace")] = 0.5,
     min_quality: Annotated[float, typer.Option(min=0.0, max=1.0, help="curation quality to keep a trace")] = 0.5,
 ) -> None:
-    """Compile the self-corrector into new weights (BootstrapFinetune, the judge as metric); print
-    held-out location accuracy and recovery success before and after. Rerun with the same
-    --run-dir to resume: finished evaluations and trainings are not repeated."""
-    if metric not in ("judge", "oracle"):
-        _fail(f"--metric must be 'judge' or 'oracle', not {metric!r}")
+    """Compile the self-corrector into new weights (BootstrapFinetune, the judge as metric): one round of
+    the loop, fed by the injector instead of the writer; print held-out location accuracy and recovery
+    success before and after. Rerun with the same --run-dir to resume: finished steps are not repeated."""
+    if metric == "oracle" and judge_warm_up:
+        _fail("--judge-warm-up trains a judge that --metric oracle never asks: choose one")
     _check_serving(config)
-    seed, threads, ground_truth = config.loop.seed, config.loop.num_threads, config.loop.ground_truth
-    if (warm_up_first or judge_warm_up) and not ground_truth:
+    settings = replace(config.loop, rounds=1, warm_up=warm_up_first, judge_warm_up=judge_warm_up)
+    if (settings.warm_up or settings.judge_warm_up) and not settings.ground_truth:
         _fail("--warm-up and --judge-warm-up need ground truth to train on: set --ground-truth above 0")
+    try:
+        source = InjectedTraces(train_size, metric, Thresholds(min_confidence, min_quality))
+    except ValueError as exc:
+        _fail(str(exc))
     heldout_source = _load(heldout or sample_path("gsm8k/test.jsonl"), fields=_fields(config, heldout))
-    heldout_chains = labelled_chains(heldout_source, heldout_size, seed)
+    heldout_chains = labelled_chains(heldout_source, heldout_size, settings.seed)
     # No question of the held-out file (measured or not) reaches a demo, the ground truth or a trace.
     train_chains = without_heldout(
         _load(data or sample_path("gsm8k/train.jsonl"), fields=_fields(config, data)), heldout_source
     )
+    demo_chains = without_heldout(_load(demo_data), heldout_source) if demo_data else None
     run = _run_dir(run_dir, "compile")
     with RunLock(run):  # one process at a time writes a run directory
         write_config(config, run / "config.toml")
-        demo_sets = _demos(config.loop.demos, demo_data, seed, exclude=set(), heldout=heldout_source)
-        # Demos, ground truth and traced examples come from disjoint training chains.
-        demo_questions = questions_of(demo_sets)
-        pool = [c for c in train_chains if c.question not in demo_questions]
-        truth = ground_truth_demos(pool, k=ground_truth, seed=seed + 1) if ground_truth else {}
-        taken = demo_questions | questions_of(truth)
-        pairs = [(good, bad) for good, bad, _ in inject_many([c for c in pool if c.question not in taken], seed=seed)][
-            :train_size
-        ]
-        if not pairs:
-            _fail("no training examples: the injector found no valid chain to corrupt in the data")
         provider = _provider(config, run)
-        base = provider.lm(seed=seed)
-        console.print(
-            f"compile: {len(pairs)} training examples, {ground_truth} ground-truth examples per stage, "
-            f"{len(heldout_chains)} held out -> {run}"
-        )
-
-        def held_out(lm, folder: str, stage_demos) -> dict:
-            return evaluate(
-                heldout_chains, lm, JobSettings(run_dir=run / folder, num_threads=threads, demos=stage_demos)
-            )
-
-        rows = [("before (base + demos)", held_out(base, "before", demo_sets))]
-        student, student_lm = attach_demos(SelfCorrector(), demo_sets), base
-        if warm_up_first:
-            warmed = _resume_or(
-                run / "warm-up",
-                lambda: warm_up(SelfCorrector(), truth, lm=student_lm, provider=provider, run_dir=run / "warm-up"),
-                provider,
-                threads,
-            )
-            student, student_lm = warmed, warmed.predictors()[0].lm
-            rows.append(("after warm-up (ground truth only)", held_out(student_lm, "after-warm-up", {})))
-        if metric == "oracle":
-            keep = OracleMetric()
-        elif judge_warm_up:  # frozen once trained: the judge program carries its own LM, no demos needed
-            judge = _resume_or(
-                run / "judge-warm-up",
-                lambda: warm_up(Judge(), truth, lm=base, provider=provider, run_dir=run / "judge-warm-up"),
-                provider,
-                threads,
-                program=Judge(),
-            )
-            keep = JudgeMetric(judge.predictors()[0].lm, Thresholds(min_confidence, min_quality), judge=judge)
-        else:
-            keep = JudgeMetric(base, Thresholds(min_confidence, min_quality), judge=attach_demos(Judge(), demo_sets))
+        console.print(f"compile: {train_size} training examples, {len(heldout_chains)} held out -> {run}")
         try:
-            compiled = _resume_or(
-                run,
-                lambda: compile_program(
-                    student,
-                    training_examples(pairs),
-                    lm=student_lm,
-                    metric=keep,
-                    provider=provider,
-                    run_dir=run,
-                    extra_examples=truth,
-                    num_threads=threads,
-                ),
-                provider,
-                threads,
+            history = run_loop(
+                train_chains,
+                {"gsm8k": heldout_chains},
+                provider=provider,
+                judge_lm=provider.lm(seed=settings.seed).copy(provider=None),
+                settings=settings,
+                run_dir=run,
+                source=source,
+                demo_chains=demo_chains,
             )
         except NothingToTrainOn as exc:
             _fail(str(exc))
-        rows.append(("after compile", held_out(compiled.predictors()[0].lm, "after", {})))
-
-        table = Table(title="held-out GSM8K (injected errors), 95% Wilson intervals")
-        for column in ("", "location accuracy", "recovery success"):
-            table.add_column(column)
-        for label, metrics in rows:
-            table.add_row(
-                label,
-                rate_text(metrics["gsm8k"]["location_accuracy"]),
-                rate_text(metrics["gsm8k"]["recovery_success"]),
-            )
-        console.print(table)
-        floors = rows[0][1]["gsm8k"]
-        console.print(
-            f"floors on the same items: majority label {rate_text(floors['majority_baseline'])}, "
-            f"last step {rate_text(floors['last_step_baseline'])}"
-        )
-        report = json.loads((run / "compile_report.json").read_text())
-        console.print(f"bootstrap: {report.get('bootstrap')}")
-        console.print(f"weights: {report['model_dir']}\nprogram: {run / 'program.json'}")
-        provider.close()
+        finally:
+            provider.close()
+    table = Table(title="held-out GSM8K (injected errors), 95% Wilson intervals")
+    for column in ("", "location accuracy", "recovery success"):
+        table.add_column(column)
+    for row in history:
+        measured = row["heldout"]["gsm8k"]["gsm8k"]
+        label = "after compile" if row["round"] else ("after warm-up" if settings.warm_up else "before (base + demos)")
+        table.add_row(label, rate_text(measured["location_accuracy"]), rate_text(measured["recovery_success"]))
+    console.print(table)
+    floors = history[0]["heldout"]["gsm8k"]["gsm8k"]
+    console.print(
+        f"floors on the same items: majority label {rate_text(floors['majority_baseline'])}, "
+        f"last step {rate_text(floors['last_step_baseline'])}"
+    )
+    compiled = json.loads((run / "round-1" / "compile_report.json").read_text())
+    console.print(f"bootstrap: {compiled.get('bootstrap')}")
+    console.print(f"weights: {compiled['model_dir']}\nprogram: {run / 'round-1' / 'program.json'}")
+    console.print(f"report: {write_report(run)}")
 
 
 def _check_serving(config: RunConfig) -> None:
@@ -399,15 +352,6 @@ def _provider(config: RunConfig, run: Path) -> LocalProvider:
         vllm=config.vllm,
         engine=config.engine,
     )
-
-
-def _resume_or(folder: Path, compile_step, provider: LocalProvider, threads: int, program=None):
-    program, resumed = compiled_or_resumed(
-        folder, compile_step, provider=provider, program=program, max_batch_size=threads
-    )
-    if resumed:
-        console.print(f"resumed: {folder / 'program.json'}")
-    return program
 
 
 @app.command("optimize")

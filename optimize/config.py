@@ -7,7 +7,7 @@
 
 A field is declared once, in its layer's dataclass (`Fields` in data/loaders.py, `TrainSettings` in lm/training.py,
 `EngineSettings` in lm/engine.py, `VllmOptions` in lm/serving.py, `LoopSettings` in
-optimize/rounds.py); the command line's options are mapped onto these fields in one table,
+optimize/settings.py); the command line's options are mapped onto these fields in one table,
 `misstep.options.OPTIONS`.
 
 A TOML file has one table per section, with the fields it changes:
@@ -45,7 +45,7 @@ from misstep.lm.models import DEFAULT_MODEL
 from misstep.lm.provider import SERVINGS
 from misstep.lm.serving import VllmOptions
 from misstep.lm.training import TrainSettings
-from misstep.optimize.rounds import LoopSettings
+from misstep.optimize.settings import LoopSettings
 
 
 @dataclass

@@ -158,7 +158,7 @@ def test_compile_stops_clearly_when_the_judge_keeps_nothing(tmp_path, tiny_model
     )
     assert result.exit_code == 2, result.output
     assert "no trace to train on" in result.output and "dropped_by_metric" in result.output
-    assert (run_dir / "before" / "metrics.json").exists()  # the work done before the failure is kept
+    assert (run_dir / "round-0" / "heldout" / "gsm8k" / "metrics.json").exists()  # work done before the failure stays
 
 
 def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny_model_dir):
@@ -200,26 +200,27 @@ def test_compile_warms_up_compiles_and_resumes_without_retraining(tmp_path, tiny
     )
     result = _invoke(*args)
     assert result.exit_code == 0, result.output
-    for label in ("before (base + demos)", "after warm-up", "after compile"):
+    for label in ("after warm-up", "after compile"):  # round 0 and round 1 of the loop
         assert label in result.output
     assert "floors on the same items: majority label" in " ".join(result.output.split())
-    for folder in ("before", "after-warm-up", "after"):
-        assert (run_dir / folder / "metrics.json").exists()
-    report = json.loads((run_dir / "compile_report.json").read_text())
+    for folder in ("round-0", "round-1"):
+        assert (run_dir / folder / "heldout" / "gsm8k" / "metrics.json").exists()
+    report = json.loads((run_dir / "round-1" / "compile_report.json").read_text())
     assert report["bootstrap"]["extra_records"] == 4 and report["bootstrap"]["traced"] == 2
-    warm = json.loads((run_dir / "warm-up" / "compile_report.json").read_text())
+    warm = json.loads((run_dir / "round-0" / "compile_report.json").read_text())
     assert report["training"]["base_model"] == warm["model_dir"]  # the compile trained on from the warmed weights
-    judge = json.loads((run_dir / "judge-warm-up" / "compile_report.json").read_text())
+    judge = json.loads((run_dir / "judge" / "compile_report.json").read_text())
     assert judge["warm_up"]["ground_truth_records"] == 4  # 2 judge + 2 curation examples
     assert judge["training"]["base_model"] == str(tiny_model_dir)  # the judge never trains on the student
     checkpoints = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("compile-"))
     assert len(checkpoints) == 3  # student warm-up, judge warm-up, compile
+    assert json.loads((run_dir / "round-1" / "round.json").read_text())["traced"] == 2
+    assert (run_dir / "report.md").exists()
 
     assert_no_question_in({normalize_question(r["question"]) for r in heldout}, run_dir / "checkpoints")
 
     again = _invoke(*args)  # everything is done: nothing is trained again
     assert again.exit_code == 0, again.output
-    assert again.output.count("resumed:") == 3
     assert sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("compile-")) == checkpoints
 
 

@@ -14,7 +14,8 @@ from misstep.lm import EmbeddedEngine, local_lm
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.evaluation import injected_gsm8k
-from misstep.optimize.rounds import LoopSettings, run_loop, select_seeds
+from misstep.optimize.rounds import LoopSettings, run_loop
+from misstep.optimize.sources import select_seeds
 
 
 def _open_engines(run_dir):

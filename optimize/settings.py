@@ -1,0 +1,48 @@
+"""The loop's settings: every knob of a run of rounds, in one place (`RunConfig.loop`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from misstep.metrics.health import StopRule
+from misstep.signatures import DEFAULT_ERROR_TYPES, get_error_type
+
+
+@dataclass
+class LoopSettings:
+    """Every knob of the loop, in one place (the CLI fills it from its options)."""
+
+    rounds: int = 3
+    seed_chains: int = 32  # valid chains the model writes scenarios from, each round
+    error_types: list[str] = field(default_factory=lambda: list(DEFAULT_ERROR_TYPES))
+    ground_truth: int = 16  # worked examples per stage in every compile (no model wrote them)
+    warm_up: bool = True  # round 0 fine-tunes on the ground truth alone, so the model's answers parse
+    judge_warm_up: bool = True  # the judge gets its own weights, fine-tuned on ground-truth judgements alone
+    demos: int = 2  # per stage, for the judge (and the student when there is no warm-up)
+    active_selection: bool = True
+    exploration: float = 0.3  # share of each round's seeds and error-type weight chosen at random
+    tuning_trials: int = 60
+    min_yield: float = 0.05
+    stop: StopRule = field(default_factory=StopRule)
+    primary_metric: str = "location_accuracy"  # of the GSM8K held-out set: what the stop rule watches
+    num_threads: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, least in (
+            ("rounds", 1),
+            ("seed_chains", 1),
+            ("tuning_trials", 1),
+            ("num_threads", 1),
+            ("ground_truth", 0),
+            ("demos", 0),
+        ):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be at least {least}, not {getattr(self, name)}")
+        if not self.error_types:
+            raise ValueError("error_types names no error type")
+        for name in self.error_types:
+            try:
+                get_error_type(name)
+            except KeyError as exc:  # a setting, not a lookup: say so as a bad value, naming the registered ones
+                raise ValueError(exc.args[0]) from None

@@ -1,0 +1,360 @@
+"""Where a round's training examples come from: the two ways a round of `run_loop` is fed.
+
+- `WrittenScenarios` (`misstep optimize`): the current model writes scenarios from chosen seed
+  chains (stages 1-4), the frozen judge scores them (5-6), Optuna-tuned thresholds keep some,
+  and the student is compiled to reproduce what was kept.
+- `InjectedTraces` (`misstep compile`): no writer; the injector corrupts valid chains (exact
+  labels), the student traces them, and the judge (or the oracle) keeps its traces.
+
+A source's `make(round)` returns the round's `RoundExamples`: BootstrapFinetune's trainset and
+metric, the stage examples later rounds train on beside the ground truth, and what the round's
+row of the history records of how they were made.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import dspy
+
+from misstep.data.records import Chain, Scenario, format_steps
+from misstep.data.runfiles import JsonlLog, read_records, saved_or_made, saved_or_made_jsonl, timed
+from misstep.metrics.checks import check_scenario
+from misstep.metrics.health import diversity
+from misstep.metrics.injector import inject_many
+from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds, verdicts
+from misstep.metrics.stats import agreement, rate
+from misstep.optimize.compile import Metric, NothingToTrainOn, training_examples
+from misstep.optimize.demos import attach_demos
+from misstep.optimize.settings import LoopSettings
+from misstep.optimize.tuning import tune_thresholds
+from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
+from misstep.programs.parallel import map_threads
+from misstep.signatures import get_error_type
+
+
+@dataclass
+class Round:
+    """What a source is given for round `index` (1, 2, ...): where it writes, the models, and the chains."""
+
+    index: int
+    folder: Path  # RUN_DIR/round-<index>
+    run_dir: Path
+    student: SelfCorrector
+    judge: Judge  # frozen: no compile trains it
+    demos: dict[str, list[dspy.Example]]  # for stages whose weights have not been trained on their format
+    pool: list[Chain]  # valid chains no demo, ground truth or held-out set holds
+    history: list[dict[str, Any]]  # the rows of the rounds before
+    settings: LoopSettings
+    trained_writers: set[str]  # error types whose writer the student's weights were trained on
+    seconds: dict[str, float]  # the wall time of each step, into round.json
+
+
+@dataclass
+class RoundExamples:
+    """A round's training data, and what its row of the history says about it."""
+
+    trainset: list[dspy.Example]
+    metric: Metric
+    for_later_rounds: dict[str, list[dspy.Example]] = field(default_factory=dict)  # by stage
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+class RoundSource(Protocol):
+    writes: bool  # whether the student's weights also learn to write scenarios (stages 1-2)
+
+    def make(self, round: Round) -> RoundExamples: ...
+
+
+@dataclass
+class InjectedTraces:
+    """`size` chains corrupted by the injector, traced by the student; `metric` "judge" keeps a trace
+    the frozen judge accepts (`thresholds`), "oracle" one that ground truth confirms."""
+
+    size: int
+    metric: str = "judge"
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    writes = False
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("judge", "oracle"):
+            raise ValueError(f"metric must be 'judge' or 'oracle', not {self.metric!r}")
+
+    def make(self, round: Round) -> RoundExamples:
+        pairs = [(good, bad) for good, bad, _ in inject_many(round.pool, seed=round.settings.seed)][: self.size]
+        if not pairs:
+            raise NothingToTrainOn("no training examples: the injector found no valid chain to corrupt in the data")
+        if self.metric == "oracle":
+            metric: Metric = OracleMetric()
+        else:
+            metric = JudgeMetric(round.judge.predictors()[0].lm, self.thresholds, judge=round.judge)
+        return RoundExamples(training_examples(pairs), metric, row={"traced": len(pairs), "metric": self.metric})
+
+
+@dataclass
+class WrittenScenarios:
+    """The model writes the round's scenarios; tuned thresholds on the judge's verdicts keep some."""
+
+    writes = True
+
+    def make(self, round: Round) -> RoundExamples:
+        settings, folder, r = round.settings, round.folder, round.index
+        previous = read_records(round.run_dir / f"round-{r - 1}" / "scenarios.jsonl")
+        selection = saved_or_made(
+            folder / "selection.json",
+            lambda: select_seeds(
+                round.pool, previous, settings, random.Random(settings.seed * 1009 + r), round_index=r
+            ),
+        )
+        chains = {c.source_id: c for c in round.pool}
+        work = [(chains[s], e) for s, e in selection["seeds"]]
+        with timed(round.seconds, "scenarios"):
+            scenarios = write_scenarios(
+                work, round.student, round.judge, round.demos, folder, settings, trained_writers=round.trained_writers
+            )
+        with timed(round.seconds, "tuning"):
+            tuning = saved_or_made(
+                folder / "tuning.json", lambda: _tune(scenarios, round.run_dir, r, round.history, settings)
+            )
+        thresholds = Thresholds(**tuning["thresholds"])
+        kept = saved_or_made_jsonl(folder / "kept.jsonl", lambda: keep(scenarios, thresholds))
+        return RoundExamples(
+            [scenario_example(k) for k in kept],
+            ReproducesKept(),
+            for_later_rounds=stage_examples_of(kept),
+            row=scenario_row(scenarios, kept, tuning),
+        )
+
+
+def scenario_row(scenarios: list[dict[str, Any]], kept: list[dict[str, Any]], tuning: dict[str, Any]) -> dict:
+    """What a round's row records of its scenarios: the judge against the oracle, what was kept and how varied."""
+    decisions = [decision(s) for s in scenarios]
+    judged = [d for d in decisions if "verdict" in d and "oracle_recovery_ok" in d]
+    return {
+        "judge": {
+            k: v.to_dict()
+            for k, v in agreement([d["verdict"] for d in judged], [d["oracle_recovery_ok"] for d in judged]).items()
+        },
+        "scenarios": len(scenarios),
+        "kept": len(kept),
+        "acceptance": rate([True] * len(kept) + [False] * (len(scenarios) - len(kept))).to_dict(),
+        "kept_error_types": dict(Counter(k["error_type"] for k in kept)),
+        "diversity": diversity(["\n".join(k["recovered_steps"]) for k in kept]),
+        "thresholds": tuning,
+    }
+
+
+# -- the steps of a written round ---------------------------------------------------------------
+
+
+def select_seeds(
+    pool: list[Chain], previous: list[dict[str, Any]], settings: LoopSettings, rng: random.Random, round_index: int
+) -> dict[str, Any]:
+    """Which valid chains and error types this round writes scenarios from, and why.
+
+    Active selection weighs each error type by how often the current model failed on it
+    last round (the oracle's verdict on location and recovery), with `exploration` of the
+    weight spread evenly, and re-uses a share of last round's failed chains (under another
+    error type) beside fresh ones. Off, it draws chains and error types uniformly."""
+    types = list(settings.error_types)
+    failed_by_type = {t: [] for t in types}
+    for record in previous:
+        oracle = record.get("oracle") or {}
+        if record["error_type"] in failed_by_type:
+            failed_by_type[record["error_type"]].append(not (oracle.get("location_ok") and oracle.get("recovery_ok")))
+    n = settings.seed_chains
+    if settings.active_selection and previous:
+        failure = {t: (sum(f) / len(f) if f else 1.0) for t, f in failed_by_type.items()}
+        total = sum(failure.values()) or 1.0
+        weights = {
+            t: settings.exploration / len(types) + (1 - settings.exploration) * failure[t] / total for t in types
+        }
+        failed_chains = sorted(
+            {
+                r["source_id"]
+                for r in previous
+                if not ((r.get("oracle") or {}).get("location_ok") and (r.get("oracle") or {}).get("recovery_ok"))
+            }
+        )
+        revisit = rng.sample(failed_chains, min(len(failed_chains), int(n * (1 - settings.exploration) / 2)))
+        reason = (
+            f"error types weighted by last round's failure rate {_rounded(failure)} "
+            f"({settings.exploration:.0%} spread evenly); {len(revisit)} of last round's failed chains "
+            f"revisited under another error type"
+        )
+    else:
+        weights = {t: 1 / len(types) for t in types}
+        revisit = []
+        reason = "uniform: first round" if not previous else "uniform: active selection is off"
+    seen = {r["source_id"] for r in previous}
+    fresh_pool = [c.source_id for c in pool if c.source_id not in seen and c.source_id not in revisit]
+    fresh = rng.sample(fresh_pool, min(len(fresh_pool), n - len(revisit)))
+    last_type = {r["source_id"]: r["error_type"] for r in previous}
+    seeds = []
+    for source_id in revisit + fresh:
+        candidates = [t for t in types if t != last_type.get(source_id)] or types
+        seeds.append((source_id, rng.choices(candidates, weights=[weights[t] for t in candidates])[0]))
+    return {
+        "round": round_index,
+        "seeds": seeds,
+        "weights": weights,
+        "revisited": len(revisit),
+        "mix": dict(Counter(t for _, t in seeds)),
+        "reason": reason,
+    }
+
+
+def write_scenarios(
+    work: list[tuple[Chain, str]],
+    student: SelfCorrector,
+    judge: Judge,
+    demos: dict[str, list[dspy.Example]],
+    folder: Path,
+    settings: LoopSettings,
+    trained_writers: set[str] = frozenset(),
+) -> list[dict[str, Any]]:
+    """Stages 1-4 on the current student, 5-6 on the frozen judge, the oracle beside them.
+
+    The writer (stages 1-2) runs on the student's weights: without demos for the error types
+    those weights were trained to write (`trained_writers`), with demos for the others."""
+    lm = student.predictors()[0].lm
+    cycles = {}
+    for name in {e for _, e in work}:
+        cycle = SelfCorrectionCycle(get_error_type(name), corrector=student, judge=judge)
+        attach_demos(cycle.writer, {} if name in trained_writers else demos).set_lm(lm)
+        cycles[name] = cycle
+    with JsonlLog(folder / "scenarios.jsonl") as log:
+        done = {r["source_id"] for r in log.records}
+        todo = [(c, e) for c, e in work if c.source_id not in done]
+
+        def run(item: tuple[Chain, str]) -> Scenario:
+            chain, error_type = item
+            scenario = cycles[error_type](chain)
+            scenario.oracle = check_scenario(scenario)
+            return scenario
+
+        for _, scenario in map_threads(
+            run, todo, lm=lm, num_threads=settings.num_threads, description=f"round {folder.name}: writing scenarios"
+        ):
+            log.append(scenario.to_dict())
+        return list(log.records)
+
+
+def decision(record: dict[str, Any]) -> dict[str, Any]:
+    """The judge's and curator's verdicts on one scenario, beside the oracle's."""
+    stages, oracle = record["stages"], record.get("oracle") or {}
+    parsed = {name: result["outputs"] if result.get("ok") else None for name, result in stages.items()}
+    out: dict[str, Any] = {
+        "source_id": record["source_id"],
+        "error_type": record["error_type"],
+        **verdicts(parsed.get("judge"), parsed.get("curate")),
+    }
+    if "recovery_ok" in oracle:
+        out["oracle_recovery_ok"] = bool(oracle["recovery_ok"])
+    if "location_ok" in oracle:
+        out["oracle_location_ok"] = bool(oracle["location_ok"])
+    return out
+
+
+def _tune(
+    scenarios: list[dict[str, Any]], run_dir: Path, r: int, history: list[dict[str, Any]], settings: LoopSettings
+) -> dict[str, Any]:
+    decisions = [decision(s) for s in scenarios]
+    judged = [d for d in decisions if "verdict" in d and "keep" in d and "oracle_recovery_ok" in d]
+    if not judged:
+        return {
+            "thresholds": asdict(Thresholds()),
+            "reason": "nothing judged with an oracle verdict: defaults",
+            "judged": 0,
+        }
+    # Tune on a validation slice (every other judged trace), report precision on the rest.
+    validation, rest = judged[::2], judged[1::2]
+    earlier = [
+        Thresholds(**row["thresholds"]["thresholds"])
+        for row in history
+        if row.get("thresholds") and "trial" in row["thresholds"]
+    ]
+    result = tune_thresholds(
+        validation,
+        run_dir / "optuna.db",
+        r,
+        trials=settings.tuning_trials,
+        min_yield=settings.min_yield,
+        warm_start=earlier,
+        seed=settings.seed,
+    )
+    chosen = result.thresholds
+    held = [d for d in rest if chosen.admit(d)]
+    return {
+        **result.to_dict(),
+        "validation": len(validation),
+        "precision_on_rest": rate(d["oracle_recovery_ok"] for d in held).to_dict(),
+    }
+
+
+def keep(scenarios: list[dict[str, Any]], thresholds: Thresholds) -> list[dict[str, Any]]:
+    """The scenarios the thresholds admit, each with the verdicts that admitted it."""
+    kept = []
+    for record in scenarios:
+        why = decision(record)
+        if "verdict" in why and "keep" in why and thresholds.admit(why):
+            kept.append({**record, "kept_because": {**why, "thresholds": asdict(thresholds)}})
+    return kept
+
+
+def stage_examples_of(kept: list[dict[str, Any]]) -> dict[str, list[dspy.Example]]:
+    """The kept scenarios' stage 3 and 4 calls as worked examples, for the next rounds' training."""
+    out: dict[str, list[dspy.Example]] = {"locate": [], "recover": []}
+    for record in kept:
+        question, chain = record["chain"]["question"], format_steps(record["invalid_steps"])
+        located = record["stages"]["locate"]["outputs"]
+        recovered = record["stages"]["recover"]["outputs"]
+        out["locate"].append(dspy.Example(question=question, chain=chain, **located))
+        out["recover"].append(
+            dspy.Example(question=question, chain=chain, first_error_step=located["first_error_step"], **recovered)
+        )
+    return out
+
+
+def scenario_example(record: dict[str, Any]) -> dspy.Example:
+    """A kept scenario as a BootstrapFinetune example: the model-written chain is the input, and
+    what the judge accepted is what the re-run trace must reproduce."""
+    return dspy.Example(
+        question=record["chain"]["question"],
+        steps=tuple(record["invalid_steps"]),
+        kept_first_error=record["oracle"].get("located"),
+        kept_final_answer=record["stages"]["recover"]["outputs"]["final_answer"],
+        source_id=record["source_id"],
+    ).with_inputs("question", "steps")
+
+
+class ReproducesKept:
+    """The round's metric: keep a re-run trace only if it is the trace the judge accepted.
+
+    BootstrapFinetune re-runs the student on each kept scenario's chain; at temperature 0
+    with DSPy's cache that is the same answer, and anything else was never judged."""
+
+    def __init__(self):
+        self.decisions: list[dict[str, Any]] = []
+
+    def __call__(self, example: dspy.Example, prediction: dspy.Prediction, trace=None) -> bool:
+        same = prediction.get("first_error") == example.kept_first_error and str(prediction.get("final_answer")) == str(
+            example.kept_final_answer
+        )
+        self.decisions.append({"source_id": example.source_id, "kept": same})
+        return same
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "metric": "reproduces_kept",
+            "judged": len(self.decisions),
+            "kept": sum(d["kept"] for d in self.decisions),
+        }
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in values.items()}
