@@ -471,9 +471,12 @@ def control_command(
     data: Annotated[Path, typer.Option(help="valid GSM8K chains to train on, labelled by the injector")] = Path(
         "../shared/data/gsm8k/train.jsonl"
     ),
-    split: Annotated[Path, typer.Option(help="the held-out split to measure on")] = Path(
-        "data/splits/gsm8k-test.jsonl"
-    ),
+    split: Annotated[
+        Path,
+        typer.Option(
+            help="the held-out split to measure on (choose settings on gsm8k-validation.jsonl; report on test)"
+        ),
+    ] = Path("data/splits/gsm8k-test.jsonl"),
     sizes: Annotated[list[int] | None, typer.Option("--size", min=1, help="stage-3 training chains (repeat)")] = None,
     cue: Annotated[
         list[str] | None, typer.Option(help="'cue' (the first error marked), 'real', or both (repeat)")
@@ -533,7 +536,9 @@ def control_command(
         items = load_split(split)
     except DataFileError as exc:
         _fail(str(exc))
-    pool = _load(data)
+    # Training never sees a question of either committed split, whichever is measured here.
+    committed = [item.chain for name in ("test", "validation") for item in load_split(split_path("gsm8k", name))]
+    pool = without_heldout(_load(data), committed)
     model_dir = _model_dir(model)
     runs = [
         ControlRun(n, mode == "cue", lr, e, loss_kind, seed, b2, w)

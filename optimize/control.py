@@ -10,11 +10,14 @@ anything, and is broken.
 One run is one trained model: `ControlRun` names its settings; `run_control` trains it (a
 killed training resumes from its last checkpoint), evaluates it item by item (appended, so a
 killed evaluation resumes too) and writes `result.json`. Runs already finished are skipped.
+Settings are chosen on the validation split and the chosen run reported on the test split: one
+trained model is measured on each split asked for, a file each.
 
     RUN_DIR/<run name>/train_records.jsonl   the exact training data
                        model/                the weights, train_log.jsonl, train_summary.json
-                       predictions.jsonl     one line per held-out item (metrics/heldout.py)
+                       predictions.jsonl     one line per test item (metrics/heldout.py)
                        result.json           accuracy, baselines, McNemar p, settings, timings
+                       predictions-validation.jsonl, result-validation.json   the same on validation
 """
 
 from __future__ import annotations
@@ -215,15 +218,17 @@ def run_control(
     evaluate it on `items`, and write result.json into `run_dir`/<run name>; a finished run is read back.
     The run's folder is this process's while it runs (`RunLock`)."""
     folder = run_dir / run.name
-    result_path = folder / "result.json"
+    split = items[0].split  # one trained model, measured on each split asked for: a file each
+    result_path = folder / measured_file("result.json", split)
     if result_path.exists():
         return json.loads(result_path.read_text())
     pool = without_heldout(pool, [item.chain for item in items])
     chains = control_chains(pool, run.train_records, seed=run.seed)
     records = training_records(chains, cue=run.cue, loss=run.loss, seed=run.seed)
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(folder / "train_records.jsonl", records)
     weights = folder / "model"
+    if not (weights / "train_summary.json").exists():  # what a trained model was trained on stays as it was
+        write_jsonl_atomic(folder / "train_records.jsonl", records)
     settings = replace(
         settings,
         method="full",
@@ -243,7 +248,12 @@ def run_control(
     lm = local_lm(weights, max_batch_size=num_threads)
     try:
         predictions = evaluate_location(
-            items, lm, folder / "predictions.jsonl", cue=run.cue, num_threads=num_threads, show_progress=show_progress
+            items,
+            lm,
+            folder / measured_file("predictions.jsonl", split),
+            cue=run.cue,
+            num_threads=num_threads,
+            show_progress=show_progress,
         )
     finally:
         release(lm)
@@ -251,7 +261,7 @@ def run_control(
     result = {
         **asdict(run),
         "name": run.name,
-        "split": items[0].split,
+        "split": split,
         "heldout_n": measured["n"],
         "correct": measured["correct"],
         "majority_baseline_correct": measured["majority_baseline_correct"],
@@ -270,17 +280,26 @@ def run_control(
             for k in ("steps", "first_loss", "last_loss", "wall_seconds", "seconds_per_step", "resumed_at_step")
         },
         "evaluation_seconds": time.perf_counter() - trained,
-        "predictions": str(folder / "predictions.jsonl"),
+        "predictions": str(folder / measured_file("predictions.jsonl", split)),
     }
     write_json_atomic(result_path, result)
     return result
+
+
+def measured_file(name: str, split: str) -> str:
+    """A run's file of one split's measurement: the test split's under `name`, another split's
+    with the split's name before the suffix ('result-validation.json')."""
+    if split == "test":
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}-{split}{dot}{suffix}"
 
 
 def publish(result: dict[str, Any], items: list[SplitItem], results_path: Path) -> dict[str, Any]:
     """Record a finished run in `results_path` ({"runs": [...]}, one entry per run name, kept
     across invocations): its predictions copied beside it (<folder>/control/<run name>.jsonl, the
     path the entry names), its slices and its confusion table. Returns the entry."""
-    predictions_path = results_path.parent / "control" / f"{result['name']}.jsonl"
+    predictions_path = results_path.parent / "control" / measured_file(f"{result['name']}.jsonl", result["split"])
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result["predictions"], predictions_path)
     predictions = read_predictions(predictions_path)

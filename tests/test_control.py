@@ -118,6 +118,26 @@ def test_a_control_run_trains_measures_and_resumes_without_training_again(tmp_pa
     assert (folder / "model" / "model.safetensors").stat().st_mtime_ns == trained_at
     assert len((folder / "predictions.jsonl").read_text().splitlines()) == 6
 
+    # The same model measured on the validation split (settings are chosen there): files of its own.
+    records = (folder / "train_records.jsonl").read_text()
+    validation = load_split(split_path("gsm8k", "validation"))[:4]
+    chosen_on = run_control(
+        run,
+        pool,
+        validation,
+        model_dir=tiny_model_dir,
+        run_dir=tmp_path,
+        settings=settings,
+        num_threads=3,
+        show_progress=False,
+    )
+    assert chosen_on["split"] == "validation" and chosen_on["heldout_n"] == 4
+    assert len((folder / "predictions-validation.jsonl").read_text().splitlines()) == 4
+    assert json.loads((folder / "result.json").read_text())["heldout_n"] == 6  # the test result stands
+    assert (folder / "result-validation.json").exists()
+    assert (folder / "model" / "model.safetensors").stat().st_mtime_ns == trained_at
+    assert (folder / "train_records.jsonl").read_text() == records
+
 
 def test_the_control_command_records_each_run_once_and_refuses_bad_input(tmp_path, tiny_model_dir):
     from typer.testing import CliRunner
