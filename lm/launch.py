@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from misstep.data.runfiles import read_records
+from misstep.data.runfiles import read_records, write_json_atomic
 from misstep.lm.processes import stop_group
 from misstep.lm.training import KEPT_UNTIL_EXIT, TrainSettings, train_chat
 
@@ -85,7 +85,7 @@ def launch_training(
     summary_path = output_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text())
     summary["settings"]["launcher"] = settings.launcher  # the processes ran without one: record it
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_json_atomic(summary_path, summary)
     return summary
 
 

@@ -38,6 +38,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from misstep.data.runfiles import write_json_atomic
+from misstep.lm.checkpoint import weights_record
 from misstep.lm.kernels import train_linears_through_onednn
 
 LOSS_WEIGHTINGS = ("tokens", "fields")
@@ -469,8 +471,9 @@ def train_chat(
         # The process's peak so far (Linux reports KiB): an upper bound on what training needed.
         "peak_rss_gib": float(peak_rss),
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "weights": weights_record(output_dir),  # size and sha256 a resume checks (lm/checkpoint.py)
     }
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(output_dir / "train_summary.json", summary)  # last: the sign that the folder is whole
     if resume is not None:
         resume.path.unlink(missing_ok=True)  # the weights are written: nothing left to resume
     return summary

@@ -8,6 +8,7 @@ and `LocalProvider` training a local checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import dspy
 
 from misstep.data.records import Chain
 from misstep.data.runfiles import write_json_atomic
+from misstep.lm.checkpoint import checkpoint_problem
 from misstep.lm.client import local_lm
 from misstep.lm.provider import LocalProvider
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, stage_name
@@ -30,6 +32,7 @@ from misstep.optimize.dspy_internals import (
 from misstep.programs import SelfCorrector
 from misstep.programs.parallel import default_adapter
 
+logger = logging.getLogger(__name__)
 Metric = Callable[..., bool]  # metric(example, prediction, trace=None) -> keep the trace?
 
 
@@ -277,7 +280,10 @@ def compiled_or_resumed(
     compile trains on from those weights."""
     saved = folder / "program.json"
     if saved.exists():
-        return load_compiled(saved, provider=provider, program=program, **lm_options), True
+        problem = checkpoint_problem(Path(json.loads(saved.read_text())["model_dir"]))
+        if problem is None:
+            return load_compiled(saved, provider=provider, program=program, **lm_options), True
+        logger.warning("%s names weights that are not whole, so the step is done again: %s", saved, problem)
     result = compile_step()
     save_compiled(result.program, result.model_dir, saved)
     return result.program, False

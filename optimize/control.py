@@ -37,6 +37,7 @@ import dspy
 from misstep.data.records import Chain, format_steps
 from misstep.data.runfiles import JsonlLog, holds_run_dir, write_json_atomic, write_jsonl_atomic
 from misstep.data.splits import SplitItem, shuffled, without_heldout
+from misstep.lm.checkpoint import SUMMARY, checkpoint_problem
 from misstep.lm.client import local_lm, release
 from misstep.lm.launch import train
 from misstep.lm.training import TrainSettings
@@ -227,7 +228,8 @@ def run_control(
     records = training_records(chains, cue=run.cue, loss=run.loss, seed=run.seed)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "model"
-    if not (weights / "train_summary.json").exists():  # what a trained model was trained on stays as it was
+    whole = checkpoint_problem(weights) is None  # trained before a kill that came during evaluation
+    if not whole:  # what a trained model was trained on stays as it was
         write_jsonl_atomic(folder / "train_records.jsonl", records)
     settings = replace(
         settings,
@@ -238,10 +240,9 @@ def run_control(
         adam_beta2=run.adam_beta2,
         loss_weighting=run.loss_weighting,
     )
-    finished = weights / "train_summary.json"  # trained before a kill that came during evaluation
     summary = (
-        json.loads(finished.read_text())
-        if finished.exists()
+        json.loads((weights / SUMMARY).read_text())
+        if whole
         else train(model_dir, records, weights, settings, show_progress=show_progress)
     )
     trained = time.perf_counter()

@@ -2,16 +2,25 @@
 metric, the provider's training and the embedded engine over the new checkpoint."""
 
 import json
+from pathlib import Path
 
 import dspy
 from safetensors.torch import load_file
 
 from misstep.lm import local_lm
+from misstep.lm.checkpoint import checkpoint_problem
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.injector import inject_many
 from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds
-from misstep.optimize.compile import compile_program, load_compiled, save_compiled, training_examples, warm_up
+from misstep.optimize.compile import (
+    compile_program,
+    compiled_or_resumed,
+    load_compiled,
+    save_compiled,
+    training_examples,
+    warm_up,
+)
 from misstep.optimize.demos import ground_truth_demos
 from misstep.programs import SelfCorrector
 from misstep.programs.parallel import default_adapter
@@ -96,3 +105,44 @@ def test_warm_up_trains_on_ground_truth_alone_and_compiles_on_from_it(tmp_path, 
     assert again.report["training"]["base_model"] == str(warmed.model_dir)
     assert again.report["metric"]["metric"] == "oracle" and again.report["metric"]["judged"] == 2
     assert again.model_dir != warmed.model_dir
+
+
+def test_a_checkpoint_cut_short_or_without_its_summary_is_trained_again_never_loaded_half(
+    tmp_path, tiny_model_dir, gsm8k_train
+):
+    settings = TrainSettings(method="lora", epochs=1.0, batch_size=4, max_length=768, lora_rank=4, lora_alpha=8)
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
+    truth = ground_truth_demos(gsm8k_train, k=1)
+    trainings = []
+
+    def step():
+        trainings.append(1)
+        base = local_lm(tiny_model_dir, max_tokens=16, cache=False, provider=provider)
+        return warm_up(SelfCorrector(), truth, lm=base, provider=provider, run_dir=tmp_path / "warm")
+
+    compiled_or_resumed(tmp_path / "warm", step, provider=provider)
+    saved = json.loads((tmp_path / "warm" / "program.json").read_text())
+    weights = Path(saved["model_dir"])
+    summary = json.loads((weights / "train_summary.json").read_text())
+    recorded = summary["weights"]["model.safetensors"]
+    assert recorded["bytes"] == (weights / "model.safetensors").stat().st_size and len(recorded["sha256"]) == 64
+    assert checkpoint_problem(weights) is None
+
+    compiled_or_resumed(tmp_path / "warm", step, provider=provider)  # whole: read back, not trained
+    assert len(trainings) == 1
+
+    with (weights / "model.safetensors").open("r+b") as handle:  # the fault: a save cut short
+        handle.truncate(recorded["bytes"] // 2)
+    assert "cut short" in checkpoint_problem(weights)
+    del summary["weights"]  # a summary from before digests were kept: the format's own lengths tell
+    (weights / "train_summary.json").write_text(json.dumps(summary))
+    assert "cut short" in checkpoint_problem(weights)
+    program, resumed = compiled_or_resumed(tmp_path / "warm", step, provider=provider)
+    assert not resumed and len(trainings) == 2
+    redone = Path(json.loads((tmp_path / "warm" / "program.json").read_text())["model_dir"])
+    assert redone != weights and checkpoint_problem(redone) is None
+
+    (redone / "train_summary.json").unlink()  # the fault: killed between the weights and the summary
+    assert "no train_summary.json" in checkpoint_problem(redone)
+    compiled_or_resumed(tmp_path / "warm", step, provider=provider)
+    assert len(trainings) == 3
