@@ -14,12 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from misstep.data.runfiles import read_records, write_json_atomic
 from misstep.lm.processes import stop_group
@@ -68,7 +73,7 @@ def launch_training(
         # Its own session, so that a launch that runs out of time goes with all its processes.
         launched = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            returncode = launched.wait(timeout=settings.launch_timeout_s)
+            returncode, peak_gib = _wait_watching_memory(launched, settings.launch_timeout_s)
         except subprocess.TimeoutExpired:
             stop_group(launched, STOP_GRACE_S)
             raise RuntimeError(
@@ -80,6 +85,8 @@ def launch_training(
             raise
     if returncode != 0:
         tail = log.read_text()[-3000:]
+        if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) or KILLED_IN_LOG.search(tail):
+            raise TrainingKilled(_killed_message(settings, peak_gib, log)) from None
         raise RuntimeError(f"training under {settings.launcher!r} failed (exit {returncode}); log {log}:\n{tail}")
     data.unlink()
     summary_path = output_dir / "train_summary.json"
@@ -87,6 +94,53 @@ def launch_training(
     summary["settings"]["launcher"] = settings.launcher  # the processes ran without one: record it
     write_json_atomic(summary_path, summary)
     return summary
+
+
+class TrainingKilled(RuntimeError):
+    """A launched training's process was killed by SIGKILL: on a machine, the out-of-memory killer."""
+
+
+# How launchers report a worker that SIGKILL ended: torchrun ("Signals.SIGKILL", "exitcode  : -9"),
+# accelerate (which runs torchrun), a shell ("Killed").
+KILLED_IN_LOG = re.compile(r"Signals\.SIGKILL|exitcode\s*:\s*-9\b|^Killed$", re.MULTILINE)
+
+
+def _wait_watching_memory(process: subprocess.Popen, timeout_s: float | None) -> tuple[int, float]:
+    """Wait for `process` (up to `timeout_s`); (its exit code, the most resident memory, in GiB, that
+    any one process it started reached): what to report when the kernel kills one for memory."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    root, peak = psutil.Process(process.pid), 0
+    while True:
+        try:
+            return process.wait(timeout=0.5), peak / 2**30
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for member in tree:
+            try:
+                peak = max(peak, member.memory_info().rss)
+            except psutil.Error:
+                pass
+
+
+def _killed_message(settings: TrainSettings, peak_gib: float, log: Path) -> str:
+    total_gib = psutil.virtual_memory().total / 2**30
+    lower = [f"--batch-size (now {settings.batch_size}; --gradient-accumulation keeps the effective batch)"]
+    if not settings.gradient_checkpointing:
+        lower.append("--gradient-checkpointing (now off)")
+    lower.append(f"--max-length (now {settings.max_length})")
+    if settings.method == "full":
+        lower.append("--method lora (now full)")
+    return (
+        f"training under {settings.launcher!r} was killed by SIGKILL, most likely by the kernel's "
+        f"out-of-memory killer: its largest process reached {peak_gib:.1f} GiB of this machine's "
+        f"{total_gib:.1f} GiB. Lower what it needs with {', '.join(lower)}; rerun the same command to "
+        f"continue from the last resume point. Log: {log}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,8 @@ the new ones to swap in.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,14 @@ import dspy
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
+from misstep.data.runfiles import write_jsonl_atomic
+from misstep.lm.checkpoint import SUMMARY, checkpoint_problem
 from misstep.lm.client import lm_name, local_lm, served_lm
 from misstep.lm.engine import EmbeddedEngine, EngineSettings
 from misstep.lm.kernels import on_torch_thread
 from misstep.lm.launch import train
 from misstep.lm.serving import VllmOptions, VllmServer
-from misstep.lm.training import TrainSettings
+from misstep.lm.training import TrainSettings, data_key
 
 SERVINGS = ("embedded", "vllm")
 
@@ -137,14 +139,18 @@ class LocalProvider(Provider):
             raise ValueError(f"LocalProvider trains on chat data, not {train_data_format!r} (use ChatAdapter)")
         settings = (train_kwargs or {}).get("settings") or self.settings
         source = self.checkpoints.get(model, self.base_model_dir)  # a compiled model compiles on from its own weights
-        folder = self.checkpoint_root / f"compile-{time.strftime('%Y%m%d-%H%M%S')}-{len(self.summaries):03d}"
-        folder.mkdir(parents=True)
-        with (folder / "train_data.jsonl").open("w") as out:  # the exact data, kept beside the weights
-            for record in train_data:
-                out.write(json.dumps(record) + "\n")
-        # on the process's torch thread, where the engines run too: a second thread's OpenMP pool
-        # slows both down (lm/kernels.py; 2.85 vs 2.56 s a training step measured)
-        summary = on_torch_thread(train, source, train_data, folder, settings, show_progress=self.show_progress)
+        # Named by what it is trained from, on and how: a rerun after a kill finds the folder again
+        # and resumes there (or, finished and whole, reads it back) instead of starting afresh.
+        identity = hashlib.sha256(f"{Path(source).resolve()}\n{data_key(train_data, settings)}".encode())
+        folder = self.checkpoint_root / f"compile-{identity.hexdigest()[:16]}"
+        if checkpoint_problem(folder) is None:
+            summary = json.loads((folder / SUMMARY).read_text())
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_jsonl_atomic(folder / "train_data.jsonl", train_data)  # the exact data, kept beside the weights
+            # on the process's torch thread, where the engines run too: a second thread's OpenMP pool
+            # slows both down (lm/kernels.py; 2.85 vs 2.56 s a training step measured)
+            summary = on_torch_thread(train, source, train_data, folder, settings, show_progress=self.show_progress)
         name = self.name_for(folder)
         self.checkpoints[name] = folder
         self.summaries[name] = summary

@@ -77,9 +77,9 @@ class TrainSettings:
     collective_timeout_s: float = 600.0
     # fp32 matrix products on CPU through oneDNN rather than MKL (OneDNNTrainingLinear); False: MKL.
     onednn: bool = True
-    # How often a training in one process saves what it needs to resume (weights, optimizer,
-    # schedule, data order, random state) to OUTPUT_DIR/resume.pt; None: never. A training
-    # started again on the same records and settings continues from there.
+    # How often a training saves what it needs to resume (weights, optimizer, schedule, data
+    # order, random state) to OUTPUT_DIR/resume.pt; None: never. A training started again into
+    # the same folder on the same records and settings continues from there, launched or not.
     resume_every_s: float | None = 600.0
     # Run the tokens every row of a batch begins with once, not once a row: the same loss and
     # gradients (see answer_loss), fewer products a step where records share a stage's prompt.
@@ -346,12 +346,9 @@ def train_chat(
     started = time.perf_counter()
     trained_tokens = 0
     losses = []
-    # Resuming is for a training in one process (a launched one restarts from the start).
-    resume = (
-        _Resume(output_dir / "resume.pt", _data_key(records, settings))
-        if settings.resume_every_s and not launched
-        else None
-    )
+    # Under a launcher every rank holds the same weights and optimizer state (DDP), so rank 0 alone
+    # writes the resume point and every rank reads it back.
+    resume = _Resume(output_dir / "resume.pt", data_key(records, settings)) if settings.resume_every_s else None
     first_step = 0
     if resume is not None and (state := resume.load()) is not None:
         model.load_state_dict(state["model"])
@@ -361,7 +358,8 @@ def train_chat(
         torch.set_rng_state(state["torch_random"])
         first_step, order, losses, trained_tokens = state["step"], state["order"], state["losses"], state["tokens"]
         started -= state["wall_seconds"]
-        _keep_log_lines(log_path, first_step)
+        if rank == 0:
+            _keep_log_lines(log_path, first_step)
     last_saved = time.perf_counter()
     with (
         log_path.open("a" if first_step else "w") as log,
@@ -415,6 +413,7 @@ def train_chat(
             progress.update(task, advance=1, loss=step_loss_value)
             if (
                 resume is not None
+                and rank == 0
                 and step + 1 < total_steps
                 and time.perf_counter() - last_saved >= settings.resume_every_s
             ):
@@ -479,7 +478,7 @@ def train_chat(
     return summary
 
 
-def _data_key(records: list[dict[str, Any]], settings: TrainSettings) -> str:
+def data_key(records: list[dict[str, Any]], settings: TrainSettings) -> str:
     """What a resume point must match: the same records and the settings that shape the run."""
     shaping = {
         k: v
@@ -508,7 +507,7 @@ class _Resume:
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
-        state = torch.load(self.path, weights_only=False)
+        state = torch.load(self.path, weights_only=False, map_location="cpu")
         return state if state.get("key") == self.key else None  # other data or settings: start afresh
 
     def save(self, state: dict[str, Any]) -> None:

@@ -342,11 +342,76 @@ def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weigh
 
 
 def test_a_resume_point_is_keyed_by_what_the_settings_mean():
-    from misstep.lm.training import _data_key
+    from misstep.lm.training import data_key
 
     records = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     plain = TrainSettings(method="full")
-    assert _data_key(records, plain) == _data_key(records, TrainSettings(method="full", lora_alpha=32))
-    assert _data_key(records, plain) != _data_key(records, TrainSettings(method="full", loss_weighting="fields"))
-    assert _data_key(records, plain) != _data_key(records, TrainSettings(method="full", lora_rank=8))
-    assert _data_key(records, plain) == _data_key(records, TrainSettings(method="full", resume_every_s=5))
+    assert data_key(records, plain) == data_key(records, TrainSettings(method="full", lora_alpha=32))
+    assert data_key(records, plain) != data_key(records, TrainSettings(method="full", loss_weighting="fields"))
+    assert data_key(records, plain) != data_key(records, TrainSettings(method="full", lora_rank=8))
+    assert data_key(records, plain) == data_key(records, TrainSettings(method="full", resume_every_s=5))
+
+
+# The injected fault: a launcher (one process, torchrun's environment) whose worker the kernel
+# kills with SIGKILL, as the OOM killer does, once it has a resume point; reported the way
+# torchrun reports it. Started again (the marker file exists), it lets the worker finish.
+OOM_LAUNCHER = """
+import os, signal, socket, subprocess, sys, time
+from pathlib import Path
+marker, command = Path(sys.argv[1]), sys.argv[2:]
+output_dir = Path(command[command.index("misstep.lm.launch") + 3])
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+       "MASTER_PORT": str(port)}
+worker = subprocess.Popen([sys.executable, *command], env=env)  # as torchrun runs "-m module ..."
+if marker.exists():
+    sys.exit(worker.wait())
+marker.touch()
+log = output_dir / "train_log.jsonl"
+while not (output_dir / "resume.pt").exists() or len(log.read_text().splitlines()) < 2:
+    if worker.poll() is not None:
+        sys.exit("the worker ended before it could be killed")
+    time.sleep(0.05)
+os.kill(worker.pid, signal.SIGKILL)
+worker.wait()
+print("exitcode  : -9 (pid: %d)" % worker.pid)
+print("error_file: <N/A>  traceback : Signal 9 (SIGKILL) received by PID %d" % worker.pid)
+print("Signals.SIGKILL")
+sys.exit(1)
+"""
+
+
+def test_a_launched_worker_killed_for_memory_is_reported_with_its_peak_and_the_rerun_resumes(
+    tmp_path, tiny_model_dir, chat_records
+):
+    from misstep.lm.launch import TrainingKilled
+
+    script = tmp_path / "oom_launcher.py"
+    script.write_text(OOM_LAUNCHER)
+    settings = TrainSettings(
+        method="full",
+        epochs=2.0,
+        learning_rate=1e-3,
+        batch_size=2,
+        max_length=512,
+        resume_every_s=1e-9,  # a resume point after every step
+        launcher=f"{sys.executable} {script} {tmp_path / 'killed-once'}",
+        launch_timeout_s=300,
+        collective_timeout_s=120,
+    )
+    records, out = chat_records * 2, tmp_path / "out"
+    with pytest.raises(TrainingKilled) as killed:
+        train(tiny_model_dir, records, out, settings, show_progress=False)
+    message = " ".join(str(killed.value).split())
+    peak = float(re.search(r"reached ([\d.]+) GiB", message).group(1))
+    assert peak > 0.1 and "out-of-memory" in message and "launch.log" in message  # a worker holds torch: >100 MB
+    assert "--batch-size (now 2" in message and "--gradient-checkpointing (now off)" in message
+    assert (out / "resume.pt").exists() and not (out / "train_summary.json").exists()
+
+    summary = train(tiny_model_dir, records, out, settings, show_progress=False)  # the rerun
+    assert summary["resumed_at_step"] and summary["resumed_at_step"] >= 1  # not from the start
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, summary["steps"] + 1))
+    assert not (out / "resume.pt").exists()
