@@ -26,7 +26,7 @@ from misstep.data.runfiles import JsonlLog, read_records, saved_or_made, saved_o
 from misstep.metrics.checks import check_scenario
 from misstep.metrics.health import diversity
 from misstep.metrics.injector import inject_many
-from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds, verdicts
+from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, ReproducesKept, Thresholds, verdicts
 from misstep.metrics.stats import agreement, rate
 from misstep.optimize.compile import Metric, NothingToTrainOn, training_examples
 from misstep.optimize.demos import attach_demos
@@ -330,30 +330,6 @@ def scenario_example(record: dict[str, Any]) -> dspy.Example:
         kept_final_answer=record["stages"]["recover"]["outputs"]["final_answer"],
         source_id=record["source_id"],
     ).with_inputs("question", "steps")
-
-
-class ReproducesKept:
-    """The round's metric: keep a re-run trace only if it is the trace the judge accepted.
-
-    BootstrapFinetune re-runs the student on each kept scenario's chain; at temperature 0
-    with DSPy's cache that is the same answer, and anything else was never judged."""
-
-    def __init__(self):
-        self.decisions: list[dict[str, Any]] = []
-
-    def __call__(self, example: dspy.Example, prediction: dspy.Prediction, trace=None) -> bool:
-        same = prediction.get("first_error") == example.kept_first_error and str(prediction.get("final_answer")) == str(
-            example.kept_final_answer
-        )
-        self.decisions.append({"source_id": example.source_id, "kept": same})
-        return same
-
-    def report(self) -> dict[str, Any]:
-        return {
-            "metric": "reproduces_kept",
-            "judged": len(self.decisions),
-            "kept": sum(d["kept"] for d in self.decisions),
-        }
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:

@@ -212,3 +212,26 @@ def test_rounds_are_chosen_on_the_validation_split_not_the_reported_one():
     assert _primary(row, "location_accuracy").k == 30 and _answers(row)["top_share"] == 0.7
     legacy = {"heldout": metrics(90, 0.2)}  # a round.json from before validation splits
     assert _primary(legacy, "location_accuracy").k == 90
+
+
+def test_the_loop_metric_keeps_only_a_re_run_that_reproduces_the_judged_trace():
+    import dspy
+
+    from misstep.metrics.judge_metric import ReproducesKept
+    from misstep.optimize.sources import scenario_example
+
+    record = {  # a kept scenario as the loop stores it: the student located step 2 (index 1), answered 12
+        "chain": {"question": "Tom has 3 boxes of 4 pens. How many pens?"},
+        "invalid_steps": ["3 + 4 = 7 pens per box", "So 7 pens"],
+        "oracle": {"located": 1},
+        "stages": {"recover": {"outputs": {"final_answer": "12"}}},
+        "source_id": "gsm8k-train-7",
+    }
+    example = scenario_example(record)
+    metric = ReproducesKept()
+    assert metric(example, dspy.Prediction(first_error=1, final_answer="12"))  # the same trace: kept
+    assert not metric(example, dspy.Prediction(first_error=0, final_answer="12"))  # sampled: another step
+    assert not metric(example, dspy.Prediction(first_error=1, final_answer="7"))  # another answer
+    assert not metric(example, dspy.Prediction(first_error=None, final_answer=None))  # unparsed
+    assert metric.report() == {"metric": "reproduces_kept", "judged": 4, "kept": 1}
+    assert [d["source_id"] for d in metric.decisions] == ["gsm8k-train-7"] * 4
