@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
@@ -10,7 +9,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from misstep.data import DataFileError, Fields, LoadReport, load_chains, sample_path
@@ -22,7 +20,6 @@ from misstep.lm.serving import vllm_available
 from misstep.lm.training import LOSS_WEIGHTINGS, TrainSettings
 from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
 from misstep.metrics.judge_metric import Thresholds
-from misstep.metrics.stats import rate_text
 from misstep.optimize.compile import NothingToTrainOn
 from misstep.optimize.config import RunConfig, write_config
 from misstep.optimize.control import LOSSES, ControlRun, publish, run_control
@@ -32,13 +29,13 @@ from misstep.optimize.report import write_report
 from misstep.optimize.rounds import run_loop
 from misstep.optimize.sources import InjectedTraces
 from misstep.options import DATA, SERVING, TRAINING, configured
+from misstep.shown import console, show_compile, show_evaluation, show_generation
 
 app = typer.Typer(
     help="Teach a local language model to find and recover from reasoning errors.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
 
 ModelOption = Annotated[str, typer.Option(help=f"registered model ({', '.join(REGISTRY)}) or a local HF model folder")]
 ThreadsOption = Annotated[int, typer.Option(min=1, help="concurrent requests (the engine batches them)")]
@@ -150,26 +147,7 @@ def generate_command(
     settings = JobSettings(run_dir=_run_dir(run_dir, "generate"), num_threads=threads, demos=demo_chains, seed=seed)
     console.print(f"generate: {len(selected)} chains, error types {', '.join(types)} -> {settings.run_dir}")
     summary = generate(selected, types, _lm(config, temperature), settings)
-
-    table = Table(title="stages")
-    for column in ("stage", "parsed", "unparsable", "skipped", "other errors"):
-        table.add_column(column)
-    for stage, counts in summary["stages"].items():
-        table.add_row(stage, *(str(counts[k]) for k in ("parsed", "unparsable", "skipped", "other_errors")))
-    console.print(table)
-    checks = Table(title="ground truth (oracle)")
-    checks.add_column("check")
-    checks.add_column("rate [95% CI]")
-    for key, label in (
-        ("injection_ok", "stage 2 put the first error where stage 1 said"),
-        ("location_ok", "stage 3 found the true first error"),
-        ("recovery_ok", "stage 4 reached the right answer"),
-    ):
-        checks.add_row(label, rate_text(summary[key]))
-    for key in ("precision", "recall"):
-        checks.add_row(f"judge {key} vs oracle", rate_text(summary["judge"][key]))
-    console.print(checks)
-    console.print(f"scenarios: {settings.run_dir / 'scenarios.jsonl'}")
+    show_generation(summary, settings.run_dir)
 
 
 @app.command("evaluate")
@@ -211,32 +189,7 @@ def evaluate_command(
         _write_data_report(reports, run_dir)
         console.print(f"evaluate: {len(chains)} labelled chains from {len(paths)} file(s) -> {settings.run_dir}")
         metrics = evaluate(chains, _lm(config, 0.0), settings, recover=recover)
-
-    table = Table(title="self-correction, 95% Wilson intervals")
-    for column in (
-        "task",
-        "n",
-        "location accuracy",
-        "majority baseline",
-        "last-step baseline",
-        "parsed",
-        "recovery success",
-    ):
-        table.add_column(column)
-    for task, row in metrics.items():
-        if task.startswith("_"):
-            continue
-        table.add_row(
-            task,
-            str(row["n"]),
-            rate_text(row["location_accuracy"]),
-            rate_text(row["majority_baseline"]),
-            rate_text(row["last_step_baseline"]),
-            rate_text(row["locate_parsed"]),
-            rate_text(row["recovery_success"]),
-        )
-    console.print(table)
-    console.print(f"metrics: {settings.run_dir / 'metrics.json'}")
+    show_evaluation(metrics, settings.run_dir)
 
 
 @app.command("compile")
@@ -316,23 +269,7 @@ def compile_command(
             _fail(str(exc))
         finally:
             provider.close()
-    table = Table(title="held-out GSM8K (injected errors), 95% Wilson intervals")
-    for column in ("", "location accuracy", "recovery success"):
-        table.add_column(column)
-    for row in history:
-        measured = row["heldout"]["gsm8k"]["gsm8k"]
-        label = "after compile" if row["round"] else ("after warm-up" if settings.warm_up else "before (base + demos)")
-        table.add_row(label, rate_text(measured["location_accuracy"]), rate_text(measured["recovery_success"]))
-    console.print(table)
-    floors = history[0]["heldout"]["gsm8k"]["gsm8k"]
-    console.print(
-        f"floors on the same items: majority label {rate_text(floors['majority_baseline'])}, "
-        f"last step {rate_text(floors['last_step_baseline'])}"
-    )
-    compiled = json.loads((run / "round-1" / "compile_report.json").read_text())
-    console.print(f"bootstrap: {compiled.get('bootstrap')}")
-    console.print(f"weights: {compiled['model_dir']}\nprogram: {run / 'round-1' / 'program.json'}")
-    console.print(f"report: {write_report(run)}")
+    show_compile(history, settings.warm_up, run, report=write_report(run))
 
 
 def _check_serving(config: RunConfig) -> None:
