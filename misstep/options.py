@@ -9,6 +9,7 @@ defaults, then the file (if any), then the options given on the command line.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import inspect
 import typing
@@ -232,6 +233,16 @@ def configured(*names: str):
                 return command(config=config, **kwargs)
             except RunDirBusy as exc:  # another process writes there: refused, nothing touched
                 console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2) from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # Every run file is written whole or not at all (data/runfiles.py), so what is there stays.
+                where = f" writing {exc.filename}" if exc.filename else ""
+                console.print(
+                    f"[red]error:[/red] the disk is full{where}. Free space and run the same command again: "
+                    "it continues from the files already written, none of which is half-written."
+                )
                 raise typer.Exit(2) from None
 
         context = inspect.Parameter("context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)

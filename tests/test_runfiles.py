@@ -1,5 +1,7 @@
-"""A run directory is one process's at a time: RunLock, and the commands that take it."""
+"""Faults a run directory survives: a second process (RunLock, and the commands that take it), and a
+full disk at any write."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -88,3 +90,60 @@ def test_the_library_functions_that_write_a_run_directory_take_its_lock_before_a
             holder.kill()
             holder.wait()
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"], name
+
+
+def _run_files(run_dir):
+    """What a run leaves, less what differs between any two runs (timings, the engine's counters,
+    the lock and the plot's pixels)."""
+    files = {}
+    for path in sorted(run_dir.rglob("*")):
+        if path.is_dir() or path.name in (".lock", "stages.png"):
+            continue
+        text = path.read_text()
+        if path.name == "summary.json":
+            summary = json.loads(text)
+            summary.pop("wall_seconds_this_run"), summary.pop("engine")
+            text = json.dumps(summary, sort_keys=True)
+        files[str(path.relative_to(run_dir))] = text
+    return files
+
+
+def test_a_full_disk_at_every_write_of_a_run_stops_it_clearly_and_the_rerun_loses_nothing(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import errno
+
+    from misstep.data import runfiles
+
+    writes = {"count": 0, "fail_at": None}
+    atomic, append = runfiles._write_atomic, runfiles.JsonlLog.append
+
+    def counted(write):  # the injected fault: the write layer's k-th write finds the disk full
+        def wrapper(*args, **kwargs):
+            writes["count"] += 1
+            if writes["count"] == writes["fail_at"]:
+                raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+            return write(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(runfiles, "_write_atomic", counted(atomic))
+    monkeypatch.setattr(runfiles.JsonlLog, "append", counted(append))
+
+    def generate(run_dir, fail_at=None):
+        writes.update(count=0, fail_at=fail_at)
+        args = ["generate", "--chains", "3", "--demos", "1", "--threads", "1", "--model", str(tiny_model_dir)]
+        return CliRunner().invoke(app, [*args, "--run-dir", str(run_dir)])
+
+    whole = generate(tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    total, expected = writes["count"], _run_files(tmp_path / "whole")
+    assert total >= 4 and "scenarios.jsonl" in expected  # three scenarios and the summary, at least
+    for k in range(1, total + 1):
+        run_dir = tmp_path / f"full-at-{k}"
+        stopped = generate(run_dir, fail_at=k)
+        assert stopped.exit_code == 2, (k, stopped.output)
+        assert "the disk is full" in " ".join(stopped.output.split()), (k, stopped.output)
+        again = generate(run_dir)  # space freed
+        assert again.exit_code == 0, (k, again.output)
+        assert _run_files(run_dir) == expected, k
