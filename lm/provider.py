@@ -16,7 +16,6 @@ the new ones to swap in.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
 from misstep.data.runfiles import write_jsonl_atomic
-from misstep.lm.checkpoint import SUMMARY, checkpoint_problem
+from misstep.lm.checkpoint import checkpoint_problem
 from misstep.lm.client import lm_name, local_lm, served_lm
 from misstep.lm.engine import EmbeddedEngine, EngineSettings
 from misstep.lm.kernels import on_torch_thread
@@ -70,8 +69,7 @@ class LocalProvider(Provider):
         self.serving = serving
         self.vllm = vllm or VllmOptions()
         self.engine = engine or EngineSettings()  # for the in-process engines (serving="embedded")
-        self.checkpoints: dict[str, Path] = {}  # model name -> folder, for every compile so far
-        self.summaries: dict[str, dict[str, Any]] = {}
+        self._folders: dict[str, Path] = {}  # model name -> weights folder: DSPy names models, not folders
         self.servers: dict[str, VllmServer] = {}  # model name -> its vLLM server (serving="vllm")
 
     # -- naming and serving ---------------------------------------------------------------
@@ -85,7 +83,7 @@ class LocalProvider(Provider):
         `lm_options` go to the LM: temperature, max_tokens, seed, cache."""
         folder = Path(folder or self.base_model_dir)
         name = self.name_for(folder)
-        self.checkpoints.setdefault(name, folder)
+        self._folders.setdefault(name, folder)
         if self.serving == "embedded":
             return local_lm(
                 folder, engine_settings=self.engine, max_batch_size=max_batch_size, provider=self, **lm_options
@@ -94,7 +92,7 @@ class LocalProvider(Provider):
 
     def _server(self, name: str) -> VllmServer:
         if name not in self.servers:
-            folder = self.checkpoints[name]
+            folder = self._folders[name]
             served = name.split("/", 1)[1]
             self.servers[name] = VllmServer(
                 folder, served, self.checkpoint_root / "vllm-logs" / f"{served}.log", self.vllm
@@ -110,16 +108,20 @@ class LocalProvider(Provider):
 
         The base model's server stays up: the frozen judge runs on it, and would otherwise
         lose its server the first time the student is trained from the base weights."""
-        if lm.model in self.servers and self.checkpoints.get(lm.model) != self.base_model_dir:
+        if lm.model in self.servers and self._folders.get(lm.model) != self.base_model_dir:
             self.servers[lm.model].stop()
 
     def close(self) -> None:
         for server in self.servers.values():
             server.stop()
 
+    def folder_of(self, lm: dspy.LM | str) -> Path:
+        """The weights folder behind `lm` (or a model name) this provider served or trained."""
+        return self._folders[lm if isinstance(lm, str) else lm.model]
+
     def lm_for(self, lm: dspy.LM) -> dspy.LM:
         """A copy of `lm` (named after a checkpoint of this provider) that runs that checkpoint's weights."""
-        folder = self.checkpoints[lm.model]
+        folder = self.folder_of(lm)
         if self.serving == "embedded":
             engine = EmbeddedEngine(folder, lm.engine.settings if isinstance(lm.engine, EmbeddedEngine) else None)
             return lm.copy(engine=engine)
@@ -138,20 +140,17 @@ class LocalProvider(Provider):
         if train_data_format not in (TrainDataFormat.CHAT, "chat"):
             raise ValueError(f"LocalProvider trains on chat data, not {train_data_format!r} (use ChatAdapter)")
         settings = (train_kwargs or {}).get("settings") or self.settings
-        source = self.checkpoints.get(model, self.base_model_dir)  # a compiled model compiles on from its own weights
+        source = self._folders.get(model, self.base_model_dir)  # a compiled model compiles on from its own weights
         # Named by what it is trained from, on and how: a rerun after a kill finds the folder again
         # and resumes there (or, finished and whole, reads it back) instead of starting afresh.
         identity = hashlib.sha256(f"{Path(source).resolve()}\n{data_key(train_data, settings)}".encode())
         folder = self.checkpoint_root / f"compile-{identity.hexdigest()[:16]}"
-        if checkpoint_problem(folder) is None:
-            summary = json.loads((folder / SUMMARY).read_text())
-        else:
+        if checkpoint_problem(folder) is not None:  # not trained yet, or not whole
             folder.mkdir(parents=True, exist_ok=True)
             write_jsonl_atomic(folder / "train_data.jsonl", train_data)  # the exact data, kept beside the weights
             # on the process's torch thread, where the engines run too: a second thread's OpenMP pool
             # slows both down (lm/kernels.py; 2.85 vs 2.56 s a training step measured)
-            summary = on_torch_thread(train, source, train_data, folder, settings, show_progress=self.show_progress)
+            on_torch_thread(train, source, train_data, folder, settings, show_progress=self.show_progress)
         name = self.name_for(folder)
-        self.checkpoints[name] = folder
-        self.summaries[name] = summary
+        self._folders[name] = folder
         return name

@@ -18,7 +18,7 @@ import dspy
 
 from misstep.data.records import Chain
 from misstep.data.runfiles import write_json_atomic
-from misstep.lm.checkpoint import checkpoint_problem
+from misstep.lm.checkpoint import SUMMARY, checkpoint_problem
 from misstep.lm.client import local_lm
 from misstep.lm.provider import LocalProvider
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, stage_name
@@ -245,12 +245,12 @@ def _finish(
     # DSPy copied the LM under the new name, still pointing at the old weights: swap in one over the new.
     new_lm = compiled.predictors()[0].lm
     compiled.set_lm(provider.lm_for(new_lm))
-    model_dir = provider.checkpoints[new_lm.model]
+    model_dir = provider.folder_of(new_lm)
     report = {
         **report,
         "model_dir": str(model_dir),
         "model_name": new_lm.model,
-        "training": provider.summaries[new_lm.model],
+        "training": json.loads((model_dir / SUMMARY).read_text()),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "compile_report.json", report)

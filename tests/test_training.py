@@ -192,7 +192,7 @@ def test_provider_trains_a_new_checkpoint_with_a_new_name(tmp_path, tiny_model_d
     job = base_lm.finetune(chat_records, "chat")
     compiled_lm = job.result()
     assert isinstance(compiled_lm, dspy.LM), compiled_lm
-    folder = provider.checkpoints[compiled_lm.model]
+    folder = provider.folder_of(compiled_lm.model)
     assert compiled_lm.model != base_lm.model
 
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
@@ -231,7 +231,7 @@ def test_data_parallel_training_under_torchrun_is_configuration_only(tmp_path, t
     provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
     compiled_lm = local_lm(tiny_model_dir, provider=provider).finetune(chat_records, "chat").result()
     assert isinstance(compiled_lm, dspy.LM), compiled_lm
-    folder = provider.checkpoints[compiled_lm.model]
+    folder = provider.folder_of(compiled_lm.model)
     summary = json.loads((folder / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["settings"]["launcher"] == launcher
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
