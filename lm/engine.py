@@ -36,6 +36,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from .fused import FusedLlama, fusable
 from .kernels import GrowingCache, Int4Linear, Int8Linear, on_torch_thread, use_gqa_attention, use_onednn_linears
+from .sampling import pick
+from .speculation import Backoff, copied_drafts, may_draft, model_drafts
 
 
 @dataclass
@@ -294,9 +296,9 @@ class EmbeddedEngine:
         try:
             logits, cache, mask, positions, shared = self._prefill(jobs)
             active = list(jobs)
-            # After a pass that kept too few copied drafts, copy none for `wait` passes: none kept, or
-            # (when the draft model could draft instead) fewer than half.
-            backoff, wait = 1, 0
+            # After passes that kept too few copied drafts (none, or fewer than half when the draft
+            # model could draft instead), copy none for a while.
+            backoff = Backoff()
             while active:
                 # Continuous batching: requests that arrived since the batch started join it at the next
                 # pass instead of waiting for its longest answer (DSPy's threads ask at staggered times).
@@ -310,7 +312,7 @@ class EmbeddedEngine:
                     positions = torch.cat([positions[:, -1:], new_positions[:, -1:]])
                     active += joining
                     self.stats.joined += len(joining)
-                next_tokens = self._pick(logits, active)
+                next_tokens = pick(logits, active)
                 keep = self._take(active, next_tokens.tolist())
                 if not keep:
                     break
@@ -319,11 +321,28 @@ class EmbeddedEngine:
                         keep, active, cache, mask, positions, next_tokens
                     )
                 # Drafts copied from the prompt where they can be (free), else from the draft model.
-                drafts = self._drafts(active) if wait == 0 else None
-                copied, may_draft = drafts is not None, self._may_draft(active)
-                if drafts is None and may_draft:
-                    drafts = self._model_drafts(active, next_tokens, cache, mask, positions, shared)
-                wait = max(0, wait - 1)
+                settings = self.settings
+                drafts = (
+                    copied_drafts(
+                        active, settings.speculate, settings.speculate_max_batch, settings.lookup_ngram, self.device
+                    )
+                    if backoff.may_copy()
+                    else None
+                )
+                copied, drafting = drafts is not None, may_draft(self.draft, active, settings.draft_max_batch)
+                if drafts is None and drafting:
+                    drafts = model_drafts(
+                        self.draft,
+                        active,
+                        settings.speculate,
+                        next_tokens,
+                        cache,
+                        mask,
+                        positions,
+                        **self._shared_head(shared),
+                    )
+                    self.stats.model_drafted_tokens += drafts.numel()
+                backoff.passed()
                 width = 1 + (drafts.shape[1] if drafts is not None else 0)
                 inputs = next_tokens[:, None] if drafts is None else torch.cat([next_tokens[:, None], drafts], dim=1)
                 mask = torch.cat([mask, mask.new_ones((len(active), width))], dim=1)
@@ -347,8 +366,8 @@ class EmbeddedEngine:
                 most = int(agrees.max())
                 if copied:  # worth its wider pass: one more token a row on average (half the drafts alone
                     # when the draft model could draft instead)
-                    enough = len(active) * (max(1, drafts.shape[1] // 2) if may_draft else 1)
-                    backoff, wait = (1, 0) if int(agrees.sum()) >= enough else (min(2 * backoff, 16), backoff)
+                    enough = len(active) * (max(1, drafts.shape[1] // 2) if drafting else 1)
+                    backoff.judge(int(agrees.sum()), enough)
                 self.stats.drafted_tokens += drafts.numel()
                 self.stats.accepted_tokens += int(agrees.sum())
                 rejected = drafts.shape[1] - most
@@ -541,99 +560,6 @@ class EmbeddedEngine:
         cache.batch_select_indices(index)
         return [active[row] for row in keep], tuple(t[index] for t in rows)
 
-    def _drafts(self, active: list[_Job]) -> torch.Tensor | None:
-        """Prompt-lookup drafts, one row per active job, or None when this pass should not speculate:
-        a sampling row (a draft is only checked against the greedy pick), too wide a batch, or a
-        row with nothing to copy."""
-        if (
-            not self.settings.speculate
-            or len(active) > self.settings.speculate_max_batch
-            or any(j.temperature > 0 for j in active)
-        ):
-            return None
-        drafts = []
-        for job in active:
-            room = self._room(job)
-            draft = self._lookup(job.prompt_ids + job.tokens, min(self.settings.speculate, room)) if room > 0 else []
-            if not draft:
-                return None
-            drafts.append(draft)
-        width = min(len(d) for d in drafts)
-        return torch.tensor([d[:width] for d in drafts], device=self.device)
-
-    def _room(self, job: _Job) -> int:
-        """How many drafted tokens a row can still use (the pass's own next token counts too)."""
-        return job.max_new_tokens - len(job.tokens) - 1
-
-    def _may_draft(self, active: list[_Job]) -> bool:
-        """Whether the draft model (built only when speculating) may draft for this batch: narrow
-        enough, every row greedy and with room for a drafted token."""
-        return (
-            self.draft is not None
-            and len(active) <= self.settings.draft_max_batch
-            and all(j.temperature <= 0 and self._room(j) > 0 for j in active)
-        )
-
-    def _model_drafts(
-        self,
-        active: list[_Job],
-        next_tokens: torch.Tensor,
-        cache,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        shared: int,
-    ) -> torch.Tensor:
-        """`speculate` greedy tokens a row (fewer where a row has less room) from the low-bit draft model,
-        run on the batch's own cache: over the prompt it reads the model's keys and values, and its
-        own for the drafted tokens are cropped again before the model checks them."""
-        k = min(self.settings.speculate, *(self._room(j) for j in active))
-        tokens, inputs = [], next_tokens[:, None]
-        for step in range(1, k + 1):
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits = self.draft(
-                input_ids=inputs,
-                attention_mask=mask,
-                position_ids=positions[:, -1:] + step,
-                past_key_values=cache,
-                **self._shared_head(shared),
-            ).logits
-            inputs = logits[:, -1].argmax(dim=-1, keepdim=True)
-            tokens.append(inputs)
-        cache.crop(-k)
-        self.stats.model_drafted_tokens += k * len(active)
-        return torch.cat(tokens, dim=1)
-
-    def _lookup(self, ids: list[int], k: int) -> list[int]:
-        """The `k` tokens that followed the latest earlier occurrence of the last n tokens (n from
-        the longest of `lookup_ngram` down to the shortest), or none."""
-        longest, shortest = self.settings.lookup_ngram
-        for n in range(longest, shortest - 1, -1):
-            if len(ids) <= n:
-                continue
-            tail = ids[-n:]
-            for start in range(len(ids) - n - 1, -1, -1):
-                if ids[start : start + n] == tail:
-                    return ids[start + n : start + n + k]
-        return []
-
     def _hit_stop(self, job: _Job) -> bool:
         tail = self.tokenizer.decode(job.tokens[-16:], skip_special_tokens=True)
         return any(stop in tail for stop in job.stop)
-
-    def _pick(self, logits: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:
-        """The next token of every row: greedy at temperature 0, else sampled with the row's own generator."""
-        picks = logits.argmax(dim=-1)
-        for row, job in enumerate(jobs):
-            if job.temperature <= 0:
-                continue
-            scores = logits[row].float() / job.temperature
-            if job.top_k:
-                cutoff = torch.topk(scores, min(job.top_k, scores.numel())).values[-1]
-                scores = scores.masked_fill(scores < cutoff, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            if job.top_p is not None and job.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                drop = sorted_probs.cumsum(-1) - sorted_probs > job.top_p
-                probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-            picks[row] = torch.multinomial(probs, 1, generator=job.generator)[0]
-        return picks
