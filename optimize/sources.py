@@ -103,7 +103,7 @@ class WrittenScenarios:
 
     def make(self, round: Round) -> RoundExamples:
         settings, folder, r = round.settings, round.folder, round.index
-        previous = read_records(round.run_dir / f"round-{r - 1}" / "scenarios.jsonl")
+        previous = [Scenario.from_dict(x) for x in read_records(round.run_dir / f"round-{r - 1}" / "scenarios.jsonl")]
         selection = saved_or_made(
             folder / "selection.json",
             lambda: select_seeds(
@@ -121,7 +121,12 @@ class WrittenScenarios:
                 folder / "tuning.json", lambda: _tune(scenarios, round.run_dir, r, round.history, settings)
             )
         thresholds = Thresholds(**tuning["thresholds"])
-        kept = saved_or_made_jsonl(folder / "kept.jsonl", lambda: keep(scenarios, thresholds))
+        kept = [
+            Kept.from_dict(x)
+            for x in saved_or_made_jsonl(
+                folder / "kept.jsonl", lambda: [k.to_dict() for k in keep(scenarios, thresholds)]
+            )
+        ]
         return RoundExamples(
             [scenario_example(k) for k in kept],
             ReproducesKept(),
@@ -130,7 +135,7 @@ class WrittenScenarios:
         )
 
 
-def scenario_row(scenarios: list[dict[str, Any]], kept: list[dict[str, Any]], tuning: dict[str, Any]) -> dict:
+def scenario_row(scenarios: list[Scenario], kept: list[Kept], tuning: dict[str, Any]) -> dict:
     """What a round's row records of its scenarios: the judge against the oracle, what was kept and how varied."""
     decisions = [decision(s) for s in scenarios]
     judged = [d for d in decisions if "verdict" in d and "oracle_recovery_ok" in d]
@@ -142,8 +147,8 @@ def scenario_row(scenarios: list[dict[str, Any]], kept: list[dict[str, Any]], tu
         "scenarios": len(scenarios),
         "kept": len(kept),
         "acceptance": rate([True] * len(kept) + [False] * (len(scenarios) - len(kept))).to_dict(),
-        "kept_error_types": dict(Counter(k["error_type"] for k in kept)),
-        "diversity": diversity(["\n".join(k["recovered_steps"]) for k in kept]),
+        "kept_error_types": dict(Counter(k.scenario.error_type for k in kept)),
+        "diversity": diversity(["\n".join(k.scenario.recovered_steps) for k in kept]),
         "thresholds": tuning,
     }
 
@@ -152,7 +157,7 @@ def scenario_row(scenarios: list[dict[str, Any]], kept: list[dict[str, Any]], tu
 
 
 def select_seeds(
-    pool: list[Chain], previous: list[dict[str, Any]], settings: LoopSettings, rng: random.Random, round_index: int
+    pool: list[Chain], previous: list[Scenario], settings: LoopSettings, rng: random.Random, round_index: int
 ) -> dict[str, Any]:
     """Which valid chains and error types this round writes scenarios from, and why.
 
@@ -162,10 +167,9 @@ def select_seeds(
     error type) beside fresh ones. Off, it draws chains and error types uniformly."""
     types = list(settings.error_types)
     failed_by_type = {t: [] for t in types}
-    for record in previous:
-        oracle = record.get("oracle") or {}
-        if record["error_type"] in failed_by_type:
-            failed_by_type[record["error_type"]].append(not (oracle.get("location_ok") and oracle.get("recovery_ok")))
+    for scenario in previous:
+        if scenario.error_type in failed_by_type:
+            failed_by_type[scenario.error_type].append(not _solved(scenario))
     n = settings.seed_chains
     if settings.active_selection and previous:
         failure = {t: (sum(f) / len(f) if f else 1.0) for t, f in failed_by_type.items()}
@@ -173,13 +177,7 @@ def select_seeds(
         weights = {
             t: settings.exploration / len(types) + (1 - settings.exploration) * failure[t] / total for t in types
         }
-        failed_chains = sorted(
-            {
-                r["source_id"]
-                for r in previous
-                if not ((r.get("oracle") or {}).get("location_ok") and (r.get("oracle") or {}).get("recovery_ok"))
-            }
-        )
+        failed_chains = sorted({s.chain.source_id for s in previous if not _solved(s)})
         revisit = rng.sample(failed_chains, min(len(failed_chains), int(n * (1 - settings.exploration) / 2)))
         reason = (
             f"error types weighted by last round's failure rate {_rounded(failure)} "
@@ -190,10 +188,10 @@ def select_seeds(
         weights = {t: 1 / len(types) for t in types}
         revisit = []
         reason = "uniform: first round" if not previous else "uniform: active selection is off"
-    seen = {r["source_id"] for r in previous}
+    seen = {s.chain.source_id for s in previous}
     fresh_pool = [c.source_id for c in pool if c.source_id not in seen and c.source_id not in revisit]
     fresh = rng.sample(fresh_pool, min(len(fresh_pool), n - len(revisit)))
-    last_type = {r["source_id"]: r["error_type"] for r in previous}
+    last_type = {s.chain.source_id: s.error_type for s in previous}
     seeds = []
     for source_id in revisit + fresh:
         candidates = [t for t in types if t != last_type.get(source_id)] or types
@@ -208,6 +206,11 @@ def select_seeds(
     }
 
 
+def _solved(scenario: Scenario) -> bool:
+    """Whether the oracle says the model found the first error and recovered from it."""
+    return bool(scenario.oracle.get("location_ok") and scenario.oracle.get("recovery_ok"))
+
+
 def write_scenarios(
     work: list[tuple[Chain, str]],
     student: SelfCorrector,
@@ -216,7 +219,7 @@ def write_scenarios(
     folder: Path,
     settings: LoopSettings,
     trained_writers: set[str] = frozenset(),
-) -> list[dict[str, Any]]:
+) -> list[Scenario]:
     """Stages 1-4 on the current student, 5-6 on the frozen judge, the oracle beside them.
 
     The writer (stages 1-2) runs on the student's weights: without demos for the error types
@@ -241,16 +244,16 @@ def write_scenarios(
             run, todo, lm=lm, num_threads=settings.num_threads, description=f"round {folder.name}: writing scenarios"
         ):
             log.append(scenario.to_dict())
-        return list(log.records)
+        return [Scenario.from_dict(record) for record in log.records]
 
 
-def decision(record: dict[str, Any]) -> dict[str, Any]:
+def decision(scenario: Scenario) -> dict[str, Any]:
     """The judge's and curator's verdicts on one scenario, beside the oracle's."""
-    stages, oracle = record["stages"], record.get("oracle") or {}
-    parsed = {name: result["outputs"] if result.get("ok") else None for name, result in stages.items()}
+    oracle = scenario.oracle
+    parsed = {name: result.outputs if result.ok else None for name, result in scenario.stages.items()}
     out: dict[str, Any] = {
-        "source_id": record["source_id"],
-        "error_type": record["error_type"],
+        "source_id": scenario.chain.source_id,
+        "error_type": scenario.error_type,
         **verdicts(parsed.get("judge"), parsed.get("curate")),
     }
     if "recovery_ok" in oracle:
@@ -261,7 +264,7 @@ def decision(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tune(
-    scenarios: list[dict[str, Any]], run_dir: Path, r: int, history: list[dict[str, Any]], settings: LoopSettings
+    scenarios: list[Scenario], run_dir: Path, r: int, history: list[dict[str, Any]], settings: LoopSettings
 ) -> dict[str, Any]:
     decisions = [decision(s) for s in scenarios]
     judged = [d for d in decisions if "verdict" in d and "keep" in d and "oracle_recovery_ok" in d]
@@ -296,23 +299,38 @@ def _tune(
     }
 
 
-def keep(scenarios: list[dict[str, Any]], thresholds: Thresholds) -> list[dict[str, Any]]:
+@dataclass
+class Kept:
+    """A scenario the thresholds admitted, and why (kept.jsonl: the scenario's record with `kept_because`)."""
+
+    scenario: Scenario
+    because: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.scenario.to_dict(), "kept_because": self.because}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Kept:
+        return cls(Scenario.from_dict(record), record["kept_because"])
+
+
+def keep(scenarios: list[Scenario], thresholds: Thresholds) -> list[Kept]:
     """The scenarios the thresholds admit, each with the verdicts that admitted it."""
     kept = []
-    for record in scenarios:
-        why = decision(record)
+    for scenario in scenarios:
+        why = decision(scenario)
         if "verdict" in why and "keep" in why and thresholds.admit(why):
-            kept.append({**record, "kept_because": {**why, "thresholds": asdict(thresholds)}})
+            kept.append(Kept(scenario, {**why, "thresholds": asdict(thresholds)}))
     return kept
 
 
-def stage_examples_of(kept: list[dict[str, Any]]) -> dict[str, list[dspy.Example]]:
+def stage_examples_of(kept: list[Kept]) -> dict[str, list[dspy.Example]]:
     """The kept scenarios' stage 3 and 4 calls as worked examples, for the next rounds' training."""
     out: dict[str, list[dspy.Example]] = {"locate": [], "recover": []}
-    for record in kept:
-        question, chain = record["chain"]["question"], format_steps(record["invalid_steps"])
-        located = record["stages"]["locate"]["outputs"]
-        recovered = record["stages"]["recover"]["outputs"]
+    for k in kept:
+        question, chain = k.scenario.chain.question, format_steps(k.scenario.invalid_steps)
+        located = k.scenario.stages["locate"].outputs
+        recovered = k.scenario.stages["recover"].outputs
         out["locate"].append(dspy.Example(question=question, chain=chain, **located))
         out["recover"].append(
             dspy.Example(question=question, chain=chain, first_error_step=located["first_error_step"], **recovered)
@@ -320,15 +338,16 @@ def stage_examples_of(kept: list[dict[str, Any]]) -> dict[str, list[dspy.Example
     return out
 
 
-def scenario_example(record: dict[str, Any]) -> dspy.Example:
+def scenario_example(kept: Kept) -> dspy.Example:
     """A kept scenario as a BootstrapFinetune example: the model-written chain is the input, and
     what the judge accepted is what the re-run trace must reproduce."""
+    scenario = kept.scenario
     return dspy.Example(
-        question=record["chain"]["question"],
-        steps=tuple(record["invalid_steps"]),
-        kept_first_error=record["oracle"].get("located"),
-        kept_final_answer=record["stages"]["recover"]["outputs"]["final_answer"],
-        source_id=record["source_id"],
+        question=scenario.chain.question,
+        steps=tuple(scenario.invalid_steps),
+        kept_first_error=scenario.oracle.get("located"),
+        kept_final_answer=scenario.stages["recover"].outputs["final_answer"],
+        source_id=scenario.chain.source_id,
     ).with_inputs("question", "steps")
 
 

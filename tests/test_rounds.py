@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from misstep.data.records import Scenario
 from misstep.data.splits import normalize_question
 from misstep.lm import EmbeddedEngine, local_lm
 from misstep.lm.provider import LocalProvider
@@ -174,20 +175,14 @@ def test_active_selection_prefers_the_error_types_that_failed(gsm8k_train):
     for n, chain in enumerate(gsm8k_train[:20]):
         error_type = ("arithmetic_slip", "wrong_operand")[n % 2]
         solved = error_type == "arithmetic_slip"  # the model always recovers slips, never wrong operands
-        previous.append(
-            {
-                "source_id": chain.source_id,
-                "error_type": error_type,
-                "oracle": {"location_ok": solved, "recovery_ok": solved},
-            }
-        )
+        previous.append(Scenario(chain, error_type, oracle={"location_ok": solved, "recovery_ok": solved}))
     settings = _settings(seed_chains=40, error_types=["arithmetic_slip", "wrong_operand"], exploration=0.2)
     chosen = select_seeds(gsm8k_train, previous, settings, random.Random(0), round_index=2)
     assert chosen["weights"]["wrong_operand"] > 0.8 and chosen["mix"]["wrong_operand"] > chosen["mix"].get(
         "arithmetic_slip", 0
     )
     assert chosen["revisited"] > 0 and "failure rate" in chosen["reason"]
-    failed = {p["source_id"] for p in previous if p["error_type"] == "wrong_operand"}
+    failed = {p.chain.source_id for p in previous if p.error_type == "wrong_operand"}
     revisited = [(s, e) for s, e in chosen["seeds"] if s in failed]
     assert revisited and all(e == "arithmetic_slip" for _, e in revisited)  # under another error type
 
@@ -217,17 +212,19 @@ def test_rounds_are_chosen_on_the_validation_split_not_the_reported_one():
 def test_the_loop_metric_keeps_only_a_re_run_that_reproduces_the_judged_trace():
     import dspy
 
+    from misstep.data.records import Chain, StageResult
     from misstep.metrics.judge_metric import ReproducesKept
-    from misstep.optimize.sources import scenario_example
+    from misstep.optimize.sources import Kept, scenario_example
 
-    record = {  # a kept scenario as the loop stores it: the student located step 2 (index 1), answered 12
-        "chain": {"question": "Tom has 3 boxes of 4 pens. How many pens?"},
-        "invalid_steps": ["3 + 4 = 7 pens per box", "So 7 pens"],
-        "oracle": {"located": 1},
-        "stages": {"recover": {"outputs": {"final_answer": "12"}}},
-        "source_id": "gsm8k-train-7",
-    }
-    example = scenario_example(record)
+    chain = Chain("Tom has 3 boxes of 4 pens. How many pens?", ("3 * 4 = 12",), "12", "12", "gsm8k-train-7", "gsm8k")
+    scenario = Scenario(  # a kept scenario: the student located step 2 (index 1) and answered 12
+        chain,
+        "arithmetic_slip",
+        stages={"recover": StageResult(ok=True, outputs={"final_answer": "12"})},
+        invalid_steps=("3 + 4 = 7 pens per box", "So 7 pens"),
+        oracle={"located": 1},
+    )
+    example = scenario_example(Kept.from_dict(Kept(scenario, {"kept": True}).to_dict()))  # as kept.jsonl holds it
     metric = ReproducesKept()
     assert metric(example, dspy.Prediction(first_error=1, final_answer="12"))  # the same trace: kept
     assert not metric(example, dspy.Prediction(first_error=0, final_answer="12"))  # sampled: another step
