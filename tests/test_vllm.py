@@ -155,8 +155,8 @@ def test_the_same_compile_runs_on_vllm_by_one_option(tmp_path, tiny_model_dir):
     ]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
-    report = json.loads((run_dir / "compile_report.json").read_text())
+    report = json.loads((run_dir / "round-1" / "compile_report.json").read_text())  # the loop's one round
     assert report["model_name"].startswith("hosted_vllm/") and report["bootstrap"]["traced"] == 2
     logs = sorted((run_dir / "checkpoints" / "vllm-logs").iterdir())
     assert len(logs) == 2  # the base model's server, then the compiled checkpoint's
-    assert (run_dir / "after" / "metrics.json").exists()
+    assert (run_dir / "round-1" / "heldout" / "gsm8k" / "metrics.json").exists()
