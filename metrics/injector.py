@@ -18,7 +18,16 @@ import re
 from dataclasses import replace
 
 from misstep.data.records import Chain
-from misstep.metrics.oracle import ANNOTATION, NotArithmetic, arith_suffix, evaluate, first_error, has_operator
+from misstep.metrics.oracle import (
+    ANNOTATION,
+    LEADING_PUNCTUATION,
+    NotArithmetic,
+    arith_suffix,
+    cut_or_empty,
+    evaluate,
+    first_error,
+    has_operator,
+)
 
 INJECTABLE_TYPES = ("arithmetic_slip", "wrong_operand", "wrong_operation", "skipped_step", "misread_quantity")
 _TOKEN = re.compile(r"\d+(?:\.\d+)?|\.\d+|\*\*|[-+*/()%]")  # '.5' is a number too
@@ -164,9 +173,9 @@ def _plain_claim_spans(text: str) -> list[tuple[tuple[int, int], list[tuple[int,
     for n, eq in enumerate(equals):
         left = text[equals[n - 1] + 1 if n else 0 : eq]
         run = arith_suffix(left)
-        lead = len(run) - len(re.sub(r"^(?:[\s,;:]|\.(?!\d))+", "", run))
+        lead = len(run) - len(LEADING_PUNCTUATION.sub("", run))
         expression = run[lead:].rstrip()
-        if not re.search(r"\d", expression) or re.match(r"([+*/x×÷^]|[-−–]\s)", expression):
+        if cut_or_empty(expression):
             continue
         if not has_operator(expression):
             continue  # 'b = b' restates; it claims nothing

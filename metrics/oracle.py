@@ -38,7 +38,7 @@ class NotArithmetic(ValueError):
 
 
 def _normalize(expression: str, percent: str = "fraction") -> str:
-    text = expression.replace("$", "").replace(",", "").replace("−", "-").replace("–", "-")
+    text = _normalize_for_ops(expression)
     text = text.replace("×", "*").replace("÷", "/").replace("^", "**")
     text = re.sub(r"(?<=[\d)])(\s*)x(\s*)(?=[\d(.])", r"\1*\2", text)  # '3 x 4', never the '3x' of algebra
     text = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)" if percent == "fraction" else r"\1", text)
@@ -129,17 +129,23 @@ def arith_prefix(text: str) -> str:
     return text[:i]
 
 
-def _whole_expression(candidate: str, *, at_start: bool) -> tuple[str, float] | None:
-    """`candidate` as one arithmetic expression, or None.
+# Punctuation before an expression ends the sentence before it; '.25' is a number, not a full stop.
+LEADING_PUNCTUATION = re.compile(r"^(?:[\s,;:]|\.(?!\d))+")
 
-    Only the whole run counts: a run that starts with a binary operator was cut by a
-    word ('9 hours * 2/3'), and guessing which part was meant invents claims nobody made.
-    """
-    if at_start:  # leading punctuation ends the sentence before; '.25' is a number
-        expression = re.sub(r"^(?:[\s,;:]|\.(?!\d))+", "", candidate).strip()
+
+def cut_or_empty(expression: str) -> bool:
+    """Whether `expression` holds no number, or starts with a binary operator: a run cut by a word
+    ('9 hours * 2/3'), where guessing which part was meant invents claims nobody made."""
+    return not re.search(r"\d", expression) or bool(re.match(r"([+*/x×÷^]|[-−–]\s)", expression))
+
+
+def _whole_expression(candidate: str, *, at_start: bool) -> tuple[str, float] | None:
+    """`candidate` as one arithmetic expression, or None: only the whole run counts."""
+    if at_start:
+        expression = LEADING_PUNCTUATION.sub("", candidate).strip()
     else:
         expression = re.sub(r"[\s,.;:]*$", "", candidate).strip()
-    if not re.search(r"\d", expression) or re.match(r"([+*/x×÷^]|[-−–]\s)", expression):
+    if cut_or_empty(expression):
         return None
     try:
         return expression, evaluate(expression)
