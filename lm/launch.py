@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 
 from misstep.data.runfiles import read_records, write_json_atomic
+from misstep.lm.checkpoint import SUMMARY
 from misstep.lm.processes import stop_group
 from misstep.lm.training import KEPT_UNTIL_EXIT, TrainSettings, train_chat
 
@@ -89,7 +90,7 @@ def launch_training(
             raise TrainingKilled(_killed_message(settings, peak_gib, log)) from None
         raise RuntimeError(f"training under {settings.launcher!r} failed (exit {returncode}); log {log}:\n{tail}")
     data.unlink()
-    summary_path = output_dir / "train_summary.json"
+    summary_path = output_dir / SUMMARY
     summary = json.loads(summary_path.read_text())
     summary["settings"]["launcher"] = settings.launcher  # the processes ran without one: record it
     write_json_atomic(summary_path, summary)

@@ -39,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from misstep.data.runfiles import write_json_atomic
-from misstep.lm.checkpoint import weights_record
+from misstep.lm.checkpoint import SUMMARY, weights_record
 from misstep.lm.kernels import train_linears_through_onednn
 
 LOSS_WEIGHTINGS = ("tokens", "fields")
@@ -472,7 +472,7 @@ def train_chat(
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "weights": weights_record(output_dir),  # size and sha256 a resume checks (lm/checkpoint.py)
     }
-    write_json_atomic(output_dir / "train_summary.json", summary)  # last: the sign that the folder is whole
+    write_json_atomic(output_dir / SUMMARY, summary)  # last: the sign that the folder is whole
     if resume is not None:
         resume.path.unlink(missing_ok=True)  # the weights are written: nothing left to resume
     return summary
