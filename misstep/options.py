@@ -14,15 +14,20 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from misstep.data.runfiles import RunDirBusy
+from misstep.inputs import Refused
 from misstep.lm.models import REGISTRY
+from misstep.lm.training import LOSS_WEIGHTINGS
+from misstep.optimize.compile import NothingToTrainOn
 from misstep.optimize.config import ConfigError, RunConfig, apply, load_config
+from misstep.optimize.control import CUE_MODES, LOSSES
+from misstep.shown import console
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,18 @@ OPTIONS: dict[str, Option] = {
     "patience": Option(("loop.stop.patience",), "rounds without significant gain before stopping"),
 }
 
-console = Console()
-
+COMMON = ("model", "threads", "demos", "seed")
+LOOP = (
+    "rounds",
+    "seed_chains",
+    "error_type",
+    "ground_truth",
+    "warm_up",
+    "judge_warm_up",
+    "active",
+    "trials",
+    "patience",
+)
 DATA = ("question_field", "answer_field", "steps_field", "label_field", "label_base", "no_mistake_label")
 TRAINING = (
     "method",
@@ -188,6 +203,32 @@ def _repeated(name: str) -> bool:
     return typing.get_origin(_field(OPTIONS[name].fields[0])[0]) in (list, tuple)
 
 
+def refusing(command):
+    """The commands' error boundary: a run that cannot go on as asked ends with one red line that
+    says why (naming the file or option) and exit status 2, instead of a traceback."""
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        # RunDirBusy: another process writes there, nothing touched; NothingToTrainOn: the round kept nothing.
+        except (Refused, RunDirBusy, NothingToTrainOn) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Every run file is written whole or not at all (data/runfiles.py), so what is there stays.
+            where = f" writing {exc.filename}" if exc.filename else ""
+            console.print(
+                f"[red]error:[/red] the disk is full{where}. Free space and run the same command again: "
+                "it continues from the files already written, none of which is half-written."
+            )
+            raise typer.Exit(2) from None
+
+    return guarded
+
+
 def configured(*names: str):
     """Give a command the options `names` (keys of OPTIONS) and `--config`; it receives `config: RunConfig`."""
 
@@ -214,6 +255,7 @@ def configured(*names: str):
         )
 
         @functools.wraps(command)
+        @refusing
         def run(**kwargs):
             values = {name: kwargs.pop(name) for name in names}
             file = kwargs.pop("config_file")
@@ -227,23 +269,8 @@ def configured(*names: str):
             try:
                 config = config_from(values, file, given)
             except (ConfigError, ValueError) as exc:
-                console.print(f"[red]error:[/red] {exc}")
-                raise typer.Exit(2) from None
-            try:
-                return command(config=config, **kwargs)
-            except RunDirBusy as exc:  # another process writes there: refused, nothing touched
-                console.print(f"[red]error:[/red] {exc}")
-                raise typer.Exit(2) from None
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                # Every run file is written whole or not at all (data/runfiles.py), so what is there stays.
-                where = f" writing {exc.filename}" if exc.filename else ""
-                console.print(
-                    f"[red]error:[/red] the disk is full{where}. Free space and run the same command again: "
-                    "it continues from the files already written, none of which is half-written."
-                )
-                raise typer.Exit(2) from None
+                raise Refused(str(exc)) from None
+            return command(config=config, **kwargs)
 
         context = inspect.Parameter("context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
         run.__signature__ = signature.replace(
@@ -265,3 +292,95 @@ def option_names(config_type: type = RunConfig) -> list[str]:
         else:
             out.append(f.name)
     return out
+
+
+# -- options of one command alone (not settings of a run) --------------------------------------------------------
+
+
+def _option(kind: Any, help: str, *names: str, **kwargs: Any) -> Any:
+    return Annotated[kind, typer.Option(*names, help=help, **kwargs)]
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """An option's choices, refused by the command line itself (naming the option) when not one of them."""
+    return StrEnum(name, {value: value for value in values})
+
+
+RunDir = _option(Path | None, "where results go; rerun with the same one to resume")
+DemoData = _option(Path | None, "valid GSM8K chains for demos (default: shipped train sample)")
+Splits = _option(
+    Path | None,
+    "folder of held-out split files (<set>-test.jsonl, <set>-validation.jsonl; default: the committed ones, "
+    "built by `misstep splits`)",
+)
+GenerateData = _option(Path | None, "valid chains (GSM8K JSONL); default: shipped train sample")
+Chains = _option(int, "how many chains to run the cycle over", min=1)
+EvaluateData = _option(
+    list[Path] | None,
+    "labelled chains: BIG-Bench Mistake JSONL, or GSM8K (labelled by the injector); repeatable; "
+    "default: the shipped samples",
+)
+PerFile = _option(int | None, "at most this many chains per file", min=1)
+Recover = _option(bool, "also recover from the labelled first error")
+CompileData = _option(
+    Path | None, "valid GSM8K chains to train on, corrupted by the injector (default: shipped train sample)"
+)
+TrainSize = _option(int, "training examples (invalid chains) to trace", min=1)
+WarmUpFirst = _option(
+    bool, "first fine-tune on the ground truth alone, so the student's own traces parse", "--warm-up/--no-warm-up"
+)
+Metric = _option(str, "which traces to keep: judge (stages 5-6 on the frozen base model) or oracle (ground truth)")
+JudgeWarmUp = _option(
+    bool,
+    "give the judge its own weights: the base model fine-tuned on the ground truth's judge and curation examples "
+    "alone (the 135M base model cannot answer in the judge's fields)",
+    "--judge-warm-up/--no-judge-warm-up",
+)
+Heldout = _option(Path | None, "held-out GSM8K chains (default: shipped test sample)")
+HeldoutSize = _option(int, "held-out examples for before/after accuracy", min=1)
+MinConfidence = _option(float, "judge confidence to keep a trace", min=0.0, max=1.0)
+MinQuality = _option(float, "curation quality to keep a trace", min=0.0, max=1.0)
+OptimizeData = _option(
+    Path | None, "valid GSM8K chains the loop draws seeds and ground truth from (default: shipped train sample)"
+)
+SplitLimit = _option(int | None, "measure only the first N items of each split (a quick run; default: all)", min=1)
+BbmTasks = _option(
+    list[str] | None,
+    "BIG-Bench Mistake task measured each round (repeat): word_sorting, multistep_arithmetic, logical_deduction",
+)
+SplitsGsm8k = _option(Path, "GSM8K test solutions the GSM8K splits are built from")
+SplitsBbm = _option(
+    list[Path] | None,
+    "BIG-Bench Mistake task files (repeat); default: every .jsonl beside --gsm8k's ../big-bench-mistake",
+)
+SplitsOut = _option(Path, "where the split files go")
+ControlData = _option(Path, "valid GSM8K chains to train on, labelled by the injector")
+ControlSplit = _option(
+    Path, "the held-out split to measure on (choose settings on gsm8k-validation.jsonl; report on test)"
+)
+ControlSizes = _option(list[int] | None, "stage-3 training chains (repeat)", "--size", min=1)
+ControlCue = _option(
+    list[_choices("Cue", CUE_MODES)] | None, "'cue' (the first error marked), 'real', or both (repeat)"
+)
+ControlLearningRates = _option(list[float] | None, "full fine-tune learning rate (repeat)")
+ControlEpochs = _option(list[float] | None, "(repeat)", min=0.01)
+ControlLoss = _option(
+    list[_choices("Loss", LOSSES)] | None,
+    "stage3 (stage-3 records alone) or all (with the other stages' ground truth, as the loop trains) (repeat)",
+)
+ControlBeta2 = _option(list[float] | None, "AdamW's second-moment decay (repeat; default 0.999)", min=0.5, max=0.9999)
+ControlWeighting = _option(
+    list[_choices("LossWeighting", LOSS_WEIGHTINGS)] | None,
+    "tokens (one mean over the answer tokens) or fields (each field's value weighs as much as all markers) "
+    "(repeat; default tokens)",
+)
+ControlRunDir = _option(Path, "one folder per run; rerun to resume")
+ControlResults = _option(
+    Path | None,
+    "also record every finished run here (JSON; its predictions and slices beside it), e.g. docs/results/control.json",
+)
+Model = _option(str, f"registered model ({', '.join(REGISTRY)}) or a local HF model folder")
+Threads = _option(int, "concurrent requests (the engine batches them)", min=1)
+BatchSize = _option(int, "training batch size", min=1)
+MaxLength = _option(int, "training sequence length in tokens", min=16)
+Prepare = _option(str | None, "convert this registered model now (else on first use)")

@@ -85,3 +85,22 @@ def show_compile(history: list[dict[str, Any]], warmed_up: bool, run: Path, repo
     console.print(f"bootstrap: {compiled.get('bootstrap')}")
     console.print(f"weights: {compiled['model_dir']}\nprogram: {run / 'round-1' / 'program.json'}")
     console.print(f"report: {report}")
+
+
+def show_splits(built: dict[str, dict[str, list]], out: Path) -> None:
+    """`splits`' files: items and valid chains (answer "no mistake") per set and split."""
+    table = Table("set", "split", "items", "no mistake", "file")
+    for name, splits in built.items():
+        for split, items in splits.items():
+            valid = sum(item.chain.mistake_index is None for item in items)
+            table.add_row(name, split, str(len(items)), str(valid), str(out / f"{name}-{split}.jsonl"))
+    console.print(table)
+
+
+def show_control_run(result: dict[str, Any]) -> None:
+    """One control run's line: correct of n, both floors, and McNemar's p against the better one."""
+    console.print(
+        f"  {result['correct']}/{result['heldout_n']} correct; majority baseline "
+        f"{result['majority_baseline_correct']}, last step {result['last_step_baseline_correct']}; "
+        f"McNemar p against the better: {result['mcnemar_p']:.3g}"
+    )

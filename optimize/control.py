@@ -36,11 +36,11 @@ import dspy
 
 from misstep.data.records import Chain, format_steps
 from misstep.data.runfiles import JsonlLog, holds_run_dir, write_json_atomic, write_jsonl_atomic
-from misstep.data.splits import SplitItem, shuffled, without_heldout
+from misstep.data.splits import SplitItem, load_split, shuffled, split_path, without_heldout
 from misstep.lm.checkpoint import SUMMARY, checkpoint_problem
 from misstep.lm.client import local_lm, release
 from misstep.lm.launch import train
-from misstep.lm.training import TrainSettings
+from misstep.lm.training import LOSS_WEIGHTINGS, TrainSettings
 from misstep.metrics.checks import location_correct
 from misstep.metrics.heldout import confusion, read_predictions, score, slices
 from misstep.metrics.injector import InjectionError, applicable_steps, has_annotations, inject, types_in_turn
@@ -54,6 +54,7 @@ VALID_SHARE = 0.15
 # First-error positions are balanced over steps 1..POSITIONS-1 and one bucket for every later step.
 POSITIONS = 6
 LOSSES = ("stage3", "all")
+CUE_MODES = ("cue", "real")  # the erroneous step marked in the chains, or not
 
 
 def mark_first_error(chain: Chain, cue: str = CUE) -> Chain:
@@ -163,6 +164,12 @@ class ControlRun:
     adam_beta2: float = 0.999
     loss_weighting: str = "tokens"  # TrainSettings.loss_weighting
 
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss takes {' or '.join(LOSSES)}, not {self.loss!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting takes {' or '.join(LOSS_WEIGHTINGS)}, not {self.loss_weighting!r}")
+
     @property
     def name(self) -> str:
         beta2 = "" if self.adam_beta2 == 0.999 else f"-b{self.adam_beta2:g}"
@@ -171,6 +178,40 @@ class ControlRun:
             f"{'cue' if self.cue else 'real'}-n{self.train_records}-lr{self.learning_rate:g}"
             f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}-s{self.seed}"
         )
+
+
+def control_grid(
+    sizes: list[int],
+    modes: list[str],
+    learning_rates: list[float],
+    epochs: list[float],
+    losses: list[str],
+    adam_beta2s: list[float],
+    loss_weightings: list[str],
+    seed: int = 0,
+) -> list[ControlRun]:
+    """One run for every combination of the settings given (`modes`: "cue" and/or "real"), in that order."""
+    unknown = sorted(set(modes) - set(CUE_MODES))
+    if unknown:
+        raise ValueError(f"modes takes {' or '.join(CUE_MODES)}, not {unknown}")
+    return [
+        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w))
+        for n in sizes
+        for mode in modes
+        for lr in learning_rates
+        for e in epochs
+        for loss in losses
+        for b2 in adam_beta2s
+        for w in loss_weightings
+    ]
+
+
+def training_pool(chains: list[Chain], splits: Path | None = None) -> list[Chain]:
+    """`chains` without a question of either committed GSM8K split, whichever is measured."""
+    committed = [
+        item.chain for name in ("test", "validation") for item in load_split(split_path("gsm8k", name, splits))
+    ]
+    return without_heldout(chains, committed)
 
 
 def evaluate_location(
