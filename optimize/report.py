@@ -126,7 +126,26 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     rows = load_history(run_dir)
     tasks = sorted({(name, task) for row in rows for name, tasks in row["heldout"].items() for task in tasks})
+    _plot_heldout_and_judge(rows, tasks, run_dir)
+    _plot_diversity(rows, run_dir / "diversity.png")
+    _plot_answers(rows, run_dir / "answers.png")
+    lines = [f"# misstep run: {run_dir.name}", ""]
+    lines += _status(run_dir, rows)
+    lines += _accuracy_section(rows, tasks)
+    lines += _answers_section(rows)
+    lines += _kept_section(rows)
+    lines += _written_section(rows, run_dir)
+    lines += _wall_time_section(rows)
+    lines += _closing(run_dir)
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
 
+
+# -- the plots ---------------------------------------------------------------------------------------
+
+
+def _plot_heldout_and_judge(rows: list[dict[str, Any]], tasks: list[tuple[str, str]], run_dir: Path) -> None:
     def heldout(name, task, metric):
         return lambda row: row["heldout"].get(name, {}).get(task, {}).get(metric)
 
@@ -151,6 +170,9 @@ def write_report(run_dir: Path) -> Path:
         "the judge against the oracle, and what it kept",
         run_dir / "judge.png",
     )
+
+
+def _plot_diversity(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("distinct_1", "distinct_2", "distinct_3", "near_duplicates"):
         points = [(r["round"], r["diversity"][key]) for r in rows if r.get("diversity", {}).get(key) is not None]
@@ -165,9 +187,11 @@ def write_report(run_dir: Path) -> Path:
         ax.text(0.5, 0.5, "nothing kept", ha="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "diversity.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def _plot_answers(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     points = [(r["round"], (r.get("answers") or {}).get("top_share")) for r in rows]
     points = [(x, y) for x, y in points if y is not None]
@@ -180,24 +204,28 @@ def write_report(run_dir: Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "answers.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    loop = json.loads((run_dir / "loop.json").read_text()) if (run_dir / "loop.json").exists() else {}
+
+# -- the report's sections, top to bottom ------------------------------------------------------------
+
+
+def _status(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The stop rule's verdict and the best round, or where an unfinished run stands."""
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").exists() else None
-    lines = [f"# misstep run: {run_dir.name}", ""]
     if best:
-        lines += [
+        return [
             f"**Stop rule:** {best['verdict']['reason']} — {best['verdict']['detail']}. "
             f"**Best round:** {best['round']} (`{best['program']}`).",
             "",
         ]
-    else:
-        lines += [
-            f"**Status:** unfinished; last verdict: {rows[-1]['verdict']['reason']} — {rows[-1]['verdict']['detail']}.",
-            "",
-        ]
-    lines += [
+    verdict = rows[-1]["verdict"]
+    return [f"**Status:** unfinished; last verdict: {verdict['reason']} — {verdict['detail']}.", ""]
+
+
+def _accuracy_section(rows: list[dict[str, Any]], tasks: list[tuple[str, str]]) -> list[str]:
+    lines = [
         "## Held-out accuracy per round (95% Wilson intervals)",
         "",
         "Reported on the test split; each location accuracy stands beside the two floors computed on the "
@@ -210,15 +238,17 @@ def write_report(run_dir: Path) -> Path:
     )
     if validation:
         lines += ["", "### Validation split (the stop rule and the best round are chosen here)", ""]
-        lines += _accuracy_table(rows, "validation", validation, recovery=False)
-    else:
-        lines += [
-            "",
-            "**No validation split:** the stop rule and the best round were chosen on the reported "
-            "set above, so its figures are optimistic.",
-            "",
-        ]
-    lines += [
+        return lines + _accuracy_table(rows, "validation", validation, recovery=False)
+    return lines + [
+        "",
+        "**No validation split:** the stop rule and the best round were chosen on the reported "
+        "set above, so its figures are optimistic.",
+        "",
+    ]
+
+
+def _answers_section(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "",
         "### Stage-3 answers (collapse shows here)",
         "",
@@ -236,7 +266,11 @@ def write_report(run_dir: Path) -> Path:
             f"| {row['round']} | {_answer(answers.get('top_answer'))} | {_number(share, 2)} "
             f"| {_number(answers.get('entropy_bits'), 2)} | {flag} |"
         )
-    lines += [
+    return lines
+
+
+def _kept_section(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "",
         "![held-out accuracy](heldout.png)",
         "",
@@ -257,7 +291,11 @@ def write_report(run_dir: Path) -> Path:
             f"| {_number(diversity.get('distinct_2'))} | {_number(diversity.get('near_duplicates'))} "
             f"| {row.get('kept_error_types', {})} |"
         )
-    lines += [
+    return lines
+
+
+def _written_section(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
+    lines = [
         "",
         "### What the model wrote (stages 1-2), by the oracle",
         "",
@@ -267,23 +305,30 @@ def write_report(run_dir: Path) -> Path:
     for row in rows[1:]:
         written = _written(run_dir / f"round-{row['round']}" / "scenarios.jsonl")
         lines.append(f"| {row['round']} | {rate_text(written['checkable'])} | {rate_text(written['as_described'])} |")
+    return lines
+
+
+def _wall_time_section(rows: list[dict[str, Any]]) -> list[str]:
     timed = [row for row in rows if row.get("seconds")]
-    if timed:
-        steps = list(dict.fromkeys(step for row in timed for step in row["seconds"]))
-        lines += [
-            "",
-            "### Wall time by step (seconds, in the process that ran it)",
-            "",
-            "| round | " + " | ".join(steps) + " | total |",
-            "|---|" + "---|" * (len(steps) + 1),
-        ]
-        for row in timed:
-            lines.append(
-                f"| {row['round']} | "
-                + " | ".join(f"{row['seconds'].get(step, 0):.0f}" for step in steps)
-                + f" | {sum(row['seconds'].values()):.0f} |"
-            )
-    lines += [
+    if not timed:
+        return []
+    steps = list(dict.fromkeys(step for row in timed for step in row["seconds"]))
+    lines = [
+        "",
+        "### Wall time by step (seconds, in the process that ran it)",
+        "",
+        "| round | " + " | ".join(steps) + " | total |",
+        "|---|" + "---|" * (len(steps) + 1),
+    ]
+    for row in timed:
+        cells = " | ".join(f"{row['seconds'].get(step, 0):.0f}" for step in steps)
+        lines.append(f"| {row['round']} | {cells} | {sum(row['seconds'].values()):.0f} |")
+    return lines
+
+
+def _closing(run_dir: Path) -> list[str]:
+    """The plots, what the judge's figures mean, and the settings the run ran with."""
+    lines = [
         "",
         "![judge](judge.png) ![diversity](diversity.png) ![answers](answers.png)",
         "",
@@ -293,8 +338,7 @@ def write_report(run_dir: Path) -> Path:
         "scenarios (`optuna.db`).",
         "",
     ]
+    loop = json.loads((run_dir / "loop.json").read_text()) if (run_dir / "loop.json").exists() else {}
     if loop:
         lines += ["## Settings", "", "```json", json.dumps(loop.get("settings", {}), indent=2), "```", ""]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return lines

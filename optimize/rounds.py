@@ -31,7 +31,7 @@ RUN_DIR/
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from misstep.optimize.demos import (
 )
 from misstep.optimize.jobs import JobSettings, evaluate
 from misstep.optimize.settings import LoopSettings
-from misstep.optimize.sources import Round, RoundSource, WrittenScenarios
+from misstep.optimize.sources import Round, RoundExamples, RoundSource, WrittenScenarios
 from misstep.programs import Judge, SelfCorrector
 from misstep.programs.parallel import default_adapter
 
@@ -92,114 +92,23 @@ def run_loop(
     (`RunLock`)."""
     source = source or WrittenScenarios()
     run_dir.mkdir(parents=True, exist_ok=True)
-    # No held-out question (test or validation) reaches a demo, the ground truth or a seed.
-    measured_chains = [c for sets in (heldout, validation or {}) for chains in sets.values() for c in chains]
-    pool = without_heldout([c for c in train_chains if c.is_valid], measured_chains)
-    demo_pool = (
-        pool if demo_chains is None else without_heldout([c for c in demo_chains if c.is_valid], measured_chains)
-    )
-    demos = ground_truth_demos(demo_pool, k=settings.demos, seed=settings.seed) if settings.demos else {}
-    used = questions_of(demos)
-    truth = (
-        ground_truth_demos([c for c in pool if c.question not in used], k=settings.ground_truth, seed=settings.seed + 1)
-        if settings.ground_truth
-        else {}
-    )
-    used |= questions_of(truth)
-    # A writer (stages 1-2) shares the student's weights; it is trained on injected mistakes of
-    # each error type, in the warm-up and in every compile, so the chains it writes stay checkable.
-    writer_truth = (
-        writer_ground_truth(
-            [c for c in pool if c.question not in used],
-            settings.error_types,
-            k=settings.ground_truth,
-            seed=settings.seed + 2,
-        )
-        if settings.ground_truth and source.writes
-        else {}
-    )
-    for examples in writer_truth.values():
-        used |= questions_of(examples)
-    writer_records = writer_chat_data(writer_truth, default_adapter())
-    trained_types = {t for t, examples in writer_truth.items() if examples["describe"]}
-    pool = [c for c in pool if c.question not in used]
-    write_json_atomic(
-        run_dir / "loop.json",
-        {
-            "settings": {**asdict(settings), "stop": asdict(settings.stop)},
-            "source": type(source).__name__,
-            "pool": len(pool),
-            "heldout": {k: len(v) for k, v in heldout.items()},
-            "writer_ground_truth": {t: len(e["describe"]) for t, e in writer_truth.items()},
-        },
-    )
-    # The frozen judge: compiling the student never trains it. The 135M base model cannot
-    # answer in the judge's fields, so by default the judge is the base model fine-tuned once
-    # on ground-truth judgements (it never sees the student's output in training).
-    seconds: dict[str, float] = {}  # round 0's steps
-    if settings.judge_warm_up:
-        judge_dir = run_dir / "judge"
-        with timed(seconds, "judge_warm_up"):
-            judge, _ = compiled_or_resumed(
-                judge_dir,
-                lambda: warm_up(
-                    Judge(), truth, lm=judge_lm.copy(provider=provider), provider=provider, run_dir=judge_dir
-                ),
-                provider=provider,
-                program=Judge(),
-            )
-    else:
-        judge = attach_demos(Judge(), demos)
-        judge.set_lm(judge_lm)
-
-    # Round 0: the model the loop starts from.
-    start = _round_dir(run_dir, 0)
-    if settings.warm_up:
-
-        def warm_up_student() -> CompileResult:
-            base = provider.lm()  # loaded only when round 0 is trained, not when it is resumed
-            try:
-                return warm_up(
-                    SelfCorrector(), truth, lm=base, provider=provider, run_dir=start, extra_records=writer_records
-                )
-            finally:
-                release(base)
-
-        with timed(seconds, "warm_up"):
-            student, _ = compiled_or_resumed(start, warm_up_student, provider=provider)
-    else:
-        student = attach_demos(SelfCorrector(), demos)
-        student.set_lm(provider.lm())
     measured = {"heldout": heldout, "validation": validation or {}}
-    history = [_finish_round(0, start, student, measured, {}, settings, history=[], seconds=seconds)]
+    start = _starting_data(train_chains, measured, demo_chains, settings, writes=source.writes)
+    _write_loop_json(run_dir, settings, source, start, heldout)
+    seconds: dict[str, float] = {}  # round 0's steps
+    judge = _frozen_judge(start, judge_lm, provider, settings, run_dir / "judge", seconds)
+    student = _starting_student(start, provider, settings, _round_dir(run_dir, 0), seconds)
+    history = [_finish_round(0, _round_dir(run_dir, 0), student, measured, {}, settings, history=[], seconds=seconds)]
 
     kept_so_far: dict[str, list[dspy.Example]] = {}
     for r in range(1, settings.rounds + 1):
-        folder = _round_dir(run_dir, r)
-        seconds = {}
+        folder, seconds = _round_dir(run_dir, r), {}
         # The writer's weights know its format once a warm-up or a compile has trained them on it.
-        trained = trained_types if settings.warm_up or r > 1 else set()
-        made = source.make(Round(r, folder, run_dir, student, judge, demos, pool, history, settings, trained, seconds))
-        extra = _merge(truth, kept_so_far)  # accumulate: every earlier round's kept traces, and the ground truth
-        previous = student.predictors()[0].lm
-        with timed(seconds, "compile"):
-            student, _ = compiled_or_resumed(
-                folder,
-                lambda: compile_program(
-                    student,
-                    made.trainset,
-                    lm=student.predictors()[0].lm,
-                    metric=made.metric,
-                    provider=provider,
-                    run_dir=folder,
-                    extra_examples=extra,
-                    extra_records=writer_records,
-                    num_threads=settings.num_threads,
-                ),
-                provider=provider,
-                max_batch_size=settings.num_threads,
-            )
-        release(previous)  # the round's model is done with: one student in memory at a time
+        trained = start.writer_types if settings.warm_up or r > 1 else set()
+        round_ = Round(r, folder, run_dir, student, judge, start.demos, start.pool, history, settings, trained, seconds)
+        made = source.make(round_)
+        extra = _merge(start.truth, kept_so_far)  # accumulate: every earlier round's kept traces, and the ground truth
+        student = _compiled(student, made, extra, start.writer_records, provider, folder, settings, seconds)
         for stage, stage_examples in made.for_later_rounds.items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
         history.append(_finish_round(r, folder, student, measured, made.row, settings, history, seconds=seconds))
@@ -212,6 +121,164 @@ def run_loop(
         {"round": best, "program": str(_round_dir(run_dir, best) / "program.json"), "verdict": history[-1]["verdict"]},
     )
     return history
+
+
+# -- the start: ground truth, the judge, round 0's student -------------------------------------
+
+
+@dataclass
+class StartingData:
+    """What the loop starts from, drawn once from the training chains (no held-out question in any)."""
+
+    demos: dict[str, list[dspy.Example]]  # per stage, in the prompts of the judge (and of a student without warm-up)
+    truth: dict[str, list[dspy.Example]]  # ground-truth worked examples per stage, trained on in every compile
+    writer_records: list[dict[str, Any]]  # stages 1-2's ground truth as chat records, one per injected mistake
+    writer_counts: dict[str, int]  # writer examples per error type
+    writer_types: set[str]  # the error types the writer is trained on
+    pool: list[Chain]  # the valid chains left for seeds
+
+
+def _starting_data(
+    train_chains: list[Chain],
+    measured: dict[str, dict[str, list[Chain]]],
+    demo_chains: list[Chain] | None,
+    settings: LoopSettings,
+    *,
+    writes: bool,
+) -> StartingData:
+    """Demos, ground truth and the writer's ground truth, each from chains none of the others used."""
+    # No held-out question (test or validation) reaches a demo, the ground truth or a seed.
+    measured_chains = [c for sets in measured.values() for chains in sets.values() for c in chains]
+    pool = without_heldout([c for c in train_chains if c.is_valid], measured_chains)
+    demo_pool = (
+        pool if demo_chains is None else without_heldout([c for c in demo_chains if c.is_valid], measured_chains)
+    )
+    demos = ground_truth_demos(demo_pool, k=settings.demos, seed=settings.seed) if settings.demos else {}
+    used = questions_of(demos)
+    unused = [c for c in pool if c.question not in used]
+    truth = ground_truth_demos(unused, k=settings.ground_truth, seed=settings.seed + 1) if settings.ground_truth else {}
+    used |= questions_of(truth)
+    # A writer (stages 1-2) shares the student's weights; it is trained on injected mistakes of
+    # each error type, in the warm-up and in every compile, so the chains it writes stay checkable.
+    writer_truth = {}
+    if settings.ground_truth and writes:
+        unused = [c for c in pool if c.question not in used]
+        writer_truth = writer_ground_truth(
+            unused, settings.error_types, k=settings.ground_truth, seed=settings.seed + 2
+        )
+    for examples in writer_truth.values():
+        used |= questions_of(examples)
+    return StartingData(
+        demos=demos,
+        truth=truth,
+        writer_records=writer_chat_data(writer_truth, default_adapter()),
+        writer_counts={t: len(e["describe"]) for t, e in writer_truth.items()},
+        writer_types={t for t, examples in writer_truth.items() if examples["describe"]},
+        pool=[c for c in pool if c.question not in used],
+    )
+
+
+def _write_loop_json(
+    run_dir: Path, settings: LoopSettings, source: RoundSource, start: StartingData, heldout: dict[str, list[Chain]]
+) -> None:
+    write_json_atomic(
+        run_dir / "loop.json",
+        {
+            "settings": {**asdict(settings), "stop": asdict(settings.stop)},
+            "source": type(source).__name__,
+            "pool": len(start.pool),
+            "heldout": {k: len(v) for k, v in heldout.items()},
+            "writer_ground_truth": start.writer_counts,
+        },
+    )
+
+
+def _frozen_judge(
+    start: StartingData,
+    judge_lm: dspy.LM,
+    provider: LocalProvider,
+    settings: LoopSettings,
+    folder: Path,
+    seconds: dict[str, float],
+) -> Judge:
+    """The frozen judge: compiling the student never trains it. The 135M base model cannot answer
+    in the judge's fields, so by default the judge is the base model fine-tuned once on
+    ground-truth judgements (it never sees the student's output in training)."""
+    if not settings.judge_warm_up:
+        judge = attach_demos(Judge(), start.demos)
+        judge.set_lm(judge_lm)
+        return judge
+    with timed(seconds, "judge_warm_up"):
+        judge, _ = compiled_or_resumed(
+            folder,
+            lambda: warm_up(
+                Judge(), start.truth, lm=judge_lm.copy(provider=provider), provider=provider, run_dir=folder
+            ),
+            provider=provider,
+            program=Judge(),
+        )
+    return judge
+
+
+def _starting_student(
+    start: StartingData, provider: LocalProvider, settings: LoopSettings, folder: Path, seconds: dict[str, float]
+) -> SelfCorrector:
+    """Round 0: the model the loop starts from (after a warm-up on the ground truth alone, if set)."""
+    if not settings.warm_up:
+        student = attach_demos(SelfCorrector(), start.demos)
+        student.set_lm(provider.lm())
+        return student
+
+    def warm_up_student() -> CompileResult:
+        base = provider.lm()  # loaded only when round 0 is trained, not when it is resumed
+        try:
+            return warm_up(
+                SelfCorrector(),
+                start.truth,
+                lm=base,
+                provider=provider,
+                run_dir=folder,
+                extra_records=start.writer_records,
+            )
+        finally:
+            release(base)
+
+    with timed(seconds, "warm_up"):
+        student, _ = compiled_or_resumed(folder, warm_up_student, provider=provider)
+    return student
+
+
+def _compiled(
+    student: SelfCorrector,
+    made: RoundExamples,
+    extra: dict[str, list[dspy.Example]],
+    writer_records: list[dict[str, Any]],
+    provider: LocalProvider,
+    folder: Path,
+    settings: LoopSettings,
+    seconds: dict[str, float],
+) -> SelfCorrector:
+    """The round's new student: `student` compiled on the round's examples and on `extra`."""
+    previous = student.predictors()[0].lm
+    with timed(seconds, "compile"):
+        compiled, _ = compiled_or_resumed(
+            folder,
+            lambda: compile_program(
+                student,
+                made.trainset,
+                lm=previous,
+                metric=made.metric,
+                provider=provider,
+                run_dir=folder,
+                extra_examples=extra,
+                extra_records=writer_records,
+                num_threads=settings.num_threads,
+            ),
+            provider=provider,
+            max_batch_size=settings.num_threads,
+        )
+    release(previous)  # the round's model is done with: one student in memory at a time
+    return compiled
 
 
 # -- the end of a round --------------------------------------------------------------------------
@@ -234,21 +301,9 @@ def _finish_round(
     if (folder / "round.json").exists():
         return json.loads((folder / "round.json").read_text())
     seconds = dict(seconds or {})
-    lm = student.predictors()[0].lm
-    demos = {stage_name(name): list(p.demos) for name, p in student.named_predictors() if p.demos}
-    row: dict[str, Any] = {"round": r, "model": lm.model}
+    row: dict[str, Any] = {"round": r, "model": student.predictors()[0].lm.model}
     with timed(seconds, "heldout"):
-        for kind, sets in measured.items():
-            row[kind] = {}
-            for name, chains in sets.items():
-                where = folder / kind / name if kind == "validation" else folder / "heldout" / name
-                job = JobSettings(run_dir=where, num_threads=settings.num_threads, demos=demos)
-                result = evaluate(chains, lm, job, recover=kind == "heldout" and chains[0].task == "gsm8k")
-                row[kind][name] = {
-                    task: {k: v for k, v in m.items() if k in _ROUND_METRICS}
-                    for task, m in result.items()
-                    if not task.startswith("_")
-                }
+        row |= _measure(student, folder, measured, settings.num_threads)
     row["chosen_on"] = "validation" if measured.get("validation") else "heldout"
     row.update(made)
     past = [*history, row]
@@ -264,6 +319,27 @@ def _finish_round(
     row["seconds"] = {step: round(value, 1) for step, value in seconds.items()}
     write_json_atomic(folder / "round.json", row)
     return row
+
+
+def _measure(
+    student: SelfCorrector, folder: Path, measured: dict[str, dict[str, list[Chain]]], num_threads: int
+) -> dict[str, Any]:
+    """The student's metrics on each set of `measured` ("heldout" under folder/heldout/<set>,
+    "validation" under folder/validation/<set>); recovery on the reported GSM8K set only."""
+    lm = student.predictors()[0].lm
+    demos = {stage_name(name): list(p.demos) for name, p in student.named_predictors() if p.demos}
+    out: dict[str, Any] = {}
+    for kind, sets in measured.items():
+        out[kind] = {}
+        for name, chains in sets.items():
+            job = JobSettings(run_dir=folder / kind / name, num_threads=num_threads, demos=demos)
+            result = evaluate(chains, lm, job, recover=kind == "heldout" and chains[0].task == "gsm8k")
+            out[kind][name] = {
+                task: {k: v for k, v in m.items() if k in _ROUND_METRICS}
+                for task, m in result.items()
+                if not task.startswith("_")
+            }
+    return out
 
 
 # What round.json keeps of each held-out set's metrics.
