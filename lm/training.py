@@ -30,7 +30,7 @@ import resource
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -279,20 +279,117 @@ def train_chat(
     and rank 0 writes the weights; `settings.launcher` itself is for `launch.train`."""
     if not records:
         raise ValueError("no training records: nothing to fine-tune on")
+    place = _placement(settings)
+    random.seed(settings.seed)  # the same on every rank: all ranks draw the same global batches
+    torch.manual_seed(settings.seed)
+    tokenizer, model = _trainable_model(model_dir, settings, place.device)
+    loss_of = _loss_module(model, settings, place)
+    rows = [record_row(tokenizer, r, number, settings) for number, r in enumerate(records)]
+    global_batch = settings.batch_size * place.world  # each rank trains on its slice of every batch
+    steps_per_epoch = math.ceil(len(rows) / (global_batch * settings.gradient_accumulation))
+    total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = _optimizer(trainable, settings, total_steps)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir / "train_log.jsonl" if place.rank == 0 else Path(os.devnull)
+    model.train()
+    # fp32 products through oneDNN on CPU (twice MKL's speed on this CPU); on GPU nothing changes.
+    onednn = settings.onednn and place.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    if onednn:
+        train_linears_through_onednn(model)
+    # Under a launcher every rank holds the same weights and optimizer state (DDP), so rank 0 alone
+    # writes the resume point and every rank reads it back.
+    resume = _Resume(output_dir / "resume.pt", data_key(records, settings)) if settings.resume_every_s else None
+    state = _TrainState(started=time.perf_counter())
+    if resume is not None and (saved := resume.load()) is not None:
+        state = state.resumed(saved, model, optimizer, schedule)
+        if place.rank == 0:
+            _keep_log_lines(log_path, state.step)
+    last_saved = time.perf_counter()
+    with log_path.open("a" if state.step else "w") as log, _progress_bar(show_progress and place.rank == 0) as bar:
+        task = bar.add_task("train", total=total_steps, completed=state.step, loss=float("nan"))
+        for step in range(state.step, total_steps):
+            step_started = time.perf_counter()
+            batches = [
+                _next_batch(rows, state.order, global_batch, place) for _ in range(settings.gradient_accumulation)
+            ]
+            loss, tokens = _train_step(loss_of, batches, tokenizer.pad_token_id, place, trainable, optimizer, schedule)
+            state.record(step + 1, loss, tokens)
+            log.write(_log_line(step + 1, loss, schedule.get_last_lr()[0], tokens, time.perf_counter() - step_started))
+            log.flush()
+            bar.update(task, advance=1, loss=loss)
+            due = time.perf_counter() - last_saved >= (settings.resume_every_s or 0)
+            if resume is not None and place.rank == 0 and step + 1 < total_steps and due:
+                resume.save(state.saved(model, optimizer, schedule))
+                last_saved = time.perf_counter()
+
+    wall = time.perf_counter() - state.started
+    peak_rss = _peak_rss_gib(place)
+    if place.rank != 0:
+        return {}
+    _save_weights(model, tokenizer, output_dir, settings)
+    summary = {
+        "settings": asdict(settings),
+        "base_model": str(model_dir),
+        "records": len(records),
+        "steps": total_steps,
+        "first_loss": state.losses[0],
+        "last_loss": state.losses[-1],
+        "wall_seconds": wall,
+        "seconds_per_step": wall / total_steps,
+        "tokens_per_second": state.tokens / wall,
+        "resumed_at_step": state.resumed_at or None,
+        "device": str(place.device),
+        "bf16": place.bf16,
+        "world_size": place.world,
+        "onednn": onednn,
+        # The process's peak so far (Linux reports KiB): an upper bound on what training needed.
+        "peak_rss_gib": peak_rss,
+        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if place.device.type == "cuda" else None,
+        "weights": weights_record(output_dir),  # size and sha256 a resume checks (lm/checkpoint.py)
+    }
+    write_json_atomic(output_dir / SUMMARY, summary)  # last: the sign that the folder is whole
+    if resume is not None:
+        resume.path.unlink(missing_ok=True)  # the weights are written: nothing left to resume
+    return summary
+
+
+# -- the parts of a training, in the order train_chat uses them -------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its device and, under a launcher, its rank among `world` processes."""
+
+    device: torch.device
+    launched: bool = False
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def bf16(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _placement(settings: TrainSettings) -> Placement:
+    """This process's device (one GPU per process under a launcher), after joining the launcher's group."""
     launched, rank, world, local_rank = _distributed()
     wanted = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = wanted.startswith("cuda")
-    device = torch.device(f"cuda:{local_rank}" if cuda and launched else wanted)  # one GPU per process
+    device = torch.device(f"cuda:{local_rank}" if cuda and launched else wanted)
     if launched:
         if cuda:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(
             "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=settings.collective_timeout_s)
         )
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    random.seed(settings.seed)  # the same on every rank: all ranks draw the same global batches
-    torch.manual_seed(settings.seed)
+    return Placement(device, launched, rank, world, local_rank)
 
+
+def _trainable_model(model_dir: Path, settings: TrainSettings, device: torch.device):
+    """The tokenizer, and the model in fp32 on `device` with gradient checkpointing and LoRA as set."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).to(device)
     if settings.gradient_checkpointing:
@@ -302,147 +399,162 @@ def train_chat(
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=settings.lora_rank,
-                lora_alpha=settings.lora_alpha or 2 * settings.lora_rank,
-                lora_dropout=settings.lora_dropout,
-                target_modules="all-linear",
-                task_type="CAUSAL_LM",
-            ),
+        lora = LoraConfig(
+            r=settings.lora_rank,
+            lora_alpha=settings.lora_alpha or 2 * settings.lora_rank,
+            lora_dropout=settings.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
         )
+        model = get_peft_model(model, lora)
         if settings.gradient_checkpointing:
             model.enable_input_require_grads()
+    return tokenizer, model
+
+
+def _loss_module(model, settings: TrainSettings, place: Placement) -> torch.nn.Module:
+    """The answer tokens' loss as a module (DistributedDataParallel's unit under a launcher)."""
     # Gradient checkpointing turns the key/value cache off, which the shared prefix needs.
     loss_of = AnswerLoss(model, share_prefix=settings.share_prefix and not settings.gradient_checkpointing)
-    if launched:
-        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, device_ids=[local_rank] if cuda else None)
-        # Never freed in this process (main() leaves without tearing down): freeing DDP frees its
-        # process group, whose gloo worker thread may still be releasing a finished collective,
-        # which needs the GIL, while the thread freeing the group holds the GIL and waits for that
-        # worker's lock. One run in ~10 of the torchrun test hung there (seen in gdb; the mechanism
-        # pytorch/pytorch#179291 describes, the hang #75097 reports).
-        KEPT_UNTIL_EXIT.append(loss_of)
-    rows = [record_row(tokenizer, r, number, settings) for number, r in enumerate(records)]
-    global_batch = settings.batch_size * world  # each rank trains on its slice of every batch
-    steps_per_epoch = math.ceil(len(rows) / (global_batch * settings.gradient_accumulation))
-    total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not place.launched:
+        return loss_of
+    cuda = place.device.type == "cuda"
+    loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, device_ids=[place.local_rank] if cuda else None)
+    # Never freed in this process (main() leaves without tearing down): freeing DDP frees its
+    # process group, whose gloo worker thread may still be releasing a finished collective,
+    # which needs the GIL, while the thread freeing the group holds the GIL and waits for that
+    # worker's lock. One run in ~10 of the torchrun test hung there (seen in gdb; the mechanism
+    # pytorch/pytorch#179291 describes, the hang #75097 reports).
+    KEPT_UNTIL_EXIT.append(loss_of)
+    return loss_of
+
+
+def _optimizer(trainable: list[torch.nn.Parameter], settings: TrainSettings, total_steps: int):
+    """AdamW, and a schedule that warms up linearly, then decays linearly to zero at the last step."""
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=(0.9, settings.adam_beta2), weight_decay=0.0)
     warmup = max(1, int(settings.warmup_fraction * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
     )
+    return optimizer, schedule
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = output_dir / "train_log.jsonl" if rank == 0 else Path(os.devnull)
-    order: list[int] = []
-    model.train()
-    # fp32 products through oneDNN on CPU (twice MKL's speed on this CPU); on GPU nothing changes.
-    onednn = settings.onednn and device.type == "cpu" and torch.backends.mkldnn.is_available()
-    if onednn:
-        train_linears_through_onednn(model)
-    started = time.perf_counter()
-    trained_tokens = 0
-    losses = []
-    # Under a launcher every rank holds the same weights and optimizer state (DDP), so rank 0 alone
-    # writes the resume point and every rank reads it back.
-    resume = _Resume(output_dir / "resume.pt", data_key(records, settings)) if settings.resume_every_s else None
-    first_step = 0
-    if resume is not None and (state := resume.load()) is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        random.setstate(state["python_random"])
-        torch.set_rng_state(state["torch_random"])
-        first_step, order, losses, trained_tokens = state["step"], state["order"], state["losses"], state["tokens"]
-        started -= state["wall_seconds"]
-        if rank == 0:
-            _keep_log_lines(log_path, first_step)
-    last_saved = time.perf_counter()
-    with (
-        log_path.open("a" if first_step else "w") as log,
-        Progress(
-            TextColumn("training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}"),
-            TimeRemainingColumn(),
-            disable=not show_progress or rank != 0,
-        ) as progress,
-    ):
-        task = progress.add_task("train", total=total_steps, completed=first_step, loss=float("nan"))
-        for step in range(first_step, total_steps):
-            step_started = time.perf_counter()
-            step_loss = torch.zeros(2, device=device)  # (loss, tokens), summed over ranks for the log
-            for _ in range(settings.gradient_accumulation):
-                while len(order) < global_batch:
-                    order += random.sample(range(len(rows)), len(rows))
-                mine = order[:global_batch][rank::world]
-                del order[:global_batch]
-                batch = _collate([rows[i] for i in mine], tokenizer.pad_token_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = loss_of(**batch) / settings.gradient_accumulation
-                loss.backward()
-                step_loss += torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()])
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if launched:
-                torch.distributed.all_reduce(step_loss)
-            step_loss_value, step_tokens = step_loss[0].item() / world, int(step_loss[1].item())
-            trained_tokens += step_tokens
-            losses.append(step_loss_value)
-            seconds = time.perf_counter() - step_started
-            log.write(
-                json.dumps(
-                    {
-                        "step": step + 1,
-                        "loss": step_loss_value,
-                        "lr": schedule.get_last_lr()[0],
-                        "tokens": step_tokens,
-                        "seconds": seconds,
-                    }
-                )
-                + "\n"
-            )
-            log.flush()
-            progress.update(task, advance=1, loss=step_loss_value)
-            if (
-                resume is not None
-                and rank == 0
-                and step + 1 < total_steps
-                and time.perf_counter() - last_saved >= settings.resume_every_s
-            ):
-                resume.save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "python_random": random.getstate(),
-                        "torch_random": torch.get_rng_state(),
-                        "step": step + 1,
-                        "order": order,
-                        "losses": losses,
-                        "tokens": trained_tokens,
-                        "wall_seconds": time.perf_counter() - started,
-                    }
-                )
-                last_saved = time.perf_counter()
 
-    wall = time.perf_counter() - started
-    peak_rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=device)
-    if launched:  # the largest process's peak: what one machine's process needed
-        torch.distributed.all_reduce(peak_rss, op=torch.distributed.ReduceOp.MAX)
+@dataclass
+class _TrainState:
+    """What a training has done so far: what a resume point saves besides the weights and optimizer."""
+
+    started: float  # perf_counter at the start, moved back by the seconds trained before a resume
+    step: int = 0
+    order: list[int] = field(default_factory=list)  # the rows still to draw, in order (epochs of shuffles)
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    resumed_at: int = 0
+
+    def record(self, step: int, loss: float, tokens: int) -> None:
+        self.step, self.tokens = step, self.tokens + tokens
+        self.losses.append(loss)
+
+    def saved(self, model, optimizer, schedule) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "python_random": random.getstate(),
+            "torch_random": torch.get_rng_state(),
+            "step": self.step,
+            "order": self.order,
+            "losses": self.losses,
+            "tokens": self.tokens,
+            "wall_seconds": time.perf_counter() - self.started,
+        }
+
+    def resumed(self, saved: dict[str, Any], model, optimizer, schedule) -> _TrainState:
+        """The state `saved` held, with the model, optimizer, schedule and random generators set back."""
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        random.setstate(saved["python_random"])
+        torch.set_rng_state(saved["torch_random"])
+        return _TrainState(
+            started=self.started - saved["wall_seconds"],
+            step=saved["step"],
+            order=saved["order"],
+            losses=saved["losses"],
+            tokens=saved["tokens"],
+            resumed_at=saved["step"],
+        )
+
+
+def _progress_bar(shown: bool) -> Progress:
+    return Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+        disable=not shown,
+    )
+
+
+def _next_batch(
+    rows: list[tuple[list[int], list[int], list[float]]], order: list[int], global_batch: int, place: Placement
+) -> list[tuple[list[int], list[int], list[float]]]:
+    """This rank's slice of the next global batch, drawn from `order` (refilled with a new shuffle
+    of all rows when it runs short, so epochs follow one another without a gap)."""
+    while len(order) < global_batch:
+        order += random.sample(range(len(rows)), len(rows))
+    mine = order[:global_batch][place.rank :: place.world]
+    del order[:global_batch]
+    return [rows[i] for i in mine]
+
+
+def _train_step(
+    loss_of: torch.nn.Module,
+    batches: list[list[tuple[list[int], list[int], list[float]]]],
+    pad_id: int,
+    place: Placement,
+    trainable: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[float, int]:
+    """One optimizer step on the gradients of `batches` (gradient accumulation); return the step's
+    loss (the ranks' mean) and its tokens (all ranks')."""
+    step_loss = torch.zeros(2, device=place.device)  # (loss, tokens), summed over ranks for the log
+    for rows in batches:
+        batch = {k: v.to(place.device) for k, v in _collate(rows, pad_id).items()}
+        with torch.autocast(place.device.type, dtype=torch.bfloat16, enabled=place.bf16):
+            loss = loss_of(**batch) / len(batches)
+        loss.backward()
+        step_loss += torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()])
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    if place.launched:
+        torch.distributed.all_reduce(step_loss)
+    return step_loss[0].item() / place.world, int(step_loss[1].item())
+
+
+def _log_line(step: int, loss: float, lr: float, tokens: int, seconds: float) -> str:
+    return json.dumps({"step": step, "loss": loss, "lr": lr, "tokens": tokens, "seconds": seconds}) + "\n"
+
+
+def _peak_rss_gib(place: Placement) -> float:
+    """This process's peak memory (Linux reports KiB); under a launcher, the largest process's,
+    which is what one machine's process needed. Leaves the launcher's group."""
+    peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=place.device)
+    if place.launched:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         torch.distributed.destroy_process_group()
-    if rank != 0:
-        return {}
+    return float(peak)
+
+
+def _save_weights(model, tokenizer, output_dir: Path, settings: TrainSettings) -> None:
+    """One plain Hugging Face folder (LoRA merged in) that any engine, vLLM included, can load;
+    written beside and moved in, so the folder never holds half of one save."""
     model.eval()
     if settings.method == "lora":
-        model = model.merge_and_unload()  # one plain folder that any engine (and vLLM) can load
+        model = model.merge_and_unload()
     if settings.gradient_checkpointing:
         model.config.use_cache = True
     staging = output_dir / ".weights"
@@ -452,30 +564,6 @@ def train_chat(
     for path in staging.iterdir():
         path.replace(output_dir / path.name)
     staging.rmdir()
-    summary = {
-        "settings": asdict(settings),
-        "base_model": str(model_dir),
-        "records": len(records),
-        "steps": total_steps,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "wall_seconds": wall,
-        "seconds_per_step": wall / total_steps,
-        "tokens_per_second": trained_tokens / wall,
-        "resumed_at_step": first_step or None,
-        "device": str(device),
-        "bf16": use_bf16,
-        "world_size": world,
-        "onednn": onednn,
-        # The process's peak so far (Linux reports KiB): an upper bound on what training needed.
-        "peak_rss_gib": float(peak_rss),
-        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "weights": weights_record(output_dir),  # size and sha256 a resume checks (lm/checkpoint.py)
-    }
-    write_json_atomic(output_dir / SUMMARY, summary)  # last: the sign that the folder is whole
-    if resume is not None:
-        resume.path.unlink(missing_ok=True)  # the weights are written: nothing left to resume
-    return summary
 
 
 def data_key(records: list[dict[str, Any]], settings: TrainSettings) -> str:

@@ -226,6 +226,7 @@ def refusing(command):
             )
             raise typer.Exit(2) from None
 
+    guarded.refuses = True  # marks the boundary, so a test can check that every command has it
     return guarded
 
 

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from test_injector import PLAIN_CHAINS
 from test_rounds import assert_no_question_in
 from typer.testing import CliRunner
@@ -307,3 +308,33 @@ def test_importing_misstep_changes_no_environment_and_offline_is_asked_for():
         [sys.executable, "-m", "misstep", "--help"], env=environment, capture_output=True, text=True
     )
     assert command.returncode == 0 and "optimize" in command.stdout, command.stderr
+
+
+def test_every_command_ends_a_full_disk_or_a_busy_run_dir_with_one_clear_line(tmp_path, capsys):
+    """The error boundary (`refusing`) stands around every command: the disk filling up mid-run,
+    or a run directory another process holds, ends in one red line and exit status 2."""
+    import errno
+
+    import typer
+
+    from misstep.data.runfiles import RunDirBusy
+    from misstep.options import refusing
+
+    unguarded = [c.callback.__name__ for c in app.registered_commands if not getattr(c.callback, "refuses", False)]
+    assert unguarded == []
+
+    @refusing
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    @refusing
+    def busy():
+        raise RunDirBusy("runs/x is in use by process 7")
+
+    for call, expected in ((lambda: full(tmp_path / "f.json"), "the disk is full"), (busy, "process 7")):
+        with pytest.raises(typer.Exit) as stopped:
+            call()
+        assert stopped.value.exit_code == 2
+        assert expected in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(OSError):  # other faults are not hidden as if they were a full disk
+        refusing(lambda: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))()
