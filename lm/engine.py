@@ -34,6 +34,7 @@ from dspy.clients.engines.base import validate_request
 from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, response_to_events
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from .batch import Batch, stack_caches
 from .fused import FusedLlama, fusable
 from .kernels import GrowingCache, Int4Linear, Int8Linear, on_torch_thread, use_gqa_attention, use_onednn_linears
 from .sampling import pick
@@ -288,114 +289,130 @@ class EmbeddedEngine:
             job.generator.manual_seed(job.seed if job.seed is not None else random.randrange(2**63))
 
     @torch.inference_mode()
-    def _run_batch(self, batch: list[_Job]) -> None:
+    def _run_batch(self, arrived: list[_Job]) -> None:
         started = time.perf_counter()
-        jobs = self._prepared(batch)
+        jobs = self._prepared(arrived)
         if not jobs:
             return
+        self.stats.batches += 1
         try:
-            logits, cache, mask, positions, shared = self._prefill(jobs)
-            active = list(jobs)
-            # After passes that kept too few copied drafts (none, or fewer than half when the draft
-            # model could draft instead), copy none for a while.
-            backoff = Backoff()
-            while active:
-                # Continuous batching: requests that arrived since the batch started join it at the next
-                # pass instead of waiting for its longest answer (DSPy's threads ask at staggered times).
-                joining = self._prepared(self._arrived(self.settings.max_batch_size - len(active)))
-                if joining:
-                    jobs += joining
-                    new_logits, new_cache, new_mask, new_positions, _ = self._prefill(joining)
-                    cache, mask = self._stack([(cache, mask), (new_cache, new_mask)])
-                    shared = 0  # the rows' heads no longer line up
-                    logits = torch.cat([logits, new_logits])
-                    positions = torch.cat([positions[:, -1:], new_positions[:, -1:]])
-                    active += joining
-                    self.stats.joined += len(joining)
-                next_tokens = pick(logits, active)
-                keep = self._take(active, next_tokens.tolist())
-                if not keep:
-                    break
-                if len(keep) < len(active):  # finished rows leave the batch and the KV cache
-                    active, (mask, positions, next_tokens) = self._keep_rows(
-                        keep, active, cache, mask, positions, next_tokens
-                    )
-                # Drafts copied from the prompt where they can be (free), else from the draft model.
-                settings = self.settings
-                drafts = (
-                    copied_drafts(
-                        active, settings.speculate, settings.speculate_max_batch, settings.lookup_ngram, self.device
-                    )
-                    if backoff.may_copy()
-                    else None
-                )
-                copied, drafting = drafts is not None, may_draft(self.draft, active, settings.draft_max_batch)
-                if drafts is None and drafting:
-                    drafts = model_drafts(
-                        self.draft,
-                        active,
-                        settings.speculate,
-                        next_tokens,
-                        cache,
-                        mask,
-                        positions,
-                        **self._shared_head(shared),
-                    )
-                    self.stats.model_drafted_tokens += drafts.numel()
-                backoff.passed()
-                width = 1 + (drafts.shape[1] if drafts is not None else 0)
-                inputs = next_tokens[:, None] if drafts is None else torch.cat([next_tokens[:, None], drafts], dim=1)
-                mask = torch.cat([mask, mask.new_ones((len(active), width))], dim=1)
-                steps = torch.arange(1, width + 1, device=self.device)
-                out = self.model(
-                    input_ids=inputs,
-                    attention_mask=mask,
-                    position_ids=positions[:, -1:] + steps,
-                    past_key_values=cache,
-                    use_cache=True,
-                    **self._shared_head(shared),
-                ).logits
-                self.stats.forward_passes += 1
-                if drafts is None:
-                    positions, logits = positions[:, -1:] + 1, out[:, -1, :]
-                    continue
-                # Each row keeps the drafted tokens its model would have picked (greedy): its first
-                # `agrees` of them. The cache keeps as many as the row that kept most; in the other
-                # rows the surplus is masked out (a gap in the row, like padding).
-                agrees = (out[:, :-1, :].argmax(dim=-1) == drafts).int().cumprod(dim=1).sum(dim=1)
-                most = int(agrees.max())
-                if copied:  # worth its wider pass: one more token a row on average (half the drafts alone
-                    # when the draft model could draft instead)
-                    enough = len(active) * (max(1, drafts.shape[1] // 2) if drafting else 1)
-                    backoff.judge(int(agrees.sum()), enough)
-                self.stats.drafted_tokens += drafts.numel()
-                self.stats.accepted_tokens += int(agrees.sum())
-                rejected = drafts.shape[1] - most
-                if rejected:
-                    cache.crop(-rejected)
-                    mask = mask[:, :-rejected]
-                if most:
-                    surplus = torch.arange(most, device=self.device) >= agrees[:, None]
-                    mask[:, -most:].masked_fill_(surplus, 0)
-                logits = out[torch.arange(len(active), device=self.device), agrees]
-                positions = positions[:, -1:] + 1 + agrees[:, None]
-                for column in range(most):  # the kept drafts, as if picked one by one
-                    keep = self._take(active, drafts[:, column].tolist(), (agrees > column).tolist())
-                    if len(keep) < len(active):
-                        active, (mask, positions, logits, drafts, agrees) = self._keep_rows(
-                            keep, active, cache, mask, positions, logits, drafts, agrees
-                        )
-                    if not active:
-                        break
+            self._decode(jobs)
         except Exception as exc:  # a failed batch fails its requests (joined ones too), never the worker
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_exception(exc)
-        self.stats.requests += len(jobs)
-        self.stats.batches += 1
-        self.stats.prompt_tokens += sum(len(j.prompt_ids) for j in jobs)
-        self.stats.generated_tokens += sum(len(j.tokens) for j in jobs)
+                    self._finish(job, exc)
         self.stats.busy_seconds += time.perf_counter() - started
+
+    def _finish(self, job: _Job, failure: Exception | None = None) -> None:
+        """Count the request, then answer it: whoever waits for it sees it counted."""
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(job.prompt_ids)
+        self.stats.generated_tokens += len(job.tokens)
+        if failure is None:
+            job.future.set_result(None)
+        else:
+            job.future.set_exception(failure)
+
+    def _decode(self, jobs: list[_Job]) -> None:
+        """Decode `jobs` to their ends, one pass at a time; requests that arrive meanwhile join
+        (and are appended to `jobs`)."""
+        batch = self._prefill(jobs)
+        # After passes that kept too few copied drafts (none, or fewer than half when the draft
+        # model could draft instead), copy none for a while.
+        backoff = Backoff()
+        while batch.active:
+            # Continuous batching: requests that arrived since the batch started join it at the next
+            # pass instead of waiting for its longest answer (DSPy's threads ask at staggered times).
+            joining = self._prepared(self._arrived(self.settings.max_batch_size - len(batch.active)))
+            if joining:
+                jobs += joining
+                batch.join(self._prefill(joining), self._new_cache)
+                self.stats.joined += len(joining)
+            next_tokens = pick(batch.logits, batch.active)
+            keep = self._take(batch.active, next_tokens.tolist())
+            if not keep:
+                break
+            if len(keep) < len(batch.active):  # finished rows leave the batch and the KV cache
+                (next_tokens,) = batch.keep(keep, next_tokens)
+            drafts, copied, drafting = self._drafts(batch, next_tokens, backoff)
+            out = self._forward(batch, next_tokens, drafts)
+            if drafts is None:
+                batch.positions, batch.logits = batch.positions[:, -1:] + 1, out[:, -1, :]
+            else:
+                self._accept(batch, drafts, out, backoff if copied else None, drafting)
+
+    def _drafts(self, batch: Batch, next_tokens: torch.Tensor, backoff: Backoff):
+        """The pass's drafts ([rows, k], or None): copied from the prompt where they can be (free),
+        else from the draft model; whether they were copied, and whether the draft model could draft."""
+        settings = self.settings
+        drafts = None
+        if backoff.may_copy():
+            drafts = copied_drafts(
+                batch.active, settings.speculate, settings.speculate_max_batch, settings.lookup_ngram, self.device
+            )
+        copied, drafting = drafts is not None, may_draft(self.draft, batch.active, settings.draft_max_batch)
+        if drafts is None and drafting:
+            drafts = model_drafts(
+                self.draft,
+                batch.active,
+                settings.speculate,
+                next_tokens,
+                batch.cache,
+                batch.mask,
+                batch.positions,
+                **self._shared_head(batch.shared),
+            )
+            self.stats.model_drafted_tokens += drafts.numel()
+        backoff.passed()
+        return drafts, copied, drafting
+
+    def _forward(self, batch: Batch, next_tokens: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor:
+        """One pass over each row's next token and its drafts; the logits after each of them."""
+        width = 1 + (drafts.shape[1] if drafts is not None else 0)
+        inputs = next_tokens[:, None] if drafts is None else torch.cat([next_tokens[:, None], drafts], dim=1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.active), width))], dim=1)
+        steps = torch.arange(1, width + 1, device=self.device)
+        out = self.model(
+            input_ids=inputs,
+            attention_mask=batch.mask,
+            position_ids=batch.positions[:, -1:] + steps,
+            past_key_values=batch.cache,
+            use_cache=True,
+            **self._shared_head(batch.shared),
+        ).logits
+        self.stats.forward_passes += 1
+        return out
+
+    def _accept(
+        self, batch: Batch, drafts: torch.Tensor, out: torch.Tensor, backoff: Backoff | None, drafting: bool
+    ) -> None:
+        """Each row keeps the drafted tokens its model would have picked (greedy): its first `agrees`
+        of them. The cache keeps as many as the row that kept most; in the other rows the surplus is
+        masked out (a gap in the row, like padding). `backoff` (for copied drafts) learns whether the
+        copy was worth its wider pass."""
+        agrees = (out[:, :-1, :].argmax(dim=-1) == drafts).int().cumprod(dim=1).sum(dim=1)
+        most = int(agrees.max())
+        if backoff is not None:  # worth it: one more token a row on average (half the drafts alone
+            # when the draft model could draft instead)
+            enough = len(batch.active) * (max(1, drafts.shape[1] // 2) if drafting else 1)
+            backoff.judge(int(agrees.sum()), enough)
+        self.stats.drafted_tokens += drafts.numel()
+        self.stats.accepted_tokens += int(agrees.sum())
+        rejected = drafts.shape[1] - most
+        if rejected:
+            batch.cache.crop(-rejected)
+            batch.mask = batch.mask[:, :-rejected]
+        if most:
+            surplus = torch.arange(most, device=self.device) >= agrees[:, None]
+            batch.mask[:, -most:].masked_fill_(surplus, 0)
+        batch.logits = out[torch.arange(len(batch.active), device=self.device), agrees]
+        batch.positions = batch.positions[:, -1:] + 1 + agrees[:, None]
+        for column in range(most):  # the kept drafts, as if picked one by one
+            keep = self._take(batch.active, drafts[:, column].tolist(), (agrees > column).tolist())
+            if len(keep) < len(batch.active):
+                drafts, agrees = batch.keep(keep, drafts, agrees)
+            if not batch.active:
+                break
 
     def _shared_prefix(self, jobs: list[_Job]) -> tuple[list[int], DynamicCache | None]:
         """The longest prompt head all rows share that is worth caching, and the cached KV of that
@@ -452,10 +469,10 @@ class EmbeddedEngine:
             arrived.append(job)
         return arrived
 
-    def _prefill(self, jobs: list[_Job]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor, int]:
-        """Compute the prompts of `jobs` into one KV cache: each row's last logits, the cache, the
-        attention mask over it (0 for padding), each row's positions (last column: the latest) and
-        how many leading cache positions every row shares (the cached head they start from).
+    def _prefill(self, jobs: list[_Job]) -> Batch:
+        """Compute the prompts of `jobs` into one KV cache: a batch of their rows, each with its last
+        logits, its attention mask (0 for padding) and positions, and how many leading cache positions
+        every row shares (the cached head they start from).
 
         Prompts that share a cached head start from it. Rows of similar length are prefilled at once,
         left-padded; past `padding_tolerance` each row is prefilled alone, so that no padding is
@@ -484,7 +501,7 @@ class EmbeddedEngine:
                 logits_to_keep=1,
                 **self._shared_head(shared),
             ).logits[:, -1, :]
-            return logits, cache, mask, positions, shared
+            return Batch(list(jobs), logits, cache, mask, positions, shared)
         logits, rows = [], []
         for suffix in suffixes:
             cache = self._cache_from(head)
@@ -498,35 +515,13 @@ class EmbeddedEngine:
             )
             logits.append(out.logits[:, -1, :])
             rows.append((cache, torch.ones((1, start + len(suffix)), dtype=torch.long, device=self.device)))
-        cache, mask = self._stack(rows, head=start)
+        cache, mask = stack_caches(rows, self._new_cache, head=start)
         positions = torch.tensor([[start + len(x) - 1] for x in suffixes], device=self.device)
-        return torch.cat(logits), cache, mask, positions, shared
+        return Batch(list(jobs), torch.cat(logits), cache, mask, positions, shared)
 
     def _cache_from(self, head: DynamicCache | None) -> DynamicCache:
         """A cache of one row to prefill on: a copy of the cached head (which stays as it is), or empty."""
         return copy.deepcopy(head) if head is not None else self._new_cache()
-
-    def _stack(
-        self, parts: list[tuple[DynamicCache, torch.Tensor]], head: int = 0
-    ) -> tuple[DynamicCache, torch.Tensor]:
-        """Caches (with their masks) of different lengths as one batch: the first `head` positions
-        (the same head in every part) stay in front, the rest is right-aligned, the shorter parts
-        getting masked padding in between. Rows keep their own positions, so padding changes nothing."""
-        width = max(mask.shape[1] for _, mask in parts)
-
-        def aligned(tensor: torch.Tensor, dim: int) -> torch.Tensor:  # pad `dim` between head and rest
-            front, rest = tensor.narrow(dim, 0, head), tensor.narrow(dim, head, tensor.shape[dim] - head)
-            shape = list(tensor.shape)
-            shape[dim] = width - tensor.shape[dim]
-            return torch.cat([front, tensor.new_zeros(shape), rest], dim=dim)
-
-        stacked = self._new_cache()
-        for index in range(len(parts[0][0].layers)):
-            keys, values = (
-                [aligned(getattr(cache.layers[index], part), 2) for cache, _ in parts] for part in ("keys", "values")
-            )
-            stacked.update(torch.cat(keys), torch.cat(values), index)
-        return stacked, torch.cat([aligned(mask, 1) for _, mask in parts])
 
     def _shared_head(self, shared: int) -> dict:
         """The model call's argument that lets attention read the rows' common head once (lm/kernels.py)."""
@@ -549,16 +544,8 @@ class EmbeddedEngine:
                 elif len(job.tokens) < job.max_new_tokens:
                     keep.append(row)
                     continue
-            job.future.set_result(None)
+            self._finish(job)
         return keep
-
-    def _keep_rows(
-        self, keep: list[int], active: list[_Job], cache, *rows: torch.Tensor
-    ) -> tuple[list[_Job], tuple[torch.Tensor, ...]]:
-        """Only the `keep` rows of the batch: of the jobs, the KV cache (in place) and each per-row tensor."""
-        index = torch.tensor(keep, device=self.device)
-        cache.batch_select_indices(index)
-        return [active[row] for row in keep], tuple(t[index] for t in rows)
 
     def _hit_stop(self, job: _Job) -> bool:
         tail = self.tokenizer.decode(job.tokens[-16:], skip_special_tokens=True)

@@ -195,7 +195,14 @@ def test_prefilling_row_by_row_gives_what_padding_gives(tiny_model_dir):
                         )
                         for ending in endings
                     ]
-                    logits, cache, mask, positions, shared = engine._prefill(jobs)
+                    batch = engine._prefill(jobs)
+                    logits, cache, mask, positions, shared = (
+                        batch.logits,
+                        batch.cache,
+                        batch.mask,
+                        batch.positions,
+                        batch.shared,
+                    )
                     assert shared == len(head)  # the head stays in front, the same in every row
                     steps = []
                     for reads_head_once in (False, True):
