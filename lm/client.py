@@ -76,7 +76,7 @@ def served_lm(
     return dspy.LM(
         f"hosted_vllm/{server.served_name}",
         api_base=server.api_base,
-        api_key="EMPTY",
+        api_key=server.api_key,
         temperature=temperature,
         max_tokens=max_tokens,
         seed=seed,

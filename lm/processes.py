@@ -16,6 +16,7 @@ def stop_group(process: subprocess.Popen, grace_s: float) -> None:
     out of reach of a signal to this group."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGCONT)  # a stopped (hung) process handles SIGTERM only once continued
     except ProcessLookupError:
         pass
     try:

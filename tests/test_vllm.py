@@ -12,6 +12,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
 
 import dspy
 import pytest
@@ -90,6 +93,35 @@ def test_a_server_that_dies_is_restarted_and_the_request_retried(tmp_path, tiny_
         assert answers and isinstance(answers[0], str)
         assert server.restarts == 1 and server.healthy()
         assert "watchdog: server exited; restarting" in server.log_path.read_text()
+    finally:
+        provider.close()
+    assert not _listening(server.port)
+
+
+def test_a_server_that_hangs_is_restarted_and_the_request_retried_and_only_its_key_opens_it(tmp_path, tiny_model_dir):
+    options = replace(OPTIONS, health_timeout=3.0, health_misses=2)
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", serving="vllm", vllm=options)
+    try:
+        lm = provider.lm(max_tokens=8, cache=False)
+        server = provider.servers[lm.model]
+        models = f"{server.api_base}/models"
+        with pytest.raises(urllib.error.HTTPError) as refused:  # without the key: refused
+            urllib.request.urlopen(models, timeout=30)
+        assert refused.value.code == 401
+        with urllib.request.urlopen(
+            urllib.request.Request(models, headers={"Authorization": f"Bearer {server.api_key}"}), timeout=30
+        ) as answered:
+            assert answered.status == 200
+        assert lm("a long one", max_tokens=400)[0] is not None  # a long generation trips nothing
+        assert server.restarts == 0
+        os.killpg(server.process.pid, signal.SIGSTOP)  # the injected fault: alive and listening, answering nothing
+        answers = []
+        caller = threading.Thread(target=lambda: answers.append(lm("second")[0]))
+        caller.start()  # in flight while the server hangs
+        caller.join(timeout=600)
+        assert answers and isinstance(answers[0], str)
+        assert server.restarts == 1 and server.healthy()
+        assert "watchdog: server stopped answering; restarting" in server.log_path.read_text()
     finally:
         provider.close()
     assert not _listening(server.port)
