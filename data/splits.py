@@ -97,6 +97,13 @@ def save_split(path: Path, items: list[SplitItem]) -> None:
     path.write_text("".join(json.dumps(item.to_dict(), ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
 
 
+def save_splits(built: dict[str, dict[str, list[SplitItem]]], folder: Path) -> None:
+    """Every set's splits as FOLDER/<set>-<split>.jsonl (`built`: set name -> split name -> items)."""
+    for name, splits in built.items():
+        for split, items in splits.items():
+            save_split(folder / f"{name}-{split}.jsonl", items)
+
+
 def load_split(path: Path | str) -> list[SplitItem]:
     """A split file, checked line by line: a bad line names the file, the line and the field."""
     path = Path(path)

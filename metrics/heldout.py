@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from misstep.data.loaders import load_chains
+from misstep.data.procedural import Difficulty, make_chains
+from misstep.data.records import Chain
 from misstep.data.runfiles import read_records
 from misstep.data.splits import SplitItem, bbm_items, gsm8k_items, shuffled
 from misstep.metrics.injector import has_annotations, inject_many, types_in_turn
@@ -31,6 +33,8 @@ from misstep.metrics.stats import Rate, answer_spread, mcnemar_p
 GSM8K_SIZES = {"test": 360, "validation": 180}
 VALID_SHARE = 0.15
 BBM_SIZES = {"test": 200, "validation": 99}
+LEVEL_SIZES = {"test": 120, "validation": 60}  # per difficulty level of the procedural problems
+HELDOUT_SEED = -1  # the procedural held-out sets' seed; the loop's generator draws from seeds >= 0
 NUMBER_IN_TEXT = re.compile(r"\d+(?:\.\d+)?")
 
 
@@ -41,6 +45,24 @@ def build_gsm8k_splits(
     `valid_share` of the items are valid solutions ("no mistake"), the rest injected errors
     (error types in turn, only errors that change the final answer)."""
     chains = shuffled([c for c in load_chains(path) if first_error(c.steps) is None], seed)
+    return splits_of_valid_chains(chains, seed, sizes, valid_share, where=str(path))
+
+
+def build_level_splits(
+    difficulty: Difficulty, seed: int = HELDOUT_SEED, sizes: dict[str, int] = LEVEL_SIZES
+) -> dict[str, list[SplitItem]]:
+    """Test and validation splits of procedural problems at one difficulty, made from a seed the
+    loop's generator never draws (its seeds are not negative); built as the GSM8K splits are."""
+    chains = make_chains(difficulty, 2 * sum(sizes.values()), seed=seed)
+    return splits_of_valid_chains(chains, 0, sizes, VALID_SHARE, where=f"level {difficulty.level}")
+
+
+def splits_of_valid_chains(
+    chains: list[Chain], seed: int, sizes: dict[str, int], valid_share: float, where: str
+) -> dict[str, list[SplitItem]]:
+    """Disjoint splits of `sizes` from valid chains, in their order: per split, `valid_share` of
+    the items kept as they are ("no mistake"), the rest with an injected error (error types in
+    turn, only errors that change the final answer)."""
     out, cursor = {}, 0
     for split, size in sizes.items():
         n_valid = round(size * valid_share)
@@ -49,7 +71,7 @@ def build_gsm8k_splits(
         pairs: list = []
         while len(pairs) < size - n_valid:
             if cursor >= len(chains):
-                raise ValueError(f"{path}: too few valid chains for a {split} split of {size}")
+                raise ValueError(f"{where}: too few valid chains for a {split} split of {size}")
             # Error types in turn across the split, as inject_many gives them over a list.
             if has_annotations(chains[cursor]):
                 pairs += inject_many([chains[cursor]], types_in_turn(cursor), seed=seed)

@@ -13,12 +13,13 @@ import typer
 from misstep import inputs
 from misstep import options as opt
 from misstep.data import DataFileError
+from misstep.data.procedural import LADDER
 from misstep.data.runfiles import RunLock
-from misstep.data.splits import save_split, without_heldout
+from misstep.data.splits import save_splits, without_heldout
 from misstep.inputs import Refused
 from misstep.lm import DEFAULT_MODEL, REGISTRY
 from misstep.lm.training import TrainSettings
-from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits
+from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits, build_level_splits
 from misstep.metrics.judge_metric import Thresholds
 from misstep.optimize.config import RunConfig
 from misstep.optimize.control import control_grid, publish, run_control, training_pool
@@ -165,16 +166,16 @@ def splits_command(
     out: opt.SplitsOut = Path("data/splits"),
     seed: int = 0,
 ) -> None:
-    """Build the held-out splits (test and validation, disjoint) as item lists: OUT/<set>-<split>.jsonl."""
+    """Build the held-out splits (test and validation, disjoint) as item lists: OUT/<set>-<split>.jsonl,
+    for GSM8K, each BIG-Bench Mistake task and each difficulty level of the procedural problems."""
     bbm = bbm or sorted((gsm8k.parent.parent / "big-bench-mistake").glob("*.jsonl"))
     try:
         built = {"gsm8k": build_gsm8k_splits(gsm8k, seed=seed)}
         built |= {path.stem: build_bbm_splits(path, seed=seed) for path in bbm}
     except (DataFileError, ValueError) as exc:
         raise Refused(str(exc)) from None
-    for name, splits in built.items():
-        for split, items in splits.items():
-            save_split(out / f"{name}-{split}.jsonl", items)
+    built |= {f"level-{d.level}": build_level_splits(d) for d in LADDER}  # made, not read: the same each time
+    save_splits(built, out)
     show_splits(built, out)
 
 
