@@ -133,6 +133,7 @@ def optimize_command(
     splits: opt.Splits = None,
     heldout_size: opt.SplitLimit = None,
     bbm: opt.BbmTasks = None,
+    level: opt.LevelSets = None,
     run_dir: opt.RunDir = None,
 ) -> None:
     """The self-improvement loop: each round the model writes scenarios, the frozen judge scores
@@ -140,7 +141,7 @@ def optimize_command(
     and held-out accuracy decides whether to go on. Rerun with the same --run-dir to resume."""
     inputs.check_serving(config)
     train_chains = inputs.chains_of(data, fields=inputs.user_fields(config, data))
-    sets = [("gsm8k", "gsm8k")] + [(f"bbm-{t}", t) for t in bbm or []]
+    sets = [("gsm8k", "gsm8k")] + [(f"bbm-{t}", t) for t in bbm or []] + [(f"level-{k}",) * 2 for k in level or []]
     test, validation = (
         {name: inputs.split_chains(splits, set_name, split, heldout_size) for name, set_name in sets}
         for split in ("test", "validation")
@@ -239,11 +240,3 @@ def models_command(prepare: opt.Prepare = None) -> None:
         return console.print(f"{prepare}: {inputs.model_dir(prepare)}")
     for name, spec in REGISTRY.items():
         console.print(f"{name}: {spec.gguf_file} from the '{spec.package}' package ({spec.install_hint})")
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -99,6 +99,10 @@ OPTIONS: dict[str, Option] = {
     ),
     "active": Option(("loop.active_selection",), "prefer the error types and chains the model failed on last round"),
     "trials": Option(("loop.tuning_trials",), "Optuna trials per round for the thresholds"),
+    "seeds_from": Option(("loop.seeds_from",), "gsm8k (the --data file) or procedural (problems made each round)"),
+    "level_selection": Option(
+        ("loop.level_selection",), "--seeds-from procedural: curriculum (probe, then the frontier level) or uniform"
+    ),
     "patience": Option(("loop.stop.patience",), "rounds without significant gain before stopping"),
 }
 
@@ -345,6 +349,9 @@ OptimizeData = _option(
     Path | None, "valid GSM8K chains the loop draws seeds and ground truth from (default: shipped train sample)"
 )
 SplitLimit = _option(int | None, "measure only the first N items of each split (a quick run; default: all)", min=1)
+LevelSets = _option(
+    list[int] | None, "procedural difficulty level whose held-out sets are measured each round (repeat)"
+)
 BbmTasks = _option(
     list[str] | None,
     "BIG-Bench Mistake task measured each round (repeat): word_sorting, multistep_arithmetic, logical_deduction",

@@ -27,6 +27,12 @@ class LoopSettings:
     primary_metric: str = "location_accuracy"  # of the GSM8K held-out set: what the stop rule watches
     num_threads: int = 8
     seed: int = 0
+    # Where each round's seed chains come from: "gsm8k" (the training file) or "procedural"
+    # (data/procedural.py), at the level the curriculum chooses or at levels drawn uniformly.
+    seeds_from: str = "gsm8k"
+    level_selection: str = "curriculum"
+    start_level: int = 1
+    probe_items: int = 40  # injected chains a level the curriculum probes the model with, each round
 
     def __post_init__(self) -> None:
         for name, least in (
@@ -39,6 +45,12 @@ class LoopSettings:
         ):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, not {getattr(self, name)}")
+        if self.seeds_from not in ("gsm8k", "procedural"):
+            raise ValueError(f"seeds_from must be 'gsm8k' or 'procedural', not {self.seeds_from!r}")
+        if self.level_selection not in ("curriculum", "uniform"):
+            raise ValueError(f"level_selection must be 'curriculum' or 'uniform', not {self.level_selection!r}")
+        if self.probe_items < 1:
+            raise ValueError(f"probe_items must be at least 1, not {self.probe_items}")
         if not self.error_types:
             raise ValueError("error_types names no error type")
         for name in self.error_types:

@@ -30,6 +30,7 @@ from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, ReproducesKe
 from misstep.metrics.stats import agreement, rate
 from misstep.optimize.compile import Metric, NothingToTrainOn, training_examples
 from misstep.optimize.demos import attach_demos
+from misstep.optimize.frontier import heldout_questions, previous_level, procedural_pool
 from misstep.optimize.settings import LoopSettings
 from misstep.optimize.tuning import tune_thresholds
 from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
@@ -104,13 +105,9 @@ class WrittenScenarios:
     def make(self, round: Round) -> RoundExamples:
         settings, folder, r = round.settings, round.folder, round.index
         previous = [Scenario.from_dict(x) for x in read_records(round.run_dir / f"round-{r - 1}" / "scenarios.jsonl")]
-        selection = saved_or_made(
-            folder / "selection.json",
-            lambda: select_seeds(
-                round.pool, previous, settings, random.Random(settings.seed * 1009 + r), round_index=r
-            ),
-        )
-        chains = {c.source_id: c for c in round.pool}
+        selection = saved_or_made(folder / "selection.json", lambda: _selection(round, previous))
+        chains = {s.chain.source_id: s.chain for s in previous} | {c.source_id: c for c in round.pool}
+        chains |= {c["source_id"]: Chain.from_dict(c) for c in selection.get("chains", [])}
         work = [(chains[s], e) for s, e in selection["seeds"]]
         with timed(round.seconds, "scenarios"):
             scenarios = write_scenarios(
@@ -133,6 +130,29 @@ class WrittenScenarios:
             for_later_rounds=stage_examples_of(kept),
             row=scenario_row(scenarios, kept, tuning),
         )
+
+
+def _selection(round: Round, previous: list[Scenario]) -> dict[str, Any]:
+    """The round's seeds and why (selection.json): from the training chains, or from procedural
+    problems made for the round (kept in selection.json with how their level was chosen)."""
+    settings, r = round.settings, round.index
+    rng = random.Random(settings.seed * 1009 + r)
+    if settings.seeds_from == "gsm8k":
+        return select_seeds(round.pool, previous, settings, rng, round_index=r)
+    pool, how = procedural_pool(
+        round.student,
+        round.folder,
+        previous_level(round.run_dir, r),
+        selection=settings.level_selection,
+        start_level=settings.start_level,
+        n=settings.seed_chains,
+        probe_items=settings.probe_items,
+        seed=settings.seed * 1009 + r,
+        num_threads=settings.num_threads,
+        exclude=heldout_questions(),
+    )
+    selected = select_seeds(pool, previous, settings, rng, round_index=r)
+    return {**selected, "procedural": how, "chains": [c.to_dict() for c in pool]}
 
 
 def scenario_row(scenarios: list[Scenario], kept: list[Kept], tuning: dict[str, Any]) -> dict:

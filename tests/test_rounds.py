@@ -232,3 +232,47 @@ def test_the_loop_metric_keeps_only_a_re_run_that_reproduces_the_judged_trace():
     assert not metric(example, dspy.Prediction(first_error=None, final_answer=None))  # unparsed
     assert metric.report() == {"metric": "reproduces_kept", "judged": 4, "kept": 1}
     assert [d["source_id"] for d in metric.decisions] == ["gsm8k-train-7"] * 4
+
+
+@pytest.mark.parametrize("selection", ["curriculum", "uniform"])
+def test_procedural_seeds_at_the_chosen_level_never_a_held_out_one_and_resumed_the_same(
+    tmp_path, tiny_model_dir, loop_parts, selection
+):
+    """Two rounds whose seeds are procedural problems: the curriculum probes every level each round
+    and moves at most one level; uniform draws levels; selection.json keeps the chains and why; a
+    rerun reads the same choice back."""
+    from misstep.data.procedural import LADDER
+    from misstep.optimize.frontier import heldout_questions
+
+    train, heldout, validation, train_chains, judge_lm = loop_parts
+    run_dir = tmp_path / "procedural"
+    provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
+    settings = _settings(seeds_from="procedural", level_selection=selection, start_level=3, probe_items=3)
+    run = dict(provider=provider, judge_lm=judge_lm, settings=settings, run_dir=run_dir, validation=validation)
+    history = run_loop(train_chains, heldout, **run)
+    assert [row["round"] for row in history] == [0, 1, 2]
+    held = heldout_questions()
+    levels = []
+    for r in (1, 2):
+        selection_file = json.loads((run_dir / f"round-{r}" / "selection.json").read_text())
+        how = selection_file["procedural"]
+        assert how["selection"] == selection
+        chains = selection_file["chains"]
+        assert all(c["source_id"].startswith("procedural/level-") for c in chains)
+        assert not {normalize_question(c["question"]) for c in chains} & held
+        seeds = {source_id for source_id, _ in selection_file["seeds"]}
+        scenarios = [json.loads(line) for line in (run_dir / f"round-{r}" / "scenarios.jsonl").read_text().splitlines()]
+        assert {s["chain"]["source_id"] for s in scenarios} == seeds
+        if selection == "curriculum":
+            assert [p["level"] for p in how["probe"]] == [d.level for d in LADDER]
+            assert all(p["n"] == 3 for p in how["probe"]) and how["reason"].startswith(f"level {how['level']}")
+            assert (run_dir / f"round-{r}" / "probe" / "level-6" / "predictions.jsonl").exists()
+            levels.append(how["level"])
+        else:
+            assert sum(how["levels"].values()) == settings.seed_chains
+    if selection == "curriculum":
+        assert abs(levels[0] - 3) <= 1 and abs(levels[1] - levels[0]) <= 1  # one level a round at most
+    before = {r: (run_dir / f"round-{r}" / "selection.json").read_text() for r in (1, 2)}
+    again = run_loop(train_chains, heldout, **run)
+    assert again == history and before == {r: (run_dir / f"round-{r}" / "selection.json").read_text() for r in (1, 2)}
+    provider.close()
