@@ -179,7 +179,9 @@ def fingerprint(model_dir: Path | str) -> str:
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
     for path in sorted(model_dir.iterdir()):
-        if path.suffix in {".safetensors", ".json", ".bin"} and path.is_file():
+        # Not the training's own records (train_summary.json holds its timings): the same weights
+        # trained twice get the same name.
+        if path.suffix in {".safetensors", ".json", ".bin"} and path.is_file() and not path.name.startswith("train_"):
             digest.update(path.name.encode())
             with path.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 22), b""):

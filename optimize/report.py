@@ -129,12 +129,14 @@ def write_report(run_dir: Path) -> Path:
     _plot_heldout_and_judge(rows, tasks, run_dir)
     _plot_diversity(rows, run_dir / "diversity.png")
     _plot_answers(rows, run_dir / "answers.png")
+    _plot_levels(rows, run_dir, run_dir / "levels.png")
     lines = [f"# misstep run: {run_dir.name}", ""]
     lines += _status(run_dir, rows)
     lines += _accuracy_section(rows, tasks)
     lines += _answers_section(rows)
     lines += _kept_section(rows)
     lines += _written_section(rows, run_dir)
+    lines += _curriculum_section(rows, run_dir)
     lines += _wall_time_section(rows)
     lines += _closing(run_dir)
     path = run_dir / "report.md"
@@ -306,6 +308,67 @@ def _written_section(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
         written = _written(run_dir / f"round-{row['round']}" / "scenarios.jsonl")
         lines.append(f"| {row['round']} | {rate_text(written['checkable'])} | {rate_text(written['as_described'])} |")
     return lines
+
+
+def _procedural(run_dir: Path, r: int) -> dict[str, Any] | None:
+    """How round `r`'s procedural seed chains were chosen (None where they came from a file)."""
+    path = run_dir / f"round-{r}" / "selection.json"
+    return json.loads(path.read_text()).get("procedural") if path.exists() else None
+
+
+def _curriculum_section(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
+    chosen = [(row["round"], _procedural(run_dir, row["round"])) for row in rows[1:]]
+    chosen = [(r, how) for r, how in chosen if how]
+    if not chosen:
+        return []
+    lines = [
+        "",
+        "### Seed chains' difficulty (procedural problems)",
+        "",
+        "The curriculum probes the model at every level, then moves one level toward the frontier (the level "
+        "whose accuracy above its majority baseline is closest to half of what is left to gain).",
+        "",
+        "| round | selection | level | frontier | probe: correct / n vs majority, per level |",
+        "|---|---|---|---|---|",
+    ]
+    for r, how in chosen:
+        probe = "; ".join(
+            f"{p['level']}: {p['correct']}/{p['n']} vs {p['majority_correct']}" for p in how.get("probe", [])
+        )
+        level = how.get("level", "uniform " + str(how.get("levels", {})))
+        lines.append(f"| {r} | {how['selection']} | {level} | {how.get('frontier', '')} | {probe} |")
+    return lines + ["", "![levels](levels.png)"]
+
+
+def _plot_levels(rows: list[dict[str, Any]], run_dir: Path, path: Path) -> None:
+    """The chosen level per round beside held-out location accuracy per level (where measured)."""
+    chosen = [(row["round"], (_procedural(run_dir, row["round"]) or {}).get("level")) for row in rows[1:]]
+    chosen = [(r, level) for r, level in chosen if level is not None]
+    measured = sorted({name for row in rows for name in row["heldout"] if name.startswith("level-")})
+    if not chosen and not measured:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if chosen:
+        left.plot(*zip(*chosen), marker="o")
+    left.set_xlabel("round")
+    left.set_ylabel("level of the seed chains")
+    left.grid(alpha=0.3)
+    for name in measured:
+        points = [
+            (row["round"], row["heldout"][name]["gsm8k"]["location_accuracy"]["value"])
+            for row in rows
+            if name in row["heldout"]
+        ]
+        right.plot(*zip(*points), marker="o", label=name)
+    right.set_xlabel("round")
+    right.set_ylabel("held-out location accuracy")
+    right.set_ylim(0, 1)
+    right.grid(alpha=0.3)
+    if measured:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _wall_time_section(rows: list[dict[str, Any]]) -> list[str]:

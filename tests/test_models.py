@@ -26,6 +26,8 @@ def test_new_weights_get_a_new_name(tmp_path, tiny_model_dir):
     """DSPy caches answers by model name alone; changed weights must change the name."""
     copy = build_tiny_model(tmp_path / tiny_model_dir.name, seed=0)  # same folder name, same weights
     assert lm_name(copy) == lm_name(tiny_model_dir)
+    (Path(copy) / "train_summary.json").write_text('{"wall_seconds": 12.5}')  # how long it took: not the weights
+    assert lm_name(copy) == lm_name(tiny_model_dir)
     weights_file = Path(copy) / "model.safetensors"
     weights = load_file(weights_file)
     name = next(iter(weights))

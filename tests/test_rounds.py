@@ -272,6 +272,11 @@ def test_procedural_seeds_at_the_chosen_level_never_a_held_out_one_and_resumed_t
             assert sum(how["levels"].values()) == settings.seed_chains
     if selection == "curriculum":
         assert abs(levels[0] - 3) <= 1 and abs(levels[1] - levels[0]) <= 1  # one level a round at most
+    from misstep.optimize.report import write_report
+
+    report = write_report(run_dir).read_text()  # the chosen level per round, beside the probe's figures
+    assert "### Seed chains' difficulty" in report and f"| 2 | {selection} |" in report
+    assert (run_dir / "levels.png").stat().st_size > 1000
     before = {r: (run_dir / f"round-{r}" / "selection.json").read_text() for r in (1, 2)}
     again = run_loop(train_chains, heldout, **run)
     assert again == history and before == {r: (run_dir / f"round-{r}" / "selection.json").read_text() for r in (1, 2)}
