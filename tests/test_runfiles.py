@@ -1,11 +1,15 @@
 """Faults a run directory survives: a second process (RunLock, and the commands that take it), and a
 full disk at any write."""
 
+import hashlib
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -147,3 +151,101 @@ def test_a_full_disk_at_every_write_of_a_run_stops_it_clearly_and_the_rerun_lose
         again = generate(run_dir)  # space freed
         assert again.exit_code == 0, (k, again.output)
         assert _run_files(run_dir) == expected, k
+
+
+# Timings, and "_run" (the engine's counters, which count what each attempt did): they differ between runs.
+_TIMINGS = re.compile(r"second|wall|per_s|peak|resumed_at|^_run$")
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if not _TIMINGS.search(k)}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def _loop_files(run_dir):
+    """A loop's JSON and JSONL files and the weights' digests, less timings (which differ between
+    any two runs); plots, logs and the Optuna database are left out."""
+    files = {}
+    for path in sorted(run_dir.rglob("*")):
+        name = str(path.relative_to(run_dir))
+        if path.suffix == ".json":
+            files[name] = _without_timings(json.loads(path.read_text()))
+        elif path.suffix == ".jsonl":
+            records = [_without_timings(json.loads(line)) for line in path.read_text().splitlines()]
+            # The records, not their order: threads append them as they finish.
+            files[name] = sorted(records, key=lambda record: json.dumps(record, sort_keys=True))
+        elif path.suffix == ".safetensors":
+            files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def test_a_full_disk_at_each_write_of_a_one_round_optimize_stops_it_clearly_and_it_resumes_to_the_same_files(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A one-round loop on the tiny model, its run-file writes and its weights' saves watched: each
+    attempt finds the disk full at the first write no attempt has made or been stopped at yet (a
+    file, a record of a JSONL file, a checkpoint's weights), so every write of the run is hit once,
+    in turn, and each rerun continues from what the attempts before it left."""
+    import errno
+
+    from misstep.data import runfiles
+    from misstep.lm import training
+
+    state = {"run_dir": None, "made": set(), "hit": set(), "fill": False}
+
+    def key(kind, path, *rest):
+        path = Path(path).resolve()
+        return (kind, str(path.relative_to(state["run_dir"].resolve())), *rest)
+
+    def watched(write, key_of):  # the injected fault: the disk is full at the first write not made before
+        def wrapper(*args, **kwargs):
+            made = key_of(*args)
+            if state["fill"] and made not in state["made"] | state["hit"]:
+                state["hit"].add(made)  # the disk is freed for it before the next attempt
+                raise OSError(errno.ENOSPC, "No space left on device", made[1])
+            result = write(*args, **kwargs)
+            state["made"].add(made)
+            return result
+
+        return wrapper
+
+    def lines(path):
+        return len(Path(path).read_text().splitlines()) if Path(path).exists() else 0
+
+    monkeypatch.setattr(runfiles, "_write_atomic", watched(runfiles._write_atomic, lambda p, _: key("file", p)))
+    append = watched(runfiles.JsonlLog.append, lambda log, _: key("record", log.path, lines(log.path)))
+    monkeypatch.setattr(runfiles.JsonlLog, "append", append)
+    weights = watched(training._save_weights, lambda _m, _t, folder, _s: key("weights", folder))
+    monkeypatch.setattr(training, "_save_weights", weights)
+
+    def optimize(run_dir, fill=False):
+        state.update(run_dir=run_dir, fill=fill)
+        args = ["optimize", "--rounds", "1", "--model", str(tiny_model_dir), "--seed-chains", "2"]
+        args += ["--heldout-size", "2", "--ground-truth", "2", "--demos", "1", "--trials", "3", "--threads", "2"]
+        args += ["--method", "full", "--learning-rate", "1e-3", "--run-dir", str(run_dir)]
+        return CliRunner().invoke(app, args)
+
+    # Both runs in one folder: checkpoints are named by a hash of the weights' path they start from.
+    run_dir = tmp_path / "run"
+    whole = optimize(run_dir)
+    assert whole.exit_code == 0, whole.output
+    writes, expected = len(state["made"]), _loop_files(run_dir)
+    shutil.rmtree(run_dir)
+    assert writes >= 20 and "round-1/kept.jsonl" in expected
+    assert any(k[0] == "weights" for k in state["made"]) and any(k[0] == "record" for k in state["made"])
+
+    state["made"] = set()
+    stops = 0
+    while (hit := optimize(run_dir, fill=True)).exit_code != 0:
+        stops += 1
+        assert hit.exit_code == 2 and "the disk is full" in " ".join(hit.output.split()), hit.output
+        assert stops <= writes, "a rerun did not get past the write it stopped at"
+    assert stops == len(state["hit"]) == len(state["made"]) == writes  # every write of the run was hit once
+    got = _loop_files(run_dir)
+    differing = {
+        k: (expected.get(k), got.get(k)) for k in expected.keys() | got.keys() if expected.get(k) != got.get(k)
+    }
+    assert not differing, json.dumps(differing, indent=1, default=str)[:4000]
