@@ -340,9 +340,19 @@ def _curriculum_section(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
     return lines + ["", "![levels](levels.png)"]
 
 
+def _seed_level(how: dict[str, Any] | None) -> float | None:
+    """The level of a round's seed chains: the curriculum's choice, or the mean of the levels drawn."""
+    if not how:
+        return None
+    if "level" in how:
+        return how["level"]
+    drawn = {int(level): count for level, count in how.get("levels", {}).items()}
+    return sum(level * count for level, count in drawn.items()) / sum(drawn.values()) if drawn else None
+
+
 def _plot_levels(rows: list[dict[str, Any]], run_dir: Path, path: Path) -> None:
     """The chosen level per round beside held-out location accuracy per level (where measured)."""
-    chosen = [(row["round"], (_procedural(run_dir, row["round"]) or {}).get("level")) for row in rows[1:]]
+    chosen = [(row["round"], _seed_level(_procedural(run_dir, row["round"]))) for row in rows[1:]]
     chosen = [(r, level) for r, level in chosen if level is not None]
     measured = sorted({name for row in rows for name in row["heldout"] if name.startswith("level-")})
     if not chosen and not measured:
@@ -351,7 +361,7 @@ def _plot_levels(rows: list[dict[str, Any]], run_dir: Path, path: Path) -> None:
     if chosen:
         left.plot(*zip(*chosen), marker="o")
     left.set_xlabel("round")
-    left.set_ylabel("level of the seed chains")
+    left.set_ylabel("level of the seed chains (mean if drawn)")
     left.grid(alpha=0.3)
     for name in measured:
         points = [
