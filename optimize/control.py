@@ -333,8 +333,8 @@ def measured_file(name: str, split: str) -> str:
     with the split's name before the suffix ('result-validation.json')."""
     if split == "test":
         return name
-    stem, dot, suffix = name.partition(".")
-    return f"{stem}-{split}{dot}{suffix}"
+    stem, dot, suffix = name.rpartition(".")  # the last dot: a run's name may hold one ("lr0.0001")
+    return f"{stem}-{split}{dot}{suffix}" if dot else f"{name}-{split}"
 
 
 def publish(result: dict[str, Any], items: list[SplitItem], results_path: Path) -> dict[str, Any]:

@@ -187,3 +187,12 @@ def test_the_control_command_records_each_run_once_and_refuses_bad_input(tmp_pat
     assert bad.exit_code == 2 and "--loss-weighting" in bad.output and "'records' is not one of" in bad.output
     missing = CliRunner().invoke(app, ["control", "--split", str(tmp_path / "nowhere.jsonl")])
     assert missing.exit_code == 2 and "nowhere.jsonl" in missing.output
+
+
+def test_a_measured_file_of_another_split_keeps_a_run_name_with_a_dot_whole():
+    from misstep.optimize.control import measured_file
+
+    assert measured_file("result.json", "test") == "result.json"
+    assert measured_file("result.json", "validation") == "result-validation.json"
+    name = "real-n1000-lr0.0001-e1-stage3-s0.jsonl"  # a learning rate's dot is not the suffix's
+    assert measured_file(name, "validation") == "real-n1000-lr0.0001-e1-stage3-s0-validation.jsonl"
