@@ -125,7 +125,8 @@ class LocalProvider(Provider):
         if self.serving == "embedded":
             engine = EmbeddedEngine(folder, lm.engine.settings if isinstance(lm.engine, EmbeddedEngine) else None)
             return lm.copy(engine=engine)
-        return lm.copy(api_base=self._server(lm.model).api_base)
+        server = self._server(lm.model)
+        return lm.copy(api_base=server.api_base, api_key=server.api_key)  # each server has its own key
 
     # -- training -------------------------------------------------------------------------
 

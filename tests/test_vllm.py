@@ -64,6 +64,7 @@ def test_vllm_serves_relaunches_with_new_weights_and_leaves_nothing_running(tmp_
         compiled = provider.lm_for(compiled)
         new_server = provider.servers[compiled.model]
         assert new_server.port != server.port and compiled.kwargs["api_base"] == new_server.api_base
+        assert compiled.kwargs["api_key"] == new_server.api_key != server.api_key
         assert new_server.model_dir == provider.folder_of(compiled.model)
         assert isinstance(compiled("Which step is wrong?")[0], str)
 
