@@ -204,15 +204,12 @@ def control_command(
     balanced across steps, 15% valid), measure location on a held-out split beside the majority
     and last-step baselines. Every combination of the repeated options is one run; finished runs
     are skipped, a killed one resumes."""
-    runs = control_grid(
-        sizes or [1000], cue or ["cue", "real"], learning_rate or [1e-4], epochs or [1.0], loss or ["stage3"],
-        adam_beta2 or [0.999], loss_weighting or ["tokens"], seed,
-    )  # fmt: skip
+    runs = control_grid(sizes, cue, learning_rate, epochs, loss, adam_beta2, loss_weighting, seed)
     items, pool = inputs.split_items(split), training_pool(inputs.chains_of(data))
     settings = TrainSettings(method="full", batch_size=batch_size, max_length=max_length, seed=seed)
+    common = dict(model_dir=inputs.model_dir(model), run_dir=run_dir, settings=settings, num_threads=threads)
     for number, run in enumerate(runs, start=1):
         console.print(f"[bold]run {number}/{len(runs)}: {run.name}[/bold]")
-        common = dict(model_dir=inputs.model_dir(model), run_dir=run_dir, settings=settings, num_threads=threads)
         try:
             result = run_control(run, pool, items, **common)
         except ValueError as exc:

@@ -181,28 +181,31 @@ class ControlRun:
 
 
 def control_grid(
-    sizes: list[int],
-    modes: list[str],
-    learning_rates: list[float],
-    epochs: list[float],
-    losses: list[str],
-    adam_beta2s: list[float],
-    loss_weightings: list[str],
+    sizes: list[int] | None = None,
+    modes: list[str] | None = None,
+    learning_rates: list[float] | None = None,
+    epochs: list[float] | None = None,
+    losses: list[str] | None = None,
+    adam_beta2s: list[float] | None = None,
+    loss_weightings: list[str] | None = None,
     seed: int = 0,
 ) -> list[ControlRun]:
-    """One run for every combination of the settings given (`modes`: "cue" and/or "real"), in that order."""
+    """One run for every combination of the settings given (`modes`: "cue" and/or "real"), in that
+    order; a setting not given takes its default (1,000 records, both modes, lr 1e-4, 1 epoch, the
+    stage-3 loss, beta2 0.999, a plain mean over tokens)."""
+    modes = modes or list(CUE_MODES)
     unknown = sorted(set(modes) - set(CUE_MODES))
     if unknown:
         raise ValueError(f"modes takes {' or '.join(CUE_MODES)}, not {unknown}")
     return [
         ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w))
-        for n in sizes
+        for n in sizes or [1000]
         for mode in modes
-        for lr in learning_rates
-        for e in epochs
-        for loss in losses
-        for b2 in adam_beta2s
-        for w in loss_weightings
+        for lr in learning_rates or [1e-4]
+        for e in epochs or [1.0]
+        for loss in losses or ["stage3"]
+        for b2 in adam_beta2s or [0.999]
+        for w in loss_weightings or ["tokens"]
     ]
 
 

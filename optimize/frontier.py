@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,8 @@ def procedural_pool(
         "selection": "curriculum",
         "level": choice.level,
         "frontier": choice.frontier,
-        "difficulty": {
-            "level": difficulty.level,
-            "steps": difficulty.steps,
-            "max_number": difficulty.max_number,
-            "ops": list(difficulty.ops),
-            "distractors": difficulty.distractors,
-        },  # fmt: skip
-        "probe": [
-            {"level": p.level, "n": p.n, "correct": p.correct, "majority_correct": p.majority_correct} for p in probe
-        ],  # fmt: skip
+        "difficulty": {**asdict(difficulty), "ops": list(difficulty.ops)},
+        "probe": [asdict(p) for p in probe],
         "reason": choice.reason,
     }
 
