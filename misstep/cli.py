@@ -46,7 +46,7 @@ def generate_command(
     chains: opt.Chains = 8,
     run_dir: opt.RunDir = None,
     demo_data: opt.DemoData = None,
-    temperature: float = 0.0,
+    temperature: opt.Temperature = 0.0,
 ) -> None:
     """Run all six stages over N valid chains; write the scenarios and a summary into a run directory."""
     loop = config.loop

@@ -320,6 +320,7 @@ Splits = _option(
 )
 GenerateData = _option(Path | None, "valid chains (GSM8K JSONL); default: shipped train sample")
 Chains = _option(int, "how many chains to run the cycle over", min=1)
+Temperature = _option(float, "sampling temperature (0: greedy)", min=0.0)
 EvaluateData = _option(
     list[Path] | None,
     "labelled chains: BIG-Bench Mistake JSONL, or GSM8K (labelled by the injector); repeatable; "
