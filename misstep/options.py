@@ -117,6 +117,8 @@ LOOP = (
     "active",
     "trials",
     "patience",
+    "seeds_from",
+    "level_selection",
 )
 DATA = ("question_field", "answer_field", "steps_field", "label_field", "label_base", "no_mistake_label")
 TRAINING = (

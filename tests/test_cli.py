@@ -338,3 +338,17 @@ def test_every_command_ends_a_full_disk_or_a_busy_run_dir_with_one_clear_line(tm
         assert expected in " ".join(capsys.readouterr().out.split())
     with pytest.raises(OSError):  # other faults are not hidden as if they were a full disk
         refusing(lambda: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))()
+
+
+def test_every_configuration_option_is_an_option_of_some_command():
+    """An entry of OPTIONS that no command lists is a setting the command line cannot reach."""
+    import inspect
+
+    from misstep.options import OPTIONS
+
+    offered = {name for c in app.registered_commands for name in inspect.signature(c.callback).parameters}
+    assert sorted(set(OPTIONS) - offered) == []
+    result = runner.invoke(app, ["optimize", "--seeds-from", "procedural", "--level-selection", "sideways"])
+    assert result.exit_code == 2 and "level_selection must be 'curriculum' or 'uniform'" in " ".join(
+        result.output.split()
+    )
