@@ -164,6 +164,11 @@ def stage_name(predictor_name: str) -> str:
     return predictor_name.rsplit(".", 1)[-1]
 
 
+def demos_of(program: dspy.Module) -> dict[str, list[dspy.Example]]:
+    """The demos a program's predictors hold, by stage (what `attach_demos` gave it)."""
+    return {stage_name(name): list(p.demos) for name, p in program.named_predictors() if p.demos}
+
+
 def chat_records(
     predictor: dspy.Predict, examples: list[dspy.Example], adapter: dspy.ChatAdapter | None = None
 ) -> list[dict]:

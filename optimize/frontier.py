@@ -20,11 +20,11 @@ from misstep.data.procedural import LADDER, Difficulty, make_chains
 from misstep.data.records import Chain
 from misstep.data.splits import load_split, normalize_question, split_path
 from misstep.optimize.curriculum import LevelProbe, choose_level
-from misstep.optimize.demos import stage_name
+from misstep.optimize.demos import demos_of
 from misstep.optimize.jobs import JobSettings, evaluate, labelled_chains
+from misstep.optimize.settings import LEVEL_SELECTIONS
 from misstep.programs import SelfCorrector
 
-SELECTIONS = ("curriculum", "uniform")
 PROBE_SEEDS = 10**6  # probe chains' seeds start here; training chains' seeds stay far below
 
 
@@ -53,8 +53,8 @@ def procedural_pool(
 ) -> tuple[list[Chain], dict[str, Any]]:
     """`n` valid chains for round `folder`'s seeds, none of whose questions is in `exclude`, and the
     record of how they were chosen (for selection.json)."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"level selection must be one of {SELECTIONS}, not {selection!r}")
+    if selection not in LEVEL_SELECTIONS:
+        raise ValueError(f"level selection must be one of {LEVEL_SELECTIONS}, not {selection!r}")
     rng = random.Random(seed)
     if selection == "uniform":
         counts = [0] * len(LADDER)
@@ -79,7 +79,7 @@ def procedural_pool(
 def probe_levels(student: SelfCorrector, folder: Path, items: int, seed: int, num_threads: int) -> list[LevelProbe]:
     """The student's location accuracy at every level, beside each level's majority baseline."""
     lm = student.predictors()[0].lm
-    demos = {stage_name(name): list(p.demos) for name, p in student.named_predictors() if p.demos}
+    demos = demos_of(student)
     probe = []
     for difficulty in LADDER:
         chains = labelled_chains(make_chains(difficulty, items, seed=seed), items, seed)

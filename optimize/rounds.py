@@ -47,9 +47,9 @@ from misstep.metrics.stats import Rate
 from misstep.optimize.compile import CompileResult, compile_program, compiled_or_resumed, warm_up
 from misstep.optimize.demos import (
     attach_demos,
+    demos_of,
     ground_truth_demos,
     questions_of,
-    stage_name,
     writer_chat_data,
     writer_ground_truth,
 )
@@ -327,7 +327,7 @@ def _measure(
     """The student's metrics on each set of `measured` ("heldout" under folder/heldout/<set>,
     "validation" under folder/validation/<set>); recovery on the reported GSM8K set only."""
     lm = student.predictors()[0].lm
-    demos = {stage_name(name): list(p.demos) for name, p in student.named_predictors() if p.demos}
+    demos = demos_of(student)
     out: dict[str, Any] = {}
     for kind, sets in measured.items():
         out[kind] = {}

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from misstep.metrics.health import StopRule
 from misstep.signatures import DEFAULT_ERROR_TYPES, get_error_type
 
+SEED_SOURCES = ("gsm8k", "procedural")  # where each round's seed chains come from
+LEVEL_SELECTIONS = ("curriculum", "uniform")  # how the level of procedural seed chains is chosen
+
 
 @dataclass
 class LoopSettings:
@@ -45,10 +48,11 @@ class LoopSettings:
         ):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, not {getattr(self, name)}")
-        if self.seeds_from not in ("gsm8k", "procedural"):
-            raise ValueError(f"seeds_from must be 'gsm8k' or 'procedural', not {self.seeds_from!r}")
-        if self.level_selection not in ("curriculum", "uniform"):
-            raise ValueError(f"level_selection must be 'curriculum' or 'uniform', not {self.level_selection!r}")
+        if self.seeds_from not in SEED_SOURCES:
+            raise ValueError(f"seeds_from must be {' or '.join(map(repr, SEED_SOURCES))}, not {self.seeds_from!r}")
+        if self.level_selection not in LEVEL_SELECTIONS:
+            choices = " or ".join(map(repr, LEVEL_SELECTIONS))
+            raise ValueError(f"level_selection must be {choices}, not {self.level_selection!r}")
         if self.probe_items < 1:
             raise ValueError(f"probe_items must be at least 1, not {self.probe_items}")
         if not self.error_types:

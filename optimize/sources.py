@@ -136,7 +136,8 @@ def _selection(round: Round, previous: list[Scenario]) -> dict[str, Any]:
     """The round's seeds and why (selection.json): from the training chains, or from procedural
     problems made for the round (kept in selection.json with how their level was chosen)."""
     settings, r = round.settings, round.index
-    rng = random.Random(settings.seed * 1009 + r)
+    seed = settings.seed * 1009 + r
+    rng = random.Random(seed)
     if settings.seeds_from == "gsm8k":
         return select_seeds(round.pool, previous, settings, rng, round_index=r)
     pool, how = procedural_pool(
@@ -147,7 +148,7 @@ def _selection(round: Round, previous: list[Scenario]) -> dict[str, Any]:
         start_level=settings.start_level,
         n=settings.seed_chains,
         probe_items=settings.probe_items,
-        seed=settings.seed * 1009 + r,
+        seed=seed,
         num_threads=settings.num_threads,
         exclude=heldout_questions(),
     )
