@@ -89,9 +89,8 @@ def make_chain(difficulty: Difficulty, seed: int) -> Chain:
 
 def _operation(rng: random.Random, difficulty: Difficulty, name: str, thing: str, value: int) -> tuple[_Step, int]:
     """One operation on `value` that keeps it a whole number of at least 2, and the new value."""
-    choices = [op for op in difficulty.ops if op != "-" or value > 2]
-    if "/" in choices and not [d for d in (2, 3, 4, 5) if value % d == 0 and value // d >= 2]:
-        choices.remove("/")
+    divisors = [d for d in (2, 3, 4, 5) if value % d == 0 and value // d >= 2]
+    choices = [op for op in difficulty.ops if (op != "-" or value > 2) and (op != "/" or divisors)]
     op = rng.choice(choices or ["+"])
     if op == "+":
         n = rng.randint(2, difficulty.max_number)
@@ -109,7 +108,7 @@ def _operation(rng: random.Random, difficulty: Difficulty, name: str, thing: str
         new = value * n
         sentence = f"{name}'s collection of {thing} then grows to {n} times its size."
         return _Step(sentence, f"{name} now has {value} * {n} = <<{value}*{n}={new}>>{new} {thing}."), new
-    n = rng.choice([d for d in (2, 3, 4, 5) if value % d == 0 and value // d >= 2])
+    n = rng.choice(divisors)
     new = value // n
     sentence = f"{name} splits the {thing} into {n} equal piles and keeps one pile."
     return _Step(sentence, f"{name} keeps {value} / {n} = <<{value}/{n}={new}>>{new} {thing}."), new
