@@ -80,20 +80,26 @@ def test_vllm_serves_relaunches_with_new_weights_and_leaves_nothing_running(tmp_
         assert not s.running() and not _listening(s.port)
 
 
+def _survives(lm, server, fault: signal.Signals, logged: str) -> None:
+    """The injected fault: `fault` sent to the server's process group, then a request in flight while
+    it lasts; the request is answered, the server restarted once and healthy, and its log says why."""
+    os.killpg(server.process.pid, fault)
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(lm("second")[0]))
+    caller.start()
+    caller.join(timeout=600)
+    assert answers and isinstance(answers[0], str)
+    assert server.restarts == 1 and server.healthy()
+    assert logged in server.log_path.read_text()
+
+
 def test_a_server_that_dies_is_restarted_and_the_request_retried(tmp_path, tiny_model_dir):
     provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", serving="vllm", vllm=OPTIONS)
     try:
         lm = provider.lm(max_tokens=8, cache=False)
         server = provider.servers[lm.model]
         assert lm("first")[0] is not None
-        os.killpg(server.process.pid, signal.SIGKILL)  # the injected fault: the server dies
-        answers = []
-        caller = threading.Thread(target=lambda: answers.append(lm("second")[0]))
-        caller.start()  # in flight while the server is down
-        caller.join(timeout=600)
-        assert answers and isinstance(answers[0], str)
-        assert server.restarts == 1 and server.healthy()
-        assert "watchdog: server exited; restarting" in server.log_path.read_text()
+        _survives(lm, server, signal.SIGKILL, "watchdog: server exited; restarting")  # the server dies
     finally:
         provider.close()
     assert not _listening(server.port)
@@ -115,14 +121,8 @@ def test_a_server_that_hangs_is_restarted_and_the_request_retried_and_only_its_k
             assert answered.status == 200
         assert lm("a long one", max_tokens=400)[0] is not None  # a long generation trips nothing
         assert server.restarts == 0
-        os.killpg(server.process.pid, signal.SIGSTOP)  # the injected fault: alive and listening, answering nothing
-        answers = []
-        caller = threading.Thread(target=lambda: answers.append(lm("second")[0]))
-        caller.start()  # in flight while the server hangs
-        caller.join(timeout=600)
-        assert answers and isinstance(answers[0], str)
-        assert server.restarts == 1 and server.healthy()
-        assert "watchdog: server stopped answering; restarting" in server.log_path.read_text()
+        # The server hangs: alive and listening, answering nothing.
+        _survives(lm, server, signal.SIGSTOP, "watchdog: server stopped answering; restarting")
     finally:
         provider.close()
     assert not _listening(server.port)
