@@ -70,13 +70,13 @@ def recover_prompts(n: int, run: int) -> list[list[dict]]:
     """The recover stage's chat messages for `n` injected GSM8K chains (a fresh set each run)."""
     from misstep.data.records import format_steps
     from misstep.programs import SelfCorrector
-    from misstep.programs.parallel import default_adapter
+    from misstep.programs.answer_format import AnswerAdapter
 
     demos, chains = _recover_material()
     chosen = [chains[(run * n + i) % len(chains)] for i in range(n)]
     signature = SelfCorrector().recover.signature
     return [
-        default_adapter().format(
+        AnswerAdapter().format(
             signature,
             demos,
             {"question": c.question, "chain": format_steps(c.steps), "first_error_step": c.mistake_index + 1},

@@ -35,6 +35,7 @@ from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, re
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from .batch import Batch, stack_caches
+from .constraint import Grammars, RowConstraint, mask
 from .fused import FusedLlama, fusable
 from .kernels import GrowingCache, Int4Linear, Int8Linear, on_torch_thread, use_gqa_attention, use_onednn_linears
 from .sampling import pick
@@ -94,11 +95,13 @@ class _Job:
     top_k: int | None
     stop: tuple[str, ...]
     seed: int | None
+    answer: dict | None = None  # an answer constraint (programs/answer_format.py), or None
     future: Future = field(default_factory=Future)
     prompt_ids: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     generator: torch.Generator | None = None
+    constraint: RowConstraint | None = None
 
 
 @dataclass
@@ -116,6 +119,7 @@ class EngineStats:
     accepted_tokens: int = 0  # of those, the ones the model would have picked itself
     model_drafted_tokens: int = 0  # of the drafted, those the low-bit draft model proposed (the rest: prompt lookup)
     joined: int = 0  # requests that joined a batch already decoding
+    constrained: int = 0  # requests decoded under an answer constraint
 
 
 class EmbeddedEngine:
@@ -136,6 +140,7 @@ class EmbeddedEngine:
         self._new_cache = GrowingCache if self.cpu_kernels else DynamicCache
         self.max_context = getattr(self.model.config, "max_position_embeddings", 2048)
         self.eos_ids = self._eos_ids()
+        self._grammars: Grammars | None = None  # made on the first constrained request
         self.stats = EngineStats()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve, name=f"misstep-engine-{self.model_dir.name}", daemon=True)
@@ -212,6 +217,7 @@ class EmbeddedEngine:
             top_k=config.top_k,
             stop=tuple(config.stop or ()),
             seed=config.seed,
+            answer=answer_constraint(config.extensions),
         )
         self._queue.put(job)
         job.future.result()
@@ -284,6 +290,10 @@ class EmbeddedEngine:
                 f"{self.max_context}-token context of {self.model_dir.name}"
             )
         job.max_new_tokens = min(job.max_new_tokens, room)
+        if job.answer is not None:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
+            job.constraint = self._grammars.constraint(job.answer)
         if job.temperature > 0:
             job.generator = torch.Generator(device=self.device)
             job.generator.manual_seed(job.seed if job.seed is not None else random.randrange(2**63))
@@ -306,6 +316,7 @@ class EmbeddedEngine:
     def _finish(self, job: _Job, failure: Exception | None = None) -> None:
         """Count the request, then answer it: whoever waits for it sees it counted."""
         self.stats.requests += 1
+        self.stats.constrained += job.constraint is not None
         self.stats.prompt_tokens += len(job.prompt_ids)
         self.stats.generated_tokens += len(job.tokens)
         if failure is None:
@@ -328,6 +339,7 @@ class EmbeddedEngine:
                 jobs += joining
                 batch.join(self._prefill(joining), self._new_cache)
                 self.stats.joined += len(joining)
+            self._constrain(batch)
             next_tokens = pick(batch.logits, batch.active)
             keep = self._take(batch.active, next_tokens.tolist())
             if not keep:
@@ -335,6 +347,7 @@ class EmbeddedEngine:
             if len(keep) < len(batch.active):  # finished rows leave the batch and the KV cache
                 (next_tokens,) = batch.keep(keep, next_tokens)
             drafts, copied, drafting = self._drafts(batch, next_tokens, backoff)
+            drafts = self._with_forced(batch, next_tokens, drafts)
             out = self._forward(batch, next_tokens, drafts)
             if drafts is None:
                 batch.positions, batch.logits = batch.positions[:, -1:] + 1, out[:, -1, :]
@@ -366,6 +379,26 @@ class EmbeddedEngine:
         backoff.passed()
         return drafts, copied, drafting
 
+    def _with_forced(self, batch: Batch, next_tokens: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor | None:
+        """The drafts, with each constrained row's forced tokens (a marker, a closing) in its own
+        row: they are checked in the same pass, and kept. Only where every row is greedy (a draft
+        is checked against the greedy pick) and speculation is on."""
+        if not self.settings.speculate or any(job.temperature > 0 for job in batch.active):
+            return drafts
+        upcoming = [
+            job.constraint.upcoming()[: job.max_new_tokens - len(job.tokens) - 1] if job.constraint else []
+            for job in batch.active
+        ]
+        if not any(upcoming):
+            return drafts
+        if drafts is None:  # rows without forced tokens draft their next token again: a guess like any other
+            drafts = next_tokens[:, None].repeat(1, min(self.settings.speculate, max(len(u) for u in upcoming)))
+        for row, tokens in enumerate(upcoming):
+            if tokens:
+                width = min(len(tokens), drafts.shape[1])
+                drafts[row, :width] = torch.tensor(tokens[:width], device=self.device)
+        return drafts
+
     def _forward(self, batch: Batch, next_tokens: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor:
         """One pass over each row's next token and its drafts; the logits after each of them."""
         width = 1 + (drafts.shape[1] if drafts is not None else 0)
@@ -391,6 +424,10 @@ class EmbeddedEngine:
         masked out (a gap in the row, like padding). `backoff` (for copied drafts) learns whether the
         copy was worth its wider pass."""
         agrees = (out[:, :-1, :].argmax(dim=-1) == drafts).int().cumprod(dim=1).sum(dim=1)
+        for row, job in enumerate(batch.active):  # a constrained row keeps what its masked greedy picks keep
+            if job.constraint is not None:
+                left = job.max_new_tokens - len(job.tokens)
+                agrees[row] = job.constraint.drafts_kept(out[row, :-1], drafts[row].tolist(), job.tokens, left)
         most = int(agrees.max())
         if backoff is not None:  # worth it: one more token a row on average (half the drafts alone
             # when the draft model could draft instead)
@@ -527,6 +564,16 @@ class EmbeddedEngine:
         """The model call's argument that lets attention read the rows' common head once (lm/kernels.py)."""
         return {"shared_head": shared} if shared and self.cpu_kernels else {}
 
+    def _constrain(self, batch: Batch) -> None:
+        """Mask the constrained rows' next-token logits to what their grammars allow."""
+        rows = [
+            (row, job.constraint, job.tokens, job.max_new_tokens - len(job.tokens))
+            for row, job in enumerate(batch.active)
+            if job.constraint is not None
+        ]
+        if rows:
+            mask(batch.logits, self._grammars, rows)
+
     def _take(self, active: list[_Job], tokens: list[int], taking: list[bool] | None = None) -> list[int]:
         """Give each active row its next token (only the rows `taking` one, if given); finish the rows
         that end here. The rows that go on."""
@@ -539,6 +586,8 @@ class EmbeddedEngine:
                 job.finish_reason = "stop"
             else:
                 job.tokens.append(token)
+                if job.constraint is not None:
+                    job.constraint.accept(token)
                 if job.stop and self._hit_stop(job):
                     job.finish_reason = "stop"
                 elif len(job.tokens) < job.max_new_tokens:
@@ -550,3 +599,9 @@ class EmbeddedEngine:
     def _hit_stop(self, job: _Job) -> bool:
         tail = self.tokenizer.decode(job.tokens[-16:], skip_special_tokens=True)
         return any(stop in tail for stop in job.stop)
+
+
+def answer_constraint(extensions: dict | None) -> dict | None:
+    """The answer constraint a request carries in its metadata (`AnswerFormat.payload()`), or None."""
+    metadata = (extensions or {}).get("metadata") or {}
+    return metadata if "structured_outputs" in metadata else None

@@ -17,7 +17,7 @@ import dspy
 from misstep.metrics.oracle import answers_match
 from misstep.metrics.stats import agreement
 from misstep.programs import Judge
-from misstep.programs.parallel import default_adapter
+from misstep.programs.answer_format import AnswerAdapter
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,15 @@ class JudgeMetric:
     `SelfCorrector` returned.
     """
 
-    def __init__(self, judge_lm: dspy.LM, thresholds: Thresholds = Thresholds(), judge: Judge | None = None):
+    def __init__(
+        self,
+        judge_lm: dspy.LM,
+        thresholds: Thresholds = Thresholds(),
+        judge: Judge | None = None,
+        constrained: bool = True,
+    ):
         self.judge_lm = judge_lm
+        self.adapter = AnswerAdapter(constrained)
         self.thresholds = thresholds
         self.judge = judge or Judge()
         self.decisions: list[dict[str, Any]] = []
@@ -75,7 +82,7 @@ class JudgeMetric:
         if prediction.get("final_answer") is None:
             decision["reason"] = "no recovery to judge"
         else:
-            with dspy.context(lm=self.judge_lm, adapter=default_adapter()):
+            with dspy.context(lm=self.judge_lm, adapter=self.adapter):
                 judged = self.judge(
                     question=example.question,
                     valid_steps=example.valid_steps,

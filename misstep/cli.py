@@ -56,7 +56,9 @@ def generate_command(
     selected = [c for c in valid if c.question not in used_for_demos][:chains]
     if not selected:
         raise Refused("no valid chains to start from in the data")
-    settings = JobSettings(inputs.run_dir_for(run_dir, "generate"), loop.num_threads, demos, loop.seed)
+    settings = JobSettings(
+        inputs.run_dir_for(run_dir, "generate"), loop.num_threads, demos, loop.seed, loop.constrained
+    )
     console.print(f"generate: {len(selected)} chains, error types {', '.join(loop.error_types)} -> {settings.run_dir}")
     summary = generate(selected, loop.error_types, inputs.student_lm(config, temperature), settings)
     show_generation(summary, settings.run_dir)
@@ -76,7 +78,8 @@ def evaluate_command(
     seed = config.loop.seed
     chains, reports = inputs.labelled(data, inputs.user_fields(config, data), limit, seed)
     demos = inputs.demos_for(config.loop.demos, demo_data, seed, exclude={c.source_id for c in chains}, heldout=chains)
-    settings = JobSettings(inputs.run_dir_for(run_dir, "evaluate"), config.loop.num_threads, demos, seed)
+    loop = config.loop
+    settings = JobSettings(inputs.run_dir_for(run_dir, "evaluate"), loop.num_threads, demos, seed, loop.constrained)
     with RunLock(settings.run_dir):  # one process at a time writes a run directory
         inputs.write_data_report(reports, settings.run_dir)
         console.print(f"evaluate: {len(chains)} labelled chains from {len(reports)} file(s) -> {settings.run_dir}")
@@ -199,6 +202,7 @@ def control_command(
     batch_size: opt.BatchSize = 4,
     max_length: opt.MaxLength = 1024,
     seed: int = 0,
+    constrained: opt.ControlConstrained = False,
 ) -> None:
     """The positive control: fine-tune stage 3 alone on injector-labelled chains (first errors
     balanced across steps, 15% valid), measure location on a held-out split beside the majority
@@ -207,7 +211,13 @@ def control_command(
     runs = control_grid(sizes, cue, learning_rate, epochs, loss, adam_beta2, loss_weighting, seed)
     items, pool = inputs.split_items(split), training_pool(inputs.chains_of(data))
     settings = TrainSettings(method="full", batch_size=batch_size, max_length=max_length, seed=seed)
-    common = dict(model_dir=inputs.model_dir(model), run_dir=run_dir, settings=settings, num_threads=threads)
+    common = dict(
+        model_dir=inputs.model_dir(model),
+        run_dir=run_dir,
+        settings=settings,
+        num_threads=threads,
+        constrained=constrained,
+    )
     for number, run in enumerate(runs, start=1):
         console.print(f"[bold]run {number}/{len(runs)}: {run.name}[/bold]")
         try:

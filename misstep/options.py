@@ -52,6 +52,9 @@ OPTIONS: dict[str, Option] = {
     "threads": Option(("loop.num_threads", "engine.max_batch_size"), "concurrent requests (the engine batches them)"),
     "seed": Option(("loop.seed", "train.seed")),
     "demos": Option(("loop.demos",), "ground-truth demos per stage in the prompts"),
+    "constrained": Option(
+        ("loop.constrained",), "decode every stage's answer under its format's grammar, so that it parses"
+    ),
     # the data files' fields
     "question_field": Option(("data.question",), "the field holding the question"),
     "answer_field": Option(
@@ -106,7 +109,7 @@ OPTIONS: dict[str, Option] = {
     "patience": Option(("loop.stop.patience",), "rounds without significant gain before stopping"),
 }
 
-COMMON = ("model", "threads", "demos", "seed")
+COMMON = ("model", "threads", "demos", "seed", "constrained")
 LOOP = (
     "rounds",
     "seed_chains",
@@ -386,6 +389,11 @@ ControlWeighting = _option(
     "(repeat; default tokens)",
 )
 ControlRunDir = _option(Path, "one folder per run; rerun to resume")
+ControlConstrained = _option(
+    bool,
+    "measure stage 3 under its answer grammar (files of their own); off by default: the control measures the "
+    "model's own answers, as its first runs did",
+)
 ControlResults = _option(
     Path | None,
     "also record every finished run here (JSON; its predictions and slices beside it), e.g. docs/results/control.json",

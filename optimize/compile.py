@@ -30,7 +30,7 @@ from misstep.optimize.dspy_internals import (
     prepare_teacher,
 )
 from misstep.programs import SelfCorrector
-from misstep.programs.parallel import default_adapter
+from misstep.programs.answer_format import AnswerAdapter
 
 logger = logging.getLogger(__name__)
 Metric = Callable[..., bool]  # metric(example, prediction, trace=None) -> keep the trace?
@@ -168,6 +168,7 @@ def compile_program(
     extra_records: list[dict] | None = None,
     num_threads: int = 8,
     teacher: SelfCorrector | None = None,
+    constrained: bool = True,
 ) -> CompileResult:
     """Compile `student` (running on `lm`, whose provider is `provider`) on the traces `metric` keeps:
     usually a `JudgeMetric` (stages 5-6 on their own LM), or an `OracleMetric`.
@@ -178,11 +179,12 @@ def compile_program(
     (chat records of other stages on the same weights: the scenario writer's). Writes
     compile_report.json and metric_decisions.jsonl into `run_dir`; the new checkpoint lies under
     the provider's checkpoint root. Demos are left out of the training prompts and of the compiled
-    program: the weights carry the format now.
+    program: the weights carry the format now. `constrained`: the traces' answers are decoded under
+    their format's grammar (the chat records they become are formatted the same either way).
     """
     optimizer = RobustBootstrapFinetune(
         metric=metric,
-        adapter=default_adapter(),
+        adapter=AnswerAdapter(constrained),
         exclude_demos=True,
         num_threads=num_threads,
         train_kwargs={"settings": provider.settings},
@@ -190,7 +192,7 @@ def compile_program(
         extra_records=extra_records,
     )
     student.set_lm(lm)
-    with dspy.context(adapter=default_adapter()):
+    with dspy.context(adapter=AnswerAdapter(constrained)):
         compiled = optimizer.compile(student, trainset, teacher=teacher)
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "metric_decisions.jsonl").open("w") as out:  # every keep/drop, beside the ground truth
@@ -219,7 +221,7 @@ def warm_up(
     truth only, never the student's output, and no compile of the student trains it.
     `extra_records` (the scenario writer's ground truth, say) train the same weights.
     """
-    data = ground_truth_chat_data(student, ground_truth, default_adapter()) + list(extra_records or [])
+    data = ground_truth_chat_data(student, ground_truth, AnswerAdapter()) + list(extra_records or [])
     if not data:
         raise NothingToTrainOn("no ground-truth example for any stage of the program")
     new_lm = lm.finetune(

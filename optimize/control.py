@@ -47,7 +47,8 @@ from misstep.metrics.injector import InjectionError, applicable_steps, has_annot
 from misstep.metrics.oracle import first_error
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, ground_truth_demos
 from misstep.programs import SelfCorrectionCycle, SelfCorrector
-from misstep.programs.parallel import default_adapter, map_threads
+from misstep.programs.answer_format import AnswerAdapter
+from misstep.programs.parallel import map_threads
 
 CUE = " (check this step)"
 VALID_SHARE = 0.15
@@ -141,12 +142,12 @@ def training_records(chains: list[Chain], *, cue: bool, loss: str, seed: int = 0
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
     shown = [mark_first_error(c) if cue else c for c in chains]
-    records = chat_records(SelfCorrector().locate, [locate_example(c) for c in shown], default_adapter())
+    records = chat_records(SelfCorrector().locate, [locate_example(c) for c in shown], AnswerAdapter())
     if loss == "all":
         sources = [c for c in chains if c.mistake_index is None]
         truth = ground_truth_demos(sources, k=len(sources), seed=seed)
         truth["locate"] = []  # stage 3 is above, on the control's own balanced chains
-        records += ground_truth_chat_data(SelfCorrectionCycle("arithmetic_slip"), truth, default_adapter())
+        records += ground_truth_chat_data(SelfCorrectionCycle("arithmetic_slip"), truth, AnswerAdapter())
         random.Random(seed).shuffle(records)
     return records
 
@@ -218,7 +219,14 @@ def training_pool(chains: list[Chain], splits: Path | None = None) -> list[Chain
 
 
 def evaluate_location(
-    items: list[SplitItem], lm: dspy.LM, path: Path, *, cue: bool, num_threads: int = 8, show_progress: bool = True
+    items: list[SplitItem],
+    lm: dspy.LM,
+    path: Path,
+    *,
+    cue: bool,
+    num_threads: int = 8,
+    show_progress: bool = True,
+    constrained: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Stage 3 on every item (chains marked where `cue`), appended to `path` as predictions.jsonl
     lines; items already there are not asked again. Returns the predictions by item id."""
@@ -241,7 +249,13 @@ def evaluate_location(
         done = {r["item_id"] for r in log.records}
         todo = [item for item in items if item.item_id not in done]
         for _, record in map_threads(
-            locate, todo, lm=lm, num_threads=num_threads, description="locating", show_progress=show_progress
+            locate,
+            todo,
+            lm=lm,
+            adapter=AnswerAdapter(constrained),
+            num_threads=num_threads,
+            description="locating",
+            show_progress=show_progress,
         ):
             log.append(record)
         return {r["item_id"]: r for r in log.records}
@@ -258,13 +272,15 @@ def run_control(
     settings: TrainSettings,
     num_threads: int = 8,
     show_progress: bool = True,
+    constrained: bool = False,
 ) -> dict[str, Any]:
     """Train `run`'s model from `model_dir` on chains from `pool` (held-out questions removed),
     evaluate it on `items`, and write result.json into `run_dir`/<run name>; a finished run is read back.
-    The run's folder is this process's while it runs (`RunLock`)."""
+    `constrained` measures stage 3 under its answer grammar (into files of its own: the model is the
+    same). The run's folder is this process's while it runs (`RunLock`)."""
     folder = run_dir / run.name
     split = items[0].split  # one trained model, measured on each split asked for: a file each
-    result_path = folder / measured_file("result.json", split)
+    result_path = folder / measured_file("result.json", split, constrained)
     if result_path.exists():
         return json.loads(result_path.read_text())
     pool = without_heldout(pool, [item.chain for item in items])
@@ -295,10 +311,11 @@ def run_control(
         predictions = evaluate_location(
             items,
             lm,
-            folder / measured_file("predictions.jsonl", split),
+            folder / measured_file("predictions.jsonl", split, constrained),
             cue=run.cue,
             num_threads=num_threads,
             show_progress=show_progress,
+            constrained=constrained,
         )
     finally:
         release(lm)
@@ -307,6 +324,7 @@ def run_control(
         **asdict(run),
         "name": run.name,
         "split": split,
+        "constrained": constrained,
         "heldout_n": measured["n"],
         "correct": measured["correct"],
         "majority_baseline_correct": measured["majority_baseline_correct"],
@@ -325,26 +343,28 @@ def run_control(
             for k in ("steps", "first_loss", "last_loss", "wall_seconds", "seconds_per_step", "resumed_at_step")
         },
         "evaluation_seconds": time.perf_counter() - trained,
-        "predictions": str(folder / measured_file("predictions.jsonl", split)),
+        "predictions": str(folder / measured_file("predictions.jsonl", split, constrained)),
     }
     write_json_atomic(result_path, result)
     return result
 
 
-def measured_file(name: str, split: str) -> str:
-    """A run's file of one split's measurement: the test split's under `name`, another split's
-    with the split's name before the suffix ('result-validation.json')."""
-    if split == "test":
-        return name
+def measured_file(name: str, split: str, constrained: bool = False) -> str:
+    """A run's file of one measurement: the test split's, unconstrained, under `name`; another split's
+    with the split's name before the suffix ('result-validation.json'), a constrained one's with
+    '-constrained' ('result-validation-constrained.json')."""
+    tags = ("" if split == "test" else f"-{split}") + ("-constrained" if constrained else "")
     stem, dot, suffix = name.rpartition(".")  # the last dot: a run's name may hold one ("lr0.0001")
-    return f"{stem}-{split}{dot}{suffix}" if dot else f"{name}-{split}"
+    return f"{stem}{tags}{dot}{suffix}" if dot else f"{name}{tags}"
 
 
 def publish(result: dict[str, Any], items: list[SplitItem], results_path: Path) -> dict[str, Any]:
     """Record a finished run in `results_path` ({"runs": [...]}, one entry per run name, kept
     across invocations): its predictions copied beside it (<folder>/control/<run name>.jsonl, the
     path the entry names), its slices and its confusion table. Returns the entry."""
-    predictions_path = results_path.parent / "control" / measured_file(f"{result['name']}.jsonl", result["split"])
+    constrained = result.get("constrained", False)  # runs measured before it was an option were not
+    name = f"{result['name']}.jsonl"
+    predictions_path = results_path.parent / "control" / measured_file(name, result["split"], constrained)
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result["predictions"], predictions_path)
     predictions = read_predictions(predictions_path)
@@ -355,6 +375,9 @@ def publish(result: dict[str, Any], items: list[SplitItem], results_path: Path) 
         "confusion": confusion(items, predictions),
     }
     recorded = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
-    runs = [run for run in recorded if run["name"] != entry["name"]] + [entry]
-    write_json_atomic(results_path, {"runs": sorted(runs, key=lambda run: run["name"])})
+    same = (entry["name"], constrained)
+    runs = [run for run in recorded if (run["name"], run.get("constrained", False)) != same] + [entry]
+    write_json_atomic(
+        results_path, {"runs": sorted(runs, key=lambda run: (run["name"], run.get("constrained", False)))}
+    )
     return entry

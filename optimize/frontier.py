@@ -49,6 +49,7 @@ def procedural_pool(
     probe_items: int,
     seed: int,
     num_threads: int,
+    constrained: bool = True,
     exclude: set[str],
 ) -> tuple[list[Chain], dict[str, Any]]:
     """`n` valid chains for round `folder`'s seeds, none of whose questions is in `exclude`, and the
@@ -62,7 +63,14 @@ def procedural_pool(
             counts[rng.randrange(len(LADDER))] += 1
         pool = [c for d, k in zip(LADDER, counts) if k for c in make_chains(d, k, seed=seed, exclude=exclude)]
         return pool, {"selection": "uniform", "levels": {d.level: k for d, k in zip(LADDER, counts)}}
-    probe = probe_levels(student, folder / "probe", probe_items, seed=PROBE_SEEDS + seed, num_threads=num_threads)
+    probe = probe_levels(
+        student,
+        folder / "probe",
+        probe_items,
+        seed=PROBE_SEEDS + seed,
+        num_threads=num_threads,
+        constrained=constrained,
+    )
     current = start_level if previous_level is None else previous_level
     choice = choose_level(probe, current)
     difficulty = next(d for d in LADDER if d.level == choice.level)
@@ -76,14 +84,16 @@ def procedural_pool(
     }
 
 
-def probe_levels(student: SelfCorrector, folder: Path, items: int, seed: int, num_threads: int) -> list[LevelProbe]:
+def probe_levels(
+    student: SelfCorrector, folder: Path, items: int, seed: int, num_threads: int, constrained: bool = True
+) -> list[LevelProbe]:
     """The student's location accuracy at every level, beside each level's majority baseline."""
     lm = student.predictors()[0].lm
     demos = demos_of(student)
     probe = []
     for difficulty in LADDER:
         chains = labelled_chains(make_chains(difficulty, items, seed=seed), items, seed)
-        job = JobSettings(run_dir=folder / f"level-{difficulty.level}", num_threads=num_threads, demos=demos)
+        job = JobSettings(folder / f"level-{difficulty.level}", num_threads, demos, constrained=constrained)
         measured = evaluate(chains, lm, job, recover=False)["gsm8k"]
         located, majority = measured["location_accuracy"], measured["majority_baseline"]
         probe.append(LevelProbe(difficulty.level, located["n"], located["k"], majority["k"]))

@@ -24,6 +24,7 @@ from misstep.metrics.plots import plot_evaluation, plot_generation
 from misstep.metrics.stats import Rate
 from misstep.optimize.demos import attach_demos
 from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
+from misstep.programs.answer_format import AnswerAdapter
 from misstep.programs.parallel import map_threads
 from misstep.signatures import DescribeMistake, error_type_name, get_error_type
 
@@ -36,6 +37,7 @@ class JobSettings:
     num_threads: int = 8
     demos: dict[str, list[dspy.Example]] = field(default_factory=dict)
     seed: int = 0
+    constrained: bool = True  # answers decoded under their format's grammar (programs/answer_format.py)
 
 
 def _jsonable(value: Any) -> Any:
@@ -74,11 +76,19 @@ def generate(
                 scenario.oracle = check_scenario(scenario)
             return scenario
 
-        for _, scenario in map_threads(run, todo, lm=lm, num_threads=settings.num_threads, description="generating"):
+        for _, scenario in map_threads(
+            run,
+            todo,
+            lm=lm,
+            adapter=AnswerAdapter(settings.constrained),
+            num_threads=settings.num_threads,
+            description="generating",
+        ):
             log.append(scenario.to_dict())
         summary = summarize_scenarios(log.records)
     summary["wall_seconds_this_run"] = time.perf_counter() - started
     summary["engine"] = engine_stats(lm)
+    summary["constrained"] = settings.constrained  # it changes every stage's parse rate
     summary = _jsonable(summary)
     write_json_atomic(settings.run_dir / "summary.json", summary)
     plot_generation(summary, settings.run_dir / "stages.png")
@@ -99,6 +109,7 @@ def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover
             lambda c: evaluate_chain(corrector, c, recover),
             todo,
             lm=lm,
+            adapter=AnswerAdapter(settings.constrained),
             num_threads=settings.num_threads,
             description="evaluating",
         ):
@@ -106,7 +117,11 @@ def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover
         wanted = {c.source_id for c in chains}
         metrics = summarize([r for r in log.records if r["source_id"] in wanted])
     metrics = _jsonable(metrics)
-    metrics["_run"] = {"wall_seconds_this_run": time.perf_counter() - started, "engine": engine_stats(lm)}
+    metrics["_run"] = {
+        "wall_seconds_this_run": time.perf_counter() - started,
+        "engine": engine_stats(lm),
+        "constrained": settings.constrained,  # it changes every accuracy
+    }
     write_json_atomic(settings.run_dir / "metrics.json", metrics)
     plot_evaluation(metrics, settings.run_dir / "metrics.png")
     return metrics

@@ -57,7 +57,7 @@ from misstep.optimize.jobs import JobSettings, evaluate
 from misstep.optimize.settings import LoopSettings
 from misstep.optimize.sources import Round, RoundExamples, RoundSource, WrittenScenarios
 from misstep.programs import Judge, SelfCorrector
-from misstep.programs.parallel import default_adapter
+from misstep.programs.answer_format import AnswerAdapter
 
 __all__ = ["LoopSettings", "run_loop"]
 
@@ -171,7 +171,7 @@ def _starting_data(
     return StartingData(
         demos=demos,
         truth=truth,
-        writer_records=writer_chat_data(writer_truth, default_adapter()),
+        writer_records=writer_chat_data(writer_truth, AnswerAdapter()),
         writer_counts={t: len(e["describe"]) for t, e in writer_truth.items()},
         writer_types={t for t, examples in writer_truth.items() if examples["describe"]},
         pool=[c for c in pool if c.question not in used],
@@ -273,6 +273,7 @@ def _compiled(
                 extra_examples=extra,
                 extra_records=writer_records,
                 num_threads=settings.num_threads,
+                constrained=settings.constrained,
             ),
             provider=provider,
             max_batch_size=settings.num_threads,
@@ -303,7 +304,7 @@ def _finish_round(
     seconds = dict(seconds or {})
     row: dict[str, Any] = {"round": r, "model": student.predictors()[0].lm.model}
     with timed(seconds, "heldout"):
-        row |= _measure(student, folder, measured, settings.num_threads)
+        row |= _measure(student, folder, measured, settings.num_threads, settings.constrained)
     row["chosen_on"] = "validation" if measured.get("validation") else "heldout"
     row.update(made)
     past = [*history, row]
@@ -322,7 +323,11 @@ def _finish_round(
 
 
 def _measure(
-    student: SelfCorrector, folder: Path, measured: dict[str, dict[str, list[Chain]]], num_threads: int
+    student: SelfCorrector,
+    folder: Path,
+    measured: dict[str, dict[str, list[Chain]]],
+    num_threads: int,
+    constrained: bool,
 ) -> dict[str, Any]:
     """The student's metrics on each set of `measured` ("heldout" under folder/heldout/<set>,
     "validation" under folder/validation/<set>); recovery on the reported GSM8K set only."""
@@ -332,7 +337,7 @@ def _measure(
     for kind, sets in measured.items():
         out[kind] = {}
         for name, chains in sets.items():
-            job = JobSettings(run_dir=folder / kind / name, num_threads=num_threads, demos=demos)
+            job = JobSettings(folder / kind / name, num_threads, demos, constrained=constrained)
             result = evaluate(chains, lm, job, recover=kind == "heldout" and chains[0].task == "gsm8k")
             out[kind][name] = {
                 task: {k: v for k, v in m.items() if k in _ROUND_METRICS}

@@ -30,6 +30,9 @@ class LoopSettings:
     primary_metric: str = "location_accuracy"  # of the GSM8K held-out set: what the stop rule watches
     num_threads: int = 8
     seed: int = 0
+    # Every stage's answer decoded under its format's grammar (programs/answer_format.py), so that it
+    # parses; off, the model's own text, parsed as it comes (it changes every accuracy).
+    constrained: bool = True
     # Where each round's seed chains come from: "gsm8k" (the training file) or "procedural"
     # (data/procedural.py), at the level the curriculum chooses or at levels drawn uniformly.
     seeds_from: str = "gsm8k"

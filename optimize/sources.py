@@ -34,6 +34,7 @@ from misstep.optimize.frontier import heldout_questions, previous_level, procedu
 from misstep.optimize.settings import LoopSettings
 from misstep.optimize.tuning import tune_thresholds
 from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
+from misstep.programs.answer_format import AnswerAdapter
 from misstep.programs.parallel import map_threads
 from misstep.signatures import get_error_type
 
@@ -92,7 +93,8 @@ class InjectedTraces:
         if self.metric == "oracle":
             metric: Metric = OracleMetric()
         else:
-            metric = JudgeMetric(round.judge.predictors()[0].lm, self.thresholds, judge=round.judge)
+            judge_lm = round.judge.predictors()[0].lm
+            metric = JudgeMetric(judge_lm, self.thresholds, judge=round.judge, constrained=round.settings.constrained)
         return RoundExamples(training_examples(pairs), metric, row={"traced": len(pairs), "metric": self.metric})
 
 
@@ -150,6 +152,7 @@ def _selection(round: Round, previous: list[Scenario]) -> dict[str, Any]:
         probe_items=settings.probe_items,
         seed=seed,
         num_threads=settings.num_threads,
+        constrained=settings.constrained,
         exclude=heldout_questions(),
     )
     selected = select_seeds(pool, previous, settings, rng, round_index=r)
@@ -262,7 +265,12 @@ def write_scenarios(
             return scenario
 
         for _, scenario in map_threads(
-            run, todo, lm=lm, num_threads=settings.num_threads, description=f"round {folder.name}: writing scenarios"
+            run,
+            todo,
+            lm=lm,
+            adapter=AnswerAdapter(settings.constrained),
+            num_threads=settings.num_threads,
+            description=f"round {folder.name}: writing scenarios",
         ):
             log.append(scenario.to_dict())
         return [Scenario.from_dict(record) for record in log.records]

@@ -13,14 +13,10 @@ from typing import TypeVar
 import dspy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from misstep.programs.answer_format import AnswerAdapter
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-
-
-def default_adapter() -> dspy.ChatAdapter:
-    """ChatAdapter without its JSON-mode retry: a local engine ignores response_format,
-    so the retry would only spend a second call on the same unparsable answer."""
-    return dspy.ChatAdapter(use_json_adapter_fallback=False)
 
 
 def progress_bar(**kwargs) -> Progress:
@@ -45,13 +41,14 @@ def map_threads(
     description: str = "working",
     show_progress: bool = True,
 ) -> Iterator[tuple[Item, Result]]:
-    """(item, function(item)) in completion order, each call under `lm` and `adapter`.
+    """(item, function(item)) in completion order, each call under `lm` and `adapter` (default: the
+    stages' answers constrained to their format).
 
     They are passed explicitly because DSPy's `dspy.context` is per thread: a worker
     thread would not see the caller's.
     """
     items = list(items)
-    adapter = adapter or default_adapter()
+    adapter = adapter or AnswerAdapter()
 
     def call(item: Item) -> Result:
         with dspy.context(lm=lm, adapter=adapter):

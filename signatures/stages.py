@@ -5,7 +5,11 @@ the programs convert step numbers to the 0-based indices the records keep.
 Stage 1 (`DescribeMistake`) is the base of the error types in `error_types.py`.
 """
 
+from typing import Annotated
+
 import dspy
+
+from misstep.signatures.fields import UNIT, StepNumber
 
 
 class DescribeMistake(dspy.Signature):
@@ -13,7 +17,9 @@ class DescribeMistake(dspy.Signature):
 
     question: str = dspy.InputField()
     valid_chain: str = dspy.InputField(desc="the correct solution, one numbered step per line")
-    mistake_step: int = dspy.OutputField(desc="the number of the step where the mistake is made")
+    mistake_step: Annotated[int, StepNumber("valid_chain")] = dspy.OutputField(
+        desc="the number of the step where the mistake is made"
+    )
     mistake_description: str = dspy.OutputField(desc="one sentence: what goes wrong in that step")
 
 
@@ -37,7 +43,9 @@ class LocateFirstError(dspy.Signature):
     question: str = dspy.InputField()
     chain: str = dspy.InputField(desc="a solution, one numbered step per line")
     has_mistake: bool = dspy.OutputField(desc="True if any step is wrong, False if every step is correct")
-    first_error_step: int = dspy.OutputField(desc="the number of the first wrong step; 0 when there is no mistake")
+    first_error_step: Annotated[int, StepNumber("chain", none=0)] = dspy.OutputField(
+        desc="the number of the first wrong step; 0 when there is no mistake"
+    )
 
 
 class RecoverFromError(dspy.Signature):
@@ -58,7 +66,7 @@ class JudgeRecovery(dspy.Signature):
     recovery: str = dspy.InputField(desc="the recovered steps and final answer")
     correct_chain: str = dspy.InputField(desc="a correct solution with the right final answer")
     recovery_succeeded: bool = dspy.OutputField(desc="True if the recovery reaches the right answer by valid steps")
-    confidence: float = dspy.OutputField(desc="how sure you are, from 0.0 to 1.0")
+    confidence: Annotated[float, UNIT] = dspy.OutputField(desc="how sure you are, from 0.0 to 1.0")
 
 
 class CurateScenario(dspy.Signature):
@@ -75,5 +83,5 @@ class CurateScenario(dspy.Signature):
     recovery: str = dspy.InputField()
     recovery_succeeded: bool = dspy.InputField(desc="the judge's verdict")
     keep: bool = dspy.OutputField(desc="True to keep this scenario for training")
-    quality: float = dspy.OutputField(desc="how good a training example it is, from 0.0 to 1.0")
+    quality: Annotated[float, UNIT] = dspy.OutputField(desc="how good a training example it is, from 0.0 to 1.0")
     reason: str = dspy.OutputField(desc="one sentence: why")

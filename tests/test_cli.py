@@ -42,7 +42,8 @@ def test_generate_writes_scenarios_and_resumes_without_repeating(tmp_path, tiny_
     assert (run_dir / "stages.png").read_bytes().startswith(b"\x89PNG")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["scenarios"] == 3
-    assert summary["stages"]["describe"]["unparsable"] == 3
+    assert summary["constrained"] is True  # by default every stage decodes under its answer grammar
+    assert summary["stages"]["describe"]["unparsable"] == 0  # so even random weights answer in the fields
 
     # A run killed mid-write leaves a torn last line; the rerun drops it and redoes that scenario only.
     with (run_dir / "scenarios.jsonl").open("a") as handle:
@@ -58,9 +59,13 @@ def test_generate_writes_scenarios_and_resumes_without_repeating(tmp_path, tiny_
 
 def test_evaluate_reports_each_task_with_intervals(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "eval"
-    result = _invoke("evaluate", "--model", tiny_model_dir, "--limit", 2, "--demos", 1, "--run-dir", run_dir)
+    args = ("evaluate", "--model", tiny_model_dir, "--limit", 2, "--demos", 1, "--no-constrained", "--run-dir", run_dir)
+    result = _invoke(*args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["_run"]["constrained"] is False
+    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert not any(p["parsed"] for p in predictions)  # random weights, left to themselves, never parse
     assert {"gsm8k", "logical_deduction", "multistep_arithmetic", "word_sorting", "all"} <= set(metrics)
     assert metrics["all"]["n"] == 8
     accuracy = metrics["all"]["location_accuracy"]

@@ -23,11 +23,11 @@ from misstep.optimize.compile import (
 )
 from misstep.optimize.demos import ground_truth_demos
 from misstep.programs import SelfCorrector
-from misstep.programs.parallel import default_adapter
+from misstep.programs.answer_format import AnswerAdapter
 
 
 def _locate_raw(program, chain) -> str:
-    with dspy.context(adapter=default_adapter()):
+    with dspy.context(adapter=AnswerAdapter(constrained=False)):  # the raw text is kept where it does not parse
         located, _ = program.find_error(question=chain.question, steps=chain.steps)
     return located.raw
 

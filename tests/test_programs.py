@@ -4,11 +4,11 @@ from misstep.data import STAGES
 from misstep.metrics.injector import inject
 from misstep.optimize.demos import attach_demos, ground_truth_demos
 from misstep.programs import Judge, ScenarioWriter, SelfCorrectionCycle, SelfCorrector, run_stage
-from misstep.programs.parallel import default_adapter
+from misstep.programs.answer_format import AnswerAdapter
 
 
 def _with(lm):
-    return dspy.context(lm=lm, adapter=default_adapter())
+    return dspy.context(lm=lm, adapter=AnswerAdapter(constrained=False))
 
 
 def test_unparsable_output_is_recorded_with_its_raw_text(tiny_lm, gsm8k_test):

@@ -7,7 +7,7 @@ from misstep.lm import DEFAULT_MODEL, local_lm, resolve_model
 from misstep.metrics.injector import inject
 from misstep.optimize.demos import attach_demos, ground_truth_demos
 from misstep.programs import SelfCorrector
-from misstep.programs.parallel import default_adapter
+from misstep.programs.answer_format import AnswerAdapter
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def test_converted_model_writes_text(smollm2):
 def test_with_demos_the_real_model_answers_in_fields(smollm2, gsm8k_train, gsm8k_test):
     corrector = attach_demos(SelfCorrector(), ground_truth_demos(gsm8k_train, k=2))
     chain = inject(gsm8k_test[3], "arithmetic_slip", seed=0)
-    with dspy.context(lm=smollm2, adapter=default_adapter()):
+    with dspy.context(lm=smollm2, adapter=AnswerAdapter(constrained=False)):
         located = corrector(question=chain.question, steps=chain.steps)
     assert located.locate.ok, located.locate.raw
     assert located.first_error is None or -1 <= located.first_error < len(chain.steps)
