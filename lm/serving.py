@@ -77,6 +77,10 @@ class VllmOptions:
             str(self.max_model_len),
             "--tensor-parallel-size",
             str(self.tensor_parallel_size),
+            # The answer constraint's closing and marker spelling, as the embedded engine decodes them
+            # (lm/vllm_answer.py; named here, not imported: it imports vLLM).
+            "--logits-processors",
+            "misstep.lm.vllm_answer:AnswerProcessor",
         ]
         if self.enforce_eager or (self.enforce_eager is None and not _has_cuda()):
             args.append("--enforce-eager")

@@ -179,12 +179,14 @@ def _literal(text: str) -> str:
 
 
 def constraint_kwargs(lm: dspy.LM, answer: AnswerFormat) -> dict[str, Any]:
-    """How `lm` takes the constraint: a vLLM server in the request body's `structured_outputs`
-    (LiteLLM passes `extra_body` on); the embedded engine in the request's metadata, which DSPy
-    carries to it unchanged."""
+    """How `lm` takes the constraint: a vLLM server in the request body's `structured_outputs`, and
+    the whole payload for the logits processor every misstep server loads (lm/vllm_answer.py) in
+    `vllm_xargs` (LiteLLM passes `extra_body` on); the embedded engine in the request's metadata,
+    which DSPy carries to it unchanged."""
     payload = answer.payload()
     if lm.model.startswith("hosted_vllm/"):
-        return {"extra_body": {"structured_outputs": payload["structured_outputs"]}}
+        xargs = {"misstep_answer": json.dumps(payload)}  # vllm_xargs values are strings or numbers
+        return {"extra_body": {"structured_outputs": payload["structured_outputs"], "vllm_xargs": xargs}}
     if lm.model.startswith("local/"):
         return {"metadata": payload}
     raise ValueError(f"{lm.model}: constrained decoding needs the embedded engine or a vLLM server; run unconstrained")

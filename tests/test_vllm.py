@@ -193,3 +193,35 @@ def test_the_same_compile_runs_on_vllm_by_one_option(tmp_path, tiny_model_dir):
     logs = sorted((run_dir / "checkpoints" / "vllm-logs").iterdir())
     assert len(logs) == 2  # the base model's server, then the compiled checkpoint's
     assert (run_dir / "round-1" / "heldout" / "gsm8k" / "metrics.json").exists()
+
+
+def test_every_stage_answers_in_its_format_on_vllm_as_on_the_embedded_engine(tmp_path, tiny_model_dir):
+    """The random-weight model, each stage at its own token limit and temperature 0: vLLM's structured
+    outputs and misstep's logits processor (markers in the tokenizer's tokens, free text closed in
+    time) make every answer parse, the embedded engine's answer."""
+    from test_constrained import STAGES  # the tests folder is on the path (pytest adds it)
+
+    from misstep.lm import EmbeddedEngine, local_lm
+    from misstep.lm.client import served_lm
+    from misstep.lm.serving import VllmServer
+    from misstep.programs.answer_format import AnswerAdapter
+    from misstep.programs.stage import STAGE_MAX_TOKENS
+
+    def answers(lm_for) -> dict:
+        out = {}
+        for stage, (signature, inputs, _) in STAGES.items():
+            with dspy.context(lm=lm_for(STAGE_MAX_TOKENS[stage]), adapter=AnswerAdapter()):
+                out[stage] = dict(dspy.Predict(signature)(**inputs).items())  # raises where it does not parse
+        return out
+
+    server = VllmServer(tiny_model_dir, "tiny", tmp_path / "vllm.log", replace(OPTIONS, max_model_len=2048)).start()
+    try:
+        served = answers(lambda limit: served_lm(server, max_tokens=limit, cache=False))
+    finally:
+        server.stop()
+    engine = EmbeddedEngine(tiny_model_dir)
+    try:
+        embedded = answers(lambda limit: local_lm(engine=engine, max_tokens=limit, cache=False))
+    finally:
+        engine.close()
+    assert served == embedded
