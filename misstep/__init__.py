@@ -20,9 +20,11 @@ if TYPE_CHECKING:  # the names, for readers and type checkers
     from misstep.optimize.demos import attach_demos, ground_truth_demos
     from misstep.optimize.jobs import JobSettings, evaluate, generate
     from misstep.programs import Judge, ScenarioWriter, SelfCorrectionCycle, SelfCorrector
+    from misstep.programs.answer_format import AnswerAdapter
     from misstep.signatures import ERROR_TYPES, DescribeMistake, register_error_type
 
 _HOMES = {
+    "AnswerAdapter": "misstep.programs.answer_format",
     "Chain": "misstep.data",
     "DEFAULT_MODEL": "misstep.lm",
     "DescribeMistake": "misstep.signatures",
@@ -64,6 +66,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_MODEL",
     "ERROR_TYPES",
+    "AnswerAdapter",
     "Chain",
     "DescribeMistake",
     "EmbeddedEngine",

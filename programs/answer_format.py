@@ -111,10 +111,11 @@ def _answer_format(signature: type[dspy.Signature], steps: tuple[tuple[str, int]
         field = signature.output_fields[name]
         value, most = _value_rule(signature, name, field, counts.get(name))
         after = "\n\n" + (marker(names[index + 1]) + "\n" if index + 1 < len(names) else END)
-        values.append(f"{_literal(marker(name) + chr(10))} {value}")
+        opening = _literal(marker(name) + "\n")
+        values.append(f"{opening} {value}")
         closing.append(FieldClosing(marker(name), after, most is None, most or 0))
-    body = ' "\\n\\n" '.join(values)
-    rules = [f"root ::= {body} {_literal(chr(10) * 2 + END)}"]
+    separator, end = _literal("\n\n"), _literal("\n\n" + END)
+    rules = [f"root ::= {f' {separator} '.join(values)} {end}"]
     if any(c.free for c in closing):
         rules.append(TEXT_RULE)
     return AnswerFormat("\n".join(rules), tuple(closing))
@@ -139,11 +140,9 @@ def _value_rule(signature, name: str, field, steps: int | None) -> tuple[str, in
         return _int_rule(where, interval)
     if annotation is float:
         return _float_rule(where, interval)
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
-        raise GrammarError(f"{where}: no answer grammar for type {annotation}; run it unconstrained")
-    raise GrammarError(
-        f"{where}: no answer grammar for type {getattr(annotation, '__name__', annotation)}; run it unconstrained"
-    )
+    plain = typing.get_origin(annotation) is None and not isinstance(annotation, types.UnionType)
+    shown = getattr(annotation, "__name__", annotation) if plain else annotation  # int, or list[str]
+    raise GrammarError(f"{where}: no answer grammar for type {shown}; run it unconstrained")
 
 
 def _choices(choices: list[str]) -> tuple[str, int]:
