@@ -64,11 +64,13 @@ def repeat(measure: Callable[[], float], times: int) -> dict[str, Any]:
     return summarize([measure() for _ in range(times)])
 
 
-def save(name: str, model: str, results: dict[str, Any]) -> None:
-    """Write benchmarks/results/<name>.json: the results, with the machine and the model they ran on."""
+def save(name: str, model: str, results: dict[str, Any], constrained: bool | None = None) -> None:
+    """Write benchmarks/results/<name>.json: the results, with the machine and the model they ran on,
+    and whether the answers were decoded under their grammars (None: no decoding measured)."""
     import json
     from pathlib import Path
 
     out = Path(__file__).parent / "results" / f"{name}.json"
-    out.write_text(json.dumps({"machine": machine(), "model": model, **results}, indent=2))
+    head = {"machine": machine(), "model": model} | ({} if constrained is None else {"constrained": constrained})
+    out.write_text(json.dumps({**head, **results}, indent=2))
     print(f"wrote {out}")

@@ -303,6 +303,7 @@ def main() -> None:
             args.llamacpp_python,
             ggufs,
         ),
+        constrained=False,  # raw prompts, no adapter: every engine decodes the model's own text
     )
 
 

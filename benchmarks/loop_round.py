@@ -80,7 +80,12 @@ def main() -> None:
     parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    save("round", args.model, bench_round(resolve_model(args.model), args.repeats))
+    save(
+        "round",
+        args.model,
+        bench_round(resolve_model(args.model), args.repeats),
+        constrained=LoopSettings().constrained,
+    )
 
 
 if __name__ == "__main__":

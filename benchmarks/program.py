@@ -78,6 +78,7 @@ def main() -> None:
         "program",
         args.model,
         bench_program(resolve_model(args.model), args.data, args.chains, args.repeats, args.threads),
+        constrained=JobSettings(run_dir=Path()).constrained,  # generate's default
     )
 
 

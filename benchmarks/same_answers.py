@@ -11,6 +11,10 @@ refactor) is checked by running this at the commit before it and after it:
     git worktree add /tmp/before <commit> && (cd /tmp/before && ln -s /work/main/.venv .venv &&
         .venv/bin/python benchmarks/same_answers.py /tmp/before.json)
     .venv/bin/python benchmarks/same_answers.py /tmp/after.json --compare /tmp/before.json
+
+`--no-constrained` (or `--constrained`) is passed on to `misstep generate`; given neither, the
+command runs as it is, so a commit from before constrained decoding runs too. The prompts are
+sent as they are (no adapter, no constraint) either way.
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ def prompt_answers() -> dict[str, list]:
     return out
 
 
-def generate_answers() -> dict[str, dict[str, str | None]]:
+def generate_answers(constrained: bool | None = None) -> dict[str, dict[str, str | None]]:
     """Each scenario's raw answer per stage, by source id, from `misstep generate --chains 8`."""
+    flag = [] if constrained is None else ["--constrained" if constrained else "--no-constrained"]
     with tempfile.TemporaryDirectory(prefix="misstep-same-") as run_dir:
         subprocess.run(
-            [str(Path(sys.executable).parent / "misstep"), "generate", "--chains", "8", "--run-dir", run_dir],
+            [str(Path(sys.executable).parent / "misstep"), "generate", "--chains", "8", "--run-dir", run_dir, *flag],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -86,9 +91,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--compare", type=Path, help="a reference written by this script at another commit")
+    parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, help="passed on to misstep generate")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"commit": commit, "machine": machine(), "prompts": prompt_answers(), "generate": generate_answers()}
+    result = {
+        "commit": commit,
+        "machine": machine(),
+        "constrained": args.constrained,  # None: generate's default at that commit
+        "prompts": prompt_answers(),
+        "generate": generate_answers(args.constrained),
+    }
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     if args.compare:

@@ -76,6 +76,7 @@ def main() -> None:
             "ratio_max": max(ratios),
             "same_answers": same,
         },
+        constrained=False,  # raw prompts, no adapter
     )
 
 
