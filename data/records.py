@@ -53,6 +53,16 @@ def format_steps(steps: tuple[str, ...] | list[str]) -> str:
     return "\n".join(f"Step {i}: {step}" for i, step in enumerate(steps, start=1))
 
 
+_NUMBERED = re.compile(r"^Step (\d+): ", re.MULTILINE)
+
+
+def step_count(text: str) -> int:
+    """How many steps a chain shown by `format_steps` has: its last step's number (a step's own text
+    may be empty, or hold a line break); for other text, the lines `parse_steps` reads as steps."""
+    numbers = [int(n) for n in _NUMBERED.findall(text)]
+    return max(numbers) if numbers else len(parse_steps(text))
+
+
 _STEP_PREFIX = re.compile(r"^\s*(?:[-*]\s*)?(?:step\s*\d+\s*[:.)]|\d+\s*[.)])\s*", re.IGNORECASE)
 
 

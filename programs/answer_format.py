@@ -33,7 +33,7 @@ from typing import Any, Literal
 import dspy
 from annotated_types import Interval
 
-from misstep.data.records import parse_steps
+from misstep.data.records import step_count
 from misstep.signatures.fields import StepNumber
 
 END = "[[ ## completed ## ]]"
@@ -99,7 +99,7 @@ def _step_count(signature: type[dspy.Signature], name: str, of: str, inputs: dic
         raise GrammarError(f"{signature.__name__}.{name}: StepNumber({of!r}) names no input field of the signature")
     if of not in inputs:
         raise GrammarError(f"{signature.__name__}.{name}: its range needs the input {of!r}, which this call lacks")
-    return len(parse_steps(str(inputs[of])))
+    return step_count(str(inputs[of]))
 
 
 @lru_cache(maxsize=256)

@@ -112,6 +112,9 @@ def test_a_step_number_stays_within_the_chains_steps_and_a_score_within_zero_and
     ]
     five_steps = answer_format(LocateFirstError, {"question": "q?", "chain": CHAIN + "\nStep 4: a\nStep 5: b"})
     assert _accepts(grammars, five_steps.grammar, located("5"))
+    odd_steps = format_steps(["a", "", "two\nlines", "d"])  # a step may be empty, or hold a line break
+    assert _accepts(grammars, answer_format(LocateFirstError, {"chain": odd_steps}).grammar, located("4"))
+    assert not _accepts(grammars, answer_format(LocateFirstError, {"chain": odd_steps}).grammar, located("5"))
     judged = answer_format(JudgeRecovery, STAGES["judge"][1]).grammar
 
     def scored(score: str) -> str:
