@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from misstep.data.records import STAGES, Scenario
@@ -15,6 +16,19 @@ def location_correct(predicted: int | None, gold: int | None) -> bool:
     return predicted == gold
 
 
+def departure(valid: Sequence[str], written: Sequence[str]) -> int | None:
+    """The first step (0-based) at which a written chain departs from the valid chain it was written
+    from, comparing text with runs of whitespace as one space (a chain longer or shorter departs
+    where the other ends); None where it never does: the writer copied the chain instead of
+    writing its mistake. A label no model has to produce."""
+    for index in range(max(len(valid), len(written))):
+        theirs = " ".join(valid[index].split()) if index < len(valid) else None
+        mine = " ".join(written[index].split()) if index < len(written) else None
+        if mine != theirs:
+            return index
+    return None
+
+
 def check_scenario(scenario: Scenario) -> dict[str, Any]:
     """What really happened in a scenario, decided by the oracle rather than by any model."""
     chain = scenario.chain
@@ -22,6 +36,8 @@ def check_scenario(scenario: Scenario) -> dict[str, Any]:
     if not scenario.invalid_steps:
         return checks
     stated = scenario.output("describe", "mistake_step")
+    checks["departure"] = departure(chain.steps, scenario.invalid_steps)
+    checks["writer_failed"] = checks["departure"] is None  # no mistake written: nothing to train as one
     true_first = first_error(scenario.invalid_steps, reference=chain.steps)
     checks["invalid_first_error"] = true_first
     checks["injection_ok"] = true_first is not None and stated is not None and true_first == stated - 1
@@ -59,6 +75,7 @@ def summarize_scenarios(records: list[dict[str, Any]]) -> dict[str, Any]:
         "scenarios": len(records),
         "stages": stages,
         "injection_ok": rate(c["injection_ok"] for c in checked),
+        "writer_departed": rate(not c["writer_failed"] for c in checked if "writer_failed" in c),
         "location_ok": rate(c["location_ok"] for c in checked if "location_ok" in c),
         "recovery_ok": rate(c["recovery_ok"] for c in checked if "recovery_ok" in c),
         "judge": agreement([c["judge_verdict"] for c in judged], [c["recovery_ok"] for c in judged]),

@@ -2,6 +2,8 @@ import math
 
 import pytest
 
+from misstep.data.records import Scenario
+from misstep.metrics.checks import check_scenario, departure
 from misstep.metrics.oracle import (
     NotArithmetic,
     answers_match,
@@ -86,3 +88,17 @@ def test_answers_compare_as_numbers_or_text():
     assert answers_match("So the answer is apple banana", "apple banana")
     assert not answers_match("banana apple", "apple banana")
     assert final_number("no digits") is None
+
+
+def test_a_written_chain_departs_where_its_text_first_differs_and_a_copy_never_does(gsm8k_test):
+    valid = gsm8k_test[0].steps
+    assert departure(valid, valid) is None
+    assert departure(valid, [f"  {s}  ".replace(" ", "  ") for s in valid]) is None  # spacing is not a mistake
+    changed = list(valid)
+    changed[1] = changed[1].replace("=", "= 1 +", 1)
+    assert departure(valid, changed) == 1
+    assert departure(valid, valid[:-1]) == len(valid) - 1  # a step left out departs where it ends
+    copied = Scenario(gsm8k_test[0], "arithmetic_slip", invalid_steps=tuple(valid))
+    assert check_scenario(copied)["writer_failed"] is True  # the scenario says so: nothing to train as a mistake
+    written = Scenario(gsm8k_test[0], "arithmetic_slip", invalid_steps=tuple(changed))
+    assert check_scenario(written)["departure"] == 1 and check_scenario(written)["writer_failed"] is False
