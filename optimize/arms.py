@@ -1,7 +1,18 @@
-"""The loop's arms: what each trains on from a round's scenarios (issue 15, being built).
+"""The loop's arms: which of a round's self-written answers each trains stages 3 and 4 on (issue 15,
+being built; not wired into the loop yet).
 
-So far: `balanced`, which keeps a kept set from teaching one answer far more often than the
-held-out data asks it (a student trained on its own answers drifts toward a constant one).
+Every arm teaches only what the student itself wrote; the arms differ in what admits it:
+
+- **oracle** (the ceiling): a location where it is the oracle's first error of the written chain,
+  a recovery where the oracle confirms its answer;
+- **judge** (the seed's cycle): a location where it is the step at which the written chain departs
+  from the valid one it was written from (a label no model produces) and the judge accepted the
+  recovery; a recovery the judge accepted;
+- **all** (a floor): every answer that parsed;
+- **random** (a floor): as many scenarios as the judge arm kept, drawn at random.
+
+`balanced` then keeps a kept set from teaching one answer far more often than the held-out data
+asks it (a student trained on its own answers drifts toward a constant one).
 """
 
 from __future__ import annotations
@@ -10,9 +21,96 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from misstep.data.records import Scenario
+from misstep.programs.self_corrector import SelfCorrector
+
+KEEP_ARMS = ("judge", "oracle", "all", "random")
 
 Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Taught:
+    """What an arm teaches from one scenario: the student's stage-3 answer (a 0-based step, None for
+    "no mistake") where `location_by` admitted it, and its recovery where `recovery_by` did (None:
+    not taught). `location_true` is whether the oracle agrees with the taught location."""
+
+    source_id: str
+    location: int | None = None
+    location_by: str | None = None
+    location_true: bool | None = None
+    recovery_by: str | None = None
+    recovery_true: bool | None = None
+
+
+def teach(arm: str, scenarios: list[Scenario], accepted: Mapping[str, bool], seed: int = 0) -> list[Taught]:
+    """What `arm` teaches from each of `scenarios` (checked by `check_scenario`); `accepted` is the
+    judge's verdict on each scenario's recovery, by source id (after the round's thresholds)."""
+    if arm not in KEEP_ARMS:
+        raise ValueError(f"arm must be one of {', '.join(KEEP_ARMS)}, not {arm!r}")
+    if arm == "random":
+        judged = sum(bool(t.location_by or t.recovery_by) for t in teach("judge", scenarios, accepted))
+        drawn = set(random.Random(seed).sample(range(len(scenarios)), judged))
+        return [_taught(s, "random", i in drawn, i in drawn) for i, s in enumerate(scenarios)]
+    out = []
+    for scenario in scenarios:
+        checks, answer = scenario.oracle, _location(scenario)
+        if arm == "all":
+            out.append(_taught(scenario, "all", answer is not _NONE, _recovered(scenario)))
+        elif arm == "oracle":
+            located = answer is not _NONE and answer == checks.get("invalid_first_error", _NONE)
+            out.append(_taught(scenario, "oracle", located, bool(checks.get("recovery_ok"))))
+        else:
+            judged = bool(accepted.get(scenario.chain.source_id))
+            located = judged and answer is not _NONE and answer == checks.get("departure", _NONE)
+            out.append(_taught(scenario, "judge", located, judged and _recovered(scenario)))
+    return out
+
+
+_NONE = object()  # no location: stage 3 did not parse, or named a step the chain does not have
+
+
+def _location(scenario: Scenario) -> Any:
+    result = scenario.stages.get("locate")
+    if result is None or not result.ok:
+        return _NONE
+    index = SelfCorrector.to_index(result.outputs, len(scenario.invalid_steps))
+    return _NONE if index == -1 else index
+
+
+def _recovered(scenario: Scenario) -> bool:
+    result = scenario.stages.get("recover")
+    return result is not None and result.ok
+
+
+def _taught(scenario: Scenario, by: str, location: bool, recovery: bool) -> Taught:
+    answer, checks = _location(scenario), scenario.oracle
+    location = location and answer is not _NONE
+    recovery = recovery and _recovered(scenario)
+    return Taught(
+        scenario.chain.source_id,
+        answer if location else None,
+        by if location else None,
+        (answer == checks.get("invalid_first_error")) if location and "invalid_first_error" in checks else None,
+        by if recovery else None,
+        checks.get("recovery_ok") if recovery else None,
+    )
+
+
+def sources(taught: list[Taught]) -> dict[str, Any]:
+    """How many labels an arm's kept set has from which source, and how many of them the oracle
+    confirms (for the report)."""
+    locations = [t for t in taught if t.location_by]
+    recoveries = [t for t in taught if t.recovery_by]
+    return {
+        "locations": dict(Counter(t.location_by for t in locations)),
+        "locations_true": sum(bool(t.location_true) for t in locations),
+        "recoveries": dict(Counter(t.recovery_by for t in recoveries)),
+        "recoveries_true": sum(bool(t.recovery_true) for t in recoveries),
+    }
 
 
 def balanced(

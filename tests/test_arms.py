@@ -25,3 +25,56 @@ def test_what_is_dropped_is_drawn_by_the_seed_and_the_rest_keeps_its_order():
     assert first == balanced(items, lambda a: a[0], {1: 0.8, 2: 0.2}, seed=0)
     assert first != balanced(items, lambda a: a[0], {1: 0.8, 2: 0.2}, seed=1)
     assert first == sorted(first, key=items.index)
+
+
+def _scenario(source_id, located_step, recovered, oracle):
+    from misstep.data.records import Chain, Scenario, StageResult
+
+    chain = Chain("q?", ("1 + 1 = 2", "2 * 3 = 6", "6 - 1 = 5"), "5", "5", source_id, "gsm8k")
+    locate = (
+        StageResult(ok=False, error="unparsable output")
+        if located_step is None
+        else StageResult(ok=True, outputs={"has_mistake": located_step > 0, "first_error_step": located_step})
+    )
+    recover = StageResult(ok=True, outputs={"recovered_steps": "x", "final_answer": "5"}) if recovered else None
+    stages = {"locate": locate} | ({"recover": recover} if recover else {})
+    return Scenario(chain, "arithmetic_slip", stages=stages, invalid_steps=chain.steps, oracle=oracle)
+
+
+SCENARIOS = [
+    # departs at step 2, where the oracle's first error is; the student says step 2 and recovers
+    _scenario("a", 2, True, {"departure": 1, "invalid_first_error": 1, "recovery_ok": True}),
+    # reworded step 1, erred at step 3: the student names the departure, and its recovery is wrong
+    _scenario("b", 1, True, {"departure": 0, "invalid_first_error": 2, "recovery_ok": False}),
+    # the writer copied the chain; the student still claims step 1
+    _scenario("c", 1, False, {"departure": None, "writer_failed": True, "invalid_first_error": None}),
+    # stage 3 did not parse
+    _scenario("d", None, False, {"departure": 1, "invalid_first_error": 1}),
+]
+ACCEPTED = {"a": True, "b": True, "c": False, "d": False}
+
+
+def test_each_arm_admits_the_students_answers_by_its_own_check():
+    from misstep.optimize.arms import sources, teach
+
+    def kept(arm):
+        return {t.source_id: (t.location, t.location_by, t.recovery_by) for t in teach(arm, SCENARIOS, ACCEPTED)}
+
+    assert kept("oracle") == {
+        "a": (1, "oracle", "oracle"),
+        "b": (None, None, None),
+        "c": (None, None, None),
+        "d": (None, None, None),
+    }
+    assert kept("judge") == {
+        "a": (1, "judge", "judge"),
+        "b": (0, "judge", "judge"),  # the departure is no first error: the judge arm learns a wrong step
+        "c": (None, None, None),  # no departure, no verdict: nothing taught as if it had a mistake
+        "d": (None, None, None),
+    }
+    assert kept("all") == {"a": (1, "all", "all"), "b": (0, "all", "all"), "c": (0, "all", None), "d": (None,) * 3}
+    judged = sources(teach("judge", SCENARIOS, ACCEPTED))
+    assert judged == {"locations": {"judge": 2}, "locations_true": 1, "recoveries": {"judge": 2}, "recoveries_true": 1}
+    drawn = teach("random", SCENARIOS, ACCEPTED, seed=3)
+    assert sum(t.location_by == "random" or t.recovery_by == "random" for t in drawn) <= 2
+    assert teach("random", SCENARIOS, ACCEPTED, seed=3) == drawn
