@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,16 @@ def agreement(predicted: list[bool], truth: list[bool]) -> dict[str, Rate]:
         "recall": rate(p for p, t in pairs if t),
         "accuracy": rate(p == t for p, t in pairs),
     }
+
+
+def balanced_accuracy(predicted: list[bool], truth: list[bool]) -> dict[str, Any]:
+    """How well `predicted` (a judge's verdicts) separates the two classes of `truth` (the oracle's):
+    the mean of the rate on true items and the rate on false ones, so that always answering one
+    verdict scores 0.5 however the classes are mixed. None where a class is empty."""
+    pairs = list(zip(predicted, truth))
+    positives, negatives = rate(p for p, t in pairs if t), rate(not p for p, t in pairs if not t)
+    value = (positives.value + negatives.value) / 2 if positives.n and negatives.n else None
+    return {"value": value, "true_positive_rate": positives, "true_negative_rate": negatives}
 
 
 def majority_baseline(labels: list) -> Rate:

@@ -26,3 +26,15 @@ def test_majority_baseline():
     assert majority_baseline([None, 1, 1, 2]) == Rate(2, 4)
     assert str(Rate(0, 0)) == "n/a (0)"
     assert Rate(0, 0).to_dict() == {"k": 0, "n": 0, "value": None, "low": None, "high": None}
+
+
+def test_balanced_accuracy_gives_a_one_sided_judge_one_half_however_the_classes_are_mixed():
+    from misstep.metrics.stats import balanced_accuracy
+
+    truth = [True] * 10 + [False] * 90
+    assert balanced_accuracy([True] * 100, truth)["value"] == 0.5  # a judge that accepts everything
+    assert balanced_accuracy([False] * 100, truth)["value"] == 0.5  # plain accuracy would say 0.9
+    judged = balanced_accuracy([True] * 8 + [False] * 2 + [False] * 60 + [True] * 30, truth)
+    assert judged["value"] == pytest.approx((0.8 + 60 / 90) / 2)
+    assert judged["true_positive_rate"].k == 8 and judged["true_negative_rate"].n == 90
+    assert balanced_accuracy([True, False], [True, True])["value"] is None  # no negatives to tell apart
