@@ -382,8 +382,12 @@ class EmbeddedEngine:
     def _with_forced(self, batch: Batch, next_tokens: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor | None:
         """The drafts, with each constrained row's forced tokens (a marker, a closing) in its own
         row: they are checked in the same pass, and kept. Only where every row is greedy (a draft
-        is checked against the greedy pick) and speculation is on."""
+        is checked against the greedy pick) and speculation is on; where the pass has no drafts of
+        its own, only in a batch narrow enough to check drafts for every row (`draft_max_batch`):
+        in a wider one the other rows' wider pass costs more than the forced tokens save."""
         if not self.settings.speculate or any(job.temperature > 0 for job in batch.active):
+            return drafts
+        if drafts is None and len(batch.active) > self.settings.draft_max_batch:
             return drafts
         upcoming = [
             job.constraint.upcoming()[: job.max_new_tokens - len(job.tokens) - 1] if job.constraint else []
