@@ -60,12 +60,13 @@ class Grammars:
         return RowConstraint(matcher, closing, self.tokenizer)
 
     def _closing_of(self, plan: tuple[tuple, ...]) -> Closing:
-        after = tuple(tuple(self.tokenizer.encode(f[1], add_special_tokens=False)) for f in plan)
-        reserve = []
-        for index, (_, _, free, _) in enumerate(plan):
-            later = sum(len(after[j]) + SLACK + (0 if plan[j][2] else plan[j][3]) for j in range(index + 1, len(plan)))
-            reserve.append(len(after[index]) + SLACK + later if free else None)
-        return Closing(tuple(f[0] for f in plan), after, tuple(reserve))
+        markers, texts, free, most_chars = zip(*plan) if plan else ((), (), (), ())
+        after = tuple(tuple(self.tokenizer.encode(text, add_special_tokens=False)) for text in texts)
+        # Closing from field i writes what follows it, then each later field's marker and, for a typed
+        # field, room for its value (a later free field is left empty).
+        needs = [len(after[j]) + SLACK + (0 if free[j] else most_chars[j]) for j in range(len(plan))]
+        reserve = tuple(sum(needs[index:]) if free[index] else None for index in range(len(plan)))
+        return Closing(tuple(markers), after, reserve)
 
     def bitmask(self, rows: int) -> torch.Tensor:
         return xgr.allocate_token_bitmask(rows, self.info.vocab_size)

@@ -575,8 +575,7 @@ class EmbeddedEngine:
             for row, job in enumerate(batch.active)
             if job.constraint is not None
         ]
-        if rows:
-            mask(batch.logits, self._grammars, rows)
+        mask(batch.logits, self._grammars, rows)  # no constrained row: nothing to do
 
     def _take(self, active: list[_Job], tokens: list[int], taking: list[bool] | None = None) -> list[int]:
         """Give each active row its next token (only the rows `taking` one, if given); finish the rows

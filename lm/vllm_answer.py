@@ -20,7 +20,6 @@ from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 from misstep.lm.constraint import Grammars
 
 XARG = "misstep_answer"  # the request's vllm_xargs key: the constraint's payload, as JSON
-PROCESSOR = "misstep.lm.vllm_answer:AnswerProcessor"  # its name on vLLM's command line
 
 
 class AnswerProcessor(AdapterLogitsProcessor):
