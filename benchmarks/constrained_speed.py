@@ -4,6 +4,10 @@ an idle machine; never a timed test).
 
     .venv/bin/python benchmarks/constrained_speed.py [--chains 4] [--engines embedded,vllm] [--repeats 1]
 
+On the embedded engine it also gives the rate of decoding alone (the engine's busy time less its
+prompts' prefill) and the share of the engine's time spent in the constraint's own code (masks,
+the drafts' checks, the matchers' steps), which is what constraining costs per token.
+
 Each of `--chains` injected GSM8K chains gives one call of each stage (two ground-truth demos a
 stage, the inputs the injector makes: the valid chain, its mistake, the invalid chain, the error
 step, the valid chain as the recovery), 6 x chains calls in all, sent from 1 or 8 threads through
@@ -28,7 +32,7 @@ misstep.offline()  # before anything below imports DSPy (and LiteLLM)
 import dspy
 
 from misstep.data.records import format_steps
-from misstep.lm import local_lm, resolve_model
+from misstep.lm import engine_stats, local_lm, resolve_model
 from misstep.lm.client import served_lm
 from misstep.lm.models import fingerprint
 from misstep.lm.serving import VllmOptions, VllmServer
@@ -94,12 +98,24 @@ def tokens_per_second(lm: dspy.LM, calls, constrained: bool, concurrency: int) -
             except Exception:  # an answer that does not parse still cost its tokens
                 return False
 
+    engine_before = engine_stats(lm)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         parsed = sum(pool.map(call, calls))
     wall = time.perf_counter() - started
     tokens = sum(entry["usage"]["completion_tokens"] for entry in lm.history[before:])
-    return {"tokens": tokens, "seconds": wall, "tok_s": tokens / wall, "parsed": parsed, "calls": len(calls)}
+    out = {"tokens": tokens, "seconds": wall, "tok_s": tokens / wall, "parsed": parsed, "calls": len(calls)}
+    if engine_before is not None:  # the embedded engine says where its time went
+        engine = {key: value - engine_before[key] for key, value in engine_stats(lm).items()}
+        decoding = engine["busy_seconds"] - engine["prefill_seconds"]
+        out |= {
+            "engine": engine,
+            # prompts cost the same either way; constrained answers are shorter, so the prompts' share
+            # of the wall time grows: the rate of the decoding passes alone compares per token
+            "decode_tok_s": engine["generated_tokens"] / decoding,
+            "constraint_share": engine["constraint_seconds"] / engine["busy_seconds"],
+        }
+    return out
 
 
 def bench(lm_for, calls, repeats: int) -> dict:
@@ -109,10 +125,22 @@ def bench(lm_for, calls, repeats: int) -> dict:
             runs = [tokens_per_second(lm_for(), calls, constrained, concurrency) for _ in range(repeats)]
             key = f"{'constrained' if constrained else 'free'}@{concurrency}"
             out[key] = {"tok_s": summarize([r["tok_s"] for r in runs]), "runs": runs}
-            print(f"{key}: {out[key]['tok_s']['median']:.1f} tok/s ({runs[-1]['parsed']}/{len(calls)} parsed)")
+            line = f"{key}: {out[key]['tok_s']['median']:.1f} tok/s ({runs[-1]['parsed']}/{len(calls)} parsed)"
+            if "decode_tok_s" in runs[-1]:
+                out[key]["decode_tok_s"] = summarize([r["decode_tok_s"] for r in runs])
+                out[key]["constraint_share"] = summarize([r["constraint_share"] for r in runs])
+                line += (
+                    f", decoding alone {out[key]['decode_tok_s']['median']:.1f} tok/s, "
+                    f"constraint code {out[key]['constraint_share']['median']:.1%} of the engine's time"
+                )
+            print(line)
         free, constrained = (out[f"{k}@{concurrency}"]["tok_s"]["median"] for k in ("free", "constrained"))
         out[f"cost@{concurrency}"] = 1 - constrained / free
         print(f"at {concurrency}: constrained decoding costs {out[f'cost@{concurrency}']:.1%} of tok/s")
+        if "decode_tok_s" in out[f"free@{concurrency}"]:
+            free, constrained = (out[f"{k}@{concurrency}"]["decode_tok_s"]["median"] for k in ("free", "constrained"))
+            out[f"decode_cost@{concurrency}"] = 1 - constrained / free
+            print(f"at {concurrency}: ... and {out[f'decode_cost@{concurrency}']:.1%} of decoding's tok/s")
     return out
 
 

@@ -25,6 +25,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -114,6 +115,8 @@ class EngineStats:
     reused_prompt_tokens: int = 0  # prompt tokens served from the prefix cache instead of computed
     generated_tokens: int = 0
     busy_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # of busy_seconds, computing prompts (the rest decodes)
+    constraint_seconds: float = 0.0  # of busy_seconds, answer constraints: masks, drafts' checks, matchers' steps
     forward_passes: int = 0  # decoding passes after the prompt's
     drafted_tokens: int = 0  # tokens proposed as drafts (copied from the prompt, or by the draft model)
     accepted_tokens: int = 0  # of those, the ones the model would have picked itself
@@ -339,7 +342,10 @@ class EmbeddedEngine:
                 jobs += joining
                 batch.join(self._prefill(joining), self._new_cache)
                 self.stats.joined += len(joining)
-            self._constrain(batch)
+            constrained = any(job.constraint is not None for job in batch.active)
+            if constrained:
+                with self._timed("constraint_seconds"):
+                    self._constrain(batch)
             next_tokens = pick(batch.logits, batch.active)
             keep = self._take(batch.active, next_tokens.tolist())
             if not keep:
@@ -347,7 +353,9 @@ class EmbeddedEngine:
             if len(keep) < len(batch.active):  # finished rows leave the batch and the KV cache
                 (next_tokens,) = batch.keep(keep, next_tokens)
             drafts, copied, drafting = self._drafts(batch, next_tokens, backoff)
-            drafts = self._with_forced(batch, next_tokens, drafts)
+            if constrained:
+                with self._timed("constraint_seconds"):
+                    drafts = self._with_forced(batch, next_tokens, drafts)
             out = self._forward(batch, next_tokens, drafts)
             if drafts is None:
                 batch.positions, batch.logits = batch.positions[:, -1:] + 1, out[:, -1, :]
@@ -431,7 +439,8 @@ class EmbeddedEngine:
         for row, job in enumerate(batch.active):  # a constrained row keeps what its masked greedy picks keep
             if job.constraint is not None:
                 left = job.max_new_tokens - len(job.tokens)
-                agrees[row] = job.constraint.drafts_kept(out[row, :-1], drafts[row].tolist(), job.tokens, left)
+                with self._timed("constraint_seconds"):
+                    agrees[row] = job.constraint.drafts_kept(out[row, :-1], drafts[row].tolist(), job.tokens, left)
         most = int(agrees.max())
         if backoff is not None:  # worth it: one more token a row on average (half the drafts alone
             # when the draft model could draft instead)
@@ -518,6 +527,10 @@ class EmbeddedEngine:
         Prompts that share a cached head start from it. Rows of similar length are prefilled at once,
         left-padded; past `padding_tolerance` each row is prefilled alone, so that no padding is
         computed, and the rows' caches are stacked. Either way a row is [head][padding][own tokens]."""
+        with self._timed("prefill_seconds"):
+            return self._prefill_rows(jobs)
+
+    def _prefill_rows(self, jobs: list[_Job]) -> Batch:
         prefix, head = self._shared_prefix(jobs)
         start = len(prefix)
         shared = start if len(jobs) > 1 else 0
@@ -575,7 +588,7 @@ class EmbeddedEngine:
             for row, job in enumerate(batch.active)
             if job.constraint is not None
         ]
-        mask(batch.logits, self._grammars, rows)  # no constrained row: nothing to do
+        mask(batch.logits, self._grammars, rows)
 
     def _take(self, active: list[_Job], tokens: list[int], taking: list[bool] | None = None) -> list[int]:
         """Give each active row its next token (only the rows `taking` one, if given); finish the rows
@@ -590,7 +603,8 @@ class EmbeddedEngine:
             else:
                 job.tokens.append(token)
                 if job.constraint is not None:
-                    job.constraint.accept(token)
+                    with self._timed("constraint_seconds"):
+                        job.constraint.accept(token)
                 if job.stop and self._hit_stop(job):
                     job.finish_reason = "stop"
                 elif len(job.tokens) < job.max_new_tokens:
@@ -598,6 +612,15 @@ class EmbeddedEngine:
                     continue
             self._finish(job)
         return keep
+
+    @contextmanager
+    def _timed(self, counter: str):
+        """Add the block's wall time to `self.stats.<counter>`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self.stats, counter, getattr(self.stats, counter) + time.perf_counter() - started)
 
     def _hit_stop(self, job: _Job) -> bool:
         tail = self.tokenizer.decode(job.tokens[-16:], skip_special_tokens=True)

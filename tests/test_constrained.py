@@ -175,8 +175,10 @@ def _answer_all(engine: EmbeddedEngine, temperature: float, constrained: bool, t
 
 
 def test_random_weights_answer_in_every_stages_format_only_under_the_constraint(tiny_engine):
+    constraint_time = tiny_engine.stats.constraint_seconds
     unconstrained = _answer_all(tiny_engine, 0.0, constrained=False, together=True)
     assert all(isinstance(a, Exception) for a in unconstrained.values()), unconstrained
+    assert tiny_engine.stats.constraint_seconds == constraint_time  # the stats time the constraint's code alone
     before = tiny_engine.stats.constrained
     for temperature in (0.0, 1.0):
         answers = _answer_all(tiny_engine, temperature, constrained=True, together=True)
@@ -188,6 +190,8 @@ def test_random_weights_answer_in_every_stages_format_only_under_the_constraint(
         assert 1 <= answers["describe"]["mistake_step"] <= 3
         assert 0.0 <= answers["judge"]["confidence"] <= 1.0
     assert tiny_engine.stats.constrained - before == 2 * len(STAGES)
+    stats = tiny_engine.stats
+    assert 0 < stats.constraint_seconds - constraint_time < stats.busy_seconds - stats.prefill_seconds
 
 
 def test_speculation_and_batching_keep_the_constrained_greedy_answer(tiny_model_dir, tiny_engine):
