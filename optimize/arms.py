@@ -51,14 +51,19 @@ def teach(arm: str, scenarios: list[Scenario], accepted: Mapping[str, bool], see
     judge's verdict on each scenario's recovery, by source id (after the round's thresholds)."""
     if arm not in KEEP_ARMS:
         raise ValueError(f"arm must be one of {', '.join(KEEP_ARMS)}, not {arm!r}")
+    # Where the writer copied its chain there is no mistake to locate or recover from: no arm
+    # teaches such a scenario as if it had one.
+    written = [i for i, s in enumerate(scenarios) if not s.oracle.get("writer_failed")]
     if arm == "random":
         judged = sum(bool(t.location_by or t.recovery_by) for t in teach("judge", scenarios, accepted))
-        drawn = set(random.Random(seed).sample(range(len(scenarios)), judged))
+        drawn = set(random.Random(seed).sample(written, min(judged, len(written))))
         return [_taught(s, "random", i in drawn, i in drawn) for i, s in enumerate(scenarios)]
     out = []
-    for scenario in scenarios:
+    for index, scenario in enumerate(scenarios):
         checks, answer = scenario.oracle, _location(scenario)
-        if arm == "all":
+        if index not in written:
+            out.append(Taught(scenario.chain.source_id))
+        elif arm == "all":
             out.append(_taught(scenario, "all", answer is not _NONE, _recovered(scenario)))
         elif arm == "oracle":
             located = answer is not _NONE and answer == checks.get("invalid_first_error", _NONE)
