@@ -161,30 +161,3 @@ class OracleMetric:
             "judged": len(self.decisions),
             "kept": sum(d["kept"] for d in self.decisions),
         }
-
-
-class ReproducesKept:
-    """The loop's metric: keep a re-run trace only if it is the trace the judge accepted.
-
-    BootstrapFinetune re-runs the student on each kept scenario's chain. At temperature 0 with
-    DSPy's cache that is the same answer; sampled (temperature above 0, or no cache), it may
-    locate another step or reach another answer, which no judge ever saw: that trace is dropped."""
-
-    def __init__(self):
-        self.decisions: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, example: dspy.Example, prediction: dspy.Prediction, trace=None) -> bool:
-        same = prediction.get("first_error") == example.kept_first_error and str(prediction.get("final_answer")) == str(
-            example.kept_final_answer
-        )
-        with self._lock:
-            self.decisions.append({"source_id": example.source_id, "kept": same})
-        return same
-
-    def report(self) -> dict[str, Any]:
-        return {
-            "metric": "reproduces_kept",
-            "judged": len(self.decisions),
-            "kept": sum(d["kept"] for d in self.decisions),
-        }

@@ -26,7 +26,7 @@ from misstep.optimize.control import control_grid, publish, run_control, trainin
 from misstep.optimize.demos import questions_of
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
-from misstep.optimize.run import run_rounds
+from misstep.optimize.run import run_arms, run_rounds
 from misstep.optimize.sources import InjectedTraces
 from misstep.options import COMMON, DATA, LOOP, SERVING, TRAINING, configured, refusing
 from misstep.shown import console, show_compile, show_control_run, show_evaluation, show_generation, show_splits
@@ -137,11 +137,14 @@ def optimize_command(
     heldout_size: opt.SplitLimit = None,
     bbm: opt.BbmTasks = None,
     level: opt.LevelSets = None,
+    keep: opt.Keep = None,
     run_dir: opt.RunDir = None,
 ) -> None:
     """The self-improvement loop: each round the model writes scenarios, the frozen judge scores
-    them, Optuna-tuned thresholds keep some, the student is compiled on everything kept so far,
-    and held-out accuracy decides whether to go on. Rerun with the same --run-dir to resume."""
+    them under Optuna-tuned thresholds, the round's arm (--keep) admits some of the student's own
+    answers, the student is compiled on everything kept so far, and held-out accuracy decides
+    whether to go on. Several --keep arms run side by side from one round 0 and are compared in
+    RUN_DIR/arms.md. Rerun with the same --run-dir to resume."""
     inputs.check_serving(config)
     train_chains = inputs.chains_of(data, fields=inputs.user_fields(config, data))
     sets = [("gsm8k", "gsm8k")] + [(f"bbm-{t}", t) for t in bbm or []] + [(f"level-{k}",) * 2 for k in level or []]
@@ -155,6 +158,16 @@ def optimize_command(
         f"{', '.join(f'{k} {len(v)}' for k, v in test.items())}, chosen on (validation) "
         f"{', '.join(f'{k} {len(v)}' for k, v in validation.items())} -> {run}"
     )
+    arms = list(dict.fromkeys(str(arm) for arm in keep or []))  # each arm once, in the order given
+    if len(arms) > 1:
+        histories, report = run_arms(
+            config, inputs.model_dir(config.model), train_chains, test, arms=arms, run_dir=run, validation=validation
+        )
+        for arm, history in histories.items():
+            console.print(f"{arm}: {history[-1]['verdict']['reason']}: {history[-1]['verdict']['detail']}")
+        return console.print(f"arms compared: {report}")
+    if arms:
+        config = replace(config, loop=replace(config.loop, keep=arms[0]))
     history, report = run_rounds(
         config, inputs.model_dir(config.model), train_chains, test, run_dir=run, validation=validation
     )

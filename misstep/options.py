@@ -24,6 +24,7 @@ from misstep.data.runfiles import RunDirBusy
 from misstep.inputs import Refused
 from misstep.lm.models import REGISTRY
 from misstep.lm.training import LOSS_WEIGHTINGS
+from misstep.optimize.arms import KEEP_ARMS
 from misstep.optimize.compile import NothingToTrainOn
 from misstep.optimize.config import ConfigError, RunConfig, apply, load_config
 from misstep.optimize.control import CUE_MODES, LOSSES
@@ -357,6 +358,11 @@ OptimizeData = _option(
 SplitLimit = _option(int | None, "measure only the first N items of each split (a quick run; default: all)", min=1)
 LevelSets = _option(
     list[int] | None, "procedural difficulty level whose held-out sets are measured each round (repeat)"
+)
+Keep = _option(
+    list[_choices("Keep", KEEP_ARMS)] | None,
+    "which of the student's own answers a round trains on: judge, oracle, all or random; "
+    "several (repeat) run side by side from one shared round 0, under RUN_DIR/arm-<arm>/",
 )
 BbmTasks = _option(
     list[str] | None,

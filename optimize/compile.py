@@ -161,7 +161,7 @@ def compile_program(
     trainset: list[dspy.Example],
     *,
     lm: dspy.LM,
-    metric: Metric,
+    metric: Metric | None,
     provider: LocalProvider,
     run_dir: Path,
     extra_examples: dict[str, list[dspy.Example]] | None = None,

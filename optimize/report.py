@@ -17,8 +17,15 @@ from misstep.metrics.stats import rate, rate_text  # noqa: E402
 
 
 def load_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The rounds' rows in order; round 0 from the folder the loop started from (loop.json's
+    `start_dir`, for an arm of a shared start) when it is not in `run_dir`."""
     rows = []
-    for folder in sorted(run_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+    folders = sorted(run_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
+    loop_file = run_dir / "loop.json"
+    start_dir = json.loads(loop_file.read_text()).get("start_dir") if loop_file.exists() else None
+    if start_dir and not (run_dir / "round-0").exists():
+        folders.insert(0, run_dir / start_dir / "round-0")
+    for folder in folders:
         if (folder / "round.json").exists():
             rows.append(json.loads((folder / "round.json").read_text()))
     if not rows:

@@ -1,8 +1,9 @@
 """The self-improvement loop: round 0 is the model it starts from; each round after gets training
 examples from a source (by default the current model writes scenarios, the frozen judge scores
-them and Optuna-tuned thresholds keep some: optimize/sources.py), BootstrapFinetune compiles the
-student on them and on everything earlier rounds kept, and the new model is measured on held-out
-sets. `misstep compile` is one round of it, fed by the injector instead of the writer.
+them under Optuna-tuned thresholds, and the round's arm admits some of the student's own answers:
+optimize/sources.py), BootstrapFinetune compiles the student on them and on everything earlier
+rounds kept, and the new model is measured on held-out sets. `misstep compile` is one round of it,
+fed by the injector instead of the writer.
 
     history = run_loop(train_chains, heldout, provider=provider, judge_lm=judge_lm,
                        settings=LoopSettings(rounds=3), run_dir=Path("runs/loop"))
@@ -20,7 +21,7 @@ RUN_DIR/
           scenarios.jsonl        every stage's output, the judge's and curator's   } scenarios
                                  verdicts, the oracle's                            } only
           tuning.json            the thresholds Optuna chose and the trial values  }
-          kept.jsonl             the kept scenarios, each with why                 }
+          kept.jsonl             the scenarios the arm taught from, each with why  }
           program.json, compile_report.json, metric_decisions.jsonl    the compile (weights under checkpoints/)
           heldout/<set>/         predictions and metrics on the held-out sets
           round.json             this round's row of the history, the stop rule's verdict, and the
@@ -31,6 +32,8 @@ RUN_DIR/
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +84,7 @@ def run_loop(
     validation: dict[str, list[Chain]] | None = None,
     source: RoundSource | None = None,
     demo_chains: list[Chain] | None = None,
+    start_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the loop; return the history, one row per round (round 0 = the start).
 
@@ -88,26 +92,32 @@ def run_loop(
     rule and the best round are chosen on, so that the reported figures were never used to
     choose. Without `validation` the choice falls back to `heldout`, and round.json says so.
     `source` feeds each round (default: `WrittenScenarios`); demos are drawn from `demo_chains`
-    if given, else from the training chains. The run directory is this process's while it runs
-    (`RunLock`)."""
+    if given, else from the training chains. `start_dir` (default `run_dir`) holds the judge and
+    round 0: loops that share one (the arms of `run_arms`) start from the same models. The run
+    directory is this process's while it runs (`RunLock`)."""
     source = source or WrittenScenarios()
     run_dir.mkdir(parents=True, exist_ok=True)
     measured = {"heldout": heldout, "validation": validation or {}}
     start = _starting_data(train_chains, measured, demo_chains, settings, writes=source.writes)
-    _write_loop_json(run_dir, settings, source, start, heldout)
+    start_dir = start_dir or run_dir
+    _write_loop_json(run_dir, settings, source, start, heldout, start_dir)
     seconds: dict[str, float] = {}  # round 0's steps
-    judge = _frozen_judge(start, judge_lm, provider, settings, run_dir / "judge", seconds)
-    student = _starting_student(start, provider, settings, _round_dir(run_dir, 0), seconds)
-    history = [_finish_round(0, _round_dir(run_dir, 0), student, measured, {}, settings, history=[], seconds=seconds)]
+    judge = _frozen_judge(start, judge_lm, provider, settings, start_dir / "judge", seconds)
+    student = _starting_student(start, provider, settings, _round_dir(start_dir, 0), seconds)
+    history = [_finish_round(0, _round_dir(start_dir, 0), student, measured, {}, settings, history=[], seconds=seconds)]
 
     kept_so_far: dict[str, list[dspy.Example]] = {}
+    labels = _label_counts(validation or heldout)
     for r in range(1, settings.rounds + 1):
         folder, seconds = _round_dir(run_dir, r), {}
         # The writer's weights know its format once a warm-up or a compile has trained them on it.
         trained = start.writer_types if settings.warm_up or r > 1 else set()
-        round_ = Round(r, folder, run_dir, student, judge, start.demos, start.pool, history, settings, trained, seconds)
+        round_ = Round(
+            r, folder, run_dir, student, judge, start.demos, start.pool, history, settings, trained, seconds, labels
+        )
         made = source.make(round_)
-        extra = _merge(start.truth, kept_so_far)  # accumulate: every earlier round's kept traces, and the ground truth
+        # Accumulate: the ground truth, every earlier round's kept examples, and this round's.
+        extra = _merge(start.truth, kept_so_far, made.examples)
         student = _compiled(student, made, extra, start.writer_records, provider, folder, settings, seconds)
         for stage, stage_examples in made.for_later_rounds.items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
@@ -116,9 +126,10 @@ def run_loop(
             break
 
     best = history[-1]["verdict"]["best_round"]
+    best_dir = _round_dir(start_dir if best == 0 else run_dir, best)
     write_json_atomic(
         run_dir / "best.json",
-        {"round": best, "program": str(_round_dir(run_dir, best) / "program.json"), "verdict": history[-1]["verdict"]},
+        {"round": best, "program": str(best_dir / "program.json"), "verdict": history[-1]["verdict"]},
     )
     return history
 
@@ -179,8 +190,14 @@ def _starting_data(
 
 
 def _write_loop_json(
-    run_dir: Path, settings: LoopSettings, source: RoundSource, start: StartingData, heldout: dict[str, list[Chain]]
+    run_dir: Path,
+    settings: LoopSettings,
+    source: RoundSource,
+    start: StartingData,
+    heldout: dict[str, list[Chain]],
+    start_dir: Path,
 ) -> None:
+    shared = {} if start_dir == run_dir else {"start_dir": os.path.relpath(start_dir, run_dir)}
     write_json_atomic(
         run_dir / "loop.json",
         {
@@ -189,6 +206,7 @@ def _write_loop_json(
             "pool": len(start.pool),
             "heldout": {k: len(v) for k, v in heldout.items()},
             "writer_ground_truth": start.writer_counts,
+            **shared,  # the judge and round 0 are there
         },
     )
 
@@ -364,6 +382,11 @@ def _primary(row: dict[str, Any], metric: str) -> Rate:
 def _answers(row: dict[str, Any]) -> dict[str, Any]:
     """The spread of the round's stage-3 answers on the set it is chosen on (a collapse shows here)."""
     return _choice_set(row).get("answers") or {}
+
+
+def _label_counts(sets: dict[str, list[Chain]]) -> dict[int | None, int]:
+    """How often each first error (0-based step; None: no mistake) is the answer in the GSM8K set."""
+    return dict(Counter(chain.mistake_index for chain in sets.get("gsm8k", [])))
 
 
 def _merge(*sets: dict[str, list[dspy.Example]]) -> dict[str, list[dspy.Example]]:

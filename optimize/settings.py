@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from misstep.metrics.health import StopRule
+from misstep.optimize.arms import KEEP_ARMS
 from misstep.signatures import DEFAULT_ERROR_TYPES, get_error_type
 
 SEED_SOURCES = ("gsm8k", "procedural")  # where each round's seed chains come from
@@ -24,6 +25,9 @@ class LoopSettings:
     demos: int = 2  # per stage, for the judge (and the student when there is no warm-up)
     active_selection: bool = True
     exploration: float = 0.3  # share of each round's seeds and error-type weight chosen at random
+    # Which of the student's own answers a round trains stages 3-4 on (optimize/arms.py): "judge" (the
+    # seed's cycle), "oracle" (the ceiling), "all" or "random" (floors).
+    keep: str = "judge"
     tuning_trials: int = 60
     min_yield: float = 0.05
     stop: StopRule = field(default_factory=StopRule)
@@ -56,6 +60,8 @@ class LoopSettings:
         if self.level_selection not in LEVEL_SELECTIONS:
             choices = " or ".join(map(repr, LEVEL_SELECTIONS))
             raise ValueError(f"level_selection must be {choices}, not {self.level_selection!r}")
+        if self.keep not in KEEP_ARMS:
+            raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP_ARMS))}, not {self.keep!r}")
         if self.probe_items < 1:
             raise ValueError(f"probe_items must be at least 1, not {self.probe_items}")
         if not self.error_types:

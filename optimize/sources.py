@@ -1,8 +1,9 @@
 """Where a round's training examples come from: the two ways a round of `run_loop` is fed.
 
 - `WrittenScenarios` (`misstep optimize`): the current model writes scenarios from chosen seed
-  chains (stages 1-4), the frozen judge scores them (5-6), Optuna-tuned thresholds keep some,
-  and the student is compiled to reproduce what was kept.
+  chains (stages 1-4), the frozen judge scores them (5-6) under Optuna-tuned thresholds, and the
+  round's arm (`LoopSettings.keep`: judge, oracle, all, random; optimize/arms.py) admits some of
+  the student's own locations and recoveries, which it is then trained on.
 - `InjectedTraces` (`misstep compile`): no writer; the injector corrupts valid chains (exact
   labels), the student traces them, and the judge (or the oracle) keeps its traces.
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,8 +28,9 @@ from misstep.data.runfiles import JsonlLog, read_records, saved_or_made, saved_o
 from misstep.metrics.checks import check_scenario
 from misstep.metrics.health import diversity
 from misstep.metrics.injector import inject_many
-from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, ReproducesKept, Thresholds, verdicts
+from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds, verdicts
 from misstep.metrics.stats import agreement, rate
+from misstep.optimize.arms import Taught, balanced, sources, teach
 from misstep.optimize.compile import Metric, NothingToTrainOn, training_examples
 from misstep.optimize.demos import attach_demos
 from misstep.optimize.frontier import heldout_questions, previous_level, procedural_pool
@@ -54,14 +57,19 @@ class Round:
     settings: LoopSettings
     trained_writers: set[str]  # error types whose writer the student's weights were trained on
     seconds: dict[str, float]  # the wall time of each step, into round.json
+    # How often each first-error step (0-based; None: no mistake) is the answer in the set rounds are
+    # chosen on: no taught location may be more than twice as frequent as there (`arms.balanced`).
+    label_counts: dict[int | None, int] = field(default_factory=dict)
 
 
 @dataclass
 class RoundExamples:
-    """A round's training data, and what its row of the history says about it."""
+    """A round's training data, and what its row of the history says about it: a trainset the
+    student traces and `metric` keeps from, and stage examples trained on as they are."""
 
     trainset: list[dspy.Example]
-    metric: Metric
+    metric: Metric | None
+    examples: dict[str, list[dspy.Example]] = field(default_factory=dict)  # by stage, this round
     for_later_rounds: dict[str, list[dspy.Example]] = field(default_factory=dict)  # by stage
     row: dict[str, Any] = field(default_factory=dict)
 
@@ -123,14 +131,17 @@ class WrittenScenarios:
         kept = [
             Kept.from_dict(x)
             for x in saved_or_made_jsonl(
-                folder / "kept.jsonl", lambda: [k.to_dict() for k in keep(scenarios, thresholds)]
+                folder / "kept.jsonl",
+                lambda: [
+                    k.to_dict()
+                    for k in keep(scenarios, thresholds, settings.keep, round.label_counts, seed=settings.seed + r)
+                ],
             )
         ]
+        examples = stage_examples_of(kept)
+        # Trained on directly, this round and every later one: the student's own answers the arm admitted.
         return RoundExamples(
-            [scenario_example(k) for k in kept],
-            ReproducesKept(),
-            for_later_rounds=stage_examples_of(kept),
-            row=scenario_row(scenarios, kept, tuning),
+            [], None, examples=examples, for_later_rounds=examples, row=scenario_row(scenarios, kept, tuning)
         )
 
 
@@ -160,7 +171,8 @@ def _selection(round: Round, previous: list[Scenario]) -> dict[str, Any]:
 
 
 def scenario_row(scenarios: list[Scenario], kept: list[Kept], tuning: dict[str, Any]) -> dict:
-    """What a round's row records of its scenarios: the judge against the oracle, what was kept and how varied."""
+    """What a round's row records of its scenarios: the judge against the oracle, what the arm kept
+    (and from which source each label came), and how varied it is."""
     decisions = [decision(s) for s in scenarios]
     judged = [d for d in decisions if "verdict" in d and "oracle_recovery_ok" in d]
     return {
@@ -169,10 +181,12 @@ def scenario_row(scenarios: list[Scenario], kept: list[Kept], tuning: dict[str, 
             for k, v in agreement([d["verdict"] for d in judged], [d["oracle_recovery_ok"] for d in judged]).items()
         },
         "scenarios": len(scenarios),
+        "writer_failed": sum(bool(s.oracle.get("writer_failed")) for s in scenarios),
         "kept": len(kept),
         "acceptance": rate([True] * len(kept) + [False] * (len(scenarios) - len(kept))).to_dict(),
+        "taught": sources([k.taught for k in kept]),
         "kept_error_types": dict(Counter(k.scenario.error_type for k in kept)),
-        "diversity": diversity(["\n".join(k.scenario.recovered_steps) for k in kept]),
+        "diversity": diversity(["\n".join(k.scenario.recovered_steps) for k in kept if k.taught.recovery_by]),
         "thresholds": tuning,
     }
 
@@ -330,10 +344,15 @@ def _tune(
 
 @dataclass
 class Kept:
-    """A scenario the thresholds admitted, and why (kept.jsonl: the scenario's record with `kept_because`)."""
+    """A scenario the round's arm teaches something from, and why (kept.jsonl: the scenario's record
+    with `kept_because`: the judge's verdicts, the thresholds, the arm and what it taught)."""
 
     scenario: Scenario
     because: dict[str, Any]
+
+    @property
+    def taught(self) -> Taught:
+        return Taught(**self.because["taught"])
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.scenario.to_dict(), "kept_because": self.because}
@@ -343,41 +362,53 @@ class Kept:
         return cls(Scenario.from_dict(record), record["kept_because"])
 
 
-def keep(scenarios: list[Scenario], thresholds: Thresholds) -> list[Kept]:
-    """The scenarios the thresholds admit, each with the verdicts that admitted it."""
-    kept = []
-    for scenario in scenarios:
-        why = decision(scenario)
-        if "verdict" in why and "keep" in why and thresholds.admit(why):
-            kept.append(Kept(scenario, {**why, "thresholds": asdict(thresholds)}))
-    return kept
+def keep(
+    scenarios: list[Scenario],
+    thresholds: Thresholds,
+    arm: str,
+    label_counts: Mapping[int | None, int],
+    seed: int = 0,
+) -> list[Kept]:
+    """The scenarios `arm` teaches from (optimize/arms.py), the judge's verdicts admitted by
+    `thresholds` where the arm asks the judge; the taught locations balanced against
+    `label_counts` (none when it is empty)."""
+    verdicts_of = {s.chain.source_id: decision(s) for s in scenarios}
+    accepted = {
+        source_id: "verdict" in why and "keep" in why and thresholds.admit(why)
+        for source_id, why in verdicts_of.items()
+    }
+    taught = teach(arm, scenarios, accepted, seed=seed)
+    if label_counts:
+        located = balanced([t for t in taught if t.location_by], lambda t: t.location, label_counts, seed=seed)
+        staying = {t.source_id for t in located}
+        taught = [
+            t
+            if t.location_by is None or t.source_id in staying
+            else replace(t, location=None, location_by=None, location_true=None)
+            for t in taught
+        ]
+    return [
+        Kept(s, {**verdicts_of[s.chain.source_id], "thresholds": asdict(thresholds), "arm": arm, "taught": asdict(t)})
+        for s, t in zip(scenarios, taught)
+        if t.location_by or t.recovery_by
+    ]
 
 
 def stage_examples_of(kept: list[Kept]) -> dict[str, list[dspy.Example]]:
-    """The kept scenarios' stage 3 and 4 calls as worked examples, for the next rounds' training."""
+    """What the kept scenarios teach stages 3 and 4, as worked examples: the student's own answers,
+    where its arm admitted them; a recovery asked with the location the student gave it."""
     out: dict[str, list[dspy.Example]] = {"locate": [], "recover": []}
     for k in kept:
         question, chain = k.scenario.chain.question, format_steps(k.scenario.invalid_steps)
-        located = k.scenario.stages["locate"].outputs
-        recovered = k.scenario.stages["recover"].outputs
-        out["locate"].append(dspy.Example(question=question, chain=chain, **located))
-        out["recover"].append(
-            dspy.Example(question=question, chain=chain, first_error_step=located["first_error_step"], **recovered)
-        )
+        taught, stages = k.taught, k.scenario.stages
+        if taught.location_by:
+            out["locate"].append(dspy.Example(question=question, chain=chain, **stages["locate"].outputs))
+        if taught.recovery_by and k.scenario.oracle.get("located") is not None:
+            step = k.scenario.oracle["located"] + 1
+            out["recover"].append(
+                dspy.Example(question=question, chain=chain, first_error_step=step, **stages["recover"].outputs)
+            )
     return out
-
-
-def scenario_example(kept: Kept) -> dspy.Example:
-    """A kept scenario as a BootstrapFinetune example: the model-written chain is the input, and
-    what the judge accepted is what the re-run trace must reproduce."""
-    scenario = kept.scenario
-    return dspy.Example(
-        question=scenario.chain.question,
-        steps=tuple(scenario.invalid_steps),
-        kept_first_error=scenario.oracle.get("located"),
-        kept_final_answer=scenario.stages["recover"].outputs["final_answer"],
-        source_id=scenario.chain.source_id,
-    ).with_inputs("question", "steps")
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:

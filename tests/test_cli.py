@@ -289,6 +289,13 @@ def test_optimize_refuses_bad_arguments_before_any_work(tmp_path, tiny_model_dir
     config.write_text("[loop]\nrounds = 2\nseed_chain = 4\n")
     result = _invoke("optimize", "--config", config, "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
     assert result.exit_code == 2 and f"{config}: unknown key loop.seed_chain" in " ".join(result.output.split())
+    result = _invoke("optimize", "--keep", "best", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2 and "--keep" in result.output and "'best' is not one of" in result.output
+    config.write_text('[loop]\nkeep = "best"\n')
+    result = _invoke("optimize", "--config", config, "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2 and "keep must be one of 'judge', 'oracle', 'all', 'random'" in " ".join(
+        result.output.split()
+    )
     assert not (tmp_path / "r").exists()
     result = _invoke("report", tmp_path / "nothing")
     assert result.exit_code == 2 and "no finished round" in " ".join(result.output.split())

@@ -158,6 +158,54 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
             assert normalize_question(json.loads(line)["chain"]["question"]) not in held
 
 
+def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item_by_item(
+    tmp_path, tiny_model_dir, loop_parts
+):
+    from misstep.optimize.config import RunConfig
+    from misstep.optimize.run import run_arms
+
+    train, heldout, validation, train_chains, _ = loop_parts
+    run_dir, arms = tmp_path / "arms", ["judge", "all"]
+    config = RunConfig(model=str(tiny_model_dir), train=train, loop=_settings(rounds=1))
+
+    def run():
+        return run_arms(
+            config, tiny_model_dir, train_chains, heldout, arms=arms, run_dir=run_dir, validation=validation
+        )
+
+    histories, report = run()
+    # One judge and one round 0 for both arms (a compile writes its report where it ran), then a
+    # compile per arm (arms that kept the same examples share the checkpoint those make).
+    assert (run_dir / "judge" / "compile_report.json").exists()
+    assert (run_dir / "round-0" / "compile_report.json").exists()
+    checkpoints = sorted((run_dir / "checkpoints").glob("compile-*"))
+    round_0 = json.loads((run_dir / "round-0" / "round.json").read_text())
+    for arm in arms:
+        folder = run_dir / f"arm-{arm}"
+        assert not (folder / "round-0").exists() and not (folder / "judge").exists()
+        assert histories[arm][0] == round_0 and [row["round"] for row in histories[arm]] == [0, 1]
+        compiled = json.loads((folder / "round-1" / "compile_report.json").read_text())
+        assert compiled["training"]["base_model"].endswith(round_0["model"].split("/")[-1].rsplit("-", 1)[0])
+        assert (folder / "report.md").exists()
+        for record in map(json.loads, (folder / "round-1" / "kept.jsonl").read_text().splitlines()):
+            taught = record["kept_because"]["taught"]
+            assert record["kept_because"]["arm"] == arm and (taught["location_by"] or taught["recovery_by"]) == arm
+            assert not record["oracle"].get("writer_failed")  # a copied chain teaches nothing
+    seeds = [json.loads((run_dir / f"arm-{arm}" / "round-1" / "selection.json").read_text())["seeds"] for arm in arms]
+    assert seeds[0] == seeds[1]  # every arm writes from the same chains
+
+    comparison = json.loads((run_dir / "arms.json").read_text())
+    assert set(comparison["arms"]) == set(arms) and report == run_dir / "arms.md"
+    for rows in comparison["arms"].values():
+        assert [row["round"] for row in rows] == [0, 1] and rows[0]["mcnemar_p_vs_round0"] is None
+        assert rows[1]["n"] == 3 and 0 <= rows[1]["mcnemar_p_vs_round0"] <= 1
+        assert Path(rows[1]["predictions"]).exists()
+    assert comparison["pairs"]["judge vs all"]["n"] == 3
+
+    run()  # resumed: nothing is trained again
+    assert sorted((run_dir / "checkpoints").glob("compile-*")) == checkpoints
+
+
 def assert_no_question_in(questions: set[str], checkpoints: Path) -> None:
     """No training record under `checkpoints` shows any of `questions` (normalised), read as JSON
     rather than as its ASCII-escaped text. Fails on an empty folder, which would prove nothing."""
@@ -207,31 +255,6 @@ def test_rounds_are_chosen_on_the_validation_split_not_the_reported_one():
     assert _primary(row, "location_accuracy").k == 30 and _answers(row)["top_share"] == 0.7
     legacy = {"heldout": metrics(90, 0.2)}  # a round.json from before validation splits
     assert _primary(legacy, "location_accuracy").k == 90
-
-
-def test_the_loop_metric_keeps_only_a_re_run_that_reproduces_the_judged_trace():
-    import dspy
-
-    from misstep.data.records import Chain, StageResult
-    from misstep.metrics.judge_metric import ReproducesKept
-    from misstep.optimize.sources import Kept, scenario_example
-
-    chain = Chain("Tom has 3 boxes of 4 pens. How many pens?", ("3 * 4 = 12",), "12", "12", "gsm8k-train-7", "gsm8k")
-    scenario = Scenario(  # a kept scenario: the student located step 2 (index 1) and answered 12
-        chain,
-        "arithmetic_slip",
-        stages={"recover": StageResult(ok=True, outputs={"final_answer": "12"})},
-        invalid_steps=("3 + 4 = 7 pens per box", "So 7 pens"),
-        oracle={"located": 1},
-    )
-    example = scenario_example(Kept.from_dict(Kept(scenario, {"kept": True}).to_dict()))  # as kept.jsonl holds it
-    metric = ReproducesKept()
-    assert metric(example, dspy.Prediction(first_error=1, final_answer="12"))  # the same trace: kept
-    assert not metric(example, dspy.Prediction(first_error=0, final_answer="12"))  # sampled: another step
-    assert not metric(example, dspy.Prediction(first_error=1, final_answer="7"))  # another answer
-    assert not metric(example, dspy.Prediction(first_error=None, final_answer=None))  # unparsed
-    assert metric.report() == {"metric": "reproduces_kept", "judged": 4, "kept": 1}
-    assert [d["source_id"] for d in metric.decisions] == ["gsm8k-train-7"] * 4
 
 
 @pytest.mark.parametrize("selection", ["curriculum", "uniform"])

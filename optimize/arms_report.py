@@ -1,0 +1,176 @@
+"""The arms side by side: one table of every arm's rounds on the same held-out items, with each
+round's paired test against the shared round 0 (RUN_DIR/arms.json, arms.md, arms.png).
+
+    arms.json: {"arms": {"<arm>": [{"round", "split", "n", "location_correct", "recovery_n",
+                "recovery_correct", "judge_balanced_accuracy", "judge_set", "self_judge_balanced_accuracy",
+                "kept", "taught", "top_answer_share", "mcnemar_p_vs_round0", "predictions"}, ...]},
+                "pairs": {"<arm> vs <arm>": {"rounds", "mcnemar_p", ...}}}
+
+Round 0 is each arm's first entry (its p null). Location is compared per item with McNemar's exact
+test: against round 0 every round, and between arms at each one's best round (chosen on validation).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from misstep.data.runfiles import read_records, write_json_atomic  # noqa: E402
+from misstep.metrics.stats import balanced_accuracy, mcnemar_p, rate_text  # noqa: E402
+from misstep.optimize.report import load_history  # noqa: E402
+
+HELDOUT = Path("heldout") / "gsm8k"  # the reported GSM8K set's files, inside a round's folder
+
+
+def arm_dir(run_dir: Path, arm: str) -> Path:
+    """An arm's own rounds (not RUN_DIR/<arm>: the frozen judge's weights are RUN_DIR/judge)."""
+    return run_dir / f"arm-{arm}"
+
+
+def round_folder(run_dir: Path, arm: str, r: int) -> Path:
+    """Where round `r` of `arm` lies: round 0 is the arms' shared start."""
+    return run_dir / "round-0" if r == 0 else arm_dir(run_dir, arm) / f"round-{r}"
+
+
+def arm_rows(run_dir: Path, arm: str) -> list[dict[str, Any]]:
+    """One entry per finished round of `arm`, round 0 first."""
+    base = _predictions(round_folder(run_dir, arm, 0))
+    entries = []
+    for row in load_history(arm_dir(run_dir, arm)):
+        r = row["round"]
+        folder = round_folder(run_dir, arm, r)
+        predictions = _predictions(folder)
+        recovered = [p["recovery_ok"] for p in predictions.values() if "recovery_ok" in p]
+        judge = _judge_on_scenarios(folder)
+        paired = sorted(set(base) & set(predictions))
+        entries.append(
+            {
+                "round": r,
+                "split": "test",
+                "n": len(predictions),
+                "location_correct": sum(bool(p["location_ok"]) for p in predictions.values()),
+                "recovery_n": len(recovered),
+                "recovery_correct": sum(bool(x) for x in recovered),
+                # the frozen judge against the oracle on the round's own scenarios (a fixed verification
+                # set, scored by the student as judge as well, is still to come: issue 15)
+                "judge_balanced_accuracy": judge,
+                "judge_set": "round scenarios" if judge is not None else None,
+                "self_judge_balanced_accuracy": None,
+                "kept": row.get("kept"),
+                "taught": row.get("taught"),
+                "top_answer_share": (row.get("answers") or {}).get("top_share"),
+                "chosen_on": row.get("chosen_on"),
+                "best_round": row["verdict"]["best_round"],
+                "stop": row["verdict"]["reason"] if row["verdict"]["stop"] else None,
+                "mcnemar_p_vs_round0": None
+                if r == 0
+                else mcnemar_p(
+                    [bool(base[i]["location_ok"]) for i in paired],
+                    [bool(predictions[i]["location_ok"]) for i in paired],
+                ),
+                "predictions": str(folder / HELDOUT / "predictions.jsonl"),
+            }
+        )
+    return entries
+
+
+def _predictions(folder: Path) -> dict[str, dict[str, Any]]:
+    return {p["source_id"]: p for p in read_records(folder / HELDOUT / "predictions.jsonl")}
+
+
+def _judge_on_scenarios(folder: Path) -> float | None:
+    pairs = [
+        (s["oracle"]["judge_verdict"], s["oracle"]["recovery_ok"])
+        for s in read_records(folder / "scenarios.jsonl")
+        if "judge_verdict" in s.get("oracle", {})
+    ]
+    return balanced_accuracy([p for p, _ in pairs], [t for _, t in pairs])["value"] if pairs else None
+
+
+def compare_arms(run_dir: Path, arms: list[str]) -> dict[str, Any]:
+    """Every arm's rounds, and each pair of arms compared item by item at their best rounds."""
+    table = {arm: arm_rows(run_dir, arm) for arm in arms if (arm_dir(run_dir, arm) / "loop.json").exists()}
+    pairs = {}
+    for first, second in itertools.combinations(table, 2):
+        best = {arm: table[arm][-1]["best_round"] for arm in (first, second)}
+        a, b = (_predictions(round_folder(run_dir, arm, best[arm])) for arm in (first, second))
+        items = sorted(set(a) & set(b))
+        pairs[f"{first} vs {second}"] = {
+            "rounds": best,
+            "n": len(items),
+            "location_correct": {
+                first: sum(bool(a[i]["location_ok"]) for i in items),
+                second: sum(bool(b[i]["location_ok"]) for i in items),
+            },
+            "mcnemar_p": mcnemar_p(
+                [bool(a[i]["location_ok"]) for i in items], [bool(b[i]["location_ok"]) for i in items]
+            ),
+        }
+    return {"arms": table, "pairs": pairs}
+
+
+def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
+    """RUN_DIR/arms.json, arms.md and arms.png; the report's path."""
+    run_dir = Path(run_dir)
+    comparison = compare_arms(run_dir, arms)
+    write_json_atomic(run_dir / "arms.json", comparison)
+    _plot(comparison["arms"], run_dir / "arms.png")
+    lines = [
+        f"# Arms: {run_dir.name}",
+        "",
+        "Location on the reported GSM8K set (the same items for every arm and round), each round against",
+        "the shared round 0 with McNemar's exact test; the best round is chosen on the validation split.",
+        "",
+        "| arm | round | location | p vs round 0 | recovery | judge bal. acc. (scenarios) | kept | labels taught "
+        "(oracle-true) | top answer share |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, rows in comparison["arms"].items():
+        for row in rows:
+            taught = row["taught"] or {}
+            located = sum((taught.get("locations") or {}).values())
+            lines.append(
+                f"| {arm} | {row['round']}{' (best)' if row['round'] == rows[-1]['best_round'] else ''} "
+                f"| {rate_text({'k': row['location_correct'], 'n': row['n']})} | {_p(row['mcnemar_p_vs_round0'])} "
+                f"| {rate_text({'k': row['recovery_correct'], 'n': row['recovery_n']})} "
+                f"| {_number(row['judge_balanced_accuracy'])} | {row['kept'] if row['kept'] is not None else '-'} "
+                f"| {located} ({taught.get('locations_true', '-')}) | {_number(row['top_answer_share'])} |"
+            )
+    lines += ["", "## Arms against each other, at their best rounds", ""]
+    lines += ["| arms | rounds | correct | n | McNemar p |", "|---|---|---|---|---|"]
+    for name, pair in comparison["pairs"].items():
+        lines.append(
+            f"| {name} | {pair['rounds']} | {pair['location_correct']} | {pair['n']} | {_p(pair['mcnemar_p'])} |"
+        )
+    lines += ["", "![location by round](arms.png)", ""]
+    path = run_dir / "arms.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plot(table: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, rows in table.items():
+        ax.plot(
+            [r["round"] for r in rows], [r["location_correct"] / max(r["n"], 1) for r in rows], marker="o", label=arm
+        )
+    ax.set_xlabel("round")
+    ax.set_ylabel("location accuracy (test)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
