@@ -100,6 +100,9 @@ class Scenario:
     `stages` holds each stage's result by name (see STAGES); `invalid_steps` and
     `recovered_steps` are the chains the model wrote; `oracle` holds ground-truth
     checks that no model wrote (filled by misstep.metrics where a checker applies).
+    `candidate` 0 is the cycle's own pass; 1, 2, ... are stages 3-6 sampled again on the same
+    written chain (the loop's candidates), each a record of its own, with how the student sampled
+    them in `sampling` (temperature, seed).
     """
 
     chain: Chain
@@ -108,6 +111,13 @@ class Scenario:
     invalid_steps: tuple[str, ...] = ()
     recovered_steps: tuple[str, ...] = ()
     oracle: dict[str, Any] = field(default_factory=dict)
+    candidate: int = 0
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The record's own id: its chain's, and which candidate it is."""
+        return self.chain.source_id if not self.candidate else f"{self.chain.source_id}#{self.candidate}"
 
     def output(self, stage: str, name: str, default: Any = None) -> Any:
         result = self.stages.get(stage)
@@ -122,6 +132,8 @@ class Scenario:
             "invalid_steps": list(self.invalid_steps),
             "recovered_steps": list(self.recovered_steps),
             "oracle": self.oracle,
+            "candidate": self.candidate,
+            "sampling": self.sampling,
         }
 
     @classmethod
@@ -133,4 +145,6 @@ class Scenario:
             invalid_steps=tuple(record["invalid_steps"]),
             recovered_steps=tuple(record["recovered_steps"]),
             oracle=record.get("oracle", {}),
+            candidate=record.get("candidate", 0),
+            sampling=record.get("sampling", {}),
         )

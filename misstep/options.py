@@ -103,6 +103,11 @@ OPTIONS: dict[str, Option] = {
     ),
     "active": Option(("loop.active_selection",), "prefer the error types and chains the model failed on last round"),
     "trials": Option(("loop.tuning_trials",), "Optuna trials per round for the thresholds"),
+    "candidates": Option(
+        ("loop.candidates",),
+        "answers of stages 3-6 per written chain: the greedy one and the rest sampled (each arm keeps the good ones)",
+    ),
+    "candidate_temperature": Option(("loop.candidate_temperature",), "the temperature candidates are sampled at"),
     "seeds_from": Option(("loop.seeds_from",), "gsm8k (the --data file) or procedural (problems made each round)"),
     "level_selection": Option(
         ("loop.level_selection",), "--seeds-from procedural: curriculum (probe, then the frontier level) or uniform"
@@ -120,6 +125,8 @@ LOOP = (
     "judge_warm_up",
     "active",
     "trials",
+    "candidates",
+    "candidate_temperature",
     "patience",
     "seeds_from",
     "level_selection",

@@ -34,11 +34,12 @@ Item = TypeVar("Item")
 
 @dataclass(frozen=True)
 class Taught:
-    """What an arm teaches from one scenario: the student's stage-3 answer (a 0-based step, None for
-    "no mistake") where `location_by` admitted it, and its recovery where `recovery_by` did (None:
-    not taught). `location_true` is whether the oracle agrees with the taught location."""
+    """What an arm teaches from one scenario (`key`: `Scenario.key`, its chain and candidate): the
+    student's stage-3 answer (a 0-based step, None for "no mistake") where `location_by` admitted
+    it, and its recovery where `recovery_by` did (None: not taught). `location_true` is whether the
+    oracle agrees with the taught location."""
 
-    source_id: str
+    key: str
     location: int | None = None
     location_by: str | None = None
     location_true: bool | None = None
@@ -48,7 +49,7 @@ class Taught:
 
 def teach(arm: str, scenarios: list[Scenario], accepted: Mapping[str, bool], seed: int = 0) -> list[Taught]:
     """What `arm` teaches from each of `scenarios` (checked by `check_scenario`); `accepted` is the
-    judge's verdict on each scenario's recovery, by source id (after the round's thresholds)."""
+    judge's verdict on each scenario's recovery, by `Scenario.key` (after the round's thresholds)."""
     if arm not in KEEP_ARMS:
         raise ValueError(f"arm must be one of {', '.join(KEEP_ARMS)}, not {arm!r}")
     # Where the writer copied its chain there is no mistake to locate or recover from: no arm
@@ -62,14 +63,14 @@ def teach(arm: str, scenarios: list[Scenario], accepted: Mapping[str, bool], see
     for index, scenario in enumerate(scenarios):
         checks, answer = scenario.oracle, _location(scenario)
         if index not in written:
-            out.append(Taught(scenario.chain.source_id))
+            out.append(Taught(scenario.key))
         elif arm == "all":
             out.append(_taught(scenario, "all", answer is not _NONE, _recovered(scenario)))
         elif arm == "oracle":
             located = answer is not _NONE and answer == checks.get("invalid_first_error", _NONE)
             out.append(_taught(scenario, "oracle", located, bool(checks.get("recovery_ok"))))
         else:
-            judged = bool(accepted.get(scenario.chain.source_id))
+            judged = bool(accepted.get(scenario.key))
             located = judged and answer is not _NONE and answer == checks.get("departure", _NONE)
             out.append(_taught(scenario, "judge", located, judged and _recovered(scenario)))
     return out
@@ -96,7 +97,7 @@ def _taught(scenario: Scenario, by: str, location: bool, recovery: bool) -> Taug
     location = location and answer is not _NONE
     recovery = recovery and _recovered(scenario)
     return Taught(
-        scenario.chain.source_id,
+        scenario.key,
         answer if location else None,
         by if location else None,
         (answer == checks.get("invalid_first_error")) if location and "invalid_first_error" in checks else None,

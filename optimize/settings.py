@@ -28,6 +28,10 @@ class LoopSettings:
     # Which of the student's own answers a round trains stages 3-4 on (optimize/arms.py): "judge" (the
     # seed's cycle), "oracle" (the ceiling), "all" or "random" (floors).
     keep: str = "judge"
+    # Answers of stages 3-6 per written chain: the cycle's own (greedy) and candidates - 1 more sampled
+    # at candidate_temperature, each judged and checked; the arm keeps the good ones (rejection sampling).
+    candidates: int = 1
+    candidate_temperature: float = 0.7
     tuning_trials: int = 60
     min_yield: float = 0.05
     stop: StopRule = field(default_factory=StopRule)
@@ -50,6 +54,7 @@ class LoopSettings:
             ("seed_chains", 1),
             ("tuning_trials", 1),
             ("num_threads", 1),
+            ("candidates", 1),
             ("ground_truth", 0),
             ("demos", 0),
         ):
@@ -60,6 +65,8 @@ class LoopSettings:
         if self.level_selection not in LEVEL_SELECTIONS:
             choices = " or ".join(map(repr, LEVEL_SELECTIONS))
             raise ValueError(f"level_selection must be {choices}, not {self.level_selection!r}")
+        if not 0 < self.candidate_temperature <= 2:
+            raise ValueError(f"candidate_temperature must be in (0, 2], not {self.candidate_temperature}")
         if self.keep not in KEEP_ARMS:
             raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP_ARMS))}, not {self.keep!r}")
         if self.probe_items < 1:

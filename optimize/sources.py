@@ -32,7 +32,7 @@ from misstep.metrics.judge_metric import JudgeMetric, OracleMetric, Thresholds, 
 from misstep.metrics.stats import agreement, rate
 from misstep.optimize.arms import Taught, balanced, sources, teach
 from misstep.optimize.compile import Metric, NothingToTrainOn, training_examples
-from misstep.optimize.demos import attach_demos
+from misstep.optimize.demos import attach_demos, demos_of
 from misstep.optimize.frontier import heldout_questions, previous_level, procedural_pool
 from misstep.optimize.settings import LoopSettings
 from misstep.optimize.tuning import tune_thresholds
@@ -114,7 +114,8 @@ class WrittenScenarios:
 
     def make(self, round: Round) -> RoundExamples:
         settings, folder, r = round.settings, round.folder, round.index
-        previous = [Scenario.from_dict(x) for x in read_records(round.run_dir / f"round-{r - 1}" / "scenarios.jsonl")]
+        earlier = read_records(round.run_dir / f"round-{r - 1}" / "scenarios.jsonl")
+        previous = [Scenario.from_dict(x) for x in earlier if not x.get("candidate")]  # one record a chain
         selection = saved_or_made(folder / "selection.json", lambda: _selection(round, previous))
         chains = {s.chain.source_id: s.chain for s in previous} | {c.source_id: c for c in round.pool}
         chains |= {c["source_id"]: Chain.from_dict(c) for c in selection.get("chains", [])}
@@ -258,27 +259,48 @@ def write_scenarios(
     settings: LoopSettings,
     trained_writers: set[str] = frozenset(),
 ) -> list[Scenario]:
-    """Stages 1-4 on the current student, 5-6 on the frozen judge, the oracle beside them.
+    """Stages 1-4 on the current student, 5-6 on the frozen judge, the oracle beside them; then
+    `settings.candidates - 1` more candidates per written chain: stages 3-6 again, the student
+    sampling at `settings.candidate_temperature` (a seed per candidate), each its own record.
 
     The writer (stages 1-2) runs on the student's weights: without demos for the error types
     those weights were trained to write (`trained_writers`), with demos for the others."""
     lm = student.predictors()[0].lm
-    cycles = {}
+    cycles, samplers = {}, {}
     for name in {e for _, e in work}:
         cycle = SelfCorrectionCycle(get_error_type(name), corrector=student, judge=judge)
         attach_demos(cycle.writer, {} if name in trained_writers else demos).set_lm(lm)
         cycles[name] = cycle
+    for c in range(1, settings.candidates):
+        sampling = {"temperature": settings.candidate_temperature, "seed": settings.seed * 1000 + c}
+        sampler = attach_demos(SelfCorrector(), demos_of(student))
+        sampler.set_lm(lm.copy(**sampling))
+        samplers[c] = (SelfCorrectionCycle(corrector=sampler, judge=judge), sampling)
     with JsonlLog(folder / "scenarios.jsonl") as log:
-        done = {r["source_id"] for r in log.records}
-        todo = [(c, e) for c, e in work if c.source_id not in done]
+        done = {(r["source_id"], r.get("candidate", 0)): r for r in log.records}
+        todo = [(c, e) for c, e in work if any((c.source_id, k) not in done for k in range(settings.candidates))]
 
-        def run(item: tuple[Chain, str]) -> Scenario:
+        def run(item: tuple[Chain, str]) -> list[Scenario]:
+            """The chain's records not yet in the log (after a kill: its missing candidates alone)."""
             chain, error_type = item
-            scenario = cycles[error_type](chain)
-            scenario.oracle = check_scenario(scenario)
-            return scenario
+            out = []
+            if (chain.source_id, 0) in done:
+                scenario = Scenario.from_dict(done[chain.source_id, 0])
+            else:
+                scenario = cycles[error_type](chain)
+                scenario.oracle = check_scenario(scenario)
+                out.append(scenario)
+            if scenario.invalid_steps:  # a chain written: its candidates sample stages 3-6 on it
+                written = {stage: scenario.stages[stage] for stage in ("describe", "corrupt")}
+                for c, (sampler, sampling) in samplers.items():
+                    if (chain.source_id, c) not in done:
+                        blank = replace(scenario, stages=dict(written), oracle={}, candidate=c, sampling=sampling)
+                        candidate = sampler.correct(blank)
+                        candidate.oracle = check_scenario(candidate)
+                        out.append(candidate)
+            return out
 
-        for _, scenario in map_threads(
+        for _, scenarios in map_threads(
             run,
             todo,
             lm=lm,
@@ -286,7 +308,8 @@ def write_scenarios(
             num_threads=settings.num_threads,
             description=f"round {folder.name}: writing scenarios",
         ):
-            log.append(scenario.to_dict())
+            for scenario in scenarios:
+                log.append(scenario.to_dict())
         return [Scenario.from_dict(record) for record in log.records]
 
 
@@ -296,6 +319,7 @@ def decision(scenario: Scenario) -> dict[str, Any]:
     parsed = {name: result.outputs if result.ok else None for name, result in scenario.stages.items()}
     out: dict[str, Any] = {
         "source_id": scenario.chain.source_id,
+        "candidate": scenario.candidate,
         "error_type": scenario.error_type,
         **verdicts(parsed.get("judge"), parsed.get("curate")),
     }
@@ -372,23 +396,20 @@ def keep(
     """The scenarios `arm` teaches from (optimize/arms.py), the judge's verdicts admitted by
     `thresholds` where the arm asks the judge; the taught locations balanced against
     `label_counts` (none when it is empty)."""
-    verdicts_of = {s.chain.source_id: decision(s) for s in scenarios}
-    accepted = {
-        source_id: "verdict" in why and "keep" in why and thresholds.admit(why)
-        for source_id, why in verdicts_of.items()
-    }
+    verdicts_of = {s.key: decision(s) for s in scenarios}
+    accepted = {key: "verdict" in why and "keep" in why and thresholds.admit(why) for key, why in verdicts_of.items()}
     taught = teach(arm, scenarios, accepted, seed=seed)
     if label_counts:
         located = balanced([t for t in taught if t.location_by], lambda t: t.location, label_counts, seed=seed)
-        staying = {t.source_id for t in located}
+        staying = {t.key for t in located}
         taught = [
             t
-            if t.location_by is None or t.source_id in staying
+            if t.location_by is None or t.key in staying
             else replace(t, location=None, location_by=None, location_true=None)
             for t in taught
         ]
     return [
-        Kept(s, {**verdicts_of[s.chain.source_id], "thresholds": asdict(thresholds), "arm": arm, "taught": asdict(t)})
+        Kept(s, {**verdicts_of[s.key], "thresholds": asdict(thresholds), "arm": arm, "taught": asdict(t)})
         for s, t in zip(scenarios, taught)
         if t.location_by or t.recovery_by
     ]

@@ -41,7 +41,12 @@ class SelfCorrectionCycle(dspy.Module):
             for stage in ("locate", "recover", "judge", "curate"):
                 scenario.stages[stage] = StageResult.skipped("no invalid chain was written")
             return scenario
+        return self.correct(scenario)
 
+    def correct(self, scenario: Scenario) -> Scenario:
+        """Stages 3-6 on a scenario whose invalid chain is written (stages 1-2 done): the rest of
+        `forward`, and how a candidate samples them again on the same written chain."""
+        chain = scenario.chain
         corrected = self.corrector(question=chain.question, steps=scenario.invalid_steps)
         scenario.stages["locate"] = corrected.locate
         scenario.stages["recover"] = corrected.recover or StageResult.skipped("no error was located")
@@ -58,7 +63,7 @@ class SelfCorrectionCycle(dspy.Module):
             recovered_steps=scenario.recovered_steps,
             final_answer=corrected.final_answer,
             first_error=corrected.first_error,
-            mistake_description=written.describe.outputs.get("mistake_description", ""),
+            mistake_description=scenario.output("describe", "mistake_description", ""),
         )
         scenario.stages["judge"] = judged.judge
         scenario.stages["curate"] = judged.curate or StageResult.skipped("the judge's verdict could not be read")

@@ -58,7 +58,7 @@ def test_each_arm_admits_the_students_answers_by_its_own_check():
     from misstep.optimize.arms import sources, teach
 
     def kept(arm):
-        return {t.source_id: (t.location, t.location_by, t.recovery_by) for t in teach(arm, SCENARIOS, ACCEPTED)}
+        return {t.key: (t.location, t.location_by, t.recovery_by) for t in teach(arm, SCENARIOS, ACCEPTED)}
 
     assert kept("oracle") == {
         "a": (1, "oracle", "oracle"),
@@ -79,5 +79,5 @@ def test_each_arm_admits_the_students_answers_by_its_own_check():
     for seed in range(8):
         drawn = teach("random", SCENARIOS, ACCEPTED, seed=seed)
         assert sum(t.location_by == "random" or t.recovery_by == "random" for t in drawn) <= 2
-        assert not any(t.location_by or t.recovery_by for t in drawn if t.source_id == "c")
+        assert not any(t.location_by or t.recovery_by for t in drawn if t.key == "c")
         assert teach("random", SCENARIOS, ACCEPTED, seed=seed) == drawn

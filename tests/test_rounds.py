@@ -206,6 +206,79 @@ def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item
     assert sorted((run_dir / "checkpoints").glob("compile-*")) == checkpoints
 
 
+def test_candidates_sample_stages_3_to_6_again_on_the_written_chain_and_resume_one_by_one(
+    tmp_path, tiny_engine, gsm8k_train
+):
+    from misstep.data.records import StageResult
+    from misstep.metrics.checks import check_scenario
+    from misstep.metrics.injector import inject
+    from misstep.optimize.sources import write_scenarios
+    from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
+
+    student, judge = SelfCorrector(), Judge()
+    lm = local_lm(engine=tiny_engine, max_tokens=160, cache=False)
+    student.set_lm(lm)
+    judge.set_lm(lm)
+    chains = gsm8k_train[:3]
+    folder = tmp_path / "round-1"
+    folder.mkdir()
+    # Random weights write no chain, so each chain's own pass (candidate 0) is a chain the injector
+    # wrote, corrected by the real student; the run resumes from it and samples the candidates.
+    with (folder / "scenarios.jsonl").open("w") as log:
+        for chain in chains:
+            bad = inject(chain, "arithmetic_slip", seed=0)
+            step = bad.mistake_index + 1
+            scenario = Scenario(
+                chain,
+                "arithmetic_slip",
+                stages={
+                    "describe": StageResult(True, {"mistake_step": step, "mistake_description": "a slip"}),
+                    "corrupt": StageResult(True, {"invalid_chain": "\n".join(bad.steps), "invalid_answer": "?"}),
+                },
+                invalid_steps=bad.steps,
+            )
+            scenario = SelfCorrectionCycle(corrector=student, judge=judge).correct(scenario)
+            scenario.oracle = check_scenario(scenario)
+            log.write(json.dumps(scenario.to_dict()) + "\n")
+    greedy_lines = (folder / "scenarios.jsonl").read_text().splitlines()
+    settings = _settings(candidates=3, candidate_temperature=1.0)
+
+    def write():
+        return write_scenarios([(c, "arithmetic_slip") for c in chains], student, judge, {}, folder, settings)
+
+    scenarios = write()
+    lines = (folder / "scenarios.jsonl").read_text().splitlines()
+    assert lines[: len(chains)] == greedy_lines and len(scenarios) == 3 * len(chains)
+    by_chain = {}
+    for s in scenarios:
+        by_chain.setdefault(s.chain.source_id, {})[s.candidate] = s
+    for candidates in by_chain.values():
+        greedy = candidates[0]
+        assert set(candidates) == {0, 1, 2}
+        for c in (1, 2):
+            assert candidates[c].invalid_steps == greedy.invalid_steps and candidates[c].key.endswith(f"#{c}")
+            assert candidates[c].stages["corrupt"] == greedy.stages["corrupt"]  # the same written chain
+            assert candidates[c].oracle["invalid_first_error"] == greedy.oracle["invalid_first_error"]
+
+    # Sampled at the setting's temperature, each candidate with a seed of its own (the engine's
+    # sampling is tested in test_engine), and the greedy pass not.
+    for candidates in by_chain.values():
+        assert not candidates[0].sampling
+        assert [candidates[c].sampling["temperature"] for c in (1, 2)] == [1.0, 1.0]
+        assert candidates[1].sampling["seed"] != candidates[2].sampling["seed"]
+
+    # Killed after a chain's first candidate: the rerun writes only the missing one.
+    last = json.loads(lines[-1])
+    (folder / "scenarios.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    again = write()
+    after = (folder / "scenarios.jsonl").read_text().splitlines()
+    assert after[:-1] == lines[:-1] and len(again) == len(scenarios)
+    assert (json.loads(after[-1])["source_id"], json.loads(after[-1])["candidate"]) == (
+        last["source_id"],
+        last["candidate"],
+    )
+
+
 def assert_no_question_in(questions: set[str], checkpoints: Path) -> None:
     """No training record under `checkpoints` shows any of `questions` (normalised), read as JSON
     rather than as its ASCII-escaped text. Fails on an empty folder, which would prove nothing."""
