@@ -18,7 +18,7 @@ from misstep.programs.scenario_writer import ScenarioWriter
 
 # Error types whose corrupted chain keeps the valid chain's step count, so that the valid
 # steps from the error on are exactly the recovery (a skipped step would need one back).
-_ALIGNED_TYPES = ("arithmetic_slip", "wrong_operand", "wrong_operation", "misread_quantity")
+ALIGNED_TYPES = ("arithmetic_slip", "wrong_operand", "wrong_operation", "misread_quantity")
 
 
 def _describe(valid: Chain, invalid: Chain) -> str:
@@ -30,11 +30,11 @@ def _describe(valid: Chain, invalid: Chain) -> str:
     )
 
 
-def _recovery(steps, answer: str) -> str:
+def recovery_text(steps, answer: str) -> str:
     return format_steps(steps) + f"\nFinal answer: {answer}"
 
 
-def _checkable(chains: list[Chain]) -> list[Chain]:
+def checkable(chains: list[Chain]) -> list[Chain]:
     return [c for c in chains if c.is_valid and first_error(c.steps) is None]
 
 
@@ -58,7 +58,7 @@ def _writer_examples(valid: Chain, invalid: Chain) -> tuple[dspy.Example, dspy.E
 
 def ground_truth_demos(chains: list[Chain], k: int = 2, seed: int = 0) -> dict[str, list[dspy.Example]]:
     """Up to `k` demos for each of the six stages, by predictor name, from valid chains."""
-    triples = inject_many(_checkable(chains), error_types=_ALIGNED_TYPES, seed=seed)[:k]
+    triples = inject_many(checkable(chains), error_types=ALIGNED_TYPES, seed=seed)[:k]
     demos: dict[str, list[dspy.Example]] = {
         name: [] for name in ("describe", "corrupt", "locate", "recover", "judge", "curate")
     }
@@ -66,8 +66,8 @@ def ground_truth_demos(chains: list[Chain], k: int = 2, seed: int = 0) -> dict[s
         step = invalid.mistake_index
         valid_text, invalid_text = format_steps(valid.steps), format_steps(invalid.steps)
         # The judge is shown whole recovered chains, as the Judge program formats them.
-        good = _recovery(valid.steps, valid.answer)
-        bad = _recovery(invalid.steps, invalid.answer)
+        good = recovery_text(valid.steps, valid.answer)
+        bad = recovery_text(invalid.steps, invalid.answer)
         described, written = _writer_examples(valid, invalid)
         description = described.mistake_description
         demos["describe"].append(described)
@@ -121,11 +121,11 @@ def writer_ground_truth(
     exactly (by error type, then stage), from valid chains: what the scenario writer is trained
     on, so that the chains it writes carry a mistake the oracle can find. Error types the
     injector cannot make step-aligned (a skipped step, a user's own type) get none."""
-    types = [t for t in error_types if t in _ALIGNED_TYPES]
+    types = [t for t in error_types if t in ALIGNED_TYPES]
     out: dict[str, dict[str, list[dspy.Example]]] = {t: {"describe": [], "corrupt": []} for t in types}
     if not types:
         return out
-    for valid, invalid, error_type in inject_many(_checkable(chains), error_types=types, seed=seed):
+    for valid, invalid, error_type in inject_many(checkable(chains), error_types=types, seed=seed):
         stages = out[error_type]
         if len(stages["describe"]) < k:
             described, written = _writer_examples(valid, invalid)

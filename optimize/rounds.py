@@ -15,7 +15,9 @@ evaluating steps, from the last finished record).
 RUN_DIR/
   loop.json                      settings, and the seed chains kept out (held-out questions)
   optuna.db                      the threshold studies (optuna-dashboard sqlite:///optuna.db)
-  judge/                         the judge's own weights (after a judge warm-up): program.json
+  judge/                         the judge's own weights (after a judge warm-up): program.json; its
+                                 ground truth's make-up (judge_truth.json) and the base model's
+                                 recoveries its failures are drawn from (written_recoveries.jsonl)
   round-0/                       the starting model: heldout/, program.json (after a warm-up)
   round-N/selection.json         which seed chains and error types, and why       } written
           scenarios.jsonl        every stage's output, the judge's and curator's   } scenarios
@@ -57,6 +59,7 @@ from misstep.optimize.demos import (
     writer_ground_truth,
 )
 from misstep.optimize.jobs import JobSettings, evaluate
+from misstep.optimize.judge_data import composition, injected_pairs, judge_examples, written_failures
 from misstep.optimize.settings import LoopSettings
 from misstep.optimize.sources import Round, RoundExamples, RoundSource, WrittenScenarios
 from misstep.programs import Judge, SelfCorrector
@@ -146,6 +149,7 @@ class StartingData:
     writer_records: list[dict[str, Any]]  # stages 1-2's ground truth as chat records, one per injected mistake
     writer_counts: dict[str, int]  # writer examples per error type
     writer_types: set[str]  # the error types the writer is trained on
+    judge_chains: list[Chain]  # the chains the judge's ground truth is made from (optimize/judge_data.py)
     pool: list[Chain]  # the valid chains left for seeds
 
 
@@ -179,12 +183,17 @@ def _starting_data(
         )
     for examples in writer_truth.values():
         used |= questions_of(examples)
+    # The judge's ground truth: a success and a failure per chain, some failures written by the model.
+    unused = [c for c in pool if c.question not in used]
+    judge_chains = unused[: 2 * settings.ground_truth] if settings.judge_warm_up else []
+    used |= {c.question for c in judge_chains}
     return StartingData(
         demos=demos,
         truth=truth,
         writer_records=writer_chat_data(writer_truth, AnswerAdapter()),
         writer_counts={t: len(e["describe"]) for t, e in writer_truth.items()},
         writer_types={t for t, examples in writer_truth.items() if examples["describe"]},
+        judge_chains=judge_chains,
         pool=[c for c in pool if c.question not in used],
     )
 
@@ -226,15 +235,26 @@ def _frozen_judge(
         judge = attach_demos(Judge(), start.demos)
         judge.set_lm(judge_lm)
         return judge
-    with timed(seconds, "judge_warm_up"):
-        judge, _ = compiled_or_resumed(
-            folder,
-            lambda: warm_up(
-                Judge(), start.truth, lm=judge_lm.copy(provider=provider), provider=provider, run_dir=folder
-            ),
-            provider=provider,
-            program=Judge(),
+
+    def judge_warm_up() -> CompileResult:
+        # Its negatives: recoveries the base model itself writes that the oracle rejects, where it
+        # writes one, else partial fixes or copies; confidence in levels (optimize/judge_data.py).
+        pairs = injected_pairs(start.judge_chains, k=settings.ground_truth, seed=settings.seed + 3)
+        failures = written_failures(
+            pairs,
+            judge_lm,
+            start.demos,
+            folder / "written_recoveries.jsonl",
+            num_threads=settings.num_threads,
+            constrained=settings.constrained,
         )
+        examples = judge_examples(pairs, failures)
+        write_json_atomic(folder / "judge_truth.json", composition(examples))
+        truth = {**start.truth, "judge": examples}
+        return warm_up(Judge(), truth, lm=judge_lm.copy(provider=provider), provider=provider, run_dir=folder)
+
+    with timed(seconds, "judge_warm_up"):
+        judge, _ = compiled_or_resumed(folder, judge_warm_up, provider=provider, program=Judge())
     return judge
 
 

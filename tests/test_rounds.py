@@ -106,6 +106,12 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     assert len(list((run_dir / "checkpoints").glob("compile-*"))) == 4  # judge, warm-up, round 1, round 2
     judge_report = json.loads((run_dir / "judge" / "compile_report.json").read_text())
     assert judge_report["training"]["base_model"] == str(tiny_model_dir)  # the judge never trains on the student
+    # Its ground truth: a success and a failure per chain, failures the base model wrote where it wrote
+    # one (each of its recoveries kept), confidence in levels.
+    judge_truth = json.loads((run_dir / "judge" / "judge_truth.json").read_text())
+    written = (run_dir / "judge" / "written_recoveries.jsonl").read_text().splitlines()
+    assert judge_truth["by_kind"]["success"] == len(written) == 2  # ground_truth=2 chains
+    assert sum(judge_truth["by_kind"].values()) == 4 and len(judge_truth["confidence_levels"]) >= 2
     assert [row["round"] for row in history] == [0, 1, 2]
     for r in (1, 2):
         folder = run_dir / f"round-{r}"

@@ -1,0 +1,120 @@
+"""The judge's ground truth, with real failures among its negatives.
+
+A judge trained only on the valid chain (a success) and the corrupted chain copied word for word
+(a failure) learns to tell a copy from the answer key, not a failed recovery from a good one, and
+it says 0.9 to everything. Here each injected chain gives one success and one failure, and the
+failure is, in order of preference:
+
+- **written**: a recovery the base model itself wrote for that chain and the oracle rejects (its
+  final answer is wrong): the kind of failure the judge will meet;
+- **partial**: the first wrong step corrected, the steps after it still the mistaken chain's, and
+  its wrong answer;
+- **copy**: the mistaken chain itself.
+
+Confidence has a level per kind, from how plain the verdict is: a copy 0.95, a success 0.9, a
+written failure 0.8, a partial fix 0.65.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from misstep.data.records import Chain, format_steps
+from misstep.data.runfiles import JsonlLog
+from misstep.metrics.injector import inject_many
+from misstep.metrics.oracle import answers_match
+from misstep.optimize.demos import ALIGNED_TYPES, checkable, recovery_text
+from misstep.programs import SelfCorrector
+from misstep.programs.answer_format import AnswerAdapter
+from misstep.programs.parallel import map_threads
+
+CONFIDENCE = {"success": 0.9, "copy": 0.95, "written": 0.8, "partial": 0.65}
+
+
+def injected_pairs(chains: list[Chain], k: int, seed: int = 0) -> list[tuple[Chain, Chain]]:
+    """Up to `k` (valid, mistaken) pairs, step-aligned error types in turn."""
+    return [(valid, bad) for valid, bad, _ in inject_many(checkable(chains), error_types=ALIGNED_TYPES, seed=seed)][:k]
+
+
+def written_failures(
+    pairs: list[tuple[Chain, Chain]],
+    lm: dspy.LM,
+    demos: dict[str, list[dspy.Example]],
+    path: Path,
+    *,
+    num_threads: int = 8,
+    constrained: bool = True,
+) -> dict[str, str]:
+    """The recoveries `lm` writes for each mistaken chain, told where its first error is (stage 4
+    with `demos`), kept in `path` (JSONL, resumable); those the oracle rejects, as the judge is
+    shown them, by the mistaken chain's source id."""
+    corrector = SelfCorrector()
+    corrector.recover.demos = list(demos.get("recover", []))
+    with JsonlLog(path) as log:
+        done = {r["source_id"] for r in log.records}
+
+        def recover(pair: tuple[Chain, Chain]) -> dict[str, Any]:
+            valid, bad = pair
+            out = corrector.recover_from(bad.question, bad.steps, bad.mistake_index)
+            return {
+                "source_id": bad.source_id,
+                "parsed": out["recover"].ok,
+                "recovery": recovery_text(out["recovered_steps"], out["final_answer"]) if out["recover"].ok else None,
+                "final_answer": out["final_answer"],
+                "recovery_ok": out["final_answer"] is not None and answers_match(out["final_answer"], valid.answer),
+            }
+
+        todo = [p for p in pairs if p[1].source_id not in done]
+        for _, record in map_threads(
+            recover,
+            todo,
+            lm=lm,
+            adapter=AnswerAdapter(constrained),
+            num_threads=num_threads,
+            description="the judge's ground truth: recoveries to reject",
+        ):
+            log.append(record)
+        return {r["source_id"]: r["recovery"] for r in log.records if r["parsed"] and not r["recovery_ok"]}
+
+
+def judge_examples(pairs: list[tuple[Chain, Chain]], failures: dict[str, str]) -> list[dspy.Example]:
+    """A success and a failure per pair (the failure written where `failures` has one, else a
+    partial fix where the chain allows one, else the copy), successes and failures in turn."""
+    examples = []
+    for valid, bad in pairs:
+        step = bad.mistake_index
+        shown = dict(
+            question=valid.question, invalid_chain=format_steps(bad.steps), correct_chain=format_steps(valid.steps)
+        )
+        if bad.source_id in failures:
+            kind, recovery = "written", failures[bad.source_id]
+        elif step + 1 < len(bad.steps):
+            partial = (*valid.steps[: step + 1], *bad.steps[step + 1 :])
+            kind, recovery = "partial", recovery_text(partial, bad.answer)
+        else:
+            kind, recovery = "copy", recovery_text(bad.steps, bad.answer)
+        examples.append(
+            dspy.Example(
+                **shown,
+                recovery=recovery_text(valid.steps, valid.answer),
+                recovery_succeeded=True,
+                confidence=CONFIDENCE["success"],
+                kind="success",
+            )
+        )
+        examples.append(
+            dspy.Example(**shown, recovery=recovery, recovery_succeeded=False, confidence=CONFIDENCE[kind], kind=kind)
+        )
+    return examples
+
+
+def composition(examples: list[dspy.Example]) -> dict[str, Any]:
+    """What the judge's ground truth holds: examples by kind, and the confidence levels."""
+    return {
+        "by_kind": dict(Counter(e.kind for e in examples)),
+        "confidence_levels": sorted({e.confidence for e in examples}),
+    }
