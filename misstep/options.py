@@ -108,6 +108,13 @@ OPTIONS: dict[str, Option] = {
         "answers of stages 3-6 per written chain: the greedy one and the rest sampled (each arm keeps the good ones)",
     ),
     "candidate_temperature": Option(("loop.candidate_temperature",), "the temperature candidates are sampled at"),
+    "self_judge": Option(
+        ("loop.self_judge",), "the student judges its own recoveries (its weights trained on the judge's ground truth)"
+    ),
+    "verification_chains": Option(
+        ("loop.verification_chains",),
+        "chains whose recoveries every round's judges are scored on (the generation-verification gap; 0: none)",
+    ),
     "seeds_from": Option(("loop.seeds_from",), "gsm8k (the --data file) or procedural (problems made each round)"),
     "level_selection": Option(
         ("loop.level_selection",), "--seeds-from procedural: curriculum (probe, then the frontier level) or uniform"
@@ -127,6 +134,8 @@ LOOP = (
     "trials",
     "candidates",
     "candidate_temperature",
+    "self_judge",
+    "verification_chains",
     "patience",
     "seeds_from",
     "level_selection",

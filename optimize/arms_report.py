@@ -2,8 +2,9 @@
 round's paired test against the shared round 0 (RUN_DIR/arms.json, arms.md, arms.png).
 
     arms.json: {"arms": {"<arm>": [{"round", "split", "n", "location_correct", "recovery_n",
-                "recovery_correct", "judge_balanced_accuracy", "judge_set", "self_judge_balanced_accuracy",
-                "kept", "taught", "top_answer_share", "mcnemar_p_vs_round0", "predictions"}, ...]},
+                "recovery_correct", "judge_balanced_accuracy", "self_judge_balanced_accuracy", "verification",
+                "judge_balanced_accuracy_on_scenarios", "kept", "taught", "top_answer_share",
+                "mcnemar_p_vs_round0", "predictions"}, ...]},
                 "pairs": {"<arm> vs <arm>": {"rounds", "mcnemar_p", ...}}}
 
 Round 0 is each arm's first entry (its p null). Location is compared per item with McNemar's exact
@@ -48,6 +49,7 @@ def arm_rows(run_dir: Path, arm: str) -> list[dict[str, Any]]:
         predictions = _predictions(folder)
         recovered = [p["recovery_ok"] for p in predictions.values() if "recovery_ok" in p]
         judge = _judge_on_scenarios(folder)
+        gap = row.get("verification") or {}
         paired = sorted(set(base) & set(predictions))
         entries.append(
             {
@@ -57,11 +59,13 @@ def arm_rows(run_dir: Path, arm: str) -> list[dict[str, Any]]:
                 "location_correct": sum(bool(p["location_ok"]) for p in predictions.values()),
                 "recovery_n": len(recovered),
                 "recovery_correct": sum(bool(x) for x in recovered),
-                # the frozen judge against the oracle on the round's own scenarios (a fixed verification
-                # set, scored by the student as judge as well, is still to come: issue 15)
-                "judge_balanced_accuracy": judge,
-                "judge_set": "round scenarios" if judge is not None else None,
-                "self_judge_balanced_accuracy": None,
+                # on the fixed verification set (optimize/verification.py): the frozen judge, the
+                # student's weights as judge, its own recovering of the same chains and the gap
+                "judge_balanced_accuracy": gap.get("judge_balanced_accuracy"),
+                "self_judge_balanced_accuracy": gap.get("self_judge_balanced_accuracy"),
+                "verification": gap or None,
+                # and the round's judge on the round's own scenarios
+                "judge_balanced_accuracy_on_scenarios": judge,
                 "kept": row.get("kept"),
                 "taught": row.get("taught"),
                 "top_answer_share": (row.get("answers") or {}).get("top_share"),
@@ -127,8 +131,8 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
         "Location on the reported GSM8K set (the same items for every arm and round), each round against",
         "the shared round 0 with McNemar's exact test; the best round is chosen on the validation split.",
         "",
-        "| arm | round | location | p vs round 0 | recovery | judge bal. acc. (scenarios) | kept | labels taught "
-        "(oracle-true) | top answer share |",
+        "| arm | round | location | p vs round 0 | recovery | judge / self-judge bal. acc. (verification set) "
+        "| kept | labels taught (oracle-true) | top answer share |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, rows in comparison["arms"].items():
@@ -139,7 +143,8 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
                 f"| {arm} | {row['round']}{' (best)' if row['round'] == rows[-1]['best_round'] else ''} "
                 f"| {rate_text({'k': row['location_correct'], 'n': row['n']})} | {_p(row['mcnemar_p_vs_round0'])} "
                 f"| {rate_text({'k': row['recovery_correct'], 'n': row['recovery_n']})} "
-                f"| {_number(row['judge_balanced_accuracy'])} | {row['kept'] if row['kept'] is not None else '-'} "
+                f"| {_number(row['judge_balanced_accuracy'])} / {_number(row['self_judge_balanced_accuracy'])} "
+                f"| {row['kept'] if row['kept'] is not None else '-'} "
                 f"| {located} ({taught.get('locations_true', '-')}) | {_number(row['top_answer_share'])} |"
             )
     lines += ["", "## Arms against each other, at their best rounds", ""]

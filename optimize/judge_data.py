@@ -24,13 +24,12 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain, format_steps
-from misstep.data.runfiles import JsonlLog
 from misstep.metrics.injector import inject_many
 from misstep.metrics.oracle import answers_match
 from misstep.optimize.demos import ALIGNED_TYPES, checkable, recovery_text
 from misstep.programs import SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
-from misstep.programs.parallel import map_threads
+from misstep.programs.parallel import map_logged
 
 CONFIDENCE = {"success": 0.9, "copy": 0.95, "written": 0.8, "partial": 0.65}
 
@@ -54,31 +53,30 @@ def written_failures(
     shown them, by the mistaken chain's source id."""
     corrector = SelfCorrector()
     corrector.recover.demos = list(demos.get("recover", []))
-    with JsonlLog(path) as log:
-        done = {r["source_id"] for r in log.records}
 
-        def recover(pair: tuple[Chain, Chain]) -> dict[str, Any]:
-            valid, bad = pair
-            out = corrector.recover_from(bad.question, bad.steps, bad.mistake_index)
-            return {
-                "source_id": bad.source_id,
-                "parsed": out["recover"].ok,
-                "recovery": recovery_text(out["recovered_steps"], out["final_answer"]) if out["recover"].ok else None,
-                "final_answer": out["final_answer"],
-                "recovery_ok": out["final_answer"] is not None and answers_match(out["final_answer"], valid.answer),
-            }
+    def recover(pair: tuple[Chain, Chain]) -> dict[str, Any]:
+        valid, bad = pair
+        out = corrector.recover_from(bad.question, bad.steps, bad.mistake_index)
+        return {
+            "source_id": bad.source_id,
+            "parsed": out["recover"].ok,
+            "recovery": recovery_text(out["recovered_steps"], out["final_answer"]) if out["recover"].ok else None,
+            "final_answer": out["final_answer"],
+            "recovery_ok": out["final_answer"] is not None and answers_match(out["final_answer"], valid.answer),
+        }
 
-        todo = [p for p in pairs if p[1].source_id not in done]
-        for _, record in map_threads(
-            recover,
-            todo,
-            lm=lm,
-            adapter=AnswerAdapter(constrained),
-            num_threads=num_threads,
-            description="the judge's ground truth: recoveries to reject",
-        ):
-            log.append(record)
-        return {r["source_id"]: r["recovery"] for r in log.records if r["parsed"] and not r["recovery_ok"]}
+    records = map_logged(
+        recover,
+        pairs,
+        path,
+        lambda pair: pair[1].source_id,
+        key="source_id",
+        lm=lm,
+        adapter=AnswerAdapter(constrained),
+        num_threads=num_threads,
+        description="the judge's ground truth: recoveries to reject",
+    )
+    return {r["source_id"]: r["recovery"] for r in records if r["parsed"] and not r["recovery_ok"]}
 
 
 def judge_examples(pairs: list[tuple[Chain, Chain]], failures: dict[str, str]) -> list[dspy.Example]:

@@ -53,6 +53,7 @@ from misstep.optimize.compile import CompileResult, compile_program, compiled_or
 from misstep.optimize.demos import (
     attach_demos,
     demos_of,
+    ground_truth_chat_data,
     ground_truth_demos,
     questions_of,
     writer_chat_data,
@@ -62,6 +63,7 @@ from misstep.optimize.jobs import JobSettings, evaluate
 from misstep.optimize.judge_data import composition, injected_pairs, judge_examples, written_failures
 from misstep.optimize.settings import LoopSettings
 from misstep.optimize.sources import Round, RoundExamples, RoundSource, WrittenScenarios
+from misstep.optimize.verification import GapMeter, build_set, verdicts
 from misstep.programs import Judge, SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
 
@@ -106,8 +108,20 @@ def run_loop(
     _write_loop_json(run_dir, settings, source, start, heldout, start_dir)
     seconds: dict[str, float] = {}  # round 0's steps
     judge = _frozen_judge(start, judge_lm, provider, settings, start_dir / "judge", seconds)
-    student = _starting_student(start, provider, settings, _round_dir(start_dir, 0), seconds)
-    history = [_finish_round(0, _round_dir(start_dir, 0), student, measured, {}, settings, history=[], seconds=seconds)]
+    # Records of other programs on the student's weights, in every fine-tune: the writer's, and
+    # with self_judge the judge's ground truth (the student then judges its own recoveries).
+    records = list(start.writer_records)
+    if settings.self_judge:
+        truth = _judge_truth(start, judge_lm, settings, start_dir / "judge")
+        records += ground_truth_chat_data(Judge(), truth, AnswerAdapter())
+    student = _starting_student(start, provider, settings, _round_dir(start_dir, 0), seconds, records)
+    with timed(seconds, "verification_set"):
+        gap = _gap_meter(start, student, judge, settings, start_dir)
+    history = [
+        _finish_round(
+            0, _round_dir(start_dir, 0), student, measured, {}, settings, history=[], seconds=seconds, gap=gap
+        )
+    ]
 
     kept_so_far: dict[str, list[dspy.Example]] = {}
     labels = _label_counts(validation or heldout)
@@ -115,16 +129,20 @@ def run_loop(
         folder, seconds = _round_dir(run_dir, r), {}
         # The writer's weights know its format once a warm-up or a compile has trained them on it.
         trained = start.writer_types if settings.warm_up or r > 1 else set()
+        scorer = _own_judge(student) if settings.self_judge else judge
         round_ = Round(
-            r, folder, run_dir, student, judge, start.demos, start.pool, history, settings, trained, seconds, labels
+            r, folder, run_dir, student, scorer, start.demos, start.pool, history, settings, trained, seconds, labels
         )
         made = source.make(round_)
+        made.row["judged_by"] = scorer.predictors()[0].lm.model  # the frozen judge, or the student itself
         # Accumulate: the ground truth, every earlier round's kept examples, and this round's.
         extra = _merge(start.truth, kept_so_far, made.examples)
-        student = _compiled(student, made, extra, start.writer_records, provider, folder, settings, seconds)
+        student = _compiled(student, made, extra, records, provider, folder, settings, seconds)
         for stage, stage_examples in made.for_later_rounds.items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
-        history.append(_finish_round(r, folder, student, measured, made.row, settings, history, seconds=seconds))
+        history.append(
+            _finish_round(r, folder, student, measured, made.row, settings, history, seconds=seconds, gap=gap)
+        )
         if history[-1]["verdict"]["stop"]:
             break
 
@@ -150,6 +168,7 @@ class StartingData:
     writer_counts: dict[str, int]  # writer examples per error type
     writer_types: set[str]  # the error types the writer is trained on
     judge_chains: list[Chain]  # the chains the judge's ground truth is made from (optimize/judge_data.py)
+    verification_chains: list[Chain]  # the generation-verification gap's chains (optimize/verification.py)
     pool: list[Chain]  # the valid chains left for seeds
 
 
@@ -185,8 +204,11 @@ def _starting_data(
         used |= questions_of(examples)
     # The judge's ground truth: a success and a failure per chain, some failures written by the model.
     unused = [c for c in pool if c.question not in used]
-    judge_chains = unused[: 2 * settings.ground_truth] if settings.judge_warm_up else []
+    judge_chains = unused[: 2 * settings.ground_truth] if settings.judge_warm_up or settings.self_judge else []
     used |= {c.question for c in judge_chains}
+    unused = [c for c in pool if c.question not in used]
+    verification_chains = unused[: settings.verification_chains]
+    used |= {c.question for c in verification_chains}
     return StartingData(
         demos=demos,
         truth=truth,
@@ -194,6 +216,7 @@ def _starting_data(
         writer_counts={t: len(e["describe"]) for t, e in writer_truth.items()},
         writer_types={t for t, examples in writer_truth.items() if examples["describe"]},
         judge_chains=judge_chains,
+        verification_chains=verification_chains,
         pool=[c for c in pool if c.question not in used],
     )
 
@@ -237,20 +260,7 @@ def _frozen_judge(
         return judge
 
     def judge_warm_up() -> CompileResult:
-        # Its negatives: recoveries the base model itself writes that the oracle rejects, where it
-        # writes one, else partial fixes or copies; confidence in levels (optimize/judge_data.py).
-        pairs = injected_pairs(start.judge_chains, k=settings.ground_truth, seed=settings.seed + 3)
-        failures = written_failures(
-            pairs,
-            judge_lm,
-            start.demos,
-            folder / "written_recoveries.jsonl",
-            num_threads=settings.num_threads,
-            constrained=settings.constrained,
-        )
-        examples = judge_examples(pairs, failures)
-        write_json_atomic(folder / "judge_truth.json", composition(examples))
-        truth = {**start.truth, "judge": examples}
+        truth = _judge_truth(start, judge_lm, settings, folder)
         return warm_up(Judge(), truth, lm=judge_lm.copy(provider=provider), provider=provider, run_dir=folder)
 
     with timed(seconds, "judge_warm_up"):
@@ -258,8 +268,40 @@ def _frozen_judge(
     return judge
 
 
+def _judge_truth(
+    start: StartingData, base_lm: dspy.LM, settings: LoopSettings, folder: Path
+) -> dict[str, list[dspy.Example]]:
+    """The ground truth a judge learns from: the judge's examples have as negatives recoveries the
+    base model itself writes that the oracle rejects, where it writes one, else partial fixes or
+    copies, with confidence in levels (optimize/judge_data.py; made once, kept in `folder`)."""
+    pairs = injected_pairs(start.judge_chains, k=settings.ground_truth, seed=settings.seed + 3)
+    failures = written_failures(
+        pairs,
+        base_lm,
+        start.demos,
+        folder / "written_recoveries.jsonl",
+        num_threads=settings.num_threads,
+        constrained=settings.constrained,
+    )
+    examples = judge_examples(pairs, failures)
+    write_json_atomic(folder / "judge_truth.json", composition(examples))
+    return {**start.truth, "judge": examples}
+
+
+def _own_judge(student: SelfCorrector) -> Judge:
+    """Stages 5-6 on the student's own weights (`self_judge`: trained on the judge's ground truth)."""
+    judge = Judge()
+    judge.set_lm(student.predictors()[0].lm)
+    return judge
+
+
 def _starting_student(
-    start: StartingData, provider: LocalProvider, settings: LoopSettings, folder: Path, seconds: dict[str, float]
+    start: StartingData,
+    provider: LocalProvider,
+    settings: LoopSettings,
+    folder: Path,
+    seconds: dict[str, float],
+    extra_records: list[dict[str, Any]],
 ) -> SelfCorrector:
     """Round 0: the model the loop starts from (after a warm-up on the ground truth alone, if set)."""
     if not settings.warm_up:
@@ -276,7 +318,7 @@ def _starting_student(
                 lm=base,
                 provider=provider,
                 run_dir=folder,
-                extra_records=start.writer_records,
+                extra_records=extra_records,
             )
         finally:
             release(base)
@@ -320,6 +362,26 @@ def _compiled(
     return compiled
 
 
+def _gap_meter(
+    start: StartingData, student: SelfCorrector, judge: Judge, settings: LoopSettings, start_dir: Path
+) -> GapMeter | None:
+    """The verification set, made once from round 0's recoveries, and the frozen judge's verdicts on it."""
+    if not start.verification_chains:
+        return None
+    options = {"num_threads": settings.num_threads, "constrained": settings.constrained}
+    items = build_set(
+        start.verification_chains,
+        student,
+        start_dir / "verification.jsonl",
+        temperature=settings.candidate_temperature,
+        seed=settings.seed + 4,
+        **options,
+    )
+    frozen = verdicts(items, judge, start_dir / "verification-frozen.jsonl", **options)
+    # The student's weights learn to judge only under self_judge; until then its prompts show demos.
+    return GapMeter(items, frozen, {} if settings.self_judge else start.demos, **options)
+
+
 # -- the end of a round --------------------------------------------------------------------------
 
 
@@ -332,6 +394,7 @@ def _finish_round(
     settings: LoopSettings,
     history: list[dict[str, Any]],
     seconds: dict[str, float] | None = None,
+    gap: GapMeter | None = None,
 ) -> dict[str, Any]:
     """Measure the round's model on the held-out sets (`measured`: "heldout", the reported test sets,
     and "validation", the sets choices are made on) and write round.json with what the round's
@@ -344,6 +407,9 @@ def _finish_round(
     with timed(seconds, "heldout"):
         row |= _measure(student, folder, measured, settings.num_threads, settings.constrained)
     row["chosen_on"] = "validation" if measured.get("validation") else "heldout"
+    if gap is not None:
+        with timed(seconds, "verification"):
+            row["verification"] = gap.row(student, folder)
     row.update(made)
     past = [*history, row]
     primary = [_primary(h, settings.primary_metric) for h in past]

@@ -32,6 +32,12 @@ class LoopSettings:
     # at candidate_temperature, each judged and checked; the arm keeps the good ones (rejection sampling).
     candidates: int = 1
     candidate_temperature: float = 0.7
+    # Chains reserved for the generation-verification gap (optimize/verification.py): two recoveries
+    # each by round 0's student, judged every round by the frozen judge and the student's weights.
+    verification_chains: int = 60
+    # The student judges its own recoveries (stages 5-6 on its weights, trained on the judge's ground
+    # truth in every compile) instead of the frozen judge.
+    self_judge: bool = False
     tuning_trials: int = 60
     min_yield: float = 0.05
     stop: StopRule = field(default_factory=StopRule)
@@ -57,6 +63,7 @@ class LoopSettings:
             ("candidates", 1),
             ("ground_truth", 0),
             ("demos", 0),
+            ("verification_chains", 0),
         ):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, not {getattr(self, name)}")

@@ -50,7 +50,7 @@ class Round:
     folder: Path  # RUN_DIR/round-<index>
     run_dir: Path
     student: SelfCorrector
-    judge: Judge  # frozen: no compile trains it
+    judge: Judge  # frozen (no compile trains it), or the student's own weights under self_judge
     demos: dict[str, list[dspy.Example]]  # for stages whose weights have not been trained on their format
     pool: list[Chain]  # valid chains no demo, ground truth or held-out set holds
     history: list[dict[str, Any]]  # the rows of the rounds before

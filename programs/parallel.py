@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 from typing import TypeVar
 
 import dspy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from misstep.data.runfiles import JsonlLog
 from misstep.programs.answer_format import AnswerAdapter
 
 Item = TypeVar("Item")
@@ -60,3 +62,23 @@ def map_threads(
         for future in as_completed(futures):
             progress.advance(task)
             yield futures[future], future.result()
+
+
+def map_logged(
+    function: Callable[[Item], dict],
+    items: Iterable[Item],
+    path: Path,
+    key_of: Callable[[Item], str],
+    *,
+    key: str = "key",
+    **threads,
+) -> list[dict]:
+    """`map_threads` whose results are records appended to the JSONL file `path` as they finish; a
+    rerun skips the items whose `key_of(item)` is already a record's `key` field. Every record in
+    the file, in the order written. `threads`: map_threads' keywords (lm, adapter, ...)."""
+    with JsonlLog(path) as log:
+        done = {record[key] for record in log.records}
+        todo = [item for item in items if key_of(item) not in done]
+        for _, record in map_threads(function, todo, **threads):
+            log.append(record)
+        return list(log.records)

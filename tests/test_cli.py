@@ -254,6 +254,8 @@ def test_optimize_runs_a_round_and_writes_a_report_readable_alone(tmp_path, tiny
         1e-3,
         "--threads",
         2,
+        "--verification-chains",
+        2,
         "--run-dir",
         run_dir,
     )

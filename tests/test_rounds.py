@@ -36,6 +36,7 @@ def _settings(**overrides):
         demos=1,
         num_threads=4,
         tuning_trials=5,
+        verification_chains=3,
         error_types=["arithmetic_slip", "wrong_operand", "wrong_operation"],
     )
     return LoopSettings(**{**values, **overrides})
@@ -136,8 +137,14 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
             assert row["heldout"]["gsm8k"]["gsm8k"][floor]["n"] == 3
         assert 0 < row["answers"]["top_share"] <= 1 and row["answers"]["n"] == 3
         assert row["verdict"]["reason"] in ("continue", "plateau", "collapse")
+        # The gap: the same recoveries judged each round, beside the student's own recovering.
+        gap = row["verification"]
+        assert gap["n"] == gap["accepted"] + gap["rejected"] and 0 < gap["n"] <= 6
+        assert gap["recovery"]["n"] == 3 and (run_dir / f"round-{r}" / "verification" / "self_judge.jsonl").exists()
+        if gap["accepted"] and gap["rejected"]:
+            assert 0 <= gap["self_judge_balanced_accuracy"] <= 1 and gap["gap"] is not None
         if r == 2:  # round 2 ran whole in this process: every step's time is recorded
-            assert set(row["seconds"]) == {"scenarios", "tuning", "compile", "heldout"}
+            assert set(row["seconds"]) == {"scenarios", "tuning", "compile", "heldout", "verification"}
             assert all(v >= 0 for v in row["seconds"].values()) and row["seconds"]["compile"] > 0
         report = json.loads((folder / "compile_report.json").read_text())
         assert report["training"]["base_model"].endswith(history[r - 1]["model"].split("/")[-1].rsplit("-", 1)[0])
@@ -210,6 +217,25 @@ def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item
 
     run()  # resumed: nothing is trained again
     assert sorted((run_dir / "checkpoints").glob("compile-*")) == checkpoints
+
+
+def test_a_self_judging_student_learns_to_judge_and_judges_its_own_scenarios(tmp_path, tiny_model_dir, loop_parts):
+    train, heldout, validation, train_chains, judge_lm = loop_parts
+    run_dir = tmp_path / "self-judge"
+    provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
+    settings = _settings(rounds=1, self_judge=True)
+    history = run_loop(train_chains, heldout, provider=provider, judge_lm=judge_lm, settings=settings, run_dir=run_dir)
+    assert [row["round"] for row in history] == [0, 1]
+    for folder in ("round-0", "round-1"):  # the warm-up and the compile both teach the student to judge
+        report = json.loads((run_dir / folder / "compile_report.json").read_text())
+        answers = [
+            json.loads(line)["messages"][-1]["content"] for line in open(Path(report["model_dir"]) / "train_data.jsonl")
+        ]
+        judged = [a for a in answers if "[[ ## recovery_succeeded ## ]]" in a]
+        assert len(judged) == 2 * 2  # a success and a failure for each of ground_truth=2 chains
+    # Round 1's scenarios were judged on the student's weights (round 0's), not the frozen judge's.
+    assert history[1]["judged_by"] == history[0]["model"]
+    assert history[1]["verification"]["n"] > 0
 
 
 def test_candidates_sample_stages_3_to_6_again_on_the_written_chain_and_resume_one_by_one(

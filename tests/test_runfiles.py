@@ -225,7 +225,7 @@ def test_a_full_disk_at_each_write_of_a_one_round_optimize_stops_it_clearly_and_
         state.update(run_dir=run_dir, fill=fill)
         args = ["optimize", "--rounds", "1", "--model", str(tiny_model_dir), "--seed-chains", "2"]
         args += ["--heldout-size", "2", "--ground-truth", "2", "--demos", "1", "--trials", "3", "--threads", "2"]
-        args += ["--method", "full", "--learning-rate", "1e-3", "--run-dir", str(run_dir)]
+        args += ["--method", "full", "--learning-rate", "1e-3", "--verification-chains", "1", "--run-dir", str(run_dir)]
         return CliRunner().invoke(app, args)
 
     # Both runs in one folder: checkpoints are named by a hash of the weights' path they start from.

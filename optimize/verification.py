@@ -1,0 +1,192 @@
+"""The generation-verification gap: is recognising a good recovery easier than writing one, and
+does it stay so round after round?
+
+A fixed verification set is made once, after round 0: chains reserved from the seed pool (no
+model trains on them), corrupted by the injector, each recovered by round 0's student twice (its
+greedy answer and one sampled), the oracle's verdict on each recovery. Every round then scores:
+
+- the frozen judge's verdicts on those recoveries, and the student's own weights as judge (the
+  Judge program on the student's LM), each as balanced accuracy against the oracle;
+- the student's own recovery accuracy on the same chains (greedy, told where the error is).
+
+The gap is the student's judging minus its recovering; the seed's "you stop recognising better
+outputs" is that line falling.
+
+    RUN_DIR/verification.jsonl                 the set: each recovery and the oracle's verdict
+    RUN_DIR/round-N/verification/self.jsonl    the student's verdicts and its own recoveries
+    RUN_DIR/verification-frozen.jsonl          the frozen judge's verdicts (the same every round)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from misstep.data.records import Chain
+from misstep.metrics.oracle import answers_match
+from misstep.metrics.stats import balanced_accuracy, rate
+from misstep.optimize.demos import attach_demos
+from misstep.optimize.judge_data import injected_pairs
+from misstep.programs import Judge, SelfCorrector
+from misstep.programs.answer_format import AnswerAdapter
+from misstep.programs.parallel import map_logged
+
+
+def build_set(
+    chains: list[Chain],
+    student: SelfCorrector,
+    path: Path,
+    *,
+    temperature: float,
+    seed: int,
+    num_threads: int = 8,
+    constrained: bool = True,
+) -> list[dict[str, Any]]:
+    """The verification set (resumable in `path`): for each injected chain, `student`'s greedy
+    recovery and one sampled at `temperature`, with the oracle's verdict (parsed ones only)."""
+    lm = student.predictors()[0].lm
+    sampler = SelfCorrector()
+    sampler.recover.demos = list(student.recover.demos)
+    sampler.set_lm(lm.copy(temperature=temperature, seed=seed))
+    work = [(valid, bad, how) for valid, bad in injected_pairs(chains, k=len(chains), seed=seed) for how in (0, 1)]
+
+    def recover(item: tuple[Chain, Chain, int]) -> dict[str, Any]:
+        valid, bad, how = item
+        out = (student if how == 0 else sampler).recover_from(bad.question, bad.steps, bad.mistake_index)
+        return {
+            "key": f"{bad.source_id}#{how}",
+            "question": bad.question,
+            "valid_steps": list(valid.steps),
+            "invalid_steps": list(bad.steps),
+            "first_error": bad.mistake_index,
+            "reference_answer": valid.answer,
+            "parsed": out["recover"].ok,
+            "recovered_steps": list(out["recovered_steps"]),
+            "final_answer": out["final_answer"],
+            "oracle_ok": out["final_answer"] is not None and answers_match(out["final_answer"], valid.answer),
+        }
+
+    records = map_logged(
+        recover,
+        work,
+        path,
+        lambda w: f"{w[1].source_id}#{w[2]}",
+        lm=lm,
+        adapter=AnswerAdapter(constrained),
+        num_threads=num_threads,
+        description="verification set: recoveries",
+    )
+    return [r for r in records if r["parsed"]]
+
+
+def verdicts(
+    items: list[dict[str, Any]], judge: Judge, path: Path, *, num_threads: int = 8, constrained: bool = True
+) -> dict[str, bool | None]:
+    """`judge`'s verdict on each recovery of the set (None: unparsed), kept in `path`."""
+
+    def judged(item: dict[str, Any]) -> dict[str, Any]:
+        out = judge(
+            question=item["question"],
+            valid_steps=item["valid_steps"],
+            invalid_steps=item["invalid_steps"],
+            recovered_steps=item["recovered_steps"],
+            final_answer=item["final_answer"],
+            first_error=item["first_error"],
+        )
+        ok = out.judge.ok
+        return {"key": item["key"], "verdict": bool(out.judge.outputs["recovery_succeeded"]) if ok else None}
+
+    lm = judge.predictors()[0].lm
+    return _logged(items, judged, lambda i: i["key"], lm, path, num_threads, constrained, "verification: judging")
+
+
+def own_recoveries(
+    items: list[dict[str, Any]], student: SelfCorrector, path: Path, *, num_threads: int = 8, constrained: bool = True
+) -> dict[str, bool | None]:
+    """Whether `student` (greedy) recovers each chain of the set, by the oracle (None: unparsed)."""
+    chains = {_chain_key(item): item for item in items}  # the set holds two recoveries a chain
+
+    def recovered(item: dict[str, Any]) -> dict[str, Any]:
+        out = student.recover_from(item["question"], tuple(item["invalid_steps"]), item["first_error"])
+        answer = out["final_answer"]
+        ok = None if not out["recover"].ok else answer is not None and answers_match(answer, item["reference_answer"])
+        return {"key": _chain_key(item), "verdict": ok}
+
+    lm = student.predictors()[0].lm
+    chosen = list(chains.values())
+    return _logged(chosen, recovered, _chain_key, lm, path, num_threads, constrained, "verification: recovering")
+
+
+def _chain_key(item: dict[str, Any]) -> str:
+    return item["key"].rsplit("#", 1)[0]
+
+
+def _logged(
+    items: list[dict[str, Any]],
+    run: Callable[[dict[str, Any]], dict[str, Any]],
+    key_of: Callable[[dict[str, Any]], str],
+    lm: dspy.LM,
+    path: Path,
+    num_threads: int,
+    constrained: bool,
+    description: str,
+) -> dict[str, bool | None]:
+    """`run` on each of `items` not yet in `path` (a JSONL of {"key", "verdict"}); every verdict by key."""
+    adapter = AnswerAdapter(constrained)
+    threads = dict(lm=lm, adapter=adapter, num_threads=num_threads, description=description)
+    return {r["key"]: r["verdict"] for r in map_logged(run, items, path, key_of, **threads)}
+
+
+def gap_row(
+    items: list[dict[str, Any]],
+    frozen: dict[str, bool | None],
+    own_judging: dict[str, bool | None],
+    own_recovering: dict[str, bool | None],
+) -> dict[str, Any]:
+    """A round's line of the gap: each judge's balanced accuracy against the oracle (an unparsed
+    verdict counts as wrong: the verdict the oracle does not give), the student's recovery
+    accuracy on the same chains, and the difference."""
+    truth = [item["oracle_ok"] for item in items]
+
+    def balanced(verdicts: dict[str, bool | None]) -> float | None:
+        said = [verdicts.get(item["key"]) for item in items]
+        return balanced_accuracy([s if s is not None else not t for s, t in zip(said, truth)], truth)["value"]
+
+    recovering = rate(bool(v) for v in own_recovering.values())
+    judging = balanced(own_judging)
+    return {
+        "n": len(items),
+        "accepted": sum(truth),
+        "rejected": len(truth) - sum(truth),
+        "judge_balanced_accuracy": balanced(frozen),
+        "self_judge_balanced_accuracy": judging,
+        "recovery": recovering.to_dict(),
+        "gap": None if judging is None or not recovering.n else judging - recovering.value,
+    }
+
+
+class GapMeter:
+    """The set and the frozen judge's verdicts, made once; `row(student, folder)` scores a round."""
+
+    def __init__(
+        self,
+        items: list[dict[str, Any]],
+        frozen: dict[str, bool | None],
+        judge_demos: dict[str, list[dspy.Example]],
+        *,
+        num_threads: int = 8,
+        constrained: bool = True,
+    ):
+        self.items, self.frozen, self.judge_demos = items, frozen, judge_demos
+        self.options = {"num_threads": num_threads, "constrained": constrained}
+
+    def row(self, student: SelfCorrector, folder: Path) -> dict[str, Any]:
+        """The student's weights as judge (with `judge_demos` in its prompts) and as recoverer."""
+        own_judge = attach_demos(Judge(), self.judge_demos)
+        own_judge.set_lm(student.predictors()[0].lm)
+        judging = verdicts(self.items, own_judge, folder / "verification" / "self_judge.jsonl", **self.options)
+        recovering = own_recoveries(self.items, student, folder / "verification" / "recoveries.jsonl", **self.options)
+        return gap_row(self.items, self.frozen, judging, recovering)
