@@ -25,8 +25,8 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
