@@ -108,7 +108,10 @@ def compile_command(
     success before and after. Rerun with the same --run-dir to resume: finished steps are not repeated."""
     if metric == "oracle" and judge_warm_up:
         raise Refused("--judge-warm-up trains a judge that --metric oracle never asks: choose one")
-    config = replace(config, loop=replace(config.loop, rounds=1, warm_up=warm_up_first, judge_warm_up=judge_warm_up))
+    # One round fed by the injector: no written scenarios, so no verification set is reserved for the
+    # generation-verification gap (the loop's, across rounds).
+    loop = replace(config.loop, rounds=1, warm_up=warm_up_first, judge_warm_up=judge_warm_up, verification_chains=0)
+    config = replace(config, loop=loop)
     if (warm_up_first or judge_warm_up) and not config.loop.ground_truth:
         raise Refused("--warm-up and --judge-warm-up need ground truth to train on: set --ground-truth above 0")
     try:
