@@ -43,6 +43,7 @@ from misstep.lm.checkpoint import SUMMARY, weights_record
 from misstep.lm.kernels import train_linears_through_onednn
 
 LOSS_WEIGHTINGS = ("tokens", "fields")
+Row = tuple[list[int], list[int], list[float]]  # a tokenized record: (input ids, labels, loss weights)
 # DSPy's ChatAdapter writes each output field as a "[[ ## name ## ]]" line and then its value.
 FIELD_MARKER = re.compile(r"\[\[ ## \w+ ## \]\]")
 
@@ -89,6 +90,11 @@ class TrainSettings:
     # a long record outweighs a short one; or "fields", one mean per record in which each field's
     # value, and the markers together, weigh the same (answer_weights).
     loss_weighting: str = "tokens"
+    # Give every stage (every distinct system prompt: one signature's instructions) the same share
+    # of the loss, however many records and answer tokens it has, and divide each batch's loss by
+    # a constant rather than by its own weights, so a batch of short stage-3 answers weighs as
+    # much as its share says (balanced_rows). False: records count by their tokens.
+    stage_balance: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -137,9 +143,7 @@ def answer_weights(answer: str, offsets: list[tuple[int, int]], weighting: str) 
     return [1.0 / (len(sizes) * sizes[i]) for i in segment]
 
 
-def tokenize_chat(
-    tokenizer, messages: list[dict[str, str]], max_length: int, weighting: str = "tokens"
-) -> tuple[list[int], list[int], list[float]]:
+def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int, weighting: str = "tokens") -> Row:
     """(input ids, labels, loss weights) of one chat: labels are -100 everywhere but the final
     assistant turn, weights 0 there too and by `weighting` (answer_weights) on the answer."""
     if not messages or messages[-1]["role"] != "assistant":
@@ -161,9 +165,7 @@ def tokenize_chat(
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids, [0.0] * len(prompt_ids) + weights
 
 
-def record_row(
-    tokenizer, record: dict[str, Any], number: int, settings: TrainSettings
-) -> tuple[list[int], list[int], list[float]]:
+def record_row(tokenizer, record: dict[str, Any], number: int, settings: TrainSettings) -> Row:
     """One training record as (input ids, labels, loss weights): its chat tokenized by
     `tokenize_chat`, the weights scaled by the record's own "weight" (1 where it has none), so
     that one kind of record can count for more than another."""
@@ -174,6 +176,28 @@ def record_row(
     return ids, labels, [w * weight for w in weights]
 
 
+def stage_of(record: dict[str, Any]) -> str:
+    """Which stage a chat record trains: its system prompt (a signature's instructions and fields),
+    "" for a record without one."""
+    first = record["messages"][0]
+    return first["content"] if first["role"] == "system" else ""
+
+
+def balanced_rows(rows: list[Row], stages: list[str]) -> tuple[list[Row], float]:
+    """`rows` with their loss weights scaled so that every stage's rows together weigh the same,
+    and the mean weight a row then carries (a batch of n rows divides its loss by n times it, the
+    same for every batch, so a stage's share of the loss holds batch by batch in expectation)."""
+    totals: Counter[str] = Counter()
+    for (_, _, weights), stage in zip(rows, stages, strict=True):
+        totals[stage] += sum(weights)
+    share = sum(totals.values()) / len(totals)
+    scaled = [
+        (ids, labels, [w * share / totals[stage] for w in weights])
+        for (ids, labels, weights), stage in zip(rows, stages)
+    ]
+    return scaled, share * len(totals) / len(rows)
+
+
 class AnswerLoss(torch.nn.Module):
     """The model with `answer_loss` as its forward, so DistributedDataParallel can wrap it."""
 
@@ -182,12 +206,11 @@ class AnswerLoss(torch.nn.Module):
         self.model = model
         self.share_prefix = share_prefix
 
-    def forward(self, input_ids, attention_mask, labels, weights) -> torch.Tensor:
-        return answer_loss(
-            self.model,
-            {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights},
-            share_prefix=self.share_prefix,
-        )
+    def forward(self, input_ids, attention_mask, labels, weights, normalizer=None) -> torch.Tensor:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights}
+        if normalizer is not None:
+            batch["normalizer"] = normalizer
+        return answer_loss(self.model, batch, share_prefix=self.share_prefix)
 
 
 # A shared prefix shorter than this is not worth a second forward call.
@@ -208,7 +231,8 @@ def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
 
 def answer_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = False) -> torch.Tensor:
     """Next-token loss over the answer tokens only, averaged by the batch's "weights" (a plain
-    mean where they are all 1).
+    mean where they are all 1), or summed with them and divided by the batch's "normalizer" where
+    it has one (balanced_rows).
 
     The vocabulary projection runs on the answer positions alone: answers are a few
     dozen tokens of prompts that run to a thousand, and a 49k-word head over every
@@ -237,17 +261,22 @@ def answer_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = Fals
     logits = causal_lm.lm_head(hidden[:, :-1][scored])
     losses = torch.nn.functional.cross_entropy(logits.float(), targets[scored], reduction="none")
     weights = batch["weights"][:, shared + 1 :][scored]
-    return (losses * weights).sum() / weights.sum()
+    normalizer = batch.get("normalizer")
+    return (losses * weights).sum() / (weights.sum() if normalizer is None else normalizer)
 
 
-def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int) -> dict[str, torch.Tensor]:
+def _collate(rows: list[Row], pad_id: int, row_weight: float | None = None) -> dict[str, torch.Tensor]:
+    """A padded batch; with `row_weight` (balanced_rows), its loss's constant divisor too."""
     width = max(len(ids) for ids, _, _ in rows)
-    return {  # right padding for training; padded positions carry no loss
+    batch = {  # right padding for training; padded positions carry no loss
         "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _, _ in rows]),
         "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in rows]),
         "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels, _ in rows]),
         "weights": torch.tensor([weights + [0.0] * (width - len(weights)) for _, _, weights in rows]),
     }
+    if row_weight is not None:
+        batch["normalizer"] = torch.tensor(row_weight * len(rows))
+    return batch
 
 
 def _distributed() -> tuple[bool, int, int, int]:
@@ -285,6 +314,9 @@ def train_chat(
     tokenizer, model = _trainable_model(model_dir, settings, place.device)
     loss_of = _loss_module(model, settings, place)
     rows = [record_row(tokenizer, r, number, settings) for number, r in enumerate(records)]
+    row_weight = None
+    if settings.stage_balance:
+        rows, row_weight = balanced_rows(rows, [stage_of(r) for r in records])
     global_batch = settings.batch_size * place.world  # each rank trains on its slice of every batch
     steps_per_epoch = math.ceil(len(rows) / (global_batch * settings.gradient_accumulation))
     total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
@@ -314,7 +346,9 @@ def train_chat(
             batches = [
                 _next_batch(rows, state.order, global_batch, place) for _ in range(settings.gradient_accumulation)
             ]
-            loss, tokens = _train_step(loss_of, batches, tokenizer.pad_token_id, place, trainable, optimizer, schedule)
+            loss, tokens = _train_step(
+                loss_of, batches, tokenizer.pad_token_id, place, trainable, optimizer, schedule, row_weight
+            )
             state.record(step + 1, loss, tokens)
             log.write(_log_line(step + 1, loss, schedule.get_last_lr()[0], tokens, time.perf_counter() - step_started))
             log.flush()
@@ -496,9 +530,7 @@ def _progress_bar(shown: bool) -> Progress:
     )
 
 
-def _next_batch(
-    rows: list[tuple[list[int], list[int], list[float]]], order: list[int], global_batch: int, place: Placement
-) -> list[tuple[list[int], list[int], list[float]]]:
+def _next_batch(rows: list[Row], order: list[int], global_batch: int, place: Placement) -> list[Row]:
     """This rank's slice of the next global batch, drawn from `order` (refilled with a new shuffle
     of all rows when it runs short, so epochs follow one another without a gap)."""
     while len(order) < global_batch:
@@ -510,18 +542,19 @@ def _next_batch(
 
 def _train_step(
     loss_of: torch.nn.Module,
-    batches: list[list[tuple[list[int], list[int], list[float]]]],
+    batches: list[list[Row]],
     pad_id: int,
     place: Placement,
     trainable: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
+    row_weight: float | None = None,
 ) -> tuple[float, int]:
     """One optimizer step on the gradients of `batches` (gradient accumulation); return the step's
-    loss (the ranks' mean) and its tokens (all ranks')."""
+    loss (the ranks' mean) and its tokens (all ranks'). `row_weight`: see balanced_rows."""
     step_loss = torch.zeros(2, device=place.device)  # (loss, tokens), summed over ranks for the log
     for rows in batches:
-        batch = {k: v.to(place.device) for k, v in _collate(rows, pad_id).items()}
+        batch = {k: v.to(place.device) for k, v in _collate(rows, pad_id, row_weight).items()}
         with torch.autocast(place.device.type, dtype=torch.bfloat16, enabled=place.bf16):
             loss = loss_of(**batch) / len(batches)
         loss.backward()
@@ -579,6 +612,8 @@ def data_key(records: list[dict[str, Any]], settings: TrainSettings) -> str:
     shaping["lora_alpha"] = settings.lora_alpha or 2 * settings.lora_rank
     if shaping["loss_weighting"] == "tokens":
         del shaping["loss_weighting"]
+    if not shaping["stage_balance"]:
+        del shaping["stage_balance"]
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
     for record in records:
         digest.update(json.dumps(record, sort_keys=True).encode())

@@ -90,6 +90,10 @@ OPTIONS: dict[str, Option] = {
         ("train.loss_weighting",),
         "tokens (one mean over the answer tokens) or fields (each field's value weighs as much as all the markers)",
     ),
+    "stage_balance": Option(
+        ("train.stage_balance",),
+        "every stage (signature) gets the same share of the loss, however many records and tokens it has",
+    ),
     # the loop
     "rounds": Option(("loop.rounds",), "rounds of write, judge, keep, compile, measure"),
     "seed_chains": Option(("loop.seed_chains",), "valid chains the model writes scenarios from, per round"),
@@ -152,6 +156,7 @@ TRAINING = (
     "gradient_checkpointing",
     "launcher",
     "loss_weighting",
+    "stage_balance",
 )
 SERVING = ("engine", "vllm_python", "tensor_parallel", "vllm_arg")
 

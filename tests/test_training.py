@@ -85,6 +85,52 @@ def test_a_record_of_weight_two_counts_as_the_record_twice(tiny_model_dir, chat_
         record_row(tokenizer, {**second, "weight": 0}, 1, settings)
 
 
+def test_stage_balance_gives_every_stage_the_same_share_of_the_loss(tiny_model_dir, chat_records, tmp_path):
+    """Over all the records, the balanced loss is the mean of the stages' own mean losses, however
+    many records and answer tokens each stage has; the plain loss is not (on a model trained on
+    one stage a little, so that the stages' losses differ)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from misstep.lm.training import AnswerLoss, _collate, balanced_rows, record_row, stage_of
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    settings = TrainSettings(max_length=512)
+    stages = [stage_of(r) for r in chat_records]
+    # Stages of unequal size: the first stage's records five times, so they would dominate a plain mean.
+    first = stages[0]
+    records = chat_records + [r for r in chat_records if stage_of(r) == first] * 4
+    stages = [stage_of(r) for r in records]
+    assert len(set(stages)) == 2  # locate and recover
+    rows = [record_row(tokenizer, r, i, settings) for i, r in enumerate(records)]
+    balanced, row_weight = balanced_rows(rows, stages)
+    totals = {s: sum(sum(w) for (_, _, w), t in zip(balanced, stages) if t == s) for s in set(stages)}
+    assert list(totals.values()) == pytest.approx([next(iter(totals.values()))] * len(totals))
+    assert row_weight * len(rows) == pytest.approx(sum(totals.values()))
+    trained = tmp_path / "one-stage"
+    one_stage = TrainSettings(method="full", learning_rate=1e-2, epochs=3, max_length=512, batch_size=2)
+    train_chat(tiny_model_dir, [r for r in records if stage_of(r) == first], trained, one_stage, show_progress=False)
+    model = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.float32)
+    with torch.no_grad():
+        per_stage = [
+            AnswerLoss(model)(**_collate([r for r, t in zip(rows, stages) if t == s], tokenizer.pad_token_id))
+            for s in totals
+        ]
+        whole = AnswerLoss(model)(**_collate(balanced, tokenizer.pad_token_id, row_weight))
+        plain = AnswerLoss(model)(**_collate(rows, tokenizer.pad_token_id))
+    assert abs(per_stage[0] - per_stage[1]) > 1.0
+    torch.testing.assert_close(whole, torch.stack(per_stage).mean())
+    assert abs(plain - whole) > 0.1
+
+
+def test_stage_balance_is_part_of_what_a_resume_must_match(chat_records):
+    from misstep.lm.training import data_key
+
+    plain = data_key(chat_records, TrainSettings())
+    assert data_key(chat_records, TrainSettings(stage_balance=False)) == plain  # older resume points still match
+    assert data_key(chat_records, TrainSettings(stage_balance=True)) != plain
+
+
 @pytest.mark.parametrize("method,checkpointing", [("full", False), ("lora", False), ("full", True)])
 def test_onednn_products_give_mkls_loss_and_gradients(tiny_model_dir, chat_records, method, checkpointing):
     """Every linear layer (LoRA's too) runs forward and backward through oneDNN, recomputation under
