@@ -211,6 +211,7 @@ def control_command(
     loss: opt.ControlLoss = None,
     adam_beta2: opt.ControlBeta2 = None,
     loss_weighting: opt.ControlWeighting = None,
+    positions: opt.ControlPositions = None,
     model: opt.Model = DEFAULT_MODEL,
     run_dir: opt.ControlRunDir = Path("runs/control"),
     results: opt.ControlResults = None,
@@ -221,10 +222,10 @@ def control_command(
     constrained: opt.ControlConstrained = False,
 ) -> None:
     """The positive control: fine-tune stage 3 alone on injector-labelled chains (first errors
-    balanced across steps, 15% valid), measure location on a held-out split beside the majority
+    placed by --positions, 15% valid), measure location on a held-out split beside the majority
     and last-step baselines. Every combination of the repeated options is one run; finished runs
     are skipped, a killed one resumes."""
-    runs = control_grid(sizes, cue, learning_rate, epochs, loss, adam_beta2, loss_weighting, seed)
+    runs = control_grid(sizes, cue, learning_rate, epochs, loss, adam_beta2, loss_weighting, seed, positions)
     items, pool = inputs.split_items(split), training_pool(inputs.chains_of(data))
     settings = TrainSettings(method="full", batch_size=batch_size, max_length=max_length, seed=seed)
     common = dict(

@@ -27,7 +27,7 @@ from misstep.lm.training import LOSS_WEIGHTINGS
 from misstep.optimize.arms import KEEP_ARMS
 from misstep.optimize.compile import NothingToTrainOn
 from misstep.optimize.config import ConfigError, RunConfig, apply, load_config
-from misstep.optimize.control import CUE_MODES, LOSSES
+from misstep.optimize.control import CUE_MODES, LOSSES, POSITION_MODES
 from misstep.shown import console
 
 
@@ -414,6 +414,11 @@ ControlWeighting = _option(
     list[_choices("LossWeighting", LOSS_WEIGHTINGS)] | None,
     "tokens (one mean over the answer tokens) or fields (each field's value weighs as much as all markers) "
     "(repeat; default tokens)",
+)
+ControlPositions = _option(
+    list[_choices("Positions", POSITION_MODES)] | None,
+    "where training chains' first errors lie: balanced (even over steps 1-5 and 6+), natural (the injector's "
+    "choice, as the held-out splits), or pairs (each question twice, errors at two steps) (repeat; default balanced)",
 )
 ControlRunDir = _option(Path, "one folder per run; rerun to resume")
 ControlConstrained = _option(

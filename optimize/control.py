@@ -43,7 +43,14 @@ from misstep.lm.launch import train
 from misstep.lm.training import LOSS_WEIGHTINGS, TrainSettings
 from misstep.metrics.checks import location_correct
 from misstep.metrics.heldout import confusion, read_predictions, score, slices
-from misstep.metrics.injector import InjectionError, applicable_steps, has_annotations, inject, types_in_turn
+from misstep.metrics.injector import (
+    InjectionError,
+    applicable_steps,
+    has_annotations,
+    inject,
+    inject_many,
+    types_in_turn,
+)
 from misstep.metrics.oracle import first_error
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, ground_truth_demos
 from misstep.programs import SelfCorrectionCycle, SelfCorrector
@@ -54,6 +61,13 @@ CUE = " (check this step)"
 VALID_SHARE = 0.15
 # First-error positions are balanced over steps 1..POSITIONS-1 and one bucket for every later step.
 POSITIONS = 6
+# Where the training chains' first errors lie: "balanced" over the position buckets above (which
+# puts most late errors on a chain's last step, since few chains are long); "natural", the
+# injector's own choice among a chain's steps, the way the held-out splits are drawn, so no
+# shortcut (the last step, a position) pays more in training than it does on held-out items;
+# "pairs", each question twice with its first error at two different steps, so that only the
+# steps' content tells the labels apart.
+POSITION_MODES = ("balanced", "natural", "pairs")
 LOSSES = ("stage3", "all")
 CUE_MODES = ("cue", "real")  # the erroneous step marked in the chains, or not
 
@@ -71,17 +85,37 @@ def _bucket(label: int) -> int:
     return min(label, POSITIONS - 1)
 
 
-def control_chains(pool: list[Chain], n: int, valid_share: float = VALID_SHARE, seed: int = 0) -> list[Chain]:
-    """`n` labelled chains from valid `pool` chains, one per question: `round(n * valid_share)` valid
-    ones, the rest injected with first-error positions as even across buckets as the pool allows,
-    error types in turn. Each bucket holds at most its even share, ceil(invalid / POSITIONS); where
-    the pool runs out under that cap, the cap rises by one and the unused chains are tried again.
-    A pure function of the inputs."""
+def control_chains(
+    pool: list[Chain], n: int, valid_share: float = VALID_SHARE, seed: int = 0, positions: str = "balanced"
+) -> list[Chain]:
+    """`n` labelled chains from valid `pool` chains: `round(n * valid_share)` valid ones, the rest
+    injected, error types in turn, with first errors placed by `positions` (POSITION_MODES).
+    "balanced": one chain per question, positions as even across buckets as the pool allows, each
+    bucket at most its even share, ceil(invalid / POSITIONS); where the pool runs out under that
+    cap, the cap rises by one and the unused chains are tried again. A pure function of the inputs."""
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions takes {' or '.join(POSITION_MODES)}, not {positions!r}")
     n_valid = round(n * valid_share)
     n_invalid = n - n_valid
     checkable = [c for c in shuffled(pool, seed) if c.is_valid and first_error(c.steps) is None]
     valid = checkable[1::2][:n_valid]  # valid and invalid chains from the same stretch of the pool
     taken = {id(c) for c in valid}
+    if positions == "natural":
+        rest = [c for c in checkable if id(c) not in taken and has_annotations(c)]
+        invalid = [bad for _, bad, _ in inject_many(rest, seed=seed)][:n_invalid]
+    elif positions == "pairs":
+        invalid = _paired_injections([c for c in checkable if id(c) not in taken], n_invalid, seed)
+    else:
+        invalid = _balanced_chains(checkable, taken, n_invalid, seed)
+    if len(invalid) < n_invalid or len(valid) < n_valid:
+        raise ValueError(
+            f"the pool of {len(pool)} chains gives {len(invalid)} invalid and {len(valid)} valid "
+            f"chains, fewer than the {n_invalid} and {n_valid} asked for"
+        )
+    return shuffled(invalid + valid, seed)
+
+
+def _balanced_chains(checkable: list[Chain], taken: set[int], n_invalid: int, seed: int) -> list[Chain]:
     counts: Counter[int] = Counter()
     invalid: list[Chain] = []
     cap = math.ceil(n_invalid / POSITIONS)
@@ -100,12 +134,33 @@ def control_chains(pool: list[Chain], n: int, valid_share: float = VALID_SHARE, 
         if len(invalid) == before and cap >= n_invalid:
             break  # no chain left that takes an error, whatever the cap
         cap += 1
-    if len(invalid) < n_invalid or len(valid) < n_valid:
-        raise ValueError(
-            f"the pool of {len(pool)} chains gives {len(invalid)} invalid and {len(valid)} valid "
-            f"chains, fewer than the {n_invalid} and {n_valid} asked for"
-        )
-    return shuffled(invalid + valid, seed)
+    return invalid
+
+
+def _paired_injections(chains: list[Chain], n_invalid: int, seed: int) -> list[Chain]:
+    """Two injected versions of each chain (until `n_invalid`), their first errors at different steps:
+    the injector's own choice, then one drawn among the other (error type, step) choices that put
+    the first error elsewhere. Both change the answer."""
+    out: list[Chain] = []
+    for number, chain in enumerate(chains):
+        if len(out) >= n_invalid:
+            break
+        if not has_annotations(chain):
+            continue
+        versions: list[Chain] = []
+        choices = [(t, step) for t in types_in_turn(number) for step in applicable_steps(chain, t)]
+        random.Random(f"{seed}:{chain.source_id}").shuffle(choices)
+        for error_type, step in [(t, None) for t in types_in_turn(number)] + choices:
+            try:
+                bad = inject(chain, error_type, step=step, seed=seed)
+            except InjectionError:
+                continue
+            if bad.answer != chain.answer and all(v.mistake_index != bad.mistake_index for v in versions):
+                versions.append(bad)
+            if len(versions) == 2:
+                out += versions
+                break
+    return out[:n_invalid]
 
 
 def _balanced_injection(chain: Chain, number: int, counts: Counter, cap: int, seed: int) -> Chain | None:
@@ -164,8 +219,11 @@ class ControlRun:
     seed: int = 0
     adam_beta2: float = 0.999
     loss_weighting: str = "tokens"  # TrainSettings.loss_weighting
+    positions: str = "balanced"  # POSITION_MODES: where the training chains' first errors lie
 
     def __post_init__(self) -> None:
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions takes {' or '.join(POSITION_MODES)}, not {self.positions!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss takes {' or '.join(LOSSES)}, not {self.loss!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -175,9 +233,10 @@ class ControlRun:
     def name(self) -> str:
         beta2 = "" if self.adam_beta2 == 0.999 else f"-b{self.adam_beta2:g}"
         weighting = "" if self.loss_weighting == "tokens" else f"-w{self.loss_weighting}"
+        positions = "" if self.positions == "balanced" else f"-p{self.positions}"
         return (
             f"{'cue' if self.cue else 'real'}-n{self.train_records}-lr{self.learning_rate:g}"
-            f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}-s{self.seed}"
+            f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}{positions}-s{self.seed}"
         )
 
 
@@ -190,16 +249,17 @@ def control_grid(
     adam_beta2s: list[float] | None = None,
     loss_weightings: list[str] | None = None,
     seed: int = 0,
+    positions: list[str] | None = None,
 ) -> list[ControlRun]:
     """One run for every combination of the settings given (`modes`: "cue" and/or "real"), in that
     order; a setting not given takes its default (1,000 records, both modes, lr 1e-4, 1 epoch, the
-    stage-3 loss, beta2 0.999, a plain mean over tokens)."""
+    stage-3 loss, beta2 0.999, a plain mean over tokens, balanced positions)."""
     modes = modes or list(CUE_MODES)
     unknown = sorted(set(modes) - set(CUE_MODES))
     if unknown:
         raise ValueError(f"modes takes {' or '.join(CUE_MODES)}, not {unknown}")
     return [
-        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w))
+        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w), str(p))
         for n in sizes or [1000]
         for mode in modes
         for lr in learning_rates or [1e-4]
@@ -207,6 +267,7 @@ def control_grid(
         for loss in losses or ["stage3"]
         for b2 in adam_beta2s or [0.999]
         for w in loss_weightings or ["tokens"]
+        for p in positions or ["balanced"]
     ]
 
 
@@ -284,7 +345,7 @@ def run_control(
     if result_path.exists():
         return json.loads(result_path.read_text())
     pool = without_heldout(pool, [item.chain for item in items])
-    chains = control_chains(pool, run.train_records, seed=run.seed)
+    chains = control_chains(pool, run.train_records, seed=run.seed, positions=run.positions)
     records = training_records(chains, cue=run.cue, loss=run.loss, seed=run.seed)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "model"

@@ -10,6 +10,7 @@ from misstep.data import load_chains, sample_path
 from misstep.data.records import format_steps
 from misstep.data.splits import load_split, split_path
 from misstep.lm.training import TrainSettings
+from misstep.metrics.injector import INJECTABLE_TYPES
 from misstep.metrics.oracle import first_error
 from misstep.optimize.control import CUE, POSITIONS, ControlRun, control_chains, run_control, training_records
 
@@ -48,6 +49,52 @@ def test_control_chains_balance_positions_and_keep_the_valid_share(pool):
     assert control_chains(pool, 14, seed=0) == chains  # a pure function of its inputs
     with pytest.raises(ValueError, match="fewer than"):
         control_chains(pool[:5], 20)
+
+
+def test_natural_positions_are_the_injectors_own_choice_as_in_the_heldout_splits(pool):
+    """Each invalid chain is what the injector makes of its source unasked, as in the held-out splits
+    (on GSM8K's train set 43% of them then err at the last step, against 71% balanced)."""
+    from misstep.metrics.injector import inject
+
+    natural = control_chains(pool, 14, seed=0, positions="natural")
+    assert len(natural) == 14 and sum(c.mistake_index is None for c in natural) == 2
+    by_question = {c.question: c for c in pool}
+    types = {}
+    for chain in natural:  # each invalid chain is what the injector makes of its source on its own
+        source = by_question[chain.question]
+        if chain.mistake_index is not None:
+            types[chain.question] = next(t for t in INJECTABLE_TYPES if _injects(inject, source, t, chain))
+    assert len(types) == 12
+    assert control_chains(pool, 14, seed=0, positions="natural") == natural
+
+
+def _injects(inject, source, error_type, chain):
+    from misstep.metrics.injector import InjectionError
+
+    try:
+        return inject(source, error_type, seed=0) == chain
+    except (InjectionError, ValueError):
+        return False
+
+
+def test_paired_positions_give_each_question_two_different_first_errors(pool):
+    chains = control_chains(pool, 14, seed=0, positions="pairs")
+    bad = [c for c in chains if c.mistake_index is not None]
+    assert len(chains) == 14 and len(bad) == 12
+    by_question: dict[str, list] = {}
+    for chain in bad:
+        by_question.setdefault(chain.question, []).append(chain)
+    assert len(by_question) == 6
+    sources = {c.question: c for c in pool}
+    for question, pair in by_question.items():
+        assert len(pair) == 2 and pair[0].mistake_index != pair[1].mistake_index
+        for chain in pair:  # both real first errors that change the answer
+            assert first_error(chain.steps, reference=sources[question].steps) == chain.mistake_index
+            assert chain.answer != sources[question].answer
+    valid_questions = {c.question for c in chains if c.mistake_index is None}
+    assert not valid_questions & set(by_question)  # valid chains come from other questions
+    with pytest.raises(ValueError, match="positions takes"):
+        control_chains(pool, 14, positions="sorted")
 
 
 def test_the_cue_marks_exactly_the_first_erroneous_step(pool):
