@@ -39,6 +39,21 @@ def injected_pairs(chains: list[Chain], k: int, seed: int = 0) -> list[tuple[Cha
     return [(valid, bad) for valid, bad, _ in inject_many(checkable(chains), error_types=ALIGNED_TYPES, seed=seed)][:k]
 
 
+def checked_recovery(
+    corrector: SelfCorrector, question: str, steps: tuple[str, ...], first_error: int, reference_answer: str
+) -> dict[str, Any]:
+    """`corrector`'s recovery (stage 4, told where the first error is) with the oracle's verdict:
+    whether it parsed, its steps and final answer, and whether that answer is the reference's."""
+    out = corrector.recover_from(question, steps, first_error)
+    answer = out["final_answer"]
+    return {
+        "parsed": out["recover"].ok,
+        "recovered_steps": list(out["recovered_steps"]),
+        "final_answer": answer,
+        "recovery_ok": answer is not None and answers_match(answer, reference_answer),
+    }
+
+
 def written_failures(
     pairs: list[tuple[Chain, Chain]],
     lm: dspy.LM,
@@ -56,14 +71,9 @@ def written_failures(
 
     def recover(pair: tuple[Chain, Chain]) -> dict[str, Any]:
         valid, bad = pair
-        out = corrector.recover_from(bad.question, bad.steps, bad.mistake_index)
-        return {
-            "source_id": bad.source_id,
-            "parsed": out["recover"].ok,
-            "recovery": recovery_text(out["recovered_steps"], out["final_answer"]) if out["recover"].ok else None,
-            "final_answer": out["final_answer"],
-            "recovery_ok": out["final_answer"] is not None and answers_match(out["final_answer"], valid.answer),
-        }
+        checked = checked_recovery(corrector, bad.question, bad.steps, bad.mistake_index, valid.answer)
+        shown = recovery_text(checked["recovered_steps"], checked["final_answer"]) if checked["parsed"] else None
+        return {"source_id": bad.source_id, "recovery": shown, **checked}
 
     records = map_logged(
         recover,

@@ -26,10 +26,9 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain
-from misstep.metrics.oracle import answers_match
 from misstep.metrics.stats import balanced_accuracy, rate
 from misstep.optimize.demos import attach_demos
-from misstep.optimize.judge_data import injected_pairs
+from misstep.optimize.judge_data import checked_recovery, injected_pairs
 from misstep.programs import Judge, SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
 from misstep.programs.parallel import map_logged
@@ -55,7 +54,7 @@ def build_set(
 
     def recover(item: tuple[Chain, Chain, int]) -> dict[str, Any]:
         valid, bad, how = item
-        out = (student if how == 0 else sampler).recover_from(bad.question, bad.steps, bad.mistake_index)
+        corrector = student if how == 0 else sampler
         return {
             "key": f"{bad.source_id}#{how}",
             "question": bad.question,
@@ -63,10 +62,7 @@ def build_set(
             "invalid_steps": list(bad.steps),
             "first_error": bad.mistake_index,
             "reference_answer": valid.answer,
-            "parsed": out["recover"].ok,
-            "recovered_steps": list(out["recovered_steps"]),
-            "final_answer": out["final_answer"],
-            "oracle_ok": out["final_answer"] is not None and answers_match(out["final_answer"], valid.answer),
+            **checked_recovery(corrector, bad.question, bad.steps, bad.mistake_index, valid.answer),
         }
 
     records = map_logged(
@@ -110,10 +106,10 @@ def own_recoveries(
     chains = {_chain_key(item): item for item in items}  # the set holds two recoveries a chain
 
     def recovered(item: dict[str, Any]) -> dict[str, Any]:
-        out = student.recover_from(item["question"], tuple(item["invalid_steps"]), item["first_error"])
-        answer = out["final_answer"]
-        ok = None if not out["recover"].ok else answer is not None and answers_match(answer, item["reference_answer"])
-        return {"key": _chain_key(item), "verdict": ok}
+        checked = checked_recovery(
+            student, item["question"], tuple(item["invalid_steps"]), item["first_error"], item["reference_answer"]
+        )
+        return {"key": _chain_key(item), "verdict": checked["recovery_ok"] if checked["parsed"] else None}
 
     lm = student.predictors()[0].lm
     chosen = list(chains.values())
@@ -149,7 +145,7 @@ def gap_row(
     """A round's line of the gap: each judge's balanced accuracy against the oracle (an unparsed
     verdict counts as wrong: the verdict the oracle does not give), the student's recovery
     accuracy on the same chains, and the difference."""
-    truth = [item["oracle_ok"] for item in items]
+    truth = [item["recovery_ok"] for item in items]
 
     def balanced(verdicts: dict[str, bool | None]) -> float | None:
         said = [verdicts.get(item["key"]) for item in items]
