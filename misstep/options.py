@@ -105,6 +105,10 @@ OPTIONS: dict[str, Option] = {
     "judge_warm_up": Option(
         ("loop.judge_warm_up",), "give the frozen judge its own weights, fine-tuned on ground-truth judgements alone"
     ),
+    "locate_warm_up": Option(
+        ("loop.locate_warm_up",),
+        "stage-3 chains labelled by the injector (first errors where it puts them, 15% valid) in round 0's warm-up",
+    ),
     "active": Option(("loop.active_selection",), "prefer the error types and chains the model failed on last round"),
     "trials": Option(("loop.tuning_trials",), "Optuna trials per round for the thresholds"),
     "candidates": Option(
@@ -134,6 +138,7 @@ LOOP = (
     "ground_truth",
     "warm_up",
     "judge_warm_up",
+    "locate_warm_up",
     "active",
     "trials",
     "candidates",

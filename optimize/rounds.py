@@ -50,6 +50,7 @@ from misstep.lm.provider import LocalProvider
 from misstep.metrics.health import judge_health
 from misstep.metrics.stats import Rate
 from misstep.optimize.compile import CompileResult, compile_program, compiled_or_resumed, warm_up
+from misstep.optimize.control import control_chains, training_records
 from misstep.optimize.demos import (
     attach_demos,
     demos_of,
@@ -114,14 +115,11 @@ def run_loop(
     if settings.self_judge:
         truth = _judge_truth(start, judge_lm, settings, start_dir / "judge")
         records += ground_truth_chat_data(Judge(), truth, AnswerAdapter())
-    student = _starting_student(start, provider, settings, _round_dir(start_dir, 0), seconds, records)
+    round_0 = _round_dir(start_dir, 0)
+    student = _starting_student(start, provider, settings, round_0, seconds, records + start.locate_records)
     with timed(seconds, "verification_set"):
         gap = _gap_meter(start, student, judge, settings, start_dir)
-    history = [
-        _finish_round(
-            0, _round_dir(start_dir, 0), student, measured, {}, settings, history=[], seconds=seconds, gap=gap
-        )
-    ]
+    history = [_finish_round(0, round_0, student, measured, {}, settings, history=[], seconds=seconds, gap=gap)]
 
     kept_so_far: dict[str, list[dspy.Example]] = {}
     labels = _label_counts(validation or heldout)
@@ -169,6 +167,7 @@ class StartingData:
     writer_types: set[str]  # the error types the writer is trained on
     judge_chains: list[Chain]  # the chains the judge's ground truth is made from (optimize/judge_data.py)
     verification_chains: list[Chain]  # the generation-verification gap's chains (optimize/verification.py)
+    locate_records: list[dict[str, Any]]  # stage 3's warm-up records on the control's data (locate_warm_up)
     pool: list[Chain]  # the valid chains left for seeds
 
 
@@ -209,6 +208,11 @@ def _starting_data(
     unused = [c for c in pool if c.question not in used]
     verification_chains = unused[: settings.verification_chains]
     used |= {c.question for c in verification_chains}
+    located = []
+    if settings.locate_warm_up:
+        unused = [c for c in pool if c.question not in used]
+        located = control_chains(unused, settings.locate_warm_up, seed=settings.seed + 5, positions="natural")
+        used |= {c.question for c in located}
     return StartingData(
         demos=demos,
         truth=truth,
@@ -217,6 +221,7 @@ def _starting_data(
         writer_types={t for t, examples in writer_truth.items() if examples["describe"]},
         judge_chains=judge_chains,
         verification_chains=verification_chains,
+        locate_records=training_records(located, cue=False, loss="stage3"),
         pool=[c for c in pool if c.question not in used],
     )
 

@@ -22,6 +22,10 @@ class LoopSettings:
     ground_truth: int = 16  # worked examples per stage in every compile (no model wrote them)
     warm_up: bool = True  # round 0 fine-tunes on the ground truth alone, so the model's answers parse
     judge_warm_up: bool = True  # the judge gets its own weights, fine-tuned on ground-truth judgements alone
+    # Stage-3 chains labelled by the injector (the positive control's data: first errors where the
+    # injector puts them, as in the held-out splits, 15% valid) added to round 0's warm-up, so the loop
+    # starts from a model trained on as many locations as the control needed to learn one (0: none).
+    locate_warm_up: int = 0
     demos: int = 2  # per stage, for the judge (and the student when there is no warm-up)
     active_selection: bool = True
     exploration: float = 0.3  # share of each round's seeds and error-type weight chosen at random
@@ -64,6 +68,7 @@ class LoopSettings:
             ("ground_truth", 0),
             ("demos", 0),
             ("verification_chains", 0),
+            ("locate_warm_up", 0),
         ):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, not {getattr(self, name)}")
@@ -76,6 +81,8 @@ class LoopSettings:
             raise ValueError(f"candidate_temperature must be in (0, 2], not {self.candidate_temperature}")
         if self.keep not in KEEP_ARMS:
             raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP_ARMS))}, not {self.keep!r}")
+        if self.locate_warm_up and not self.warm_up:
+            raise ValueError("locate_warm_up adds to round 0's warm-up: it needs warm_up")
         if self.probe_items < 1:
             raise ValueError(f"probe_items must be at least 1, not {self.probe_items}")
         if not self.error_types:

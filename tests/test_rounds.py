@@ -15,6 +15,7 @@ from misstep.lm import EmbeddedEngine, local_lm
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.evaluation import injected_gsm8k
+from misstep.metrics.health import StopRule
 from misstep.optimize.rounds import LoopSettings, run_loop
 from misstep.optimize.sources import select_seeds
 
@@ -40,6 +41,11 @@ def _settings(**overrides):
         error_types=["arithmetic_slip", "wrong_operand", "wrong_operation"],
     )
     return LoopSettings(**{**values, **overrides})
+
+
+# Three held-out items are too few for the stop rule to mean anything: a test of the rounds' mechanics
+# runs them all (a tiny model's answers are often one answer, which the rule calls collapse).
+RUNS_ALL_ROUNDS = StopRule(patience=10, max_top_share=1.0, min_diversity_ratio=0.0)
 
 
 class FailingOnce(LocalProvider):
@@ -79,7 +85,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
             heldout,
             provider=failing,
             judge_lm=judge_lm,
-            settings=_settings(),
+            settings=_settings(locate_warm_up=4, stop=RUNS_ALL_ROUNDS),
             run_dir=run_dir,
             validation=validation,
         )
@@ -94,7 +100,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
         heldout,
         provider=provider,
         judge_lm=judge_lm,
-        settings=_settings(),
+        settings=_settings(locate_warm_up=4, stop=RUNS_ALL_ROUNDS),
         run_dir=run_dir,
         validation=validation,
     )
@@ -154,7 +160,8 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
         assert sum("[[ ## mistake_description ## ]]" in a for a in answers) == 3 * 2  # describe
         assert sum("[[ ## invalid_chain ## ]]" in a for a in answers) == 3 * 2  # corrupt
     warm = json.loads((run_dir / "round-0" / "compile_report.json").read_text())
-    assert warm["warm_up"]["of_which_extra"] == 3 * 2 * 2  # 3 error types x (describe, corrupt) x 2 examples
+    # 3 error types x (describe, corrupt) x 2 examples, and 4 stage-3 records on the control's data
+    assert warm["warm_up"]["of_which_extra"] == 3 * 2 * 2 + 4
     assert json.loads((run_dir / "loop.json").read_text())["writer_ground_truth"] == {
         "arithmetic_slip": 2,
         "wrong_operand": 2,
@@ -409,3 +416,26 @@ def test_procedural_seeds_at_the_chosen_level_never_a_held_out_one_and_resumed_t
     again = run_loop(train_chains, heldout, **run)
     assert again == history and before == {r: (run_dir / f"round-{r}" / "selection.json").read_text() for r in (1, 2)}
     provider.close()
+
+
+def test_locate_warm_up_trains_round_0_on_the_controls_data_from_chains_nothing_else_uses(gsm8k_train, gsm8k_test):
+    """Stage-3 records on injector-labelled chains (15% valid), drawn where no demo, ground truth,
+    judge chain, verification chain, seed or held-out question comes from."""
+    from misstep.optimize.rounds import _starting_data
+
+    measured = {"heldout": {"gsm8k": gsm8k_test[:4]}, "validation": {}}
+    pool = gsm8k_test[:4] + gsm8k_train  # held-out questions in the training chains: never drawn
+    settings = _settings(locate_warm_up=20, verification_chains=2)
+    start = _starting_data(pool, measured, None, settings, writes=True)
+    assert len(start.locate_records) == 20
+    prompts = [r["messages"][-2]["content"] for r in start.locate_records]
+    answers = [r["messages"][-1]["content"] for r in start.locate_records]
+    assert sum("[[ ## has_mistake ## ]]\nFalse" in a for a in answers) == 3  # 15% valid
+    located = {q for q in (c.question for c in gsm8k_train) if any(q in p for p in prompts)}
+    assert len(located) >= 10
+    elsewhere = {c.question for c in start.pool + start.judge_chains + start.verification_chains + gsm8k_test[:4]}
+    elsewhere |= {e.question for examples in (*start.truth.values(), *start.demos.values()) for e in examples}
+    assert not located & elsewhere
+    assert _starting_data(pool, measured, None, _settings(), writes=True).locate_records == []
+    with pytest.raises(ValueError, match="needs warm_up"):
+        _settings(locate_warm_up=10, warm_up=False)
