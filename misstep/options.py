@@ -110,6 +110,10 @@ OPTIONS: dict[str, Option] = {
         "stage-3 chains labelled by the injector (first errors where it puts them, 15% valid) in round 0's warm-up",
     ),
     "active": Option(("loop.active_selection",), "prefer the error types and chains the model failed on last round"),
+    "recovery_items": Option(
+        ("loop.recovery_items",),
+        "recover from only the first N chains with a mistake of the reported GSM8K set, each round (default: all)",
+    ),
     "trials": Option(("loop.tuning_trials",), "Optuna trials per round for the thresholds"),
     "candidates": Option(
         ("loop.candidates",),
@@ -140,6 +144,7 @@ LOOP = (
     "judge_warm_up",
     "locate_warm_up",
     "active",
+    "recovery_items",
     "trials",
     "candidates",
     "candidate_temperature",

@@ -96,17 +96,22 @@ def generate(
 
 
 @holds_run_dir(lambda args: args["settings"].run_dir)
-def evaluate(chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover: bool = True) -> dict[str, Any]:
+def evaluate(
+    chains: list[Chain], lm: dspy.LM, settings: JobSettings, *, recover: bool = True, recover_limit: int | None = None
+) -> dict[str, Any]:
     """Location accuracy and recovery success of the self-corrector on labelled chains; writes
     predictions.jsonl, metrics.json and metrics.png into the run directory and returns the metrics.
-    The run directory is this process's while it runs (`RunLock`)."""
+    `recover_limit`: recover from the first that many chains with a mistake only (in `chains`' order,
+    so the same items each time). The run directory is this process's while it runs (`RunLock`)."""
     corrector = attach_demos(SelfCorrector(), settings.demos)
+    mistaken = [c.source_id for c in chains if c.mistake_index is not None]
+    recovered = set(mistaken[:recover_limit]) if recover else set()
     started = time.perf_counter()
     with JsonlLog(settings.run_dir / "predictions.jsonl") as log:
         done = {r["source_id"] for r in log.records}
         todo = [c for c in chains if c.source_id not in done]
         for _, record in map_threads(
-            lambda c: evaluate_chain(corrector, c, recover),
+            lambda c: evaluate_chain(corrector, c, c.source_id in recovered),
             todo,
             lm=lm,
             adapter=AnswerAdapter(settings.constrained),

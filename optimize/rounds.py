@@ -410,7 +410,7 @@ def _finish_round(
     seconds = dict(seconds or {})
     row: dict[str, Any] = {"round": r, "model": student.predictors()[0].lm.model}
     with timed(seconds, "heldout"):
-        row |= _measure(student, folder, measured, settings.num_threads, settings.constrained)
+        row |= _measure(student, folder, measured, settings)
     row["chosen_on"] = "validation" if measured.get("validation") else "heldout"
     if gap is not None:
         with timed(seconds, "verification"):
@@ -432,22 +432,20 @@ def _finish_round(
 
 
 def _measure(
-    student: SelfCorrector,
-    folder: Path,
-    measured: dict[str, dict[str, list[Chain]]],
-    num_threads: int,
-    constrained: bool,
+    student: SelfCorrector, folder: Path, measured: dict[str, dict[str, list[Chain]]], settings: LoopSettings
 ) -> dict[str, Any]:
     """The student's metrics on each set of `measured` ("heldout" under folder/heldout/<set>,
-    "validation" under folder/validation/<set>); recovery on the reported GSM8K set only."""
+    "validation" under folder/validation/<set>); recovery on the reported GSM8K set only (its first
+    `settings.recovery_items` chains with a mistake)."""
     lm = student.predictors()[0].lm
     demos = demos_of(student)
     out: dict[str, Any] = {}
     for kind, sets in measured.items():
         out[kind] = {}
         for name, chains in sets.items():
-            job = JobSettings(folder / kind / name, num_threads, demos, constrained=constrained)
-            result = evaluate(chains, lm, job, recover=kind == "heldout" and chains[0].task == "gsm8k")
+            job = JobSettings(folder / kind / name, settings.num_threads, demos, constrained=settings.constrained)
+            recover = kind == "heldout" and chains[0].task == "gsm8k"
+            result = evaluate(chains, lm, job, recover=recover, recover_limit=settings.recovery_items)
             out[kind][name] = {
                 task: {k: v for k, v in m.items() if k in _ROUND_METRICS}
                 for task, m in result.items()

@@ -42,6 +42,9 @@ class LoopSettings:
     # The student judges its own recoveries (stages 5-6 on its weights, trained on the judge's ground
     # truth in every compile) instead of the frozen judge.
     self_judge: bool = False
+    # The reported GSM8K set's first this-many chains with a mistake are also recovered from, each round
+    # (the same items every round, so rounds and arms pair); None: all of them.
+    recovery_items: int | None = None
     tuning_trials: int = 60
     min_yield: float = 0.05
     stop: StopRule = field(default_factory=StopRule)
@@ -81,6 +84,8 @@ class LoopSettings:
             raise ValueError(f"candidate_temperature must be in (0, 2], not {self.candidate_temperature}")
         if self.keep not in KEEP_ARMS:
             raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP_ARMS))}, not {self.keep!r}")
+        if self.recovery_items is not None and self.recovery_items < 1:
+            raise ValueError(f"recovery_items must be at least 1 (or None: all), not {self.recovery_items}")
         if self.locate_warm_up and not self.warm_up:
             raise ValueError("locate_warm_up adds to round 0's warm-up: it needs warm_up")
         if self.probe_items < 1:

@@ -85,7 +85,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
             heldout,
             provider=failing,
             judge_lm=judge_lm,
-            settings=_settings(locate_warm_up=4, stop=RUNS_ALL_ROUNDS),
+            settings=_settings(locate_warm_up=4, recovery_items=2, stop=RUNS_ALL_ROUNDS),
             run_dir=run_dir,
             validation=validation,
         )
@@ -100,7 +100,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
         heldout,
         provider=provider,
         judge_lm=judge_lm,
-        settings=_settings(locate_warm_up=4, stop=RUNS_ALL_ROUNDS),
+        settings=_settings(locate_warm_up=4, recovery_items=2, stop=RUNS_ALL_ROUNDS),
         run_dir=run_dir,
         validation=validation,
     )
@@ -134,6 +134,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
             assert (folder / name).exists(), f"round {r}: {name}"
         row = json.loads((folder / "round.json").read_text())
         assert row["heldout"]["gsm8k"]["gsm8k"]["location_accuracy"]["n"] == 3
+        assert row["heldout"]["gsm8k"]["gsm8k"]["recovery_success"]["n"] == 2  # recovery_items
         assert row["validation"]["gsm8k"]["gsm8k"]["location_accuracy"]["n"] == 3 and row["chosen_on"] == "validation"
         assert (
             "recovery_success" not in row["validation"]["gsm8k"]["gsm8k"]

@@ -249,3 +249,19 @@ def test_a_full_disk_at_each_write_of_a_one_round_optimize_stops_it_clearly_and_
         k: (expected.get(k), got.get(k)) for k in expected.keys() | got.keys() if expected.get(k) != got.get(k)
     }
     assert not differing, json.dumps(differing, indent=1, default=str)[:4000]
+
+
+def test_evaluate_recovers_from_the_first_n_mistaken_chains_only(tmp_path, tiny_lm, gsm8k_test):
+    """The same items each time: a round's recovery is measured on a fixed, pairable subset."""
+    from misstep.metrics.evaluation import injected_gsm8k
+    from misstep.optimize.jobs import JobSettings, evaluate
+
+    chains = injected_gsm8k(gsm8k_test[:6], 6)
+    mistaken = [c.source_id for c in chains if c.mistake_index is not None]
+    assert len(mistaken) >= 3
+    evaluate(chains, tiny_lm, JobSettings(tmp_path / "e", num_threads=2), recover_limit=2)
+    records = [json.loads(line) for line in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["source_id"] for r in records if "recovery_ok" in r) == sorted(mistaken[:2])
+    assert len(records) == len(chains)
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["gsm8k"]["recovery_success"]["n"] == 2
