@@ -26,7 +26,7 @@ from misstep.optimize.control import control_grid, publish, run_control, trainin
 from misstep.optimize.demos import questions_of
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
-from misstep.optimize.run import run_arms, run_rounds
+from misstep.optimize.run import arm_variants, run_arms, run_rounds
 from misstep.optimize.sources import InjectedTraces
 from misstep.options import COMMON, DATA, LOOP, SERVING, TRAINING, configured, refusing
 from misstep.shown import console, show_compile, show_control_run, show_evaluation, show_generation, show_splits
@@ -139,8 +139,10 @@ def optimize_command(
     splits: opt.Splits = None,
     heldout_size: opt.SplitLimit = None,
     bbm: opt.BbmTasks = None,
+    bbm_at_best: opt.BbmAtBest = None,
     level: opt.LevelSets = None,
     keep: opt.Keep = None,
+    seed_mode: opt.SeedModes = None,
     run_dir: opt.RunDir = None,
 ) -> None:
     """The self-improvement loop: each round the model writes scenarios, the frozen judge scores
@@ -161,16 +163,32 @@ def optimize_command(
         f"{', '.join(f'{k} {len(v)}' for k, v in test.items())}, chosen on (validation) "
         f"{', '.join(f'{k} {len(v)}' for k, v in validation.items())} -> {run}"
     )
-    arms = list(dict.fromkeys(str(arm) for arm in keep or []))  # each arm once, in the order given
+    keeps = list(dict.fromkeys(str(arm) for arm in keep or [config.loop.keep]))  # each once, in the order given
+    modes = list(dict.fromkeys(str(mode) for mode in seed_mode or [])) or None
+    try:
+        arms = arm_variants(config.loop, keeps, modes)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+    at_best = {f"bbm-{t}": inputs.split_chains(splits, t, "test", heldout_size) for t in bbm_at_best or []}
+    if at_best and len(arms) < 2:
+        raise Refused("--bbm-at-best measures side-by-side arms' best rounds: give two --keep arms or seed modes")
     if len(arms) > 1:
         histories, report = run_arms(
-            config, inputs.model_dir(config.model), train_chains, test, arms=arms, run_dir=run, validation=validation
+            config,
+            inputs.model_dir(config.model),
+            train_chains,
+            test,
+            arms=arms,
+            run_dir=run,
+            validation=validation,
+            at_best=at_best,
         )
-        for arm, history in histories.items():
-            console.print(f"{arm}: {history[-1]['verdict']['reason']}: {history[-1]['verdict']['detail']}")
+        for name, history in histories.items():
+            console.print(f"{name}: {history[-1]['verdict']['reason']}: {history[-1]['verdict']['detail']}")
         return console.print(f"arms compared: {report}")
-    if arms:
-        config = replace(config, loop=replace(config.loop, keep=arms[0]))
+    (only,) = arms.values()
+    if keep or seed_mode:  # as given; otherwise the configuration's own (active selection included)
+        config = replace(config, loop=replace(only, active_selection=config.loop.active_selection))
     history, report = run_rounds(
         config, inputs.model_dir(config.model), train_chains, test, run_dir=run, validation=validation
     )

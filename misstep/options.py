@@ -28,6 +28,7 @@ from misstep.optimize.arms import KEEP_ARMS
 from misstep.optimize.compile import NothingToTrainOn
 from misstep.optimize.config import ConfigError, RunConfig, apply, load_config
 from misstep.optimize.control import CUE_MODES, LOSSES, POSITION_MODES
+from misstep.optimize.run import SEED_MODES
 from misstep.shown import console
 
 
@@ -395,9 +396,19 @@ Keep = _option(
     "which of the student's own answers a round trains on: judge, oracle, all or random; "
     "several (repeat) run side by side from one shared round 0, under RUN_DIR/arm-<arm>/",
 )
+SeedModes = _option(
+    list[_choices("SeedMode", tuple(SEED_MODES))] | None,
+    "where seed chains come from: gsm8k (the --data file), curriculum or uniform (procedural problems at the "
+    "level the curriculum chooses, or at levels drawn uniformly); several (repeat) run side by side from one "
+    "round 0, under RUN_DIR/arm-<mode>/",
+)
 BbmTasks = _option(
     list[str] | None,
     "BIG-Bench Mistake task measured each round (repeat): word_sorting, multistep_arithmetic, logical_deduction",
+)
+BbmAtBest = _option(
+    list[str] | None,
+    "BIG-Bench Mistake task measured on round 0 and each arm's best round only, once the arms are done (repeat)",
 )
 SplitsGsm8k = _option(Path, "GSM8K test solutions the GSM8K splits are built from")
 SplitsBbm = _option(

@@ -5,7 +5,9 @@ round's paired test against the shared round 0 (RUN_DIR/arms.json, arms.md, arms
                 "recovery_correct", "judge_balanced_accuracy", "self_judge_balanced_accuracy", "verification",
                 "judge_balanced_accuracy_on_scenarios", "kept", "taught", "top_answer_share",
                 "mcnemar_p_vs_round0", "predictions"}, ...]},
-                "pairs": {"<arm> vs <arm>": {"rounds", "mcnemar_p", ...}}}
+                "pairs": {"<arm> vs <arm>": {"rounds", "mcnemar_p", ...}},
+                "at_best": {"<set>": {"round 0": {"n", "location_correct"}, "<arm>": {"round", "n",
+                            "location_correct", "mcnemar_p_vs_round0"}}}}
 
 Round 0 is each arm's first entry (its p null). Location is compared per item with McNemar's exact
 test: against round 0 every round, and between arms at each one's best round (chosen on validation).
@@ -27,6 +29,7 @@ from misstep.metrics.stats import balanced_accuracy, mcnemar_p, rate_text  # noq
 from misstep.optimize.report import load_history  # noqa: E402
 
 HELDOUT = Path("heldout") / "gsm8k"  # the reported GSM8K set's files, inside a round's folder
+AT_BEST = "at-best"  # sets measured on round 0 and each arm's best round only: <round folder>/at-best/<set>/
 
 
 def arm_dir(run_dir: Path, arm: str) -> Path:
@@ -116,7 +119,37 @@ def compare_arms(run_dir: Path, arms: list[str]) -> dict[str, Any]:
                 [bool(a[i]["location_ok"]) for i in items], [bool(b[i]["location_ok"]) for i in items]
             ),
         }
-    return {"arms": table, "pairs": pairs}
+    return {"arms": table, "pairs": pairs, "at_best": at_best_rows(run_dir, table)}
+
+
+def at_best_rows(run_dir: Path, table: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The sets measured at round 0 and at each arm's best round (`run_arms(at_best=...)`): per set,
+    round 0's correct answers and each arm's, with McNemar's p against round 0 on the same items."""
+    base_folder = run_dir / "round-0" / AT_BEST
+    if not table or not base_folder.is_dir():
+        return {}
+    out: dict[str, Any] = {}
+    for set_folder in sorted(p for p in base_folder.iterdir() if p.is_dir()):
+        base = _located(set_folder / "predictions.jsonl")
+        row: dict[str, Any] = {"round 0": {"n": len(base), "location_correct": sum(base.values())}}
+        for arm, rows in table.items():
+            best = rows[-1]["best_round"]
+            mine = _located(round_folder(run_dir, arm, best) / AT_BEST / set_folder.name / "predictions.jsonl")
+            items = sorted(set(base) & set(mine))
+            row[arm] = {
+                "round": best,
+                "n": len(mine),
+                "location_correct": sum(mine.values()),
+                "mcnemar_p_vs_round0": None
+                if best == 0 or not items
+                else mcnemar_p([base[i] for i in items], [mine[i] for i in items]),
+            }
+        out[set_folder.name] = row
+    return out
+
+
+def _located(path: Path) -> dict[str, bool]:
+    return {p["source_id"]: bool(p["location_ok"]) for p in read_records(path)} if path.exists() else {}
 
 
 def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
@@ -153,6 +186,20 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
         lines.append(
             f"| {name} | {pair['rounds']} | {pair['location_correct']} | {pair['n']} | {_p(pair['mcnemar_p'])} |"
         )
+    if comparison["at_best"]:
+        lines += ["", "## Measured at round 0 and at each arm's best round only", ""]
+        lines += [
+            "| set | round 0 | " + " | ".join(comparison["arms"]) + " |",
+            "|---|---|" + "---|" * len(comparison["arms"]),
+        ]
+        for name, row in comparison["at_best"].items():
+            cells = [
+                f"round {row[arm]['round']}: {rate_text({'k': row[arm]['location_correct'], 'n': row[arm]['n']})}"
+                f" (p {_p(row[arm]['mcnemar_p_vs_round0'])})"
+                for arm in comparison["arms"]
+            ]
+            base = rate_text({"k": row["round 0"]["location_correct"], "n": row["round 0"]["n"]})
+            lines.append(f"| {name} | {base} | " + " | ".join(cells) + " |")
     lines += ["", "![location by round](arms.png)", ""]
     path = run_dir / "arms.md"
     path.write_text("\n".join(lines))

@@ -410,7 +410,7 @@ def _finish_round(
     seconds = dict(seconds or {})
     row: dict[str, Any] = {"round": r, "model": student.predictors()[0].lm.model}
     with timed(seconds, "heldout"):
-        row |= _measure(student, folder, measured, settings)
+        row |= measure(student, folder, measured, settings)
     row["chosen_on"] = "validation" if measured.get("validation") else "heldout"
     if gap is not None:
         with timed(seconds, "verification"):
@@ -431,7 +431,7 @@ def _finish_round(
     return row
 
 
-def _measure(
+def measure(
     student: SelfCorrector, folder: Path, measured: dict[str, dict[str, list[Chain]]], settings: LoopSettings
 ) -> dict[str, Any]:
     """The student's metrics on each set of `measured` ("heldout" under folder/heldout/<set>,

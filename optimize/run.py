@@ -9,17 +9,21 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from misstep.data.records import Chain
 from misstep.data.runfiles import holds_run_dir
+from misstep.lm.client import release
 from misstep.lm.provider import LocalProvider
-from misstep.optimize.arms_report import arm_dir, write_arms_report
+from misstep.optimize.arms_report import AT_BEST, arm_dir, round_folder, write_arms_report
+from misstep.optimize.compile import load_compiled
 from misstep.optimize.config import RunConfig, write_config
 from misstep.optimize.report import write_report
-from misstep.optimize.rounds import run_loop
+from misstep.optimize.rounds import measure, run_loop
+from misstep.optimize.settings import LoopSettings
 from misstep.optimize.sources import RoundSource
 
 
@@ -57,6 +61,37 @@ def run_rounds(
     return history, write_report(run_dir)
 
 
+# How a side-by-side loop draws its seed chains (`arm_variants`): the training file, or procedural
+# problems at the level the curriculum chooses or at levels drawn uniformly.
+SEED_MODES: dict[str, dict[str, str]] = {
+    "gsm8k": {"seeds_from": "gsm8k"},
+    "curriculum": {"seeds_from": "procedural", "level_selection": "curriculum"},
+    "uniform": {"seeds_from": "procedural", "level_selection": "uniform"},
+}
+
+
+def arm_variants(loop: LoopSettings, keeps: list[str], seed_modes: list[str] | None = None) -> dict[str, LoopSettings]:
+    """The loops `run_arms` runs side by side, by name: one per arm (`LoopSettings.keep`) and seed mode
+    (`SEED_MODES`), each otherwise `loop`. Named by what varies: the arm, the seed mode, or both
+    ("judge-curriculum"); every one draws its seeds uniformly (no active selection of error types),
+    so the arms of one seed mode write from the same chains each round."""
+    modes = seed_modes or [None]
+    unknown = sorted(set(m for m in modes if m is not None) - set(SEED_MODES))
+    if unknown:
+        raise ValueError(f"seed modes are {', '.join(SEED_MODES)}, not {unknown}")
+    if not keeps or len(set(keeps)) != len(keeps) or len(set(modes)) != len(modes):
+        raise ValueError(f"arms and seed modes must be distinct, and at least one arm: {keeps}, {seed_modes}")
+    variants = {}
+    for keep in keeps:
+        for mode in modes:
+            if len(modes) == 1:
+                name = keep
+            else:
+                name = mode if len(keeps) == 1 else f"{keep}-{mode}"
+            variants[name] = replace(loop, keep=keep, active_selection=False, **SEED_MODES.get(mode, {}))
+    return variants
+
+
 @holds_run_dir(lambda args: args["run_dir"])
 def run_arms(
     config: RunConfig,
@@ -64,45 +99,65 @@ def run_arms(
     train_chains: list[Chain],
     heldout: dict[str, list[Chain]],
     *,
-    arms: list[str],
+    arms: dict[str, LoopSettings],
     run_dir: Path,
     validation: dict[str, list[Chain]] | None = None,
     demo_chains: list[Chain] | None = None,
+    at_best: dict[str, list[Chain]] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], Path]:
-    """Run (or resume) the loop once per arm, all from one start: the judge and round 0 are made once
-    in RUN_DIR, each arm's rounds go under RUN_DIR/arm-<arm>/. Round r of every arm runs before round
-    r + 1 of any, so an interrupted run leaves the arms on paired rounds; an arm whose stop rule
-    stops it runs no further. Every arm draws its seed chains uniformly with the same seed, so all
-    arms write from the same chains each round. Writes each arm's report.md and RUN_DIR/arms.md.
-    Return each arm's history and the comparison's path."""
-    if len(set(arms)) != len(arms) or not arms:
-        raise ValueError(f"arms must be distinct and at least one, not {arms}")
-    loop = replace(config.loop, active_selection=False)  # the same seed chains for every arm
-    write_config(replace(config, loop=loop), run_dir / "config.toml")
+    """Run (or resume) the loops `arms` (by name, from `arm_variants`) side by side, all from one start:
+    the judge and round 0 are made once in RUN_DIR (from `config.loop`; what the arms vary, the arm and
+    how seeds are drawn, does not touch round 0), each arm's rounds go under RUN_DIR/arm-<name>/. Round
+    r of every arm runs before round r + 1 of any, so an interrupted run leaves the arms on paired
+    rounds; an arm whose stop rule stops it runs no further. `at_best` (BIG-Bench Mistake, say) is
+    measured once the arms are done, on round 0 and on each arm's best round only (under
+    <round>/at-best/<set>/). Writes each arm's report.md and RUN_DIR/arms.md. Return each arm's
+    history and the comparison's path."""
+    if not arms:
+        raise ValueError("no arm to run")
+    write_config(config, run_dir / "config.toml")
     provider = _provider(config, base_model, run_dir)
     histories: dict[str, list[dict[str, Any]]] = {}
     try:
-        judge_lm = provider.lm(seed=loop.seed).copy(provider=None)  # the frozen judge, shared
-        for r in range(1, loop.rounds + 1):
-            for arm in arms:
-                if arm in histories and histories[arm][-1]["verdict"]["stop"]:
+        judge_lm = provider.lm(seed=config.loop.seed).copy(provider=None)  # the frozen judge, shared
+        for r in range(1, max(loop.rounds for loop in arms.values()) + 1):
+            for name, loop in arms.items():
+                if r > loop.rounds or (name in histories and histories[name][-1]["verdict"]["stop"]):
                     continue
-                histories[arm] = run_loop(
+                histories[name] = run_loop(
                     train_chains,
                     heldout,
                     provider=provider,
                     judge_lm=judge_lm,
-                    settings=replace(loop, keep=arm, rounds=r),
-                    run_dir=arm_dir(run_dir, arm),
+                    settings=replace(loop, rounds=r),
+                    run_dir=arm_dir(run_dir, name),
                     validation=validation,
                     demo_chains=demo_chains,
                     start_dir=run_dir,
                 )
+        if at_best:
+            _measure_at_best(run_dir, list(arms), at_best, provider, config.loop)
     finally:
         provider.close()
+    for name in arms:
+        write_report(arm_dir(run_dir, name))
+    return histories, write_arms_report(run_dir, list(arms))
+
+
+def _measure_at_best(
+    run_dir: Path, arms: list[str], sets: dict[str, list[Chain]], provider: LocalProvider, loop: LoopSettings
+) -> None:
+    """Round 0 and each arm's best round (its best.json) on `sets`, each round once, resumably."""
+    folders = [round_folder(run_dir, arms[0], 0)]
     for arm in arms:
-        write_report(arm_dir(run_dir, arm))
-    return histories, write_arms_report(run_dir, arms)
+        best = json.loads((arm_dir(run_dir, arm) / "best.json").read_text())["round"]
+        folders.append(round_folder(run_dir, arm, best))
+    for folder in dict.fromkeys(folders):
+        student = load_compiled(folder / "program.json", provider=provider, max_batch_size=loop.num_threads)
+        try:
+            measure(student, folder, {AT_BEST: sets}, loop)
+        finally:
+            release(student.predictors()[0].lm)
 
 
 def _provider(config: RunConfig, base_model: Path, run_dir: Path) -> LocalProvider:

@@ -183,15 +183,26 @@ def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item
     tmp_path, tiny_model_dir, loop_parts
 ):
     from misstep.optimize.config import RunConfig
-    from misstep.optimize.run import run_arms
+    from misstep.optimize.run import arm_variants, run_arms
 
     train, heldout, validation, train_chains, _ = loop_parts
     run_dir, arms = tmp_path / "arms", ["judge", "all"]
     config = RunConfig(model=str(tiny_model_dir), train=train, loop=_settings(rounds=1))
 
+    from misstep.data.splits import load_split, split_path
+
+    bbm = [item.chain for item in load_split(split_path("word_sorting", "test"))[:4]]
+
     def run():
         return run_arms(
-            config, tiny_model_dir, train_chains, heldout, arms=arms, run_dir=run_dir, validation=validation
+            config,
+            tiny_model_dir,
+            train_chains,
+            heldout,
+            arms=arm_variants(config.loop, arms),
+            run_dir=run_dir,
+            validation=validation,
+            at_best={"bbm-word_sorting": bbm},
         )
 
     histories, report = run()
@@ -222,6 +233,17 @@ def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item
         assert rows[1]["n"] == 3 and 0 <= rows[1]["mcnemar_p_vs_round0"] <= 1
         assert Path(rows[1]["predictions"]).exists()
     assert comparison["pairs"]["judge vs all"]["n"] == 3
+    # BIG-Bench Mistake at round 0 and at each arm's best round only, paired against round 0.
+    at_best = comparison["at_best"]["bbm-word_sorting"]
+    assert at_best["round 0"]["n"] == 4
+    measured = {p.parent.parent.parent for p in run_dir.rglob("at-best/*/predictions.jsonl")}
+    best_folders = {run_dir / "round-0"}
+    for arm in arms:
+        best = comparison["arms"][arm][-1]["best_round"]
+        assert at_best[arm]["round"] == best and at_best[arm]["n"] == 4
+        assert (at_best[arm]["mcnemar_p_vs_round0"] is None) == (best == 0)
+        best_folders.add(run_dir / "round-0" if best == 0 else run_dir / f"arm-{arm}" / f"round-{best}")
+    assert measured == best_folders  # no other round measured
 
     run()  # resumed: nothing is trained again
     assert sorted((run_dir / "checkpoints").glob("compile-*")) == checkpoints
@@ -440,3 +462,26 @@ def test_locate_warm_up_trains_round_0_on_the_controls_data_from_chains_nothing_
     assert _starting_data(pool, measured, None, _settings(), writes=True).locate_records == []
     with pytest.raises(ValueError, match="needs warm_up"):
         _settings(locate_warm_up=10, warm_up=False)
+
+
+def test_arm_variants_are_named_by_what_varies_and_differ_only_there():
+    from misstep.optimize.run import arm_variants
+
+    loop = _settings(active_selection=True)
+    arms = arm_variants(loop, ["judge", "oracle"])
+    assert list(arms) == ["judge", "oracle"] and arms["oracle"].keep == "oracle"
+    assert all(not v.active_selection and v.seeds_from == "gsm8k" for v in arms.values())  # the same chains
+    modes = arm_variants(loop, ["judge"], ["gsm8k", "curriculum", "uniform"])
+    assert list(modes) == ["gsm8k", "curriculum", "uniform"]
+    assert (modes["curriculum"].seeds_from, modes["curriculum"].level_selection) == ("procedural", "curriculum")
+    assert (modes["uniform"].seeds_from, modes["uniform"].level_selection) == ("procedural", "uniform")
+    for variant in modes.values():  # nothing else differs
+        assert replace(variant, seeds_from="gsm8k", level_selection="curriculum") == replace(
+            loop, active_selection=False
+        )
+    both = arm_variants(loop, ["judge", "random"], ["gsm8k", "uniform"])
+    assert list(both) == ["judge-gsm8k", "judge-uniform", "random-gsm8k", "random-uniform"]
+    with pytest.raises(ValueError, match="seed modes are"):
+        arm_variants(loop, ["judge"], ["gsm8k", "sideways"])
+    with pytest.raises(ValueError, match="distinct"):
+        arm_variants(loop, ["judge", "judge"])
