@@ -35,7 +35,7 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain, format_steps
-from misstep.data.runfiles import JsonlLog, holds_run_dir, write_json_atomic, write_jsonl_atomic
+from misstep.data.runfiles import holds_run_dir, write_json_atomic, write_jsonl_atomic
 from misstep.data.splits import SplitItem, load_split, shuffled, split_path, without_heldout
 from misstep.lm.checkpoint import SUMMARY, checkpoint_problem
 from misstep.lm.client import local_lm, release
@@ -55,7 +55,7 @@ from misstep.metrics.oracle import first_error
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, ground_truth_demos
 from misstep.programs import SelfCorrectionCycle, SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
-from misstep.programs.parallel import map_threads
+from misstep.programs.parallel import map_logged
 
 CUE = " (check this step)"
 VALID_SHARE = 0.15
@@ -306,20 +306,19 @@ def evaluate_location(
             "raw": located.raw,
         }
 
-    with JsonlLog(path) as log:
-        done = {r["item_id"] for r in log.records}
-        todo = [item for item in items if item.item_id not in done]
-        for _, record in map_threads(
-            locate,
-            todo,
-            lm=lm,
-            adapter=AnswerAdapter(constrained),
-            num_threads=num_threads,
-            description="locating",
-            show_progress=show_progress,
-        ):
-            log.append(record)
-        return {r["item_id"]: r for r in log.records}
+    records = map_logged(
+        locate,
+        items,
+        path,
+        lambda item: item.item_id,
+        key="item_id",
+        lm=lm,
+        adapter=AnswerAdapter(constrained),
+        num_threads=num_threads,
+        description="locating",
+        show_progress=show_progress,
+    )
+    return {r["item_id"]: r for r in records}
 
 
 @holds_run_dir(lambda args: args["run_dir"] / args["run"].name)

@@ -25,7 +25,7 @@ from misstep.metrics.stats import Rate
 from misstep.optimize.demos import attach_demos
 from misstep.programs import Judge, SelfCorrectionCycle, SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
-from misstep.programs.parallel import map_threads
+from misstep.programs.parallel import map_logged, map_threads
 from misstep.signatures import DescribeMistake, error_type_name, get_error_type
 
 
@@ -107,20 +107,19 @@ def evaluate(
     mistaken = [c.source_id for c in chains if c.mistake_index is not None]
     recovered = set(mistaken[:recover_limit]) if recover else set()
     started = time.perf_counter()
-    with JsonlLog(settings.run_dir / "predictions.jsonl") as log:
-        done = {r["source_id"] for r in log.records}
-        todo = [c for c in chains if c.source_id not in done]
-        for _, record in map_threads(
-            lambda c: evaluate_chain(corrector, c, c.source_id in recovered),
-            todo,
-            lm=lm,
-            adapter=AnswerAdapter(settings.constrained),
-            num_threads=settings.num_threads,
-            description="evaluating",
-        ):
-            log.append(record)
-        wanted = {c.source_id for c in chains}
-        metrics = summarize([r for r in log.records if r["source_id"] in wanted])
+    records = map_logged(
+        lambda c: evaluate_chain(corrector, c, c.source_id in recovered),
+        chains,
+        settings.run_dir / "predictions.jsonl",
+        lambda c: c.source_id,
+        key="source_id",
+        lm=lm,
+        adapter=AnswerAdapter(settings.constrained),
+        num_threads=settings.num_threads,
+        description="evaluating",
+    )
+    wanted = {c.source_id for c in chains}
+    metrics = summarize([r for r in records if r["source_id"] in wanted])
     metrics = _jsonable(metrics)
     metrics["_run"] = {
         "wall_seconds_this_run": time.perf_counter() - started,

@@ -64,7 +64,7 @@ from misstep.optimize.jobs import JobSettings, evaluate
 from misstep.optimize.judge_data import composition, injected_pairs, judge_examples, written_failures
 from misstep.optimize.settings import LoopSettings
 from misstep.optimize.sources import Round, RoundExamples, RoundSource, WrittenScenarios
-from misstep.optimize.verification import GapMeter, build_set, verdicts
+from misstep.optimize.verification import GapMeter, build_set, student_as_judge, verdicts
 from misstep.programs import Judge, SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
 
@@ -127,7 +127,8 @@ def run_loop(
         folder, seconds = _round_dir(run_dir, r), {}
         # The writer's weights know its format once a warm-up or a compile has trained them on it.
         trained = start.writer_types if settings.warm_up or r > 1 else set()
-        scorer = _own_judge(student) if settings.self_judge else judge
+        # self_judge: stages 5-6 on the student's weights, trained on the judge's ground truth.
+        scorer = student_as_judge(student) if settings.self_judge else judge
         round_ = Round(
             r, folder, run_dir, student, scorer, start.demos, start.pool, history, settings, trained, seconds, labels
         )
@@ -291,13 +292,6 @@ def _judge_truth(
     examples = judge_examples(pairs, failures)
     write_json_atomic(folder / "judge_truth.json", composition(examples))
     return {**start.truth, "judge": examples}
-
-
-def _own_judge(student: SelfCorrector) -> Judge:
-    """Stages 5-6 on the student's own weights (`self_judge`: trained on the judge's ground truth)."""
-    judge = Judge()
-    judge.set_lm(student.predictors()[0].lm)
-    return judge
 
 
 def _starting_student(

@@ -12,9 +12,10 @@ greedy answer and one sampled), the oracle's verdict on each recovery. Every rou
 The gap is the student's judging minus its recovering; the seed's "you stop recognising better
 outputs" is that line falling.
 
-    RUN_DIR/verification.jsonl                 the set: each recovery and the oracle's verdict
-    RUN_DIR/round-N/verification/self.jsonl    the student's verdicts and its own recoveries
-    RUN_DIR/verification-frozen.jsonl          the frozen judge's verdicts (the same every round)
+    RUN_DIR/verification.jsonl                        the set: each recovery and the oracle's verdict
+    RUN_DIR/verification-frozen.jsonl                 the frozen judge's verdicts (the same every round)
+    RUN_DIR/round-N/verification/self_judge.jsonl     the student's verdicts
+    RUN_DIR/round-N/verification/recoveries.jsonl     the student's own recoveries, by the oracle
 """
 
 from __future__ import annotations
@@ -164,6 +165,13 @@ def gap_row(
     }
 
 
+def student_as_judge(student: SelfCorrector, demos: dict[str, list[dspy.Example]] | None = None) -> Judge:
+    """Stages 5-6 on the student's own weights, with `demos` in their prompts where given."""
+    judge = attach_demos(Judge(), demos or {})
+    judge.set_lm(student.predictors()[0].lm)
+    return judge
+
+
 class GapMeter:
     """The set and the frozen judge's verdicts, made once; `row(student, folder)` scores a round."""
 
@@ -181,8 +189,7 @@ class GapMeter:
 
     def row(self, student: SelfCorrector, folder: Path) -> dict[str, Any]:
         """The student's weights as judge (with `judge_demos` in its prompts) and as recoverer."""
-        own_judge = attach_demos(Judge(), self.judge_demos)
-        own_judge.set_lm(student.predictors()[0].lm)
+        own_judge = student_as_judge(student, self.judge_demos)
         judging = verdicts(self.items, own_judge, folder / "verification" / "self_judge.jsonl", **self.options)
         recovering = own_recoveries(self.items, student, folder / "verification" / "recoveries.jsonl", **self.options)
         return gap_row(self.items, self.frozen, judging, recovering)
