@@ -1,5 +1,5 @@
-"""The loop's arms: which of a round's self-written answers each trains stages 3 and 4 on (issue 15,
-being built; not wired into the loop yet).
+"""The loop's arms: which of a round's self-written answers each trains stages 3 and 4 on
+(`LoopSettings.keep`; `optimize.run.run_arms` runs several side by side).
 
 Every arm teaches only what the student itself wrote; the arms differ in what admits it:
 
