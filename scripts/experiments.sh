@@ -13,19 +13,22 @@ M=.venv/bin/misstep
 GSM8K=../shared/data/gsm8k/test.jsonl
 step() { echo "== $(date -u +%FT%TZ) $*"; }
 
-step "issue 14: GSM8K unconstrained, generate --chains 100 both ways, the README's first command, both engines"
-$M evaluate --data $GSM8K --limit 300 --no-recover --no-constrained --run-dir runs/issue14/evaluate-gsm8k-no-constrained
+step "issue 14: GSM8K unconstrained, the README's first command, both engines"
+[ -f runs/issue14/evaluate-gsm8k-no-constrained/metrics.json ] || $M evaluate --data $GSM8K --limit 300 --no-recover --no-constrained \
+  --run-dir runs/issue14/evaluate-gsm8k-no-constrained
 [ -f runs/issue14/readme-first/summary.json ] || $M generate --chains 4 --run-dir runs/issue14/readme-first
 VLLM_PYTHON=${VLLM_PYTHON:-/tmp/vvenv/bin/python}  # bash scripts/install.sh --vllm into MISSTEP_VENV=/tmp/vvenv
 if [ -x "$VLLM_PYTHON" ] && [ ! -f benchmarks/results/engine_parity.json ]; then
   .venv/bin/python benchmarks/engine_parity.py --chains 20 --vllm-python "$VLLM_PYTHON"
 fi
-$M generate --data $GSM8K --chains 100 --run-dir runs/issue14/generate-constrained
-$M generate --data $GSM8K --chains 100 --no-constrained --run-dir runs/issue14/generate-unconstrained
 
 step "issue 13: where the training chains' first errors lie (validation split)"
 $M control --size 1000 --cue real --learning-rate 1e-4 --epochs 1 --positions natural --positions pairs \
   --split data/splits/gsm8k-validation.jsonl --run-dir runs/control --results docs/results/control-validation.json
+
+step "issue 14: generate --chains 100 both ways"
+$M generate --data $GSM8K --chains 100 --run-dir runs/issue14/generate-constrained
+$M generate --data $GSM8K --chains 100 --no-constrained --run-dir runs/issue14/generate-unconstrained
 
 step "issue 15: the arms side by side (configs/arms.toml)"
 $M optimize --config configs/arms.toml --keep judge --keep oracle --keep random \
