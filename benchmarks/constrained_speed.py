@@ -2,7 +2,7 @@
 their answer grammars, at concurrency 1 and 8, on the embedded engine and on vLLM (run by hand, on
 an idle machine; never a timed test).
 
-    .venv/bin/python benchmarks/constrained_speed.py [--chains 4] [--engines embedded,vllm] [--repeats 1]
+    .venv/bin/python benchmarks/constrained_speed.py [--chains 4] [--engines embedded,vllm] [--repeats 3]
 
 On the embedded engine it also gives the rate of decoding alone (the engine's busy time less its
 prompts' prefill) and the share of the engine's time spent in the constraint's own code (masks,
@@ -19,6 +19,7 @@ free ones, so tokens per second, not seconds, is what compares. The goal: at mos
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -121,37 +122,45 @@ def tokens_per_second(lm: dspy.LM, calls, constrained: bool, concurrency: int) -
 
 
 def bench(lm_for, calls, repeats: int) -> dict:
+    """Each concurrency's two settings alternate within every repeat (free first in even repeats,
+    constrained first in odd ones), so that the machine's drift over a run falls on both alike; the
+    costs are medians of the repeats' paired costs."""
     out = {}
     for concurrency in (1, 8):
-        for constrained in (False, True):
-            runs = [tokens_per_second(lm_for(), calls, constrained, concurrency) for _ in range(repeats)]
-            key = f"{'constrained' if constrained else 'free'}@{concurrency}"
-            out[key] = {"tok_s": summarize([r["tok_s"] for r in runs]), "runs": runs}
-            line = f"{key}: {out[key]['tok_s']['median']:.1f} tok/s ({runs[-1]['parsed']}/{len(calls)} parsed)"
-            if "decode_tok_s" in runs[-1]:
-                out[key]["decode_tok_s"] = summarize([r["decode_tok_s"] for r in runs])
-                out[key]["constraint_share"] = summarize([r["constraint_share"] for r in runs])
-                line += (
-                    f", decoding alone {out[key]['decode_tok_s']['median']:.1f} tok/s, "
-                    f"constraint code {out[key]['constraint_share']['median']:.1%} of the engine's time"
+        runs: dict[str, list[dict]] = {"free": [], "constrained": []}
+        for r in range(repeats):
+            for constrained in (False, True) if r % 2 == 0 else (True, False):
+                run = tokens_per_second(lm_for(), calls, constrained, concurrency)
+                runs["constrained" if constrained else "free"].append(run)
+                setting = "constrained" if constrained else "free"
+                print(f"repeat {r + 1}, {setting}@{concurrency}: {_line(run, len(calls))}")
+        for setting, measured in runs.items():
+            out[f"{setting}@{concurrency}"] = {"tok_s": summarize([m["tok_s"] for m in measured]), "runs": measured}
+            if "decode_tok_s" in measured[0]:
+                out[f"{setting}@{concurrency}"]["decode_tok_s"] = summarize([m["decode_tok_s"] for m in measured])
+                out[f"{setting}@{concurrency}"]["constraint_share"] = summarize(
+                    [m["constraint_share"] for m in measured]
                 )
-            print(line)
-        free, constrained = (out[f"{k}@{concurrency}"]["tok_s"]["median"] for k in ("free", "constrained"))
-        out[f"cost@{concurrency}"] = 1 - constrained / free
-        print(f"at {concurrency}: constrained decoding costs {out[f'cost@{concurrency}']:.1%} of tok/s")
-        if "decode_tok_s" in out[f"free@{concurrency}"]:
-            free, constrained = (out[f"{k}@{concurrency}"]["decode_tok_s"]["median"] for k in ("free", "constrained"))
-            out[f"decode_cost@{concurrency}"] = 1 - constrained / free
-            # decoding's rate over the prompts' rate: what is left when the machine's own drift is divided out
-            speed = {k: out[f"{k}@{concurrency}"]["runs"][-1]["prefill_tok_s"] for k in ("free", "constrained")}
-            out[f"drift_corrected_decode_cost@{concurrency}"] = 1 - (constrained / speed["constrained"]) / (
-                free / speed["free"]
-            )
-            print(
-                f"at {concurrency}: ... and {out[f'decode_cost@{concurrency}']:.1%} of decoding's tok/s "
-                f"({out[f'drift_corrected_decode_cost@{concurrency}']:.1%} relative to the same prompts' prefill rate)"
-            )
+        pairs = list(zip(runs["free"], runs["constrained"]))
+        costs = {"cost": [1 - c["tok_s"] / f["tok_s"] for f, c in pairs]}
+        if "decode_tok_s" in runs["free"][0]:
+            costs["decode_cost"] = [1 - c["decode_tok_s"] / f["decode_tok_s"] for f, c in pairs]
+            # decoding's rate over the same prompts' prefill rate: the machine's own drift divided out
+            relative = [[run["decode_tok_s"] / run["prefill_tok_s"] for run in pair] for pair in pairs]
+            costs["drift_corrected_decode_cost"] = [1 - c / f for f, c in relative]
+        for name, values in costs.items():
+            out[f"{name}@{concurrency}"] = statistics.median(values)
+            out[f"{name}@{concurrency}:repeats"] = values
+            each = ", ".join(f"{v:.1%}" for v in values)
+            print(f"at {concurrency}: {name} {statistics.median(values):.1%} (repeats: {each})")
     return out
+
+
+def _line(run: dict, calls: int) -> str:
+    line = f"{run['tok_s']:.1f} tok/s, {run['parsed']}/{calls} parsed"
+    if "decode_tok_s" in run:
+        line += f", decoding alone {run['decode_tok_s']:.1f} tok/s, constraint code {run['constraint_share']:.1%}"
+    return line
 
 
 def main() -> None:
@@ -160,7 +169,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/gsm8k/test.jsonl"))
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--engines", default="embedded,vllm")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vllm-python", default=sys.executable)
     args = parser.parse_args()
 
