@@ -33,7 +33,8 @@ from common import save  # noqa: E402
 
 
 def stage_answers(lm, chains, demos, constrained: bool, threads: int) -> dict[str, dict[str, str]]:
-    """Each chain's answer per stage (parsed fields, else raw text), by source id."""
+    """Each chain's answer per stage (parsed fields, else raw text, else the stage's error), by source
+    id."""
     with tempfile.TemporaryDirectory(prefix="misstep-parity-") as run_dir:
         settings = JobSettings(Path(run_dir), threads, demos, constrained=constrained)
         summary = generate(chains, ["arithmetic_slip"], lm, settings)
@@ -41,7 +42,10 @@ def stage_answers(lm, chains, demos, constrained: bool, threads: int) -> dict[st
     print(f"{lm.model}: {summary['wall_seconds_this_run']:.0f} s")
     return {
         r["source_id"]: {
-            stage: json.dumps(result.get("outputs") if result.get("ok") else result.get("raw"), sort_keys=True)
+            stage: json.dumps(
+                result.get("outputs") if result.get("ok") else result.get("raw") or {"error": result.get("error")},
+                sort_keys=True,
+            )
             for stage, result in r["stages"].items()
         }
         for r in records

@@ -42,7 +42,10 @@ class VllmOptions:
 
     python: str = sys.executable  # an interpreter with vLLM installed
     dtype: str = "auto"  # "auto": float32 on CPU (bf16 is slower and degenerate there), bfloat16 on CUDA
-    max_model_len: int = 2048
+    # None: the model's own context (SmolLM2: 8192). A stage's prompt with its demos runs past 2048
+    # tokens (the judge's, the curator's), which a smaller limit refuses where the embedded engine
+    # answers.
+    max_model_len: int | None = None
     # None: eager on CPU (starts in ~40 s instead of ~110 s, decodes ~15% slower), CUDA graphs on GPUs
     enforce_eager: bool | None = None
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE, for the CPU build
@@ -73,8 +76,6 @@ class VllmOptions:
             str(port),
             "--dtype",
             dtype,
-            "--max-model-len",
-            str(self.max_model_len),
             "--tensor-parallel-size",
             str(self.tensor_parallel_size),
             # The answer constraint's closing and marker spelling, as the embedded engine decodes them
@@ -82,6 +83,8 @@ class VllmOptions:
             "--logits-processors",
             "misstep.lm.vllm_answer:AnswerProcessor",
         ]
+        if self.max_model_len is not None:
+            args += ["--max-model-len", str(self.max_model_len)]
         if self.enforce_eager or (self.enforce_eager is None and not _has_cuda()):
             args.append("--enforce-eager")
         if self.gpu_memory_utilization is not None:

@@ -31,7 +31,7 @@ pytestmark = [
     pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (scripts/install.sh --vllm)"),
 ]
 
-OPTIONS = VllmOptions(max_model_len=1024, kv_cache_gib=1, watch_interval=1.0)
+OPTIONS = VllmOptions(kv_cache_gib=1, watch_interval=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,8 @@ def test_the_same_compile_runs_on_vllm_by_one_option(tmp_path, tiny_model_dir):
 def test_every_stage_answers_in_its_format_on_vllm_as_on_the_embedded_engine(tmp_path, tiny_model_dir):
     """The random-weight model, each stage at its own token limit and temperature 0: vLLM's structured
     outputs and misstep's logits processor (markers in the tokenizer's tokens, free text closed in
-    time) make every answer parse, the embedded engine's answer."""
+    time) make every answer parse, the embedded engine's answer. A prompt past 2048 tokens (a judge's
+    or curator's with its demos) is answered too: the server takes the model's own context."""
     from test_constrained import STAGES  # the tests folder is on the path (pytest adds it)
 
     from misstep.lm import EmbeddedEngine, local_lm
@@ -214,9 +215,11 @@ def test_every_stage_answers_in_its_format_on_vllm_as_on_the_embedded_engine(tmp
                 out[stage] = dict(dspy.Predict(signature)(**inputs).items())  # raises where it does not parse
         return out
 
-    server = VllmServer(tiny_model_dir, "tiny", tmp_path / "vllm.log", replace(OPTIONS, max_model_len=2048)).start()
+    server = VllmServer(tiny_model_dir, "tiny", tmp_path / "vllm.log", OPTIONS).start()
     try:
         served = answers(lambda limit: served_lm(server, max_tokens=limit, cache=False))
+        long_prompt = " ".join(["step"] * 2500)
+        assert isinstance(served_lm(server, max_tokens=4, cache=False)(long_prompt)[0], str)
     finally:
         server.stop()
     engine = EmbeddedEngine(tiny_model_dir)
