@@ -52,6 +52,37 @@ def machine() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "versions": versions,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "probes": probes(),
+    }
+
+
+def probes(repeats: int = 5) -> dict[str, Any]:
+    """What this machine does at its limits, to tell results from different machines (or one machine
+    on a busier day) apart: memory bandwidth (a 256 MiB copy, read and written), and fp32 products at
+    the thread count the benchmarks run with, square (what prefill and training are made of) and one
+    row against a SmolLM2-sized weight (what a decoding step is made of), each the median of
+    `repeats`. Seconds in all."""
+
+    def median_seconds(work: Callable[[], Any]) -> float:
+        work()  # warm: first-touch page faults, kernel selection
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    source = torch.ones(64 * 2**20)  # 256 MiB of fp32
+    target = torch.empty_like(source)
+    copy = median_seconds(lambda: target.copy_(source))
+    square = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    mm = median_seconds(lambda: torch.mm(*square))
+    row, weight = torch.randn(1, 576), torch.randn(1536, 576)  # SmolLM2-135M: hidden 576, MLP 1536
+    rows = median_seconds(lambda: [torch.nn.functional.linear(row, weight) for _ in range(100)])
+    return {
+        "copy_gb_s": 2 * source.numel() * 4 / copy / 1e9,
+        "matmul_1024_gflop_s": 2 * 1024**3 / mm / 1e9,
+        "one_row_576x1536_gflop_s": 100 * 2 * 576 * 1536 / rows / 1e9,
     }
 
 
