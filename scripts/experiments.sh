@@ -22,9 +22,11 @@ if [ -x "$VLLM_PYTHON" ] && [ ! -f benchmarks/results/engine_parity.json ]; then
   .venv/bin/python benchmarks/engine_parity.py --chains 20 --vllm-python "$VLLM_PYTHON"
 fi
 
-step "issue 13: where the training chains' first errors lie (validation split)"
-$M control --size 1000 --cue real --learning-rate 1e-4 --epochs 1 --positions natural --positions pairs \
-  --split data/splits/gsm8k-validation.jsonl --run-dir runs/control --results docs/results/control-validation.json
+step "issue 13: the run chosen on the validation split (balanced positions, lr 1e-4, 1 epoch), on the test split; the learning curve"
+$M control --size 1000 --cue real --learning-rate 1e-4 --epochs 1 --positions balanced \
+  --run-dir runs/control --results docs/results/control.json
+$M control --size 100 --size 300 --cue real --learning-rate 1e-4 --epochs 1 --positions balanced \
+  --run-dir runs/control --results docs/results/control.json
 
 step "issue 14: generate --chains 100 both ways"
 $M generate --data $GSM8K --chains 100 --run-dir runs/issue14/generate-constrained
