@@ -130,9 +130,9 @@ def bench(lm_for, calls, repeats: int) -> dict:
         runs: dict[str, list[dict]] = {"free": [], "constrained": []}
         for r in range(repeats):
             for constrained in (False, True) if r % 2 == 0 else (True, False):
-                run = tokens_per_second(lm_for(), calls, constrained, concurrency)
-                runs["constrained" if constrained else "free"].append(run)
                 setting = "constrained" if constrained else "free"
+                run = tokens_per_second(lm_for(), calls, constrained, concurrency)
+                runs[setting].append(run)
                 print(f"repeat {r + 1}, {setting}@{concurrency}: {_line(run, len(calls))}")
         for setting, measured in runs.items():
             out[f"{setting}@{concurrency}"] = {"tok_s": summarize([m["tok_s"] for m in measured]), "runs": measured}

@@ -16,14 +16,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from misstep.data.tables import read_jsonl
 from misstep.metrics.stats import mcnemar_p, rate
 
 
 def predictions(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     path = path / "predictions.jsonl" if path.is_dir() else path
     records = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        record = json.loads(line)
+    for number, record in read_jsonl(path):
         key = (record["task"], record["source_id"])
         if key in records:
             raise SystemExit(f"{path}:{number}: {key} is there twice")
