@@ -89,7 +89,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "location_accuracy": rate(r["location_ok"] for r in rows),
             "majority_baseline": majority_baseline([r["gold"] for r in rows]),
             "last_step_baseline": rate(r["gold"] is not None and r["gold"] == (r.get("steps") or 0) - 1 for r in rows),
-            "answers": answer_spread([r["predicted"] if r["parsed"] else "unparsed" for r in rows]),
+            "answers": answer_spread(
+                [r["predicted"] if r["parsed"] else "unparsed" for r in rows], [(r.get("steps") or 0) - 1 for r in rows]
+            ),
             "locate_parsed": rate(r["parsed"] for r in rows),
             "recovery_success": rate(r["recovery_ok"] for r in with_mistake),
             "recover_parsed": rate(r["recover_parsed"] for r in with_mistake),

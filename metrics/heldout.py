@@ -134,7 +134,7 @@ def score(items: list[SplitItem], predictions: dict[str, dict[str, Any]]) -> dic
         "better_baseline": better,
         "mcnemar_p": mcnemar_p(correct, floors[better]),
         "parsed": sum(bool(predictions[item.item_id]["parsed"]) for item in items),
-        "answers": answer_spread(answers),
+        "answers": answer_spread(answers, [len(item.chain.steps) - 1 for item in items]),
     }
 
 
@@ -192,9 +192,11 @@ def slices(
     items: list[SplitItem], predictions: dict[str, dict[str, Any]], min_items: int = 30, alpha: float = 0.05
 ) -> list[dict[str, Any]]:
     """Where a model beats the floor: for each slice (error type, position of the first error,
-    number of steps, size of the largest number) with at least `min_items` items, its accuracy,
-    its own majority baseline (the slice's most common label), and McNemar's p between them.
-    `significant` marks the slices where the model is better with p < `alpha`."""
+    number of steps, size of the largest number) with at least `min_items` items, its accuracy
+    beside both of the slice's own floors (its most common label; always the last step), and
+    McNemar's p against the better one, as the whole set is scored: a shortcut such as "the last
+    step" beats a slice's majority floor wherever that slice's errors are late. `significant`
+    marks the slices where the model is better than both with p < `alpha`."""
     out = []
     for dimension, key in SLICES.items():
         groups: dict[str, list[SplitItem]] = {}
@@ -204,17 +206,20 @@ def slices(
             if len(members) < min_items:
                 continue
             correct = [bool(predictions[item.item_id]["correct"]) for item in members]
-            floor = baseline_outcomes(members)["majority"]
-            p = mcnemar_p(correct, floor)
+            floors = baseline_outcomes(members)
+            better = max(floors, key=lambda name: sum(floors[name]))
+            p = mcnemar_p(correct, floors[better])
             out.append(
                 {
                     "slice": dimension,
                     "value": value,
                     "n": len(members),
                     "correct": sum(correct),
-                    "majority_baseline_correct": sum(floor),
+                    "majority_baseline_correct": sum(floors["majority"]),
+                    "last_step_baseline_correct": sum(floors["last_step"]),
+                    "better_baseline": better,
                     "mcnemar_p": p,
-                    "significant": sum(correct) > sum(floor) and p < alpha,
+                    "significant": sum(correct) > sum(floors[better]) and p < alpha,
                 }
             )
     return out

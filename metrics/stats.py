@@ -113,13 +113,26 @@ def mcnemar_p(first: list[bool], second: list[bool]) -> float:
     return min(1.0, 2 * tail)
 
 
-def answer_spread(answers: list) -> dict[str, float | int | None]:
+LAST_STEP = "the last step"  # the answer that names each chain's own last step
+
+
+def answer_spread(answers: list, last_steps: list[int] | None = None) -> dict[str, float | int | str | None]:
     """How varied a model's answers are: entropy in bits, the most common answer and its share.
-    A model that says the same thing to every item (a collapse) has entropy 0 and share 1."""
+    A model that says the same thing to every item (a collapse) has entropy 0 and share 1.
+
+    With `last_steps` (each item's last step, as its answers count steps) "the last step" counts as
+    one answer too: a model that names every chain's last step says one thing to every item, though
+    its step numbers vary. Its share is `last_step_share`, and it is the most common answer where it
+    is commoner than any step number."""
     if not answers:
         return {"n": 0, "entropy_bits": None, "top_answer": None, "top_share": None}
     counts = Counter(answers)
     total = len(answers)
     entropy = -sum(k / total * math.log2(k / total) for k in counts.values())
     top, top_count = counts.most_common(1)[0]
-    return {"n": total, "entropy_bits": entropy + 0.0, "top_answer": top, "top_share": top_count / total}
+    spread = {"n": total, "entropy_bits": entropy + 0.0, "top_answer": top, "top_share": top_count / total}
+    if last_steps is not None:
+        spread["last_step_share"] = sum(a == last for a, last in zip(answers, last_steps, strict=True)) / total
+        if spread["last_step_share"] > spread["top_share"]:
+            spread["top_answer"], spread["top_share"] = LAST_STEP, spread["last_step_share"]
+    return spread

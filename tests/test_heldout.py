@@ -17,7 +17,7 @@ from misstep.metrics.heldout import (
     slices,
 )
 from misstep.metrics.oracle import first_error
-from misstep.metrics.stats import answer_spread, mcnemar_p
+from misstep.metrics.stats import LAST_STEP, answer_spread, mcnemar_p
 
 BBM_TASKS = ("logical_deduction", "multistep_arithmetic", "word_sorting")
 
@@ -111,6 +111,11 @@ def test_score_stands_every_accuracy_beside_both_floors_and_sees_a_constant_answ
 
 def test_answer_spread():
     assert answer_spread([1, 1, 1, None])["top_share"] == 0.75
+    # Naming each chain's last step is one answer, however its step numbers vary.
+    spread = answer_spread([2, 3, 4, 1], last_steps=[2, 3, 4, 5])
+    assert spread["top_answer"] == LAST_STEP and spread["top_share"] == spread["last_step_share"] == 0.75
+    assert spread["entropy_bits"] == pytest.approx(2.0)
+    assert answer_spread([1, 1, 2], last_steps=[3, 3, 2])["top_answer"] == 1
     assert answer_spread([1, 2])["entropy_bits"] == pytest.approx(1.0)
     assert answer_spread([])["top_share"] is None
 
@@ -133,6 +138,26 @@ def test_slices_find_where_a_model_beats_its_own_floor():
     assert not by_type["arithmetic_slip"]["significant"] and by_type["arithmetic_slip"]["correct"] == 0
     positions = [row for row in found if row["slice"] == "error_position"]
     assert sum(row["n"] for row in positions) <= len(items)
+
+
+def test_a_slice_is_not_won_by_the_last_step_shortcut():
+    items = load_split(split_path("gsm8k", "test"))
+    # Always the chain's last step: where a slice's errors are mostly late, that beats the slice's
+    # majority label, and is still no skill.
+    last_step = {
+        i.item_id: {
+            "predicted": len(i.chain.steps) - 1,
+            "parsed": True,
+            "correct": i.chain.mistake_index == len(i.chain.steps) - 1,
+        }
+        for i in items
+    }
+    assert score(items, last_step)["answers"]["top_answer"] == LAST_STEP  # a collapse the loop flags
+    found = slices(items, last_step)
+    beaten = [row for row in found if row["correct"] > row["majority_baseline_correct"]]
+    assert beaten, "the split has slices whose errors are mostly at the last step"
+    assert all(row["better_baseline"] == "last_step" and not row["significant"] for row in beaten)
+    assert all(row["correct"] == row["last_step_baseline_correct"] for row in found)
 
 
 def test_confusion_counts_each_true_label_s_answers_and_the_last_step_shortcut():
