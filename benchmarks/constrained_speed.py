@@ -4,9 +4,13 @@ an idle machine; never a timed test).
 
     .venv/bin/python benchmarks/constrained_speed.py [--chains 4] [--engines embedded,vllm] [--repeats 3]
 
-On the embedded engine it also gives the rate of decoding alone (the engine's busy time less its
-prompts' prefill) and the share of the engine's time spent in the constraint's own code (masks,
-the drafts' checks, the matchers' steps), which is what constraining costs per token.
+Constrained answers are shorter than free ones while their prompts are the same, so tokens per
+second over the wall time charges the prompts to fewer tokens; what constraining costs per token is
+the rate of decoding alone. The embedded engine gives it from its own clock (its busy time less its
+prompts' prefill) with the share of its time spent in the constraint's own code (masks, the drafts'
+checks, the matchers' steps); vLLM from its own metrics (`/metrics`: one over the mean time between
+a request's tokens). vLLM caches prompts across requests, so its prompts are sent once before the
+timed runs (one token each) and every timed run finds them cached, whichever setting runs first.
 
 Each of `--chains` injected GSM8K chains gives one call of each stage (two ground-truth demos a
 stage, the inputs the injector makes: the valid chain, its mistake, the invalid chain, the error
@@ -19,10 +23,12 @@ free ones, so tokens per second, not seconds, is what compares. The goal: at mos
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,7 +92,30 @@ def stage_calls(chains, demos) -> list[tuple[dspy.Predict, dict]]:
     return calls
 
 
-def tokens_per_second(lm: dspy.LM, calls, constrained: bool, concurrency: int) -> dict:
+SERVED_COUNTERS = (
+    "vllm:inter_token_latency_seconds_sum",
+    "vllm:inter_token_latency_seconds_count",
+    "vllm:request_prefill_time_seconds_sum",
+    "vllm:prompt_tokens_total",
+    "vllm:prompt_tokens_cached_total",
+)
+
+
+def served_counters(server: VllmServer) -> dict[str, float]:
+    """The vLLM server's own counters (Prometheus text at /metrics), each summed over its labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    totals = dict.fromkeys(SERVED_COUNTERS, 0.0)
+    for line in text.splitlines():
+        name = re.split(r"[{ ]", line, maxsplit=1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def tokens_per_second(
+    lm: dspy.LM, calls, constrained: bool, concurrency: int, server: VllmServer | None = None
+) -> dict:
     adapter = AnswerAdapter(constrained)
     before = len(lm.history)
 
@@ -100,6 +129,7 @@ def tokens_per_second(lm: dspy.LM, calls, constrained: bool, concurrency: int) -
                 return False
 
     engine_before = engine_stats(lm)
+    served_before = served_counters(server) if server else None
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         parsed = sum(pool.map(call, calls))
@@ -111,17 +141,35 @@ def tokens_per_second(lm: dspy.LM, calls, constrained: bool, concurrency: int) -
         decoding = engine["busy_seconds"] - engine["prefill_seconds"]
         out |= {
             "engine": engine,
-            # prompts cost the same either way; constrained answers are shorter, so the prompts' share
-            # of the wall time grows: the rate of the decoding passes alone compares per token
             "decode_tok_s": engine["generated_tokens"] / decoding,
             # the same prompts both ways: their rate says how fast the machine itself ran meanwhile
             "prefill_tok_s": (engine["prompt_tokens"] - engine["reused_prompt_tokens"]) / engine["prefill_seconds"],
             "constraint_share": engine["constraint_seconds"] / engine["busy_seconds"],
         }
+    if served_before is not None:  # so does vLLM, per request
+        after = served_counters(server)
+        served = {key: after[key] - served_before[key] for key in SERVED_COUNTERS}
+        latencies = served["vllm:inter_token_latency_seconds_count"]
+        out |= {
+            "served": served,
+            "decode_tok_s": latencies / served["vllm:inter_token_latency_seconds_sum"] if latencies else None,
+        }
     return out
 
 
-def bench(lm_for, calls, repeats: int) -> dict:
+def warm_prefix_cache(lm: dspy.LM, calls) -> None:
+    """Send every call's prompt once, for one token, so that vLLM's prefix cache holds them all."""
+    adapter = AnswerAdapter(False)
+
+    def prompt_once(item):
+        predictor, inputs = item
+        lm(messages=adapter.format(predictor.signature, predictor.demos, inputs), max_tokens=1)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(prompt_once, calls))
+
+
+def bench(lm_for, calls, repeats: int, server: VllmServer | None = None) -> dict:
     """Each concurrency's two settings alternate within every repeat (free first in even repeats,
     constrained first in odd ones), so that the machine's drift over a run falls on both alike; the
     costs are medians of the repeats' paired costs."""
@@ -131,20 +179,22 @@ def bench(lm_for, calls, repeats: int) -> dict:
         for r in range(repeats):
             for constrained in (False, True) if r % 2 == 0 else (True, False):
                 setting = "constrained" if constrained else "free"
-                run = tokens_per_second(lm_for(), calls, constrained, concurrency)
+                run = tokens_per_second(lm_for(), calls, constrained, concurrency, server)
                 runs[setting].append(run)
                 print(f"repeat {r + 1}, {setting}@{concurrency}: {_line(run, len(calls))}")
         for setting, measured in runs.items():
             out[f"{setting}@{concurrency}"] = {"tok_s": summarize([m["tok_s"] for m in measured]), "runs": measured}
-            if "decode_tok_s" in measured[0]:
+            if measured[0].get("decode_tok_s"):
                 out[f"{setting}@{concurrency}"]["decode_tok_s"] = summarize([m["decode_tok_s"] for m in measured])
+            if "constraint_share" in measured[0]:
                 out[f"{setting}@{concurrency}"]["constraint_share"] = summarize(
                     [m["constraint_share"] for m in measured]
                 )
         pairs = list(zip(runs["free"], runs["constrained"]))
         costs = {"cost": [1 - c["tok_s"] / f["tok_s"] for f, c in pairs]}
-        if "decode_tok_s" in runs["free"][0]:
+        if all(run.get("decode_tok_s") for pair in pairs for run in pair):
             costs["decode_cost"] = [1 - c["decode_tok_s"] / f["decode_tok_s"] for f, c in pairs]
+        if all(run.get("prefill_tok_s") for pair in pairs for run in pair):
             # decoding's rate over the same prompts' prefill rate: the machine's own drift divided out
             relative = [[run["decode_tok_s"] / run["prefill_tok_s"] for run in pair] for pair in pairs]
             costs["drift_corrected_decode_cost"] = [1 - c / f for f, c in relative]
@@ -158,8 +208,10 @@ def bench(lm_for, calls, repeats: int) -> dict:
 
 def _line(run: dict, calls: int) -> str:
     line = f"{run['tok_s']:.1f} tok/s, {run['parsed']}/{calls} parsed"
-    if "decode_tok_s" in run:
-        line += f", decoding alone {run['decode_tok_s']:.1f} tok/s, constraint code {run['constraint_share']:.1%}"
+    if run.get("decode_tok_s"):
+        line += f", decoding alone {run['decode_tok_s']:.1f} tok/s"
+    if "constraint_share" in run:
+        line += f", constraint code {run['constraint_share']:.1%}"
     return line
 
 
@@ -190,7 +242,8 @@ def main() -> None:
             name = f"{model_dir.name}-{fingerprint(model_dir)}"
             server = VllmServer(model_dir, name, Path(logs) / "vllm.log", options).start()
             try:
-                results["vllm"] = bench(lambda: served_lm(server, cache=False), calls, args.repeats)
+                warm_prefix_cache(served_lm(server, cache=False), calls)
+                results["vllm"] = bench(lambda: served_lm(server, cache=False), calls, args.repeats, server)
             finally:
                 server.stop()
     save("constrained_speed", args.model, results)  # both settings measured: the keys say which
