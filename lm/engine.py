@@ -145,6 +145,7 @@ class EmbeddedEngine:
         self.eos_ids = self._eos_ids()
         self._grammars: Grammars | None = None  # made on the first constrained request
         self.stats = EngineStats()
+        self._busy_since = time.perf_counter()  # where the running batch's uncounted time starts
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve, name=f"misstep-engine-{self.model_dir.name}", daemon=True)
         self._closed = False
@@ -303,7 +304,7 @@ class EmbeddedEngine:
 
     @torch.inference_mode()
     def _run_batch(self, arrived: list[_Job]) -> None:
-        started = time.perf_counter()
+        self._busy_since = time.perf_counter()
         jobs = self._prepared(arrived)
         if not jobs:
             return
@@ -314,10 +315,18 @@ class EmbeddedEngine:
             for job in jobs:
                 if not job.future.done():
                     self._finish(job, exc)
-        self.stats.busy_seconds += time.perf_counter() - started
+        self._count_busy()
+
+    def _count_busy(self) -> None:
+        """Add the batch's time since it was last counted to `busy_seconds`."""
+        now = time.perf_counter()
+        self.stats.busy_seconds += now - self._busy_since
+        self._busy_since = now
 
     def _finish(self, job: _Job, failure: Exception | None = None) -> None:
-        """Count the request, then answer it: whoever waits for it sees it counted."""
+        """Count the request and the time spent so far, then answer it: whoever waits for it sees
+        it counted (the last answer of a batch comes before the batch ends)."""
+        self._count_busy()
         self.stats.requests += 1
         self.stats.constrained += job.constraint is not None
         self.stats.prompt_tokens += len(job.prompt_ids)

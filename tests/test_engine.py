@@ -1,9 +1,11 @@
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import dspy
 import pytest
 
 from misstep.lm import local_lm
+from misstep.lm.engine import EmbeddedEngine, _Job
 
 PROMPTS = [f"Count to {n}." for n in range(8)]
 
@@ -252,3 +254,29 @@ def test_requests_that_arrive_during_a_batch_join_it_and_answer_as_alone(tiny_mo
     finally:
         late.shutdown()
         engine.close()
+
+
+def test_a_request_is_answered_with_its_time_already_counted(tiny_model_dir):
+    # What a benchmark reads when its last answer arrives: the engine's time includes that answer's
+    # batch, though the batch's bookkeeping ends after it (at 8 concurrent requests one batch is
+    # the whole run, and its time was once read as zero).
+    engine = EmbeddedEngine(tiny_model_dir, max_batch_size=8)
+    try:
+        job = _Job(
+            messages=[{"role": "user", "content": "Count to three."}],
+            max_new_tokens=6,
+            temperature=0.0,
+            top_p=None,
+            top_k=None,
+            stop=(),
+            seed=0,
+        )
+        seen = []
+        job.future.add_done_callback(lambda _: seen.append(asdict(engine.stats)))  # at the moment it is answered
+        engine._queue.put(job)
+        job.future.result()
+    finally:
+        engine.close()
+    at_answer = seen[0]
+    assert at_answer["requests"] == 1 and at_answer["generated_tokens"] == len(job.tokens)
+    assert at_answer["busy_seconds"] >= at_answer["prefill_seconds"] > 0
