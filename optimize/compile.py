@@ -279,16 +279,41 @@ def compiled_or_resumed(
     program, saved there now, False): a rerun never trains the same step again.
 
     A resumed program runs through `provider`, which learns its checkpoint, so a later
-    compile trains on from those weights."""
+    compile trains on from those weights. Where the weights are gone or not whole (a run carried
+    to another machine without them, a save cut short) the step is trained again from the same
+    files; where the first training's digests survive, `folder`/replayed.json says whether the
+    weights came out the same."""
     saved = folder / "program.json"
+    recorded = None
     if saved.exists():
-        problem = checkpoint_problem(Path(json.loads(saved.read_text())["model_dir"]))
+        model_dir = Path(json.loads(saved.read_text())["model_dir"])
+        problem = checkpoint_problem(model_dir)
         if problem is None:
             return load_compiled(saved, provider=provider, program=program, **lm_options), True
         logger.warning("%s names weights that are not whole, so the step is done again: %s", saved, problem)
+        recorded = _recorded_weights(model_dir)
     result = compile_step()
     save_compiled(result.program, result.model_dir, saved)
+    if recorded:
+        same = _recorded_weights(Path(result.model_dir)) == recorded
+        write_json_atomic(folder / "replayed.json", {"because": problem, "same_weights": same})
+        logger.log(
+            logging.INFO if same else logging.WARNING,
+            "%s trained again: weights %s",
+            folder,
+            "the same as the first time" if same else "differ from the first time's",
+        )
     return result.program, False
+
+
+def _recorded_weights(model_dir: Path) -> dict[str, str] | None:
+    """{weights file: sha256} from a checkpoint's training summary, or None where it has none."""
+    try:
+        summary = json.loads((model_dir / SUMMARY).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    weights = summary.get("weights")
+    return {name: entry["sha256"] for name, entry in weights.items()} if weights else None
 
 
 def load_compiled(

@@ -146,3 +146,31 @@ def test_a_checkpoint_cut_short_or_without_its_summary_is_trained_again_never_lo
     assert "no train_summary.json" in checkpoint_problem(redone)
     compiled_or_resumed(tmp_path / "warm", step, provider=provider)
     assert len(trainings) == 3
+
+
+def test_a_step_whose_weights_were_not_carried_is_trained_again_and_says_whether_they_came_out_the_same(
+    tmp_path, tiny_model_dir, gsm8k_train
+):
+    # A run's files committed without its weights (they are too large to carry between machines):
+    # resuming trains each step again from the same files, as the loop's rounds do in order.
+    settings = TrainSettings(method="full", epochs=1.0, batch_size=4, max_length=768)
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
+    truth = ground_truth_demos(gsm8k_train, k=1)
+
+    def step():
+        base = local_lm(tiny_model_dir, max_tokens=16, cache=False, provider=provider)
+        return warm_up(SelfCorrector(), truth, lm=base, provider=provider, run_dir=tmp_path / "warm")
+
+    compiled_or_resumed(tmp_path / "warm", step, provider=provider)
+    weights = Path(json.loads((tmp_path / "warm" / "program.json").read_text())["model_dir"])
+    first = load_file(weights / "model.safetensors")
+    (weights / "model.safetensors").unlink()  # carried without it; its training summary came along
+    assert not (tmp_path / "warm" / "replayed.json").exists()
+
+    program, resumed = compiled_or_resumed(tmp_path / "warm", step, provider=provider)
+    assert not resumed and checkpoint_problem(weights) is None
+    replayed = json.loads((tmp_path / "warm" / "replayed.json").read_text())
+    assert "missing" in replayed["because"]
+    again = load_file(weights / "model.safetensors")
+    assert replayed["same_weights"] == all(first[name].equal(again[name]) for name in first)
+    assert replayed["same_weights"], "training on this machine is deterministic: the same files give the same weights"
