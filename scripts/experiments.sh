@@ -29,7 +29,14 @@ fi
 [ -f runs/issue14/generate-unconstrained/summary.json ] || $M generate --data $GSM8K --chains 100 --no-constrained \
   --run-dir runs/issue14/generate-unconstrained
 
-step "issue 15: the arms side by side (configs/arms.toml)"
+step "issue 14: what the constraint costs in decoding speed, both engines (alone on the machine)"
+VLLM_PYTHON=${VLLM_PYTHON:-/tmp/vvenv/bin/python}  # MISSTEP_VENV=/tmp/vvenv bash scripts/install.sh --vllm
+measured_both() { .venv/bin/python -c "import json,sys; sys.exit('vllm' not in json.load(open('$1')))"; }
+measured_both benchmarks/results/constrained_speed.json || .venv/bin/python benchmarks/constrained_speed.py \
+  --chains 2 --repeats 3 --vllm-python "$VLLM_PYTHON"
+
+step "issue 15: the arms side by side (configs/arms.toml); its files travel between sessions in carried/arms"
+[ -d runs/arms ] || [ ! -d carried/arms ] || .venv/bin/python scripts/carry_run.py restore carried/arms runs/arms
 $M optimize --config configs/arms.toml --keep judge --keep oracle --keep random \
   --bbm-at-best logical_deduction --bbm-at-best multistep_arithmetic --bbm-at-best word_sorting \
   --run-dir runs/arms
