@@ -19,15 +19,16 @@ for n in 100 300 1000; do
     --positions balanced --run-dir runs/control --results docs/results/control.json
 done
 
-step "issue 14: generate --chains 100 both ways (a committed partial file resumes)"
-partial=docs/results/constrained/generate-constrained.partial.jsonl
-out=runs/issue14/generate-constrained
-if [ ! -f $out/summary.json ] && [ ! -f $out/scenarios.jsonl ] && [ -f $partial ]; then
-  mkdir -p $out && cp $partial $out/scenarios.jsonl
-fi
-[ -f $out/summary.json ] || $M generate --data $GSM8K --chains 100 --run-dir $out
-[ -f runs/issue14/generate-unconstrained/summary.json ] || $M generate --data $GSM8K --chains 100 --no-constrained \
-  --run-dir runs/issue14/generate-unconstrained
+step "issue 14: generate --chains 100 both ways (results committed in docs/results/constrained/)"
+for setting in constrained unconstrained; do
+  flag=$([ $setting = constrained ] && echo --constrained || echo --no-constrained)
+  partial=docs/results/constrained/generate-$setting.partial.jsonl  # what an earlier session got through
+  if [ -f $partial ] && [ ! -f runs/issue14/generate-$setting/scenarios.jsonl ]; then
+    mkdir -p runs/issue14/generate-$setting && cp $partial runs/issue14/generate-$setting/scenarios.jsonl
+  fi
+  [ -f docs/results/constrained/generate-$setting.summary.json ] || [ -f runs/issue14/generate-$setting/summary.json ] \
+    || $M generate --data $GSM8K --chains 100 $flag --run-dir runs/issue14/generate-$setting
+done
 
 step "issue 14: what the constraint costs in decoding speed, both engines (alone on the machine)"
 VLLM_PYTHON=${VLLM_PYTHON:-/tmp/vvenv/bin/python}  # MISSTEP_VENV=/tmp/vvenv bash scripts/install.sh --vllm
