@@ -105,6 +105,7 @@ def run_loop(
     run_dir.mkdir(parents=True, exist_ok=True)
     measured = {"heldout": heldout, "validation": validation or {}}
     start = _starting_data(train_chains, measured, demo_chains, settings, writes=source.writes)
+    _refuse_empty(start, settings, len(train_chains), seeds_from_pool=source.writes and settings.seeds_from == "gsm8k")
     start_dir = start_dir or run_dir
     _write_loop_json(run_dir, settings, source, start, heldout, start_dir)
     seconds: dict[str, float] = {}  # round 0's steps
@@ -225,6 +226,22 @@ def _starting_data(
         locate_records=training_records(located, cue=False, loss="stage3"),
         pool=[c for c in pool if c.question not in used],
     )
+
+
+def _refuse_empty(start: StartingData, settings: LoopSettings, given: int, *, seeds_from_pool: bool) -> None:
+    """A loop whose training file leaves nothing for its seeds or its judge would run for hours and
+    learn nothing: refused before anything is written, with the counts."""
+    empty = []
+    if seeds_from_pool and settings.seed_chains and not start.pool:
+        empty.append(f"no chain is left for the {settings.seed_chains} seed chains a round")
+    if (settings.judge_warm_up or settings.self_judge) and settings.ground_truth and not start.judge_chains:
+        empty.append("no chain is left for the judge's ground truth")
+    if empty:
+        raise ValueError(
+            f"{given} training chains are too few once demos, ground truth and held-out questions are "
+            f"taken: {'; and '.join(empty)}. Pass a larger file with --data (the full GSM8K train set is "
+            "../shared/data/gsm8k/train.jsonl)."
+        )
 
 
 def _write_loop_json(

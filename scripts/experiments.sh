@@ -38,7 +38,7 @@ measured_both benchmarks/results/constrained_speed.json || .venv/bin/python benc
 
 step "issue 15: the arms side by side (configs/arms.toml); its files travel between sessions in carried/arms"
 [ -d runs/arms ] || [ ! -d carried/arms ] || .venv/bin/python scripts/carry_run.py restore carried/arms runs/arms
-$M optimize --config configs/arms.toml --keep judge --keep oracle --keep random \
+$M optimize --config configs/arms.toml --data ../shared/data/gsm8k/train.jsonl --keep judge --keep oracle --keep random \
   --bbm-at-best logical_deduction --bbm-at-best multistep_arithmetic --bbm-at-best word_sorting \
   --run-dir runs/arms
 step "done"

@@ -485,3 +485,18 @@ def test_arm_variants_are_named_by_what_varies_and_differ_only_there():
         arm_variants(loop, ["judge"], ["gsm8k", "sideways"])
     with pytest.raises(ValueError, match="distinct"):
         arm_variants(loop, ["judge", "judge"])
+
+
+def test_a_training_file_that_leaves_no_seed_chain_is_refused_before_anything_runs(
+    tmp_path, tiny_model_dir, loop_parts
+):
+    # The shipped 40-chain sample with the loop's default sizes: demos, ground truth and the writer's
+    # ground truth take every chain, so a run would go on for hours with nothing to write from.
+    train, heldout, validation, train_chains, judge_lm = loop_parts
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", train, show_progress=False)
+    run_dir = tmp_path / "too-few"
+    with pytest.raises(
+        ValueError, match=r"training chains are too few.*no chain is left for the 32 seed chains.*--data"
+    ):
+        run_loop(train_chains, heldout, provider=provider, judge_lm=judge_lm, settings=LoopSettings(), run_dir=run_dir)
+    assert not (run_dir / "round-0").exists() and not (run_dir / "judge").exists()
