@@ -35,6 +35,17 @@ def weights_record(folder: Path) -> dict[str, dict[str, Any]]:
     return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in weights_files(folder)}
 
 
+def recorded_digests(folder: Path) -> dict[str, str] | None:
+    """{weights file: sha256} as the folder's training summary records them; None where it has no
+    summary, or one from before digests were kept."""
+    try:
+        summary = json.loads((Path(folder) / SUMMARY).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    weights = summary.get("weights")
+    return {name: entry["sha256"] for name, entry in weights.items()} if weights else None
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why `folder` is not a whole checkpoint, or None if it is."""
     folder = Path(folder)

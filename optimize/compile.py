@@ -18,7 +18,7 @@ import dspy
 
 from misstep.data.records import Chain
 from misstep.data.runfiles import write_json_atomic
-from misstep.lm.checkpoint import SUMMARY, checkpoint_problem
+from misstep.lm.checkpoint import SUMMARY, checkpoint_problem, recorded_digests
 from misstep.lm.client import local_lm
 from misstep.lm.provider import LocalProvider
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, stage_name
@@ -291,11 +291,11 @@ def compiled_or_resumed(
         if problem is None:
             return load_compiled(saved, provider=provider, program=program, **lm_options), True
         logger.warning("%s names weights that are not whole, so the step is done again: %s", saved, problem)
-        recorded = _recorded_weights(model_dir)
+        recorded = recorded_digests(model_dir)
     result = compile_step()
     save_compiled(result.program, result.model_dir, saved)
     if recorded:
-        same = _recorded_weights(Path(result.model_dir)) == recorded
+        same = recorded_digests(Path(result.model_dir)) == recorded
         write_json_atomic(folder / "replayed.json", {"because": problem, "same_weights": same})
         logger.log(
             logging.INFO if same else logging.WARNING,
@@ -304,16 +304,6 @@ def compiled_or_resumed(
             "the same as the first time" if same else "differ from the first time's",
         )
     return result.program, False
-
-
-def _recorded_weights(model_dir: Path) -> dict[str, str] | None:
-    """{weights file: sha256} from a checkpoint's training summary, or None where it has none."""
-    try:
-        summary = json.loads((model_dir / SUMMARY).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    weights = summary.get("weights")
-    return {name: entry["sha256"] for name, entry in weights.items()} if weights else None
 
 
 def load_compiled(
