@@ -18,6 +18,11 @@ step, the valid chain as the recovery), 6 x chains calls in all, sent from 1 or 
 `dspy.Predict` as the program sends them. Speed is the generated tokens (each answer's completion
 tokens, as the engine reports them) over the wall time: constrained answers differ in length from
 free ones, so tokens per second, not seconds, is what compares. The goal: at most 10% slower.
+
+`--equal-text` separates the constraint's own cost from the workload's (embedded engine): the
+constrained setting then sends a grammar that admits any text instead of the stage's, so both
+settings write the same free answers (the run counts the prompts answered alike) and differ only
+by the constraint's machinery: a mask every pass, each draft checked against the masked pick.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from misstep.lm.models import fingerprint
 from misstep.lm.serving import VllmOptions, VllmServer
 from misstep.optimize.demos import attach_demos, ground_truth_demos, questions_of
 from misstep.programs import SelfCorrectionCycle
-from misstep.programs.answer_format import AnswerAdapter
+from misstep.programs.answer_format import AnswerAdapter, AnswerFormat, constraint_kwargs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, summarize  # noqa: E402
@@ -113,10 +118,20 @@ def served_counters(server: VllmServer) -> dict[str, float]:
     return totals
 
 
+ANY_TEXT = AnswerFormat(grammar="root ::= [^]*", closing=())
+
+
+class AnyTextAdapter(AnswerAdapter):
+    """Every call constrained by a grammar that admits any text: the free answers, written under the
+    constraint's machinery."""
+
+    def _constrained_kwargs(self, lm, lm_kwargs, signature, inputs):
+        return {**lm_kwargs, **constraint_kwargs(lm, ANY_TEXT)} if self.constrained else lm_kwargs
+
+
 def tokens_per_second(
-    lm: dspy.LM, calls, constrained: bool, concurrency: int, server: VllmServer | None = None
+    lm: dspy.LM, calls, adapter: AnswerAdapter, concurrency: int, server: VllmServer | None = None
 ) -> dict:
-    adapter = AnswerAdapter(constrained)
     before = len(lm.history)
 
     def call(item):
@@ -136,6 +151,7 @@ def tokens_per_second(
     wall = time.perf_counter() - started
     tokens = sum(entry["usage"]["completion_tokens"] for entry in lm.history[before:])
     out = {"tokens": tokens, "seconds": wall, "tok_s": tokens / wall, "parsed": parsed, "calls": len(calls)}
+    out["answers"] = {str(entry["messages"]): entry["outputs"][0] for entry in lm.history[before:]}
     if engine_before is not None:  # the embedded engine says where its time went
         engine = {key: value - engine_before[key] for key, value in engine_stats(lm).items()}
         decoding = engine["busy_seconds"] - engine["prefill_seconds"]
@@ -169,17 +185,18 @@ def warm_prefix_cache(lm: dspy.LM, calls) -> None:
         list(pool.map(prompt_once, calls))
 
 
-def bench(lm_for, calls, repeats: int, server: VllmServer | None = None) -> dict:
+def bench(lm_for, calls, repeats: int, server: VllmServer | None = None, constrained_adapter=AnswerAdapter) -> dict:
     """Each concurrency's two settings alternate within every repeat (free first in even repeats,
     constrained first in odd ones), so that the machine's drift over a run falls on both alike; the
     costs are medians of the repeats' paired costs."""
-    out = {}
+    out = {"constrained_by": "any text" if constrained_adapter is AnyTextAdapter else "the stages' grammars"}
     for concurrency in (1, 8):
         runs: dict[str, list[dict]] = {"free": [], "constrained": []}
         for r in range(repeats):
             for constrained in (False, True) if r % 2 == 0 else (True, False):
                 setting = "constrained" if constrained else "free"
-                run = tokens_per_second(lm_for(), calls, constrained, concurrency, server)
+                adapter = constrained_adapter(True) if constrained else AnswerAdapter(False)
+                run = tokens_per_second(lm_for(), calls, adapter, concurrency, server)
                 runs[setting].append(run)
                 print(f"repeat {r + 1}, {setting}@{concurrency}: {_line(run, len(calls))}")
         for setting, measured in runs.items():
@@ -191,6 +208,12 @@ def bench(lm_for, calls, repeats: int, server: VllmServer | None = None) -> dict
                     [m["constraint_share"] for m in measured]
                 )
         pairs = list(zip(runs["free"], runs["constrained"]))
+        out[f"same_answers@{concurrency}"] = [
+            sum(c["answers"].get(prompt) == text for prompt, text in f["answers"].items()) for f, c in pairs
+        ]
+        print(f"at {concurrency}: the same answer both ways on {out[f'same_answers@{concurrency}']} of {len(calls)}")
+        for run in runs["free"] + runs["constrained"]:
+            del run["answers"]
         costs = {"cost": [1 - c["tok_s"] / f["tok_s"] for f, c in pairs]}
         if all(run.get("decode_tok_s") for pair in pairs for run in pair):
             costs["decode_cost"] = [1 - c["decode_tok_s"] / f["decode_tok_s"] for f, c in pairs]
@@ -223,6 +246,9 @@ def main() -> None:
     parser.add_argument("--engines", default="embedded,vllm")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vllm-python", default=sys.executable)
+    parser.add_argument(
+        "--equal-text", action="store_true", help="constrain by a grammar admitting any text (embedded)"
+    )
     args = parser.parse_args()
 
     model_dir = resolve_model(args.model)
@@ -233,10 +259,15 @@ def main() -> None:
     if "embedded" in args.engines:
         lm = local_lm(model_dir, cache=False, max_batch_size=8)
         try:
-            results["embedded"] = bench(lambda: lm, calls, args.repeats)
+            if args.equal_text:
+                results["embedded_equal_text"] = bench(
+                    lambda: lm, calls, args.repeats, constrained_adapter=AnyTextAdapter
+                )
+            else:
+                results["embedded"] = bench(lambda: lm, calls, args.repeats)
         finally:
             lm.engine.close()
-    if "vllm" in args.engines:
+    if "vllm" in args.engines and not args.equal_text:
         with tempfile.TemporaryDirectory(prefix="misstep-speed-vllm-") as logs:
             options = VllmOptions(python=args.vllm_python, watch_interval=0)
             name = f"{model_dir.name}-{fingerprint(model_dir)}"
@@ -246,7 +277,8 @@ def main() -> None:
                 results["vllm"] = bench(lambda: served_lm(server, cache=False), calls, args.repeats, server)
             finally:
                 server.stop()
-    save("constrained_speed", args.model, results)  # both settings measured: the keys say which
+    # both settings measured: the keys say which
+    save("constrained_speed_equal_text" if args.equal_text else "constrained_speed", args.model, results)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ class EngineStats:
     model_drafted_tokens: int = 0  # of the drafted, those the low-bit draft model proposed (the rest: prompt lookup)
     joined: int = 0  # requests that joined a batch already decoding
     constrained: int = 0  # requests decoded under an answer constraint
+    longest_cache: int = 0  # the most positions a decoding batch's KV cache held (its memory is rows x this)
 
 
 class EmbeddedEngine:
@@ -435,6 +436,7 @@ class EmbeddedEngine:
             **self._shared_head(batch.shared),
         ).logits
         self.stats.forward_passes += 1
+        self.stats.longest_cache = max(self.stats.longest_cache, batch.mask.shape[1])
         return out
 
     def _accept(

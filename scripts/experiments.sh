@@ -36,6 +36,10 @@ measured_both() { .venv/bin/python -c "import json,sys; sys.exit('vllm' not in j
 measured_both benchmarks/results/constrained_speed.json || .venv/bin/python benchmarks/constrained_speed.py \
   --chains 2 --repeats 3 --vllm-python "$VLLM_PYTHON"
 
+step "issue 14: the constraint's own cost, the same free text both ways (embedded engine, alone on the machine)"
+[ -f benchmarks/results/constrained_speed_equal_text.json ] || .venv/bin/python benchmarks/constrained_speed.py \
+  --engines embedded --equal-text --chains 2 --repeats 3
+
 step "issue 15: the arms side by side (configs/arms.toml); its files travel between sessions in carried/arms"
 [ -d runs/arms ] || [ ! -d carried/arms ] || .venv/bin/python scripts/carry_run.py restore carried/arms runs/arms
 $M optimize --config configs/arms.toml --data ../shared/data/gsm8k/train.jsonl --keep judge --keep oracle --keep random \
