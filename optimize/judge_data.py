@@ -11,6 +11,11 @@ failure is, in order of preference:
   its wrong answer;
 - **copy**: the mistaken chain itself.
 
+Written failures are preferred, but a quarter of the failures (the last pairs that have a written
+one) are made instead, so that the judge also meets the near misses a partial fix shows and its
+confidence has three levels even where the model fails every recovery; written ones stay at
+least half.
+
 Confidence has a level per kind, from how plain the verdict is: a copy 0.95, a success 0.9, a
 written failure 0.8, a partial fix 0.65.
 """
@@ -90,15 +95,19 @@ def written_failures(
 
 
 def judge_examples(pairs: list[tuple[Chain, Chain]], failures: dict[str, str]) -> list[dspy.Example]:
-    """A success and a failure per pair (the failure written where `failures` has one, else a
-    partial fix where the chain allows one, else the copy), successes and failures in turn."""
+    """A success and a failure per pair (the failure written where `failures` has one, except for a
+    quarter of the pairs; else a partial fix where the chain allows one, else the copy), successes and
+    failures in turn."""
+    with_written = [bad.source_id for _, bad in pairs if bad.source_id in failures]
+    made = max(0, len(pairs) // 4 - (len(pairs) - len(with_written)))  # written failures to set aside
+    written = set(with_written[: len(with_written) - made])
     examples = []
     for valid, bad in pairs:
         step = bad.mistake_index
         shown = dict(
             question=valid.question, invalid_chain=format_steps(bad.steps), correct_chain=format_steps(valid.steps)
         )
-        if bad.source_id in failures:
+        if bad.source_id in written:
             kind, recovery = "written", failures[bad.source_id]
         elif step + 1 < len(bad.steps):
             partial = (*valid.steps[: step + 1], *bad.steps[step + 1 :])

@@ -15,8 +15,8 @@ def test_each_chain_gives_a_success_and_its_best_failure_with_confidence_by_kind
     for (valid, bad), success, failure in zip(pairs, examples[::2], examples[1::2]):
         assert success.recovery_succeeded and success.recovery == recovery_text(valid.steps, valid.answer)
         assert not failure.recovery_succeeded and failure.confidence == CONFIDENCE[failure.kind]
-        if bad.source_id in failures:
-            assert failure.kind == "written" and failure.recovery == failures[bad.source_id]
+        if failure.kind == "written":
+            assert failure.recovery == failures[bad.source_id]
         elif bad.mistake_index + 1 < len(bad.steps):  # the wrong step fixed, the rest still the mistaken chain's
             assert failure.kind == "partial"
             assert bad.steps[bad.mistake_index] not in failure.recovery
@@ -26,4 +26,15 @@ def test_each_chain_gives_a_success_and_its_best_failure_with_confidence_by_kind
     made = composition(examples)
     assert made["by_kind"]["success"] == 12 and made["by_kind"]["written"] == 6
     assert made["by_kind"]["written"] >= sum(v for k, v in made["by_kind"].items() if k != "success") / 2
+    assert len(made["confidence_levels"]) >= 3
+
+
+def test_a_model_that_fails_every_recovery_still_leaves_a_quarter_made_failures(gsm8k_train):
+    """The base model's recoveries all fail (16 of 16 in the arms run): written failures alone would
+    leave two confidence levels and no near miss to learn from."""
+    pairs = injected_pairs(gsm8k_train, k=12, seed=0)
+    failures = {bad.source_id: f"Step 1: wrong\nFinal answer: {n}" for n, (_, bad) in enumerate(pairs)}
+    made = composition(judge_examples(pairs, failures))
+    assert made["by_kind"]["written"] == 9  # three quarters of the failures, at least half
+    assert made["by_kind"].get("partial", 0) + made["by_kind"].get("copy", 0) == 3
     assert len(made["confidence_levels"]) >= 3
