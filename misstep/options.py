@@ -126,7 +126,11 @@ OPTIONS: dict[str, Option] = {
     ),
     "verification_chains": Option(
         ("loop.verification_chains",),
-        "chains whose recoveries every round's judges are scored on (the generation-verification gap; 0: none)",
+        "chains reserved for the generation-verification gap's set (0: no gap measured)",
+    ),
+    "verification_size": Option(
+        ("loop.verification_size",),
+        "recoveries in that set, a quarter at least accepted and a quarter rejected where the chains allow",
     ),
     "seeds_from": Option(("loop.seeds_from",), "gsm8k (the --data file) or procedural (problems made each round)"),
     "level_selection": Option(
@@ -151,6 +155,7 @@ LOOP = (
     "candidate_temperature",
     "self_judge",
     "verification_chains",
+    "verification_size",
     "patience",
     "seeds_from",
     "level_selection",

@@ -389,6 +389,7 @@ def _gap_meter(
         start.verification_chains,
         student,
         start_dir / "verification.jsonl",
+        size=settings.verification_size,
         temperature=settings.candidate_temperature,
         seed=settings.seed + 4,
         **options,

@@ -36,9 +36,12 @@ class LoopSettings:
     # at candidate_temperature, each judged and checked; the arm keeps the good ones (rejection sampling).
     candidates: int = 1
     candidate_temperature: float = 0.7
-    # Chains reserved for the generation-verification gap (optimize/verification.py): two recoveries
-    # each by round 0's student, judged every round by the frozen judge and the student's weights.
+    # The generation-verification gap (optimize/verification.py): up to `verification_chains` chains
+    # reserved from the seeds, recovered twice each by round 0's student until a quarter of
+    # `verification_size` recoveries the oracle accepts and a quarter it rejects are found; the set of
+    # `verification_size` is judged every round by the frozen judge and the student's weights.
     verification_chains: int = 60
+    verification_size: int = 120
     # The student judges its own recoveries (stages 5-6 on its weights, trained on the judge's ground
     # truth in every compile) instead of the frozen judge.
     self_judge: bool = False
@@ -71,6 +74,7 @@ class LoopSettings:
             ("ground_truth", 0),
             ("demos", 0),
             ("verification_chains", 0),
+            ("verification_size", 4),
             ("locate_warm_up", 0),
         ):
             if getattr(self, name) < least:

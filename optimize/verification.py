@@ -3,7 +3,11 @@ does it stay so round after round?
 
 A fixed verification set is made once, after round 0: chains reserved from the seed pool (no
 model trains on them), corrupted by the injector, each recovered by round 0's student twice (its
-greedy answer and one sampled), the oracle's verdict on each recovery. Every round then scores:
+greedy answer and one sampled), the oracle's verdict on each recovery. A weak student's recoveries
+are nearly all wrong (the base SmolLM2-135M: 3 of 112), so the chains are walked in growing
+chunks until at least a quarter of the set's size is accepted and a quarter rejected (or the
+chains run out); the set keeps up to half accepted, the rest rejected, in the walk's order. Every
+round then scores:
 
 - the frozen judge's verdicts on those recoveries, and the student's own weights as judge (the
   Judge program on the student's LM), each as balanced accuracy against the oracle;
@@ -40,13 +44,16 @@ def build_set(
     student: SelfCorrector,
     path: Path,
     *,
+    size: int,
     temperature: float,
     seed: int,
     num_threads: int = 8,
     constrained: bool = True,
 ) -> list[dict[str, Any]]:
-    """The verification set (resumable in `path`): for each injected chain, `student`'s greedy
-    recovery and one sampled at `temperature`, with the oracle's verdict (parsed ones only)."""
+    """The verification set of up to `size` recoveries (resumable in `path`, which keeps every
+    recovery made): for injected chains in turn, `student`'s greedy recovery and one sampled at
+    `temperature`, with the oracle's verdict, until a quarter of `size` are accepted and a quarter
+    rejected; up to half of the set accepted, the rest rejected (parsed ones only)."""
     lm = student.predictors()[0].lm
     sampler = SelfCorrector()
     sampler.recover.demos = list(student.recover.demos)
@@ -66,17 +73,34 @@ def build_set(
             **checked_recovery(corrector, bad.question, bad.steps, bad.mistake_index, valid.answer),
         }
 
-    records = map_logged(
-        recover,
-        work,
-        path,
-        lambda w: f"{w[1].source_id}#{w[2]}",
-        lm=lm,
-        adapter=AnswerAdapter(constrained),
-        num_threads=num_threads,
-        description="verification set: recoveries",
-    )
-    return [r for r in records if r["parsed"]]
+    walked, records = 0, []
+    while walked < len(work) and not found_enough(records, size):  # chunks of size, 2 x size, 4 x size, ...
+        walked = min(len(work), max(2 * walked, size))
+        records = map_logged(
+            recover,
+            work[:walked],
+            path,
+            lambda w: f"{w[1].source_id}#{w[2]}",
+            lm=lm,
+            adapter=AnswerAdapter(constrained),
+            num_threads=num_threads,
+            description=f"verification set: recoveries (up to {walked})",
+        )
+    return balanced_set(records, size)
+
+
+def found_enough(records: list[dict[str, Any]], size: int) -> bool:
+    """Whether the parsed `records` hold a quarter of `size` accepted recoveries and a quarter rejected."""
+    verdicts = [r["recovery_ok"] for r in records if r["parsed"]]
+    return min(verdicts.count(True), verdicts.count(False)) >= size // 4
+
+
+def balanced_set(records: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """Up to `size` parsed records: the accepted first, up to half of `size`, then the rejected,
+    each in the order they were made."""
+    parsed = [r for r in records if r["parsed"]]
+    accepted = [r for r in parsed if r["recovery_ok"]][: size // 2]
+    return accepted + [r for r in parsed if not r["recovery_ok"]][: size - len(accepted)]
 
 
 def verdicts(
