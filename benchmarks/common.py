@@ -109,11 +109,14 @@ def repeat(measure: Callable[[], float], times: int) -> dict[str, Any]:
 
 def save(name: str, model: str, results: dict[str, Any], constrained: bool | None = None) -> None:
     """Write benchmarks/results/<name>.json: the results, with the machine and the model they ran on,
-    and whether the answers were decoded under their grammars (None: no decoding measured)."""
+    and whether the answers were decoded under their grammars (None: no decoding measured). A run
+    held to a narrower instruction set writes <name>-<set>.json (`-avx2`), beside the native one."""
     import json
     from pathlib import Path
 
-    out = Path(__file__).parent / "results" / f"{name}.json"
+    held = [os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(v)]
+    suffix = "".join(f"-{isa}" for isa in dict.fromkeys(h.lower() for h in held))
+    out = Path(__file__).parent / "results" / f"{name}{suffix}.json"
     head = {"machine": machine(), "model": model} | ({} if constrained is None else {"constrained": constrained})
     out.write_text(json.dumps({**head, **results}, indent=2))
     print(f"wrote {out}")
