@@ -65,17 +65,23 @@ WELL_FORMED = (
 
 
 class GarbageEngine:
-    """The injected fault: an engine whose every other answer is malformed, in turn."""
+    """The injected fault: an engine whose every other answer to each stage is malformed, in turn.
+    Each stage (told apart by its system prompt) has its own turn: with one turn for all, the
+    threads' order decided which stage met the malformed answers, and one stage could meet none."""
 
     def __init__(self):
-        self.answers = itertools.cycle(x for garbage in GARBAGE for x in (WELL_FORMED, garbage))
+        self.turns: dict[str, itertools.cycle] = {}
         self.calls = 0
         self._lock = threading.Lock()
 
     def complete(self, request) -> Response:
+        stage = request.system if isinstance(request.system, str) else str(request.system)
         with self._lock:
             self.calls += 1
-            text = next(self.answers)
+            turn = self.turns.setdefault(
+                stage, itertools.cycle([x for garbage in GARBAGE for x in (WELL_FORMED, garbage)])
+            )
+            text = next(turn)
         return Response(
             id=None,
             model="garbage",
@@ -111,7 +117,7 @@ def test_a_thousand_malformed_answers_pass_every_stage_without_a_crash_each_coun
         assert len(records) == len(chains)
         for stage, counts in summary["stages"].items():  # malformed answers reached every stage
             failed_here[stage] += counts["unparsable"] + counts["other_errors"]
-    assert engine.calls >= 1000
+    assert engine.calls >= 1000 and len(engine.turns) >= 6  # a turn a stage (the writer's, one an error type)
     assert len(failed_here) == 6 and all(failed_here.values()), failed_here
 
 
