@@ -114,8 +114,9 @@ def save(name: str, model: str, results: dict[str, Any], constrained: bool | Non
     import json
     from pathlib import Path
 
-    held = [os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(v)]
-    suffix = "".join(f"-{isa}" for isa in dict.fromkeys(h.lower() for h in held))
+    path = isa_path()
+    held = [path[v].lower() for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if path[v]]
+    suffix = "".join(f"-{isa}" for isa in dict.fromkeys(held))
     out = Path(__file__).parent / "results" / f"{name}{suffix}.json"
     head = {"machine": machine(), "model": model} | ({} if constrained is None else {"constrained": constrained})
     out.write_text(json.dumps({**head, **results}, indent=2))

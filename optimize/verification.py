@@ -4,7 +4,7 @@ does it stay so round after round?
 A fixed verification set is made once, after round 0: chains reserved from the seed pool (no
 model trains on them), corrupted by the injector, each recovered by round 0's student twice (its
 greedy answer and one sampled), the oracle's verdict on each recovery. A weak student's recoveries
-are nearly all wrong (the base SmolLM2-135M: 3 of 112), so the chains are walked in growing
+are nearly all wrong (the base SmolLM2-135M's are), so the chains are walked in growing
 chunks until at least a quarter of the set's size is accepted and a quarter rejected (or the
 chains run out); the set keeps up to half accepted, the rest rejected, in the walk's order. Every
 round then scores:
