@@ -129,7 +129,9 @@ def answer_spread(answers: list, last_steps: list[int] | None = None) -> dict[st
     counts = Counter(answers)
     total = len(answers)
     entropy = -sum(k / total * math.log2(k / total) for k in counts.values())
-    top, top_count = counts.most_common(1)[0]
+    top_count = max(counts.values())
+    # A tie goes to the least by repr, not to whichever came first: the items' order is not the answer.
+    top = min((a for a, k in counts.items() if k == top_count), key=repr)
     spread = {"n": total, "entropy_bits": entropy + 0.0, "top_answer": top, "top_share": top_count / total}
     if last_steps is not None:
         spread["last_step_share"] = sum(a == last for a, last in zip(answers, last_steps, strict=True)) / total

@@ -310,7 +310,11 @@ def write_scenarios(
         ):
             for scenario in scenarios:
                 log.append(scenario.to_dict())
-        return [Scenario.from_dict(record) for record in log.records]
+        # In the work's order, not the threads' (the file's): the kept set, its balancing and the
+        # random arm's draw are made from this list, and a rerun must make the same.
+        place = {chain.source_id: i for i, (chain, _) in enumerate(work)}
+        records = sorted(log.records, key=lambda r: (place.get(r["source_id"], len(place)), r.get("candidate", 0)))
+        return [Scenario.from_dict(record) for record in records]
 
 
 def decision(scenario: Scenario) -> dict[str, Any]:

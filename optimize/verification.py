@@ -16,7 +16,8 @@ round then scores:
 The gap is the student's judging minus its recovering; the seed's "you stop recognising better
 outputs" is that line falling.
 
-    RUN_DIR/verification.jsonl                        the set: each recovery and the oracle's verdict
+    RUN_DIR/verification.jsonl                        every recovery made, with the oracle's verdict
+    RUN_DIR/verification-set.json                     the set: the keys of the recoveries chosen, in order
     RUN_DIR/verification-frozen.jsonl                 the frozen judge's verdicts (the same every round)
     RUN_DIR/round-N/verification/self_judge.jsonl     the student's verdicts
     RUN_DIR/round-N/verification/recoveries.jsonl     the student's own recoveries, by the oracle
@@ -24,6 +25,7 @@ outputs" is that line falling.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 import dspy
 
 from misstep.data.records import Chain
+from misstep.data.runfiles import JsonlLog, write_json_atomic
 from misstep.metrics.stats import balanced_accuracy, rate
 from misstep.optimize.demos import attach_demos
 from misstep.optimize.judge_data import checked_recovery, injected_pairs
@@ -53,7 +56,12 @@ def build_set(
     """The verification set of up to `size` recoveries (resumable in `path`, which keeps every
     recovery made): for injected chains in turn, `student`'s greedy recovery and one sampled at
     `temperature`, with the oracle's verdict, until a quarter of `size` are accepted and a quarter
-    rejected; up to half of the set accepted, the rest rejected (parsed ones only)."""
+    rejected; up to half of the set accepted, the rest rejected (parsed ones only). The keys chosen
+    are kept beside `path` (-set.json) and a rerun takes the set from there, so every round is scored
+    on the same recoveries whatever the options of the rerun."""
+    chosen_path = path.with_name(f"{path.stem}-set.json")
+    if chosen_path.exists():
+        return _chosen(chosen_path, path)
     lm = student.predictors()[0].lm
     sampler = SelfCorrector()
     sampler.recover.demos = list(student.recover.demos)
@@ -86,7 +94,20 @@ def build_set(
             num_threads=num_threads,
             description=f"verification set: recoveries (up to {walked})",
         )
-    return balanced_set(records, size)
+    chosen = balanced_set(records, size)
+    write_json_atomic(chosen_path, {"size": size, "keys": [r["key"] for r in chosen]})
+    return chosen
+
+
+def _chosen(chosen_path: Path, path: Path) -> list[dict[str, Any]]:
+    """The set an earlier run chose (its keys in `chosen_path`), its records from `path`."""
+    keys = json.loads(chosen_path.read_text(encoding="utf-8"))["keys"]
+    with JsonlLog(path) as log:
+        by_key = {record["key"]: record for record in log.records}
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise ValueError(f"{chosen_path}: {len(missing)} of its keys have no recovery in {path} (first: {missing[0]})")
+    return [by_key[k] for k in keys]
 
 
 def found_enough(records: list[dict[str, Any]], size: int) -> bool:

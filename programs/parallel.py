@@ -74,11 +74,15 @@ def map_logged(
     **threads,
 ) -> list[dict]:
     """`map_threads` whose results are records appended to the JSONL file `path` as they finish; a
-    rerun skips the items whose `key_of(item)` is already a record's `key` field. Every record in
-    the file, in the order written. `threads`: map_threads' keywords (lm, adapter, ...)."""
+    rerun skips the items whose `key_of(item)` is already a record's `key` field. The records of
+    `items`, in the order of `items`: the file holds them in the order the threads finished, which
+    differs from run to run, and what is made of the records (a set cut short, training data)
+    must not."""
+    items = list(items)
     with JsonlLog(path) as log:
         done = {record[key] for record in log.records}
         todo = [item for item in items if key_of(item) not in done]
         for _, record in map_threads(function, todo, **threads):
             log.append(record)
-        return list(log.records)
+        by_key = {record[key]: record for record in log.records}
+    return [by_key[k] for k in dict.fromkeys(key_of(item) for item in items)]

@@ -311,6 +311,9 @@ def test_candidates_sample_stages_3_to_6_again_on_the_written_chain_and_resume_o
     scenarios = write()
     lines = (folder / "scenarios.jsonl").read_text().splitlines()
     assert lines[: len(chains)] == greedy_lines and len(scenarios) == 3 * len(chains)
+    # The file has every greedy pass first, then candidates as threads finish; the list is the work's.
+    in_work_order = [(c.source_id, k) for c in chains for k in range(3)]
+    assert [(s.chain.source_id, s.candidate) for s in scenarios] == in_work_order
     by_chain = {}
     for s in scenarios:
         by_chain.setdefault(s.chain.source_id, {})[s.candidate] = s
@@ -335,6 +338,7 @@ def test_candidates_sample_stages_3_to_6_again_on_the_written_chain_and_resume_o
     again = write()
     after = (folder / "scenarios.jsonl").read_text().splitlines()
     assert after[:-1] == lines[:-1] and len(again) == len(scenarios)
+    assert [(s.chain.source_id, s.candidate) for s in again] == in_work_order
     assert (json.loads(after[-1])["source_id"], json.loads(after[-1])["candidate"]) == (
         last["source_id"],
         last["candidate"],

@@ -251,6 +251,25 @@ def test_a_full_disk_at_each_write_of_a_one_round_optimize_stops_it_clearly_and_
     assert not differing, json.dumps(differing, indent=1, default=str)[:4000]
 
 
+def test_logged_work_comes_back_in_the_work_order_whatever_order_the_threads_finished_in(tmp_path, tiny_lm):
+    """The later items finish first, so the file is in reverse; what is made of the records (a set
+    cut short, training data) must not depend on that."""
+    from misstep.programs.parallel import map_logged
+
+    items = list(range(6))
+
+    def slow_first(item: int) -> dict:
+        time.sleep(0.05 * (len(items) - item))
+        return {"key": str(item), "square": item * item}
+
+    path = tmp_path / "work.jsonl"
+    records = map_logged(slow_first, items, path, str, lm=tiny_lm, num_threads=6, show_progress=False)
+    assert [r["key"] for r in records] == [str(i) for i in items]
+    written = [json.loads(line)["key"] for line in path.read_text().splitlines()]
+    assert written != [str(i) for i in items] and sorted(written) == sorted(str(i) for i in items)
+    assert map_logged(slow_first, items[:3], path, str, lm=tiny_lm, show_progress=False) == records[:3]
+
+
 def test_evaluate_recovers_from_the_first_n_mistaken_chains_only(tmp_path, tiny_lm, gsm8k_test):
     """The same items each time: a round's recovery is measured on a fixed, pairable subset."""
     from misstep.metrics.evaluation import injected_gsm8k

@@ -38,3 +38,12 @@ def test_balanced_accuracy_gives_a_one_sided_judge_one_half_however_the_classes_
     assert judged["value"] == pytest.approx((0.8 + 60 / 90) / 2)
     assert judged["true_positive_rate"].k == 8 and judged["true_negative_rate"].n == 90
     assert balanced_accuracy([True, False], [True, True])["value"] is None  # no negatives to tell apart
+
+
+def test_a_tie_for_the_commonest_answer_goes_the_same_way_whatever_the_items_order():
+    from misstep.metrics.stats import answer_spread
+
+    answers, last_steps = [3, 1, 1, 3, None, None], [4, 4, 4, 4, 2, 2]
+    forward = answer_spread(answers, last_steps)
+    backward = answer_spread(answers[::-1], last_steps[::-1])
+    assert forward == backward and forward["top_share"] == pytest.approx(1 / 3)

@@ -47,3 +47,18 @@ def test_a_student_that_never_recovers_walks_every_chain(tmp_path, tiny_engine, 
     assert len(chosen) == 4 and not any(r["recovery_ok"] for r in chosen)
     again = build_set(chains, student, path, size=4, temperature=0.7, seed=0, num_threads=4)
     assert again == chosen and len(path.read_text().splitlines()) == 10  # resumed: nothing made twice
+    # The set is made once: a rerun with another size still scores the rounds on the same recoveries.
+    assert build_set(chains, student, path, size=8, temperature=0.7, seed=0, num_threads=4) == chosen
+
+
+def test_the_set_is_cut_in_the_walks_order_not_the_order_the_threads_finished(tmp_path, tiny_engine, gsm8k_train):
+    """The file keeps recoveries as threads finish; reversed, the set cut from it is the same."""
+    student = SelfCorrector()
+    student.set_lm(local_lm(engine=tiny_engine, max_tokens=48, cache=False))
+    path = tmp_path / "verification.jsonl"
+    chosen = build_set(gsm8k_train[:5], student, path, size=4, temperature=0.7, seed=0, num_threads=4)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(reversed(lines)) + "\n")
+    path.with_name("verification-set.json").unlink()  # made again from the reversed file
+    again = build_set(gsm8k_train[:5], student, path, size=4, temperature=0.7, seed=0, num_threads=4)
+    assert [r["key"] for r in again] == [r["key"] for r in chosen]
