@@ -4,6 +4,10 @@ Every per-row tensor has one row per active request, in the order of `active`: t
 over the KV cache (0 for padding, and for a row's rejected drafts), each row's positions (the last
 column is its latest) and its next-token logits. The rows may start from a common cached head of
 `shared` positions (the prompt prefix they share), which attention reads once.
+
+A batch lives as long as requests keep joining it, which under DSPy's threads is a whole run: the
+cache columns only the departed rows attended to are dropped as they leave, so its length follows
+the rows decoding now, not every token the batch ever decoded.
 """
 
 from __future__ import annotations
@@ -31,7 +35,22 @@ class Batch:
         self.cache.batch_select_indices(index)
         self.active = [self.active[row] for row in rows]
         self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
+        self._drop_unattended()
         return tuple(t[index] for t in others)
+
+    def _drop_unattended(self) -> None:
+        """Drop the cache columns after the shared head that no remaining row attends to, up to the
+        first one some row does: the departed rows' prompts and answers, and the padding that aligned
+        them. Positions are per row, so no answer changes (a key that is masked out weighs nothing)."""
+        attended = self.mask[:, self.shared :].any(dim=0)
+        unattended = int(attended.int().argmax()) if bool(attended.any()) else attended.numel()
+        if not unattended:
+            return
+        start, end = self.shared, self.shared + unattended
+        for layer in self.cache.layers:  # a fresh tensor: GrowingLayer moves it into a new buffer, freeing the old
+            layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, end:]], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :start], layer.values[:, :, end:]], dim=2)
+        self.mask = torch.cat([self.mask[:, :start], self.mask[:, end:]], dim=1)
 
     def join(self, other: Batch, new_cache: Callable[[], DynamicCache]) -> None:
         """`other`'s rows join this batch (continuous batching); the rows' heads no longer line up."""

@@ -256,6 +256,44 @@ def test_requests_that_arrive_during_a_batch_join_it_and_answer_as_alone(tiny_mo
         engine.close()
 
 
+def test_a_batch_that_lives_on_keeps_only_the_cache_its_rows_attend_to(tiny_model_dir):
+    """Under DSPy's threads a batch lives as long as requests keep arriving: each thread asks again as
+    soon as it is answered, so rows keep joining one batch. Its KV cache holds the columns of the rows
+    decoding now (their prompts, their answers and drafts), not every token the batch ever decoded."""
+    from misstep.lm import EmbeddedEngine
+
+    engine = EmbeddedEngine(tiny_model_dir)
+    threads, rounds = 3, 20
+    lengths = [5, 7, 11]  # answers of different lengths: rows finish, and their threads' next ones join, apart
+
+    def ask_again_and_again(thread: int) -> list[str]:
+        lm = local_lm(engine=engine, temperature=1.0, max_tokens=lengths[thread], cache=False)
+        return [lm(f"Thread {thread}, question {n}.", seed=n)[0] for n in range(rounds)]
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(ask_again_and_again, range(threads)))
+        stats = engine.stats
+        assert stats.requests == threads * rounds
+        assert stats.joined > threads * rounds // 2  # most requests joined a batch already decoding
+        longest_prompt = max(
+            len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+            for text in (
+                engine.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": f"Thread {t}, question {n}."}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                for t in range(threads)
+                for n in range(rounds)
+            )
+        )
+        # One row's span: its prompt and one column per pass of its answer (sampled rows take no drafts).
+        assert stats.longest_cache <= longest_prompt + max(lengths) + 1
+    finally:
+        engine.close()
+
+
 def test_a_request_is_answered_with_its_time_already_counted(tiny_model_dir):
     # What a benchmark reads when its last answer arrives: the engine's time includes that answer's
     # batch, though the batch's bookkeeping ends after it (at 8 concurrent requests one batch is
