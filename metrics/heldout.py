@@ -144,17 +144,15 @@ def _label(index: int | None) -> str:
 
 def confusion(items: list[SplitItem], predictions: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What the model answered for each true label ({"step 2": {"step 1": n, ...}, "no mistake": ...},
-    "unparsed" where an answer did not parse), and how many answers name the chain's last step
-    (a shortcut a model can learn where late errors are common)."""
+    "unparsed" where an answer did not parse). How often it named the chain's last step (a shortcut
+    a model can learn where late errors are common) is `score`'s answers.last_step_share."""
     table: dict[str, Counter] = {}
-    last = 0
     for item in items:
         prediction = predictions[item.item_id]
         answer = _label(prediction["predicted"]) if prediction["parsed"] else "unparsed"
         table.setdefault(_label(item.chain.mistake_index), Counter())[answer] += 1
-        last += prediction["parsed"] and prediction["predicted"] == len(item.chain.steps) - 1
     ordered = sorted(table, key=lambda label: (label == "no mistake", len(label), label))
-    return {"by_true_label": {label: dict(table[label].most_common()) for label in ordered}, "last_step_answers": last}
+    return {"by_true_label": {label: dict(table[label].most_common()) for label in ordered}}
 
 
 def compare(items: list[SplitItem], first: dict[str, dict[str, Any]], second: dict[str, dict[str, Any]]) -> dict:

@@ -160,13 +160,13 @@ def test_a_slice_is_not_won_by_the_last_step_shortcut():
     assert all(row["correct"] == row["last_step_baseline_correct"] for row in found)
 
 
-def test_confusion_counts_each_true_label_s_answers_and_the_last_step_shortcut():
+def test_confusion_counts_each_true_label_s_answers_and_the_score_the_last_step_shortcut():
     items = load_split(split_path("gsm8k", "test"))
     # A model that always names the chain's last step, except that one answer does not parse.
     predictions = {i.item_id: {"predicted": len(i.chain.steps) - 1, "parsed": True, "correct": False} for i in items}
     predictions[items[0].item_id]["parsed"] = False
     table = confusion(items, predictions)
-    assert table["last_step_answers"] == len(items) - 1
+    assert score(items, predictions)["answers"]["last_step_share"] == (len(items) - 1) / len(items)
     rows = table["by_true_label"]
     assert sum(sum(row.values()) for row in rows.values()) == len(items)
     assert sum(rows["no mistake"].values()) == sum(i.chain.mistake_index is None for i in items)
