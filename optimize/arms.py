@@ -4,7 +4,8 @@
 Every arm teaches only what the student itself wrote; the arms differ in what admits it:
 
 - **oracle** (the ceiling): a location where it is the oracle's first error of the written chain,
-  a recovery where the oracle confirms its answer;
+  a recovery where the oracle confirms its answer and found an error to recover from (a chain
+  only reworded has none, and any steps ending in its own answer would pass);
 - **judge** (the seed's cycle): a location where it is the step at which the written chain departs
   from the valid one it was written from (a label no model produces) and the judge accepted the
   recovery; a recovery the judge accepted;
@@ -68,7 +69,8 @@ def teach(arm: str, scenarios: list[Scenario], accepted: Mapping[str, bool], see
             out.append(_taught(scenario, "all", answer is not _NONE, _recovered(scenario)))
         elif arm == "oracle":
             located = answer is not _NONE and answer == checks.get("invalid_first_error", _NONE)
-            out.append(_taught(scenario, "oracle", located, bool(checks.get("recovery_ok"))))
+            erred = checks.get("invalid_first_error") is not None
+            out.append(_taught(scenario, "oracle", located, erred and bool(checks.get("recovery_ok"))))
         else:
             judged = bool(accepted.get(scenario.key))
             located = judged and answer is not _NONE and answer == checks.get("departure", _NONE)

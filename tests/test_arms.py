@@ -50,8 +50,11 @@ SCENARIOS = [
     _scenario("c", 1, False, {"departure": None, "writer_failed": True, "invalid_first_error": None}),
     # stage 3 did not parse
     _scenario("d", None, False, {"departure": 1, "invalid_first_error": 1}),
+    # reworded step 2 without an error: the "recovery" keeps the answer, so the oracle passes it, and
+    # the student says "no mistake", which is right
+    _scenario("e", 0, True, {"departure": 1, "invalid_first_error": None, "recovery_ok": True}),
 ]
-ACCEPTED = {"a": True, "b": True, "c": False, "d": False}
+ACCEPTED = {"a": True, "b": True, "c": False, "d": False, "e": False}
 
 
 def test_each_arm_admits_the_students_answers_by_its_own_check():
@@ -65,15 +68,23 @@ def test_each_arm_admits_the_students_answers_by_its_own_check():
         "b": (None, None, None),
         "c": (None, None, None),
         "d": (None, None, None),
+        "e": (None, "oracle", None),  # "no mistake" taught; no recovery from an error there was not
     }
     assert kept("judge") == {
         "a": (1, "judge", "judge"),
         "b": (0, "judge", "judge"),  # the departure is no first error: the judge arm learns a wrong step
         "c": (None, None, None),  # no departure, no verdict: nothing taught as if it had a mistake
         "d": (None, None, None),
+        "e": (None, None, None),
     }
     # the writer's copy is taught by no arm, not even "all"
-    assert kept("all") == {"a": (1, "all", "all"), "b": (0, "all", "all"), "c": (None,) * 3, "d": (None,) * 3}
+    assert kept("all") == {
+        "a": (1, "all", "all"),
+        "b": (0, "all", "all"),
+        "c": (None,) * 3,
+        "d": (None,) * 3,
+        "e": (None, "all", "all"),
+    }
     judged = sources(teach("judge", SCENARIOS, ACCEPTED))
     assert judged == {"locations": {"judge": 2}, "locations_true": 1, "recoveries": {"judge": 2}, "recoveries_true": 1}
     for seed in range(8):
