@@ -41,7 +41,8 @@ class Batch:
     def _drop_unattended(self) -> None:
         """Drop the cache columns after the shared head that no remaining row attends to, up to the
         first one some row does: the departed rows' prompts and answers, and the padding that aligned
-        them. Positions are per row, so no answer changes (a key that is masked out weighs nothing)."""
+        them. Positions are per row and a masked-out key weighs nothing, so answers stay the same up
+        to rounding (attention then sums over fewer blocks)."""
         attended = self.mask[:, self.shared :].any(dim=0)
         unattended = int(attended.int().argmax()) if bool(attended.any()) else attended.numel()
         if not unattended:

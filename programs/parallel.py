@@ -77,7 +77,7 @@ def map_logged(
     rerun skips the items whose `key_of(item)` is already a record's `key` field. The records of
     `items`, in the order of `items`: the file holds them in the order the threads finished, which
     differs from run to run, and what is made of the records (a set cut short, training data)
-    must not."""
+    must not. `threads`: map_threads' keywords (lm, adapter, ...)."""
     items = list(items)
     with JsonlLog(path) as log:
         done = {record[key] for record in log.records}
