@@ -59,9 +59,9 @@ def build_set(
     rejected; up to half of the set accepted, the rest rejected (parsed ones only). The keys chosen
     are kept beside `path` (-set.json) and a rerun takes the set from there, so every round is scored
     on the same recoveries whatever the options of the rerun."""
-    chosen_path = path.with_name(f"{path.stem}-set.json")
+    chosen_path = _set_path(path)
     if chosen_path.exists():
-        return _chosen(chosen_path, path)
+        return kept_set(path)
     lm = student.predictors()[0].lm
     sampler = SelfCorrector()
     sampler.recover.demos = list(student.recover.demos)
@@ -99,8 +99,13 @@ def build_set(
     return chosen
 
 
-def _chosen(chosen_path: Path, path: Path) -> list[dict[str, Any]]:
-    """The set an earlier run chose (its keys in `chosen_path`), its records from `path`."""
+def _set_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}-set.json")
+
+
+def kept_set(path: Path) -> list[dict[str, Any]]:
+    """The set a run chose (its keys beside `path`, in -set.json), its records from `path`."""
+    chosen_path = _set_path(path)
     keys = json.loads(chosen_path.read_text(encoding="utf-8"))["keys"]
     with JsonlLog(path) as log:
         by_key = {record["key"]: record for record in log.records}
@@ -182,28 +187,31 @@ def _logged(
     return {r["key"]: r["verdict"] for r in map_logged(run, items, path, key_of, **threads)}
 
 
+def judged(items: list[dict[str, Any]], verdicts: dict[str, bool | None]) -> dict[str, Any]:
+    """`verdicts` (by key) on the set's `items` against the oracle: `balanced_accuracy`'s figures,
+    an unparsed verdict counted as wrong (the verdict the oracle does not give)."""
+    truth = [item["recovery_ok"] for item in items]
+    said = [verdicts.get(item["key"]) for item in items]
+    return balanced_accuracy([s if s is not None else not t for s, t in zip(said, truth)], truth)
+
+
 def gap_row(
     items: list[dict[str, Any]],
     frozen: dict[str, bool | None],
     own_judging: dict[str, bool | None],
     own_recovering: dict[str, bool | None],
 ) -> dict[str, Any]:
-    """A round's line of the gap: each judge's balanced accuracy against the oracle (an unparsed
-    verdict counts as wrong: the verdict the oracle does not give), the student's recovery
-    accuracy on the same chains, and the difference."""
+    """A round's line of the gap: each judge's balanced accuracy against the oracle (`judged`), the
+    student's recovery accuracy on the same chains, and the difference."""
     truth = [item["recovery_ok"] for item in items]
 
-    def balanced(verdicts: dict[str, bool | None]) -> float | None:
-        said = [verdicts.get(item["key"]) for item in items]
-        return balanced_accuracy([s if s is not None else not t for s, t in zip(said, truth)], truth)["value"]
-
     recovering = rate(bool(v) for v in own_recovering.values())
-    judging = balanced(own_judging)
+    judging = judged(items, own_judging)["value"]
     return {
         "n": len(items),
         "accepted": sum(truth),
         "rejected": len(truth) - sum(truth),
-        "judge_balanced_accuracy": balanced(frozen),
+        "judge_balanced_accuracy": judged(items, frozen)["value"],
         "self_judge_balanced_accuracy": judging,
         "recovery": recovering.to_dict(),
         "gap": None if judging is None or not recovering.n else judging - recovering.value,

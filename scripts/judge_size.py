@@ -27,12 +27,11 @@ from misstep.data.runfiles import write_json_atomic  # noqa: E402
 from misstep.data.splits import load_split, split_path, without_heldout  # noqa: E402
 from misstep.inputs import model_dir  # noqa: E402
 from misstep.lm.provider import LocalProvider  # noqa: E402
-from misstep.metrics.stats import balanced_accuracy  # noqa: E402
 from misstep.optimize.compile import warm_up  # noqa: E402
 from misstep.optimize.config import load_config  # noqa: E402
 from misstep.optimize.demos import ground_truth_demos  # noqa: E402
 from misstep.optimize.judge_data import composition, injected_pairs, judge_examples, written_failures  # noqa: E402
-from misstep.optimize.verification import verdicts  # noqa: E402
+from misstep.optimize.verification import judged, kept_set, verdicts  # noqa: E402
 from misstep.programs import Judge  # noqa: E402
 
 RUN_PAIRS = 16  # the arms run's ground_truth
@@ -48,10 +47,7 @@ def main() -> None:
 
     config = load_config(args.run_dir / "config.toml")
     settings = config.loop
-    keys = json.loads((args.run_dir / "verification-set.json").read_text())["keys"]
-    made = {r["key"]: r for r in map(json.loads, (args.run_dir / "verification.jsonl").read_text().splitlines())}
-    items = [made[k] for k in keys]
-    truth = [item["recovery_ok"] for item in items]
+    items = kept_set(args.run_dir / "verification.jsonl")
 
     # The run's judge was trained on these records (the other stages' ground truth and its 16 pairs).
     run_judge = Path(json.loads((args.run_dir / "judge" / "compile_report.json").read_text())["model_dir"])
@@ -86,8 +82,7 @@ def main() -> None:
             ).program
             said = verdicts(items, judge, folder / "verdicts.jsonl", num_threads=settings.num_threads)
             given = [said.get(item["key"]) for item in items]
-            # an unparsed verdict counts as the one the oracle does not give (as the loop counts it)
-            scored = balanced_accuracy([g if g is not None else not t for g, t in zip(given, truth)], truth)
+            scored = judged(items, said)
             row = {
                 "pairs": n,
                 "new_examples": composition(examples),
