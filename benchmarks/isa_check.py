@@ -55,6 +55,7 @@ KERNELS = {
     "sdpa": "aten_avx2",  # attention otherwise
 }
 HOTTEST = 3  # compiled functions disassembled a run
+WIDTHS = ("zmm", "ymm", "xmm")  # 512-, 256- and 128-bit vector registers
 LOOP_SECONDS = 1.5  # under perf, long enough for a few hundred samples of the kernel
 
 
@@ -115,7 +116,7 @@ def hot_instructions(perf_data: Path) -> dict:
     ).stdout
     hot = re.findall(r"^\s+([\d.]+)%\s+(\S+)\s+\[\.\] (.+?)\s*$", report, re.M)
     hot = [(float(p), dso, sym) for p, dso, sym in hot if dso.startswith(("libtorch", "libmkl", "libdnnl"))][:HOTTEST]
-    counted = {"symbols": [], "zmm": 0, "ymm": 0, "xmm": 0}
+    counted = {"symbols": [], **dict.fromkeys(WIDTHS, 0)}
     for percent, dso, symbol in hot:
         annotated = subprocess.run(
             ["perf", "annotate", "-i", str(perf_data), "--stdio", "-s", symbol], capture_output=True, text=True
@@ -123,9 +124,8 @@ def hot_instructions(perf_data: Path) -> dict:
         share = [(re.match(r"^\s+([\d.]+)\s+:", line), line) for line in annotated.splitlines()]
         sampled = [line for m, line in share if m and float(m[1]) > 0]
         counted["symbols"].append({"percent": percent, "dso": dso, "symbol": symbol[:160]})
-        counted["zmm"] += sum("zmm" in line for line in sampled)
-        counted["ymm"] += sum("ymm" in line for line in sampled)
-        counted["xmm"] += sum("xmm" in line for line in sampled)
+        for width in WIDTHS:
+            counted[width] += sum(width in line for line in sampled)
     return counted
 
 
@@ -175,7 +175,7 @@ def main() -> None:
                 hot = found["hot_code"] or {}
                 print(
                     f"{setting_name:12} {name:24} "
-                    + " ".join(f"{width} {hot.get(width)!s:>4}" for width in ("zmm", "ymm", "xmm"))
+                    + " ".join(f"{width} {hot.get(width)!s:>4}" for width in WIDTHS)
                     + " "
                     + f"onednn {found['onednn_kernels']} differs {found['differs_from_native']}",
                     flush=True,
