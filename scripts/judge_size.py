@@ -1,23 +1,30 @@
-"""Does the frozen judge separate good recoveries from bad ones when it is trained on more ground truth?
+"""Does the frozen judge separate good recoveries from bad ones when it is trained on more ground truth,
+or for longer?
 
-An arms run's frozen judge (16 ground-truth pairs in configs/arms.toml) answered one verdict for
-every recovery of the gap's verification set (balanced accuracy 0.5) and for every scenario of round
-1. This trains the same judge again from the base model on the run's own judge training records plus
-`N - 16` more pairs made the same way (optimize/judge_data.py: a success and a failure per injected
-chain, the failure a recovery the base model wrote where it wrote one that the oracle rejects), and
-scores each judge on the run's verification set (`verification-set.json`), which none of its chains
-reach:
+An arms run's frozen judge (16 ground-truth pairs in configs/arms.toml, one epoch) answered one
+verdict for every recovery of the gap's verification set (balanced accuracy 0.5), for every
+scenario of round 1, and for every one of its own 32 training examples. This trains the same judge
+again from the base model on the run's own judge training records plus `N - 16` more pairs made the
+same way (optimize/judge_data.py: a success and a failure per injected chain, the failure a recovery
+the base model wrote where it wrote one that the oracle rejects), for `--epochs` (default: the
+run's), and scores each judge on its own training examples (does it fit them at all?) and on the
+run's verification set (`verification-set.json`), which none of its chains reach:
 
     .venv/bin/python scripts/judge_size.py runs/arms --pairs 64 --pairs 256 --out runs/judge-size
+    .venv/bin/python scripts/judge_size.py runs/arms --pairs 16 --epochs 8 --out runs/judge-size
 
-Writes OUT/pairs-N/ (the judge's training, its verdicts) and OUT/judge_size.json.
+Writes OUT/pairs-N[-epochs-E]/ (the judge's training, its verdicts) and OUT/judge_size.json (rows
+of earlier invocations kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +50,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, action="append", required=True, help="ground-truth pairs in all")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/gsm8k/train.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("runs/judge-size"))
+    parser.add_argument("--epochs", type=float, default=None, help="the judge's training epochs (default: the run's)")
     args = parser.parse_args()
 
     config = load_config(args.run_dir / "config.toml")
@@ -61,12 +69,17 @@ def main() -> None:
     reserved = {item["question"] for item in items} | {c.question for c in measured}
     spare = [c for c in reversed(pool) if c.question not in reserved and json.dumps(c.question)[1:-1] not in seen]
 
-    provider = LocalProvider(model_dir(config.model), args.out / "checkpoints", config.train, engine=config.engine)
+    epochs = config.train.epochs if args.epochs is None else args.epochs
+    train = replace(config.train, epochs=epochs)
+    provider = LocalProvider(model_dir(config.model), args.out / "checkpoints", train, engine=config.engine)
     base = provider.lm(seed=settings.seed)
-    results = []
+    summary = args.out / "judge_size.json"
+    results = json.loads(summary.read_text())["rows"] if summary.exists() else []
     try:
         for n in sorted(set(args.pairs)):
-            folder = args.out / f"pairs-{n}"
+            if n < RUN_PAIRS:
+                parser.error(f"--pairs {n}: the run's judge already had {RUN_PAIRS}")
+            folder = args.out / (f"pairs-{n}" if epochs == config.train.epochs else f"pairs-{n}-epochs-{epochs:g}")
             pairs = injected_pairs(spare[: 2 * (n - RUN_PAIRS)], k=n - RUN_PAIRS, seed=settings.seed + 3)
             failures = written_failures(
                 pairs, base, demos, folder / "written_recoveries.jsonl", num_threads=settings.num_threads
@@ -83,21 +96,41 @@ def main() -> None:
             said = verdicts(items, judge, folder / "verdicts.jsonl", num_threads=settings.num_threads)
             given = [said.get(item["key"]) for item in items]
             scored = judged(items, said)
+            weights = Path(json.loads((folder / "compile_report.json").read_text())["model_dir"])
+            trained_on = [json.loads(line) for line in (weights / "train_data.jsonl").read_text().splitlines()]
             row = {
                 "pairs": n,
+                "epochs": epochs,
+                "training_fit": training_fit(judge.predictors()[0].lm, trained_on),
                 "new_examples": composition(examples),
                 "balanced_accuracy": scored["value"],
                 "true_positive_rate": scored["true_positive_rate"].to_dict(),
                 "true_negative_rate": scored["true_negative_rate"].to_dict(),
                 "verdicts": {str(v): given.count(v) for v in (True, False, None)},
             }
-            results.append(row)
+            results = [r for r in results if (r["pairs"], r.get("epochs", config.train.epochs)) != (n, epochs)] + [row]
             print(json.dumps(row), flush=True)
-            write_json_atomic(
-                args.out / "judge_size.json", {"run": str(args.run_dir), "set": len(items), "rows": results}
-            )
+            write_json_atomic(summary, {"run": str(args.run_dir), "set": len(items), "rows": results})
     finally:
         provider.close()
+
+
+VERDICT = re.compile(r"\[\[ ## recovery_succeeded ## \]\]\s*(\S+)")
+
+
+def training_fit(lm, records: list[dict]) -> dict[str, int]:
+    """The judge's greedy verdict on each of its own training records' prompts (the judge's records
+    only), against the verdict the record teaches: how many it gets right, and its verdicts' counts."""
+    taught = [r for r in records if VERDICT.search(r["messages"][-1]["content"])]
+    counts: Counter[str] = Counter()
+    right = 0
+    for record in taught:
+        want = VERDICT.search(record["messages"][-1]["content"]).group(1)
+        found = VERDICT.search(lm(messages=record["messages"][:-1], max_tokens=32, temperature=0.0)[0] or "")
+        said = found.group(1) if found else "unparsed"
+        counts[said] += 1
+        right += said == want
+    return {"n": len(taught), "correct": right, "verdicts": dict(counts)}
 
 
 if __name__ == "__main__":
