@@ -106,6 +106,9 @@ OPTIONS: dict[str, Option] = {
     "judge_warm_up": Option(
         ("loop.judge_warm_up",), "give the frozen judge its own weights, fine-tuned on ground-truth judgements alone"
     ),
+    "judge_epochs": Option(
+        ("loop.judge_epochs",), "epochs of the frozen judge's fine-tune (default: the compile's --epochs)"
+    ),
     "locate_warm_up": Option(
         ("loop.locate_warm_up",),
         "stage-3 chains labelled by the injector (first errors where it puts them, 15% valid) in round 0's warm-up",
@@ -147,6 +150,7 @@ LOOP = (
     "ground_truth",
     "warm_up",
     "judge_warm_up",
+    "judge_epochs",
     "locate_warm_up",
     "active",
     "recovery_items",

@@ -21,6 +21,7 @@ from misstep.data.runfiles import write_json_atomic
 from misstep.lm.checkpoint import SUMMARY, checkpoint_problem, recorded_digests
 from misstep.lm.client import local_lm
 from misstep.lm.provider import LocalProvider
+from misstep.lm.training import TrainSettings
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, stage_name
 from misstep.optimize.dspy_internals import (
     BootstrapFinetune,
@@ -210,6 +211,7 @@ def warm_up(
     provider: LocalProvider,
     run_dir: Path,
     extra_records: list[dict] | None = None,
+    settings: TrainSettings | None = None,
 ) -> CompileResult:
     """Round 0: fine-tune `lm` on ground-truth examples alone, with no traces, for the stages of
     `student` (a `SelfCorrector`; or a `Judge`, to give the judge weights of its own).
@@ -219,13 +221,14 @@ def warm_up(
     worked examples (built by the injector, checked by the oracle) teaches the format;
     later compiles then have traces to judge. A judge warmed up this way has seen ground
     truth only, never the student's output, and no compile of the student trains it.
-    `extra_records` (the scenario writer's ground truth, say) train the same weights.
+    `extra_records` (the scenario writer's ground truth, say) train the same weights; `settings`
+    (default: the provider's) are the fine-tune's.
     """
     data = ground_truth_chat_data(student, ground_truth, AnswerAdapter()) + list(extra_records or [])
     if not data:
         raise NothingToTrainOn("no ground-truth example for any stage of the program")
     new_lm = lm.finetune(
-        train_data=data, train_data_format="chat", train_kwargs={"settings": provider.settings}
+        train_data=data, train_data_format="chat", train_kwargs={"settings": settings or provider.settings}
     ).result()
     if isinstance(new_lm, Exception):  # DSPy's training job hands back the exception it caught
         raise new_lm

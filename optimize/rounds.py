@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,10 @@ import dspy
 from misstep.data.records import Chain
 from misstep.data.runfiles import holds_run_dir, timed, write_json_atomic
 from misstep.data.splits import without_heldout
+from misstep.lm.checkpoint import SUMMARY
 from misstep.lm.client import release
 from misstep.lm.provider import LocalProvider
+from misstep.lm.training import TrainSettings
 from misstep.metrics.health import judge_health
 from misstep.metrics.stats import Rate
 from misstep.optimize.compile import CompileResult, compile_program, compiled_or_resumed, warm_up
@@ -68,7 +70,7 @@ from misstep.optimize.verification import GapMeter, build_set, student_as_judge,
 from misstep.programs import Judge, SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
 
-__all__ = ["LoopSettings", "run_loop"]
+__all__ = ["LoopSettings", "refuse_another_judge", "run_loop"]
 
 
 def _round_dir(run_dir: Path, r: int) -> Path:
@@ -107,6 +109,7 @@ def run_loop(
     start = _starting_data(train_chains, measured, demo_chains, settings, writes=source.writes)
     _refuse_empty(start, settings, len(train_chains), seeds_from_pool=source.writes and settings.seeds_from == "gsm8k")
     start_dir = start_dir or run_dir
+    refuse_another_judge(start_dir, settings, provider.settings)
     _write_loop_json(run_dir, settings, source, start, heldout, start_dir)
     seconds: dict[str, float] = {}  # round 0's steps
     judge = _frozen_judge(start, judge_lm, provider, settings, start_dir / "judge", seconds)
@@ -284,11 +287,42 @@ def _frozen_judge(
 
     def judge_warm_up() -> CompileResult:
         truth = _judge_truth(start, judge_lm, settings, folder)
-        return warm_up(Judge(), truth, lm=judge_lm.copy(provider=provider), provider=provider, run_dir=folder)
+        return warm_up(
+            Judge(),
+            truth,
+            lm=judge_lm.copy(provider=provider),
+            provider=provider,
+            run_dir=folder,
+            settings=replace(provider.settings, epochs=_judge_epochs(settings, provider.settings)),
+        )
 
     with timed(seconds, "judge_warm_up"):
         judge, _ = compiled_or_resumed(folder, judge_warm_up, provider=provider, program=Judge())
     return judge
+
+
+def _judge_epochs(settings: LoopSettings, train: TrainSettings) -> float:
+    return train.epochs if settings.judge_epochs is None else settings.judge_epochs
+
+
+def refuse_another_judge(run_dir: Path, settings: LoopSettings, train: TrainSettings) -> None:
+    """A resumed run keeps the judge it trained (RUN_DIR/judge); asked for one trained differently it
+    is refused, before anything is written, rather than handed the old one."""
+    if not settings.judge_warm_up:
+        return
+    folder = run_dir / "judge"
+    epochs = _judge_epochs(settings, train)
+    saved = folder / "program.json"
+    summary = Path(json.loads(saved.read_text())["model_dir"]) / SUMMARY if saved.exists() else None
+    if summary is None or not summary.exists():  # no judge yet, or its weights are gone and it trains again
+        return
+    trained = json.loads(summary.read_text())["settings"]["epochs"]
+    if trained != epochs:
+        raise ValueError(
+            f"{saved}: this run's judge was trained for {trained:g} epochs and judge_epochs asks for {epochs:g}. "
+            f"Move {folder} aside to train a new judge (every round it judged then needs doing again), "
+            f"or set judge_epochs = {trained:g}."
+        )
 
 
 def _judge_truth(

@@ -22,7 +22,7 @@ from misstep.optimize.arms_report import AT_BEST, arm_dir, round_folder, write_a
 from misstep.optimize.compile import load_compiled
 from misstep.optimize.config import RunConfig, write_config
 from misstep.optimize.report import write_report
-from misstep.optimize.rounds import measure, run_loop
+from misstep.optimize.rounds import measure, refuse_another_judge, run_loop
 from misstep.optimize.settings import LoopSettings
 from misstep.optimize.sources import RoundSource
 
@@ -42,6 +42,7 @@ def run_rounds(
     """Run (or resume) the loop of `config` from the weights in `base_model`: write RUN_DIR/config.toml
     (what it ran with, readable as a --config file), the rounds (optimize/rounds.py) and report.md.
     Return the history and the report's path."""
+    refuse_another_judge(run_dir, config.loop, config.train)
     write_config(config, run_dir / "config.toml")
     provider = _provider(config, base_model, run_dir)
     try:
@@ -115,6 +116,7 @@ def run_arms(
     history and the comparison's path."""
     if not arms:
         raise ValueError("no arm to run")
+    refuse_another_judge(run_dir, config.loop, config.train)
     write_config(config, run_dir / "config.toml")
     provider = _provider(config, base_model, run_dir)
     histories: dict[str, list[dict[str, Any]]] = {}

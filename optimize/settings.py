@@ -22,6 +22,9 @@ class LoopSettings:
     ground_truth: int = 16  # worked examples per stage in every compile (no model wrote them)
     warm_up: bool = True  # round 0 fine-tunes on the ground truth alone, so the model's answers parse
     judge_warm_up: bool = True  # the judge gets its own weights, fine-tuned on ground-truth judgements alone
+    # Epochs of that fine-tune (None: the compile's `[train] epochs`). The judge learns from a few
+    # dozen examples: one epoch is a dozen steps, too few for it to tell its own examples apart.
+    judge_epochs: float | None = None
     # Stage-3 chains labelled by the injector (the positive control's data: first errors where the
     # injector puts them, as in the held-out splits, 15% valid) added to round 0's warm-up, so the loop
     # starts from a model trained on as many locations as the control needed to learn one (0: none).
@@ -94,6 +97,8 @@ class LoopSettings:
             raise ValueError("locate_warm_up adds to round 0's warm-up: it needs warm_up")
         if self.probe_items < 1:
             raise ValueError(f"probe_items must be at least 1, not {self.probe_items}")
+        if self.judge_epochs is not None and self.judge_epochs <= 0:
+            raise ValueError(f"judge_epochs must be above 0 (or None: the compile's epochs), not {self.judge_epochs}")
         if not self.error_types:
             raise ValueError("error_types names no error type")
         for name in self.error_types:

@@ -3,6 +3,7 @@ failure, no held-out leakage, and active selection's choice."""
 
 import gc
 import json
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
             heldout,
             provider=failing,
             judge_lm=judge_lm,
-            settings=_settings(locate_warm_up=4, recovery_items=2, stop=RUNS_ALL_ROUNDS),
+            settings=_settings(locate_warm_up=4, recovery_items=2, judge_epochs=2, stop=RUNS_ALL_ROUNDS),
             run_dir=run_dir,
             validation=validation,
         )
@@ -100,7 +101,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
         heldout,
         provider=provider,
         judge_lm=judge_lm,
-        settings=_settings(locate_warm_up=4, recovery_items=2, stop=RUNS_ALL_ROUNDS),
+        settings=_settings(locate_warm_up=4, recovery_items=2, judge_epochs=2, stop=RUNS_ALL_ROUNDS),
         run_dir=run_dir,
         validation=validation,
     )
@@ -113,6 +114,10 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     assert len(list((run_dir / "checkpoints").glob("compile-*"))) == 4  # judge, warm-up, round 1, round 2
     judge_report = json.loads((run_dir / "judge" / "compile_report.json").read_text())
     assert judge_report["training"]["base_model"] == str(tiny_model_dir)  # the judge never trains on the student
+    # The judge trains for its own epochs (judge_epochs), the student for the compile's.
+    warm_report = json.loads((run_dir / "round-0" / "compile_report.json").read_text())
+    assert judge_report["training"]["settings"]["epochs"] == 2 and warm_report["training"]["settings"]["epochs"] == 1
+    assert judge_report["training"]["steps"] == 2 * math.ceil(judge_report["training"]["records"] / train.batch_size)
     # Its ground truth: a success and a failure per chain, failures the base model wrote where it wrote
     # one (each of its recoveries kept), confidence in levels.
     judge_truth = json.loads((run_dir / "judge" / "judge_truth.json").read_text())
@@ -177,6 +182,20 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     for r in (1, 2):
         for line in (run_dir / f"round-{r}" / "scenarios.jsonl").read_text().splitlines():
             assert normalize_question(json.loads(line)["chain"]["question"]) not in held
+
+    # Resumed with a judge trained differently: refused before anything is written, not handed the old judge.
+    loop_json = (run_dir / "loop.json").read_text()
+    with pytest.raises(ValueError, match=r"judge/program.json: this run's judge was trained for 2 epochs"):
+        run_loop(
+            train_chains,
+            heldout,
+            provider=provider,
+            judge_lm=judge_lm,
+            settings=_settings(locate_warm_up=4, recovery_items=2, judge_epochs=3, stop=RUNS_ALL_ROUNDS),
+            run_dir=run_dir,
+            validation=validation,
+        )
+    assert (run_dir / "loop.json").read_text() == loop_json
 
 
 def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item_by_item(
