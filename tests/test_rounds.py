@@ -79,32 +79,28 @@ def loop_parts(tmp_path, tiny_model_dir, gsm8k_train, gsm8k_test):
 def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny_model_dir, loop_parts):
     train, heldout, validation, train_chains, judge_lm = loop_parts
     run_dir = tmp_path / "loop"
-    failing = FailingOnce(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        run_loop(
+
+    def run(provider, judge_epochs=2):
+        return run_loop(
             train_chains,
             heldout,
-            provider=failing,
+            provider=provider,
             judge_lm=judge_lm,
-            settings=_settings(locate_warm_up=4, recovery_items=2, judge_epochs=2, stop=RUNS_ALL_ROUNDS),
+            settings=_settings(locate_warm_up=4, recovery_items=2, judge_epochs=judge_epochs, stop=RUNS_ALL_ROUNDS),
             run_dir=run_dir,
             validation=validation,
         )
+
+    failing = FailingOnce(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(failing)
     assert (run_dir / "round-0" / "round.json").exists() and not (run_dir / "round-1" / "program.json").exists()
     scenarios_before = (run_dir / "round-1" / "scenarios.jsonl").read_text()
     selection_before = (run_dir / "round-1" / "selection.json").read_text()
 
     provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
     open_before = _open_engines(run_dir)
-    history = run_loop(
-        train_chains,
-        heldout,
-        provider=provider,
-        judge_lm=judge_lm,
-        settings=_settings(locate_warm_up=4, recovery_items=2, judge_epochs=2, stop=RUNS_ALL_ROUNDS),
-        run_dir=run_dir,
-        validation=validation,
-    )
+    history = run(provider)
     # Each round's model is let go once the next is compiled: the judge and the last student stay.
     assert len(_open_engines(run_dir) - open_before) == 2
 
@@ -186,15 +182,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     # Resumed with a judge trained differently: refused before anything is written, not handed the old judge.
     loop_json = (run_dir / "loop.json").read_text()
     with pytest.raises(ValueError, match=r"judge/program.json: this run's judge was trained for 2 epochs"):
-        run_loop(
-            train_chains,
-            heldout,
-            provider=provider,
-            judge_lm=judge_lm,
-            settings=_settings(locate_warm_up=4, recovery_items=2, judge_epochs=3, stop=RUNS_ALL_ROUNDS),
-            run_dir=run_dir,
-            validation=validation,
-        )
+        run(provider, judge_epochs=3)
     assert (run_dir / "loop.json").read_text() == loop_json
 
 
