@@ -22,12 +22,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import random
 import re
 import resource
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -41,6 +43,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from misstep.data.runfiles import write_json_atomic
 from misstep.lm.checkpoint import SUMMARY, weights_record
 from misstep.lm.kernels import train_linears_through_onednn
+
+logger = logging.getLogger(__name__)
 
 LOSS_WEIGHTINGS = ("tokens", "fields")
 Row = tuple[list[int], list[int], list[float]]  # a tokenized record: (input ids, labels, loss weights)
@@ -174,6 +178,24 @@ def record_row(tokenizer, record: dict[str, Any], number: int, settings: TrainSe
         raise ValueError(f"training record {number}: 'weight' must be a positive number, not {weight!r}")
     ids, labels, weights = tokenize_chat(tokenizer, record["messages"], settings.max_length, settings.loss_weighting)
     return ids, labels, [w * weight for w in weights]
+
+
+def _cut_records(tokenizer, records: list[dict[str, Any]], settings: TrainSettings) -> dict[str, int]:
+    """How many records are longer than `settings.max_length` (so trained on without the head of
+    their prompt: a signature's instructions and first fields), and the longest's tokens; a warning
+    where any is cut, since the model is then asked at inference what it never saw whole."""
+    lengths = [len(tokenize_chat(tokenizer, r["messages"], sys.maxsize, settings.loss_weighting)[0]) for r in records]
+    cut = sum(n > settings.max_length for n in lengths)
+    if cut:
+        logger.warning(
+            "%d of %d training records are longer than max_length=%d tokens (the longest %d): their prompts "
+            "are cut from the front",
+            cut,
+            len(records),
+            settings.max_length,
+            max(lengths),
+        )
+    return {"records_cut": cut, "longest_record_tokens": max(lengths, default=0)}
 
 
 def stage_of(record: dict[str, Any]) -> str:
@@ -314,6 +336,7 @@ def train_chat(
     tokenizer, model = _trainable_model(model_dir, settings, place.device)
     loss_of = _loss_module(model, settings, place)
     rows = [record_row(tokenizer, r, number, settings) for number, r in enumerate(records)]
+    cut = _cut_records(tokenizer, records, settings)
     row_weight = None
     if settings.stage_balance:
         rows, row_weight = balanced_rows(rows, [stage_of(r) for r in records])
@@ -367,6 +390,7 @@ def train_chat(
         "settings": asdict(settings),
         "base_model": str(model_dir),
         "records": len(records),
+        **cut,
         "steps": total_steps,
         "first_loss": state.losses[0],
         "last_loss": state.losses[-1],

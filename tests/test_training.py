@@ -40,6 +40,25 @@ def test_only_the_answer_carries_loss(tiny_model_dir, chat_records):
     )  # the prompt is cut, not the answer
 
 
+def test_records_longer_than_max_length_are_counted_and_warned_of(tmp_path, tiny_model_dir, chat_records, caplog):
+    """A record over max_length loses the head of its prompt (its instructions, its first fields):
+    the training summary says how many did, and the log warns, rather than cutting in silence."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = chat_records[:4]
+    lengths = sorted(len(tokenize_chat(tokenizer, r["messages"], 10**9)[0]) for r in records)
+    limit = lengths[1]  # the two or three longer records are cut
+    settings = TrainSettings(method="full", epochs=1.0, batch_size=4, max_length=limit)
+    with caplog.at_level("WARNING", logger="misstep.lm.training"):
+        summary = train_chat(tiny_model_dir, records, tmp_path / "out", settings, show_progress=False)
+    expected = sum(n > limit for n in lengths)
+    assert expected >= 2 and summary["records_cut"] == expected and summary["longest_record_tokens"] == lengths[-1]
+    assert f"{expected} of 4 training records are longer than max_length={limit}" in caplog.text
+    whole = train_chat(
+        tiny_model_dir, records, tmp_path / "whole", TrainSettings(method="full", max_length=4096), show_progress=False
+    )
+    assert whole["records_cut"] == 0
+
+
 def test_field_weighting_gives_each_value_the_weight_of_all_markers(tiny_model_dir, chat_records):
     """A stage-3 answer is markers, a bool and a step number: with "fields" each value weighs a
     third of the record, where "tokens" gives the step number one share among dozens."""
