@@ -51,6 +51,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/gsm8k/train.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("runs/judge-size"))
     parser.add_argument("--epochs", type=float, default=None, help="the judge's training epochs (default: the run's)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens a training record keeps (default: the run's; longer ones lose their prompt's head)",
+    )
     args = parser.parse_args()
 
     config = load_config(args.run_dir / "config.toml")
@@ -70,7 +76,8 @@ def main() -> None:
     spare = [c for c in reversed(pool) if c.question not in reserved and json.dumps(c.question)[1:-1] not in seen]
 
     epochs = config.train.epochs if args.epochs is None else args.epochs
-    train = replace(config.train, epochs=epochs)
+    max_length = config.train.max_length if args.max_length is None else args.max_length
+    train = replace(config.train, epochs=epochs, max_length=max_length)
     provider = LocalProvider(model_dir(config.model), args.out / "checkpoints", train, engine=config.engine)
     base = provider.lm(seed=settings.seed)
     summary = args.out / "judge_size.json"
@@ -79,7 +86,11 @@ def main() -> None:
         for n in sorted(set(args.pairs)):
             if n < RUN_PAIRS:
                 parser.error(f"--pairs {n}: the run's judge already had {RUN_PAIRS}")
-            folder = args.out / (f"pairs-{n}" if epochs == config.train.epochs else f"pairs-{n}-epochs-{epochs:g}")
+            folder = args.out / (
+                f"pairs-{n}"
+                + (f"-epochs-{epochs:g}" if epochs != config.train.epochs else "")
+                + (f"-max-length-{max_length}" if max_length != config.train.max_length else "")
+            )
             pairs = injected_pairs(spare[: 2 * (n - RUN_PAIRS)], k=n - RUN_PAIRS, seed=settings.seed + 3)
             failures = written_failures(
                 pairs, base, demos, folder / "written_recoveries.jsonl", num_threads=settings.num_threads
@@ -101,6 +112,7 @@ def main() -> None:
             row = {
                 "pairs": n,
                 "epochs": epochs,
+                "max_length": max_length,
                 "training_fit": training_fit(judge.predictors()[0].lm, trained_on),
                 "new_examples": composition(examples),
                 "balanced_accuracy": scored["value"],
@@ -108,7 +120,8 @@ def main() -> None:
                 "true_negative_rate": scored["true_negative_rate"].to_dict(),
                 "verdicts": {str(v): given.count(v) for v in (True, False, None)},
             }
-            results = [r for r in results if (r["pairs"], r.get("epochs", config.train.epochs)) != (n, epochs)] + [row]
+            same = (n, epochs, max_length)
+            results = [r for r in results if (r["pairs"], r.get("epochs"), r.get("max_length")) != same] + [row]
             print(json.dumps(row), flush=True)
             write_json_atomic(summary, {"run": str(args.run_dir), "set": len(items), "rows": results})
     finally:
