@@ -109,6 +109,10 @@ OPTIONS: dict[str, Option] = {
     "judge_epochs": Option(
         ("loop.judge_epochs",), "epochs of the frozen judge's fine-tune (default: the compile's --epochs)"
     ),
+    "judge_max_length": Option(
+        ("loop.judge_max_length",),
+        "tokens each of the frozen judge's training records keeps (default: the compile's --max-length)",
+    ),
     "locate_warm_up": Option(
         ("loop.locate_warm_up",),
         "stage-3 chains labelled by the injector (first errors where it puts them, 15% valid) in round 0's warm-up",
@@ -151,6 +155,7 @@ LOOP = (
     "warm_up",
     "judge_warm_up",
     "judge_epochs",
+    "judge_max_length",
     "locate_warm_up",
     "active",
     "recovery_items",

@@ -293,7 +293,7 @@ def _frozen_judge(
             lm=judge_lm.copy(provider=provider),
             provider=provider,
             run_dir=folder,
-            settings=replace(provider.settings, epochs=_judge_epochs(settings, provider.settings)),
+            settings=judge_training(settings, provider.settings),
         )
 
     with timed(seconds, "judge_warm_up"):
@@ -301,8 +301,13 @@ def _frozen_judge(
     return judge
 
 
-def _judge_epochs(settings: LoopSettings, train: TrainSettings) -> float:
-    return train.epochs if settings.judge_epochs is None else settings.judge_epochs
+def judge_training(settings: LoopSettings, train: TrainSettings) -> TrainSettings:
+    """The frozen judge's fine-tune: the compile's, with the loop's judge_* settings where given."""
+    return replace(
+        train,
+        epochs=train.epochs if settings.judge_epochs is None else settings.judge_epochs,
+        max_length=train.max_length if settings.judge_max_length is None else settings.judge_max_length,
+    )
 
 
 def refuse_another_judge(run_dir: Path, settings: LoopSettings, train: TrainSettings) -> None:
@@ -311,17 +316,21 @@ def refuse_another_judge(run_dir: Path, settings: LoopSettings, train: TrainSett
     if not settings.judge_warm_up:
         return
     folder = run_dir / "judge"
-    epochs = _judge_epochs(settings, train)
+    asked = judge_training(settings, train)
     saved = folder / "program.json"
     summary = Path(json.loads(saved.read_text())["model_dir"]) / SUMMARY if saved.exists() else None
     if summary is None or not summary.exists():  # no judge yet, or its weights are gone and it trains again
         return
-    trained = json.loads(summary.read_text())["settings"]["epochs"]
-    if trained != epochs:
+    trained = json.loads(summary.read_text())["settings"]
+    differ = [
+        f"{setting} = {trained[field]:g} (asked: {getattr(asked, field):g})"
+        for setting, field in (("judge_epochs", "epochs"), ("judge_max_length", "max_length"))
+        if trained[field] != getattr(asked, field)
+    ]
+    if differ:
         raise ValueError(
-            f"{saved}: this run's judge was trained for {trained:g} epochs and judge_epochs asks for {epochs:g}. "
-            f"Move {folder} aside to train a new judge (every round it judged then needs doing again), "
-            f"or set judge_epochs = {trained:g}."
+            f"{saved}: this run's judge was trained with {', '.join(differ)}. Move {folder} aside to train "
+            "a new judge (every round it judged then needs doing again), or set what it was trained with."
         )
 
 

@@ -25,6 +25,9 @@ class LoopSettings:
     # Epochs of that fine-tune (None: the compile's `[train] epochs`). The judge learns from a few
     # dozen examples: one epoch is a dozen steps, too few for it to tell its own examples apart.
     judge_epochs: float | None = None
+    # Tokens a judge's training record keeps (None: the compile's `[train] max_length`). Its prompts
+    # hold four chains; a longer record loses its prompt's head (instructions, question, correct chain).
+    judge_max_length: int | None = None
     # Stage-3 chains labelled by the injector (the positive control's data: first errors where the
     # injector puts them, as in the held-out splits, 15% valid) added to round 0's warm-up, so the loop
     # starts from a model trained on as many locations as the control needed to learn one (0: none).
@@ -99,6 +102,10 @@ class LoopSettings:
             raise ValueError(f"probe_items must be at least 1, not {self.probe_items}")
         if self.judge_epochs is not None and self.judge_epochs <= 0:
             raise ValueError(f"judge_epochs must be above 0 (or None: the compile's epochs), not {self.judge_epochs}")
+        if self.judge_max_length is not None and self.judge_max_length < 16:
+            raise ValueError(
+                f"judge_max_length must be at least 16 (or None: the compile's max_length), not {self.judge_max_length}"
+            )
         if not self.error_types:
             raise ValueError("error_types names no error type")
         for name in self.error_types:

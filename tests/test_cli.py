@@ -301,6 +301,8 @@ def test_optimize_refuses_bad_arguments_before_any_work(tmp_path, tiny_model_dir
     )
     result = _invoke("optimize", "--judge-epochs", "0", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
     assert result.exit_code == 2 and "judge_epochs must be above 0" in " ".join(result.output.split())
+    result = _invoke("optimize", "--judge-max-length", "8", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
+    assert result.exit_code == 2 and "judge_max_length must be at least 16" in " ".join(result.output.split())
     assert not (tmp_path / "r").exists()
     result = _invoke("report", tmp_path / "nothing")
     assert result.exit_code == 2 and "no finished round" in " ".join(result.output.split())

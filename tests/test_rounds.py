@@ -86,7 +86,13 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
             heldout,
             provider=provider,
             judge_lm=judge_lm,
-            settings=_settings(locate_warm_up=4, recovery_items=2, judge_epochs=judge_epochs, stop=RUNS_ALL_ROUNDS),
+            settings=_settings(
+                locate_warm_up=4,
+                recovery_items=2,
+                judge_epochs=judge_epochs,
+                judge_max_length=400,
+                stop=RUNS_ALL_ROUNDS,
+            ),
             run_dir=run_dir,
             validation=validation,
         )
@@ -110,9 +116,11 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     assert len(list((run_dir / "checkpoints").glob("compile-*"))) == 4  # judge, warm-up, round 1, round 2
     judge_report = json.loads((run_dir / "judge" / "compile_report.json").read_text())
     assert judge_report["training"]["base_model"] == str(tiny_model_dir)  # the judge never trains on the student
-    # The judge trains for its own epochs (judge_epochs), the student for the compile's.
+    # The judge trains for its own epochs and record length (judge_*), the student with the compile's.
     warm_report = json.loads((run_dir / "round-0" / "compile_report.json").read_text())
     assert judge_report["training"]["settings"]["epochs"] == 2 and warm_report["training"]["settings"]["epochs"] == 1
+    assert judge_report["training"]["settings"]["max_length"] == 400
+    assert warm_report["training"]["settings"]["max_length"] == train.max_length == 512
     assert judge_report["training"]["steps"] == 2 * math.ceil(judge_report["training"]["records"] / train.batch_size)
     # Its ground truth: a success and a failure per chain, failures the base model wrote where it wrote
     # one (each of its recoveries kept), confidence in levels.
@@ -181,7 +189,9 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
 
     # Resumed with a judge trained differently: refused before anything is written, not handed the old judge.
     loop_json = (run_dir / "loop.json").read_text()
-    with pytest.raises(ValueError, match=r"judge/program.json: this run's judge was trained for 2 epochs"):
+    with pytest.raises(
+        ValueError, match=r"judge/program.json: this run's judge was trained with judge_epochs = 2 \(asked: 3\)"
+    ):
         run(provider, judge_epochs=3)
     assert (run_dir / "loop.json").read_text() == loop_json
 
