@@ -68,6 +68,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def median_seconds(work: Callable[[], Any], repeats: int) -> float:
+    """The median of `repeats` timed calls of `work`, after one untimed call to warm it (first-touch
+    page faults, kernel selection)."""
+    work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def probes(repeats: int = 5) -> dict[str, Any]:
     """What this machine does at its limits, to tell results from different machines (or one machine
     on a busier day) apart: memory bandwidth (a 256 MiB copy, read and written), and fp32 products at
@@ -75,22 +87,13 @@ def probes(repeats: int = 5) -> dict[str, Any]:
     row against a SmolLM2-sized weight (what a decoding step is made of), each the median of
     `repeats`. Seconds in all."""
 
-    def median_seconds(work: Callable[[], Any]) -> float:
-        work()  # warm: first-touch page faults, kernel selection
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times)
-
     source = torch.ones(64 * 2**20)  # 256 MiB of fp32
     target = torch.empty_like(source)
-    copy = median_seconds(lambda: target.copy_(source))
+    copy = median_seconds(lambda: target.copy_(source), repeats)
     square = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    mm = median_seconds(lambda: torch.mm(*square))
+    mm = median_seconds(lambda: torch.mm(*square), repeats)
     row, weight = torch.randn(1, 576), torch.randn(1536, 576)  # SmolLM2-135M: hidden 576, MLP 1536
-    rows = median_seconds(lambda: [torch.nn.functional.linear(row, weight) for _ in range(100)])
+    rows = median_seconds(lambda: [torch.nn.functional.linear(row, weight) for _ in range(100)], repeats)
     return {
         "copy_gb_s": 2 * source.numel() * 4 / copy / 1e9,
         "matmul_1024_gflop_s": 2 * 1024**3 / mm / 1e9,

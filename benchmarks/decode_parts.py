@@ -18,11 +18,9 @@ Run on an idle machine (two minutes); medians of `--repeats` passes, in millisec
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from common import save
+from common import median_seconds, save
 
 import misstep
 
@@ -30,16 +28,6 @@ misstep.offline()
 
 from misstep.lm import EmbeddedEngine, resolve_model
 from misstep.lm.kernels import GrowingCache, on_torch_thread
-
-
-def milliseconds(work, repeats: int) -> float:
-    work()  # warm: kernel selection, first-touch pages
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
 
 
 @torch.inference_mode()
@@ -55,7 +43,7 @@ def pass_ms(model, cache: GrowingCache, mask: torch.Tensor, rows: int, width: in
         model(input_ids=inputs, attention_mask=full_mask, position_ids=positions, past_key_values=cache)
         cache.crop(-width)
 
-    return milliseconds(one, repeats)
+    return 1000 * median_seconds(one, repeats)
 
 
 @torch.inference_mode()
@@ -63,7 +51,7 @@ def products_ms(model, repeats: int) -> float:
     """Every fp32 linear layer of `model` at one row, back to back: the step's products alone."""
     linears = [m for m in model.modules() if hasattr(m, "in_features") and not list(m.children())]
     inputs = [torch.randn(1, m.in_features) for m in linears]
-    return milliseconds(lambda: [m(x) for m, x in zip(linears, inputs)], repeats)
+    return 1000 * median_seconds(lambda: [m(x) for m, x in zip(linears, inputs)], repeats)
 
 
 def measure(args) -> dict:

@@ -79,7 +79,6 @@ def without_layers(draft: FusedLlama, skipped: set[int]) -> FusedLlama:
 def measure(args) -> dict:
     model_dir = resolve_model(args.model)
     results: dict = {"prompts": args.prompts, "max_tokens": args.max_tokens, "by_speculate": {}}
-    texts = None
     for k in args.speculate:
         engine = EmbeddedEngine(model_dir, speculate=k)
         try:
