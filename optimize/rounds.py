@@ -319,7 +319,7 @@ def refuse_another_judge(run_dir: Path, settings: LoopSettings, train: TrainSett
     asked = judge_training(settings, train)
     saved = folder / "program.json"
     summary = Path(json.loads(saved.read_text())["model_dir"]) / SUMMARY if saved.exists() else None
-    if summary is None or not summary.exists():  # no judge yet, or its weights are gone and it trains again
+    if summary is None or not summary.exists():  # no judge yet, or its checkpoint folder is gone: it trains anew
         return
     trained = json.loads(summary.read_text())["settings"]
     differ = [

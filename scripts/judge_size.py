@@ -38,6 +38,7 @@ from misstep.optimize.compile import warm_up  # noqa: E402
 from misstep.optimize.config import load_config  # noqa: E402
 from misstep.optimize.demos import ground_truth_demos  # noqa: E402
 from misstep.optimize.judge_data import composition, injected_pairs, judge_examples, written_failures  # noqa: E402
+from misstep.optimize.rounds import judge_training  # noqa: E402
 from misstep.optimize.verification import judged, kept_set, verdicts  # noqa: E402
 from misstep.programs import Judge  # noqa: E402
 
@@ -75,9 +76,9 @@ def main() -> None:
     reserved = {item["question"] for item in items} | {c.question for c in measured}
     spare = [c for c in reversed(pool) if c.question not in reserved and json.dumps(c.question)[1:-1] not in seen]
 
-    epochs = config.train.epochs if args.epochs is None else args.epochs
-    max_length = config.train.max_length if args.max_length is None else args.max_length
-    train = replace(config.train, epochs=epochs, max_length=max_length)
+    # The run's compile settings, with these options where given (as the loop's judge_* settings are).
+    train = judge_training(replace(settings, judge_epochs=args.epochs, judge_max_length=args.max_length), config.train)
+    epochs, max_length = train.epochs, train.max_length
     provider = LocalProvider(model_dir(config.model), args.out / "checkpoints", train, engine=config.engine)
     base = provider.lm(seed=settings.seed)
     summary = args.out / "judge_size.json"
