@@ -29,7 +29,6 @@ import random
 import re
 import resource
 import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 LOSS_WEIGHTINGS = ("tokens", "fields")
 Row = tuple[list[int], list[int], list[float]]  # a tokenized record: (input ids, labels, loss weights)
+Parts = tuple[list[int], list[int], list[float]]  # a record before cutting: (prompt ids, answer ids, answer weights)
 # DSPy's ChatAdapter writes each output field as a "[[ ## name ## ]]" line and then its value.
 FIELD_MARKER = re.compile(r"\[\[ ## \w+ ## \]\]")
 
@@ -147,9 +147,9 @@ def answer_weights(answer: str, offsets: list[tuple[int, int]], weighting: str) 
     return [1.0 / (len(sizes) * sizes[i]) for i in segment]
 
 
-def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int, weighting: str = "tokens") -> Row:
-    """(input ids, labels, loss weights) of one chat: labels are -100 everywhere but the final
-    assistant turn, weights 0 there too and by `weighting` (answer_weights) on the answer."""
+def chat_parts(tokenizer, messages: list[dict[str, str]], weighting: str = "tokens") -> Parts:
+    """(prompt ids, answer ids, the answer's loss weights by `weighting` (answer_weights)) of one chat,
+    whose final assistant turn is the answer; nothing cut."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("a training record must end with the assistant's message")
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
@@ -163,36 +163,53 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int, we
     encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=weighting != "tokens")
     answer_ids = encoded["input_ids"]
     weights = answer_weights(answer, encoded.get("offset_mapping") or [(0, 0)] * len(answer_ids), weighting)
+    return prompt_ids, answer_ids, weights
+
+
+def cut_to_length(parts: Parts, max_length: int) -> Row:
+    """(input ids, labels, loss weights) of at most `max_length` tokens: labels -100 and weights 0 on
+    the prompt. An over-long answer keeps its first half of `max_length`; the prompt is cut from the
+    front, so a record that is too long loses its head (a signature's instructions, first fields)."""
+    prompt_ids, answer_ids, weights = parts
     keep = max_length // 2  # an over-long answer is cut, keeping room for some prompt
     answer_ids, weights = answer_ids[:keep], weights[:keep]
     prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :]
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids, [0.0] * len(prompt_ids) + weights
 
 
-def record_row(tokenizer, record: dict[str, Any], number: int, settings: TrainSettings) -> Row:
-    """One training record as (input ids, labels, loss weights): its chat tokenized by
-    `tokenize_chat`, the weights scaled by the record's own "weight" (1 where it has none), so
-    that one kind of record can count for more than another."""
+def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_length: int, weighting: str = "tokens") -> Row:
+    """One chat as a training row: `chat_parts` cut to `max_length` by `cut_to_length`."""
+    return cut_to_length(chat_parts(tokenizer, messages, weighting), max_length)
+
+
+def record_parts(tokenizer, record: dict[str, Any], number: int, settings: TrainSettings) -> Parts:
+    """One training record's `chat_parts`, the weights scaled by the record's own "weight" (1 where
+    it has none), so that one kind of record can count for more than another."""
     weight = record.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
         raise ValueError(f"training record {number}: 'weight' must be a positive number, not {weight!r}")
-    ids, labels, weights = tokenize_chat(tokenizer, record["messages"], settings.max_length, settings.loss_weighting)
-    return ids, labels, [w * weight for w in weights]
+    prompt_ids, answer_ids, weights = chat_parts(tokenizer, record["messages"], settings.loss_weighting)
+    return prompt_ids, answer_ids, [w * weight for w in weights]
 
 
-def _cut_records(tokenizer, records: list[dict[str, Any]], settings: TrainSettings) -> dict[str, int]:
-    """How many records are longer than `settings.max_length` (so trained on without the head of
-    their prompt: a signature's instructions and first fields), and the longest's tokens; a warning
-    where any is cut, since the model is then asked at inference what it never saw whole."""
-    lengths = [len(tokenize_chat(tokenizer, r["messages"], sys.maxsize, settings.loss_weighting)[0]) for r in records]
-    cut = sum(n > settings.max_length for n in lengths)
+def record_row(tokenizer, record: dict[str, Any], number: int, settings: TrainSettings) -> Row:
+    """One training record as a row: `record_parts` cut to `settings.max_length`."""
+    return cut_to_length(record_parts(tokenizer, record, number, settings), settings.max_length)
+
+
+def cut_records(parts: list[Parts], max_length: int) -> dict[str, int]:
+    """How many records are longer than `max_length` (so trained on without the head of their
+    prompt), and the longest's tokens; a warning where any is cut, since the model is then asked at
+    inference what it never saw whole."""
+    lengths = [len(prompt_ids) + len(answer_ids) for prompt_ids, answer_ids, _ in parts]
+    cut = sum(n > max_length for n in lengths)
     if cut:
         logger.warning(
             "%d of %d training records are longer than max_length=%d tokens (the longest %d): their prompts "
             "are cut from the front",
             cut,
-            len(records),
-            settings.max_length,
+            len(parts),
+            max_length,
             max(lengths),
         )
     return {"records_cut": cut, "longest_record_tokens": max(lengths, default=0)}
@@ -335,8 +352,9 @@ def train_chat(
     torch.manual_seed(settings.seed)
     tokenizer, model = _trainable_model(model_dir, settings, place.device)
     loss_of = _loss_module(model, settings, place)
-    rows = [record_row(tokenizer, r, number, settings) for number, r in enumerate(records)]
-    cut = _cut_records(tokenizer, records, settings)
+    parts = [record_parts(tokenizer, r, number, settings) for number, r in enumerate(records)]
+    rows = [cut_to_length(p, settings.max_length) for p in parts]
+    cut = cut_records(parts, settings.max_length)
     row_weight = None
     if settings.stage_balance:
         rows, row_weight = balanced_rows(rows, [stage_of(r) for r in records])

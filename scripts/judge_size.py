@@ -58,6 +58,13 @@ def main() -> None:
         default=None,
         help="tokens a training record keeps (default: the run's; longer ones lose their prompt's head)",
     )
+    parser.add_argument(
+        "--judge-report",
+        type=Path,
+        default=None,
+        help="compile_report.json of the judge whose records to train on (default: RUN_DIR/judge/'s; "
+        "a superseded judge's while the run's is being retrained: same records, other settings)",
+    )
     args = parser.parse_args()
 
     config = load_config(args.run_dir / "config.toml")
@@ -65,7 +72,10 @@ def main() -> None:
     items = kept_set(args.run_dir / "verification.jsonl")
 
     # The run's judge was trained on these records (the other stages' ground truth and its 16 pairs).
-    run_judge = Path(json.loads((args.run_dir / "judge" / "compile_report.json").read_text())["model_dir"])
+    report = args.judge_report or args.run_dir / "judge" / "compile_report.json"
+    if not report.exists():
+        parser.error(f"{report}: no judge report (name one with --judge-report)")
+    run_judge = Path(json.loads(report.read_text())["model_dir"])
     run_records = [json.loads(line) for line in (run_judge / "train_data.jsonl").read_text().splitlines()]
     seen = "\n".join(json.dumps(r) for r in run_records)
     measured = [item.chain for split in ("test", "validation") for item in load_split(split_path("gsm8k", split))]
