@@ -656,6 +656,9 @@ def data_key(records: list[dict[str, Any]], settings: TrainSettings) -> str:
         del shaping["loss_weighting"]
     if not shaping["stage_balance"]:
         del shaping["stage_balance"]
+    # Gradient checkpointing recomputes the forward instead of keeping it: what is learned is the
+    # same, so a run may turn it on (to fit longer records in memory) and keep its checkpoints.
+    shaping["gradient_checkpointing"] = False
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
     for record in records:
         digest.update(json.dumps(record, sort_keys=True).encode())

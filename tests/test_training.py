@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import dspy
 import pytest
@@ -415,6 +416,33 @@ def test_a_resume_point_is_keyed_by_what_the_settings_mean():
     assert data_key(records, plain) != data_key(records, TrainSettings(method="full", loss_weighting="fields"))
     assert data_key(records, plain) != data_key(records, TrainSettings(method="full", lora_rank=8))
     assert data_key(records, plain) == data_key(records, TrainSettings(method="full", resume_every_s=5))
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dir, chat_records, tmp_path):
+    """Checkpointing is a memory setting, not a training one: a resume point ignores it (a run may turn
+    it on to fit longer records and keep its checkpoints), which holds only if it trains the same."""
+    import torch
+
+    from misstep.lm.training import data_key
+
+    settings = TrainSettings(method="full", learning_rate=1e-3, batch_size=2, resume_every_s=None)
+    records = chat_records[:4]
+    assert data_key(records, settings) == data_key(records, replace(settings, gradient_checkpointing=True))
+    base = load_file(tiny_model_dir / "model.safetensors")
+    weights = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        train_chat(
+            tiny_model_dir,
+            records,
+            out,
+            replace(settings, gradient_checkpointing=checkpointing),
+            show_progress=False,
+        )
+        weights[checkpointing] = load_file(out / "model.safetensors")
+    assert any(not torch.equal(weights[False][name], base[name]) for name in base)  # it did train
+    for name in weights[False]:
+        torch.testing.assert_close(weights[True][name], weights[False][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # The injected fault: a launcher (one process, torchrun's environment) whose worker the kernel
