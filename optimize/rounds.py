@@ -45,6 +45,7 @@ import dspy
 from misstep.data.records import Chain
 from misstep.data.runfiles import holds_run_dir, timed, write_json_atomic
 from misstep.data.splits import without_heldout
+from misstep.data.tables import read_jsonl
 from misstep.lm.checkpoint import SUMMARY
 from misstep.lm.client import release
 from misstep.lm.provider import LocalProvider
@@ -66,7 +67,7 @@ from misstep.optimize.jobs import JobSettings, evaluate
 from misstep.optimize.judge_data import composition, injected_pairs, judge_examples, written_failures
 from misstep.optimize.settings import LoopSettings
 from misstep.optimize.sources import Round, RoundExamples, RoundSource, WrittenScenarios
-from misstep.optimize.verification import GapMeter, build_set, student_as_judge, verdicts
+from misstep.optimize.verification import GapMeter, build_set, student_as_judge, training_fit, verdicts
 from misstep.programs import Judge, SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
 
@@ -298,6 +299,11 @@ def _frozen_judge(
 
     with timed(seconds, "judge_warm_up"):
         judge, _ = compiled_or_resumed(folder, judge_warm_up, provider=provider, program=Judge())
+        fit = folder / "training_fit.json"
+        if not fit.exists():  # the positive control: does it give back what it was taught?
+            weights = Path(json.loads((folder / "program.json").read_text())["model_dir"])
+            records = [record for _, record in read_jsonl(weights / "train_data.jsonl")]
+            write_json_atomic(fit, training_fit(judge.predictors()[0].lm, records))
     return judge
 
 

@@ -19,6 +19,7 @@ outputs" is that line falling.
     RUN_DIR/verification.jsonl                        every recovery made, with the oracle's verdict
     RUN_DIR/verification-set.json                     the set: the keys of the recoveries chosen, in order
     RUN_DIR/verification-frozen.jsonl                 the frozen judge's verdicts (the same every round)
+    RUN_DIR/judge/training_fit.json                   the frozen judge's verdicts on its own training examples
     RUN_DIR/round-N/verification/self_judge.jsonl     the student's verdicts
     RUN_DIR/round-N/verification/recoveries.jsonl     the student's own recoveries, by the oracle
 """
@@ -26,6 +27,9 @@ outputs" is that line falling.
 from __future__ import annotations
 
 import json
+import logging
+import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,8 @@ from misstep.optimize.judge_data import checked_recovery, injected_pairs
 from misstep.programs import Judge, SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
 from misstep.programs.parallel import map_logged
+
+logger = logging.getLogger(__name__)
 
 
 def build_set(
@@ -216,6 +222,28 @@ def gap_row(
         "recovery": recovering.to_dict(),
         "gap": None if judging is None or not recovering.n else judging - recovering.value,
     }
+
+
+VERDICT = re.compile(r"\[\[ ## recovery_succeeded ## \]\]\s*(\S+)")
+
+
+def training_fit(lm: dspy.LM, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A judge's positive control: its greedy verdict on the prompt of each of its own training
+    records that teaches a verdict (the judge's, among the other stages' ground truth), against the
+    verdict taught. A judge that gives every one the same verdict has not learnt what it was taught,
+    and its verdicts on anything else say nothing (logged as a warning)."""
+    taught = [r for r in records if VERDICT.search(r["messages"][-1]["content"])]
+    counts: Counter[str] = Counter()
+    right = 0
+    for record in taught:
+        want = VERDICT.search(record["messages"][-1]["content"]).group(1)
+        found = VERDICT.search(lm(messages=record["messages"][:-1], max_tokens=32, temperature=0.0)[0] or "")
+        said = found.group(1) if found else "unparsed"
+        counts[said] += 1
+        right += said == want
+    if len(counts) == 1 and len(taught) > 1:
+        logger.warning("the judge says %s to all %d of its own training examples", next(iter(counts)), len(taught))
+    return {"n": len(taught), "correct": right, "verdicts": dict(counts)}
 
 
 def student_as_judge(student: SelfCorrector, demos: dict[str, list[dspy.Example]] | None = None) -> Judge:

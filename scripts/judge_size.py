@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from misstep.optimize.config import load_config  # noqa: E402
 from misstep.optimize.demos import ground_truth_demos  # noqa: E402
 from misstep.optimize.judge_data import composition, injected_pairs, judge_examples, written_failures  # noqa: E402
 from misstep.optimize.rounds import judge_training  # noqa: E402
-from misstep.optimize.verification import judged, kept_set, verdicts  # noqa: E402
+from misstep.optimize.verification import judged, kept_set, training_fit, verdicts  # noqa: E402
 from misstep.programs import Judge  # noqa: E402
 
 RUN_PAIRS = 16  # the arms run's ground_truth
@@ -137,24 +135,6 @@ def main() -> None:
             write_json_atomic(summary, {"run": str(args.run_dir), "set": len(items), "rows": results})
     finally:
         provider.close()
-
-
-VERDICT = re.compile(r"\[\[ ## recovery_succeeded ## \]\]\s*(\S+)")
-
-
-def training_fit(lm, records: list[dict]) -> dict[str, int]:
-    """The judge's greedy verdict on each of its own training records' prompts (the judge's records
-    only), against the verdict the record teaches: how many it gets right, and its verdicts' counts."""
-    taught = [r for r in records if VERDICT.search(r["messages"][-1]["content"])]
-    counts: Counter[str] = Counter()
-    right = 0
-    for record in taught:
-        want = VERDICT.search(record["messages"][-1]["content"]).group(1)
-        found = VERDICT.search(lm(messages=record["messages"][:-1], max_tokens=32, temperature=0.0)[0] or "")
-        said = found.group(1) if found else "unparsed"
-        counts[said] += 1
-        right += said == want
-    return {"n": len(taught), "correct": right, "verdicts": dict(counts)}
 
 
 if __name__ == "__main__":

@@ -128,6 +128,9 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     written = (run_dir / "judge" / "written_recoveries.jsonl").read_text().splitlines()
     assert judge_truth["by_kind"]["success"] == len(written) == 2  # ground_truth=2 chains
     assert sum(judge_truth["by_kind"].values()) == 4 and len(judge_truth["confidence_levels"]) >= 2
+    # Its positive control: its verdict on each of its own 4 training examples, against the one taught.
+    fit = json.loads((run_dir / "judge" / "training_fit.json").read_text())
+    assert fit["n"] == 4 and sum(fit["verdicts"].values()) == 4 and 0 <= fit["correct"] <= 4
     assert [row["round"] for row in history] == [0, 1, 2]
     for r in (1, 2):
         folder = run_dir / f"round-{r}"
