@@ -21,6 +21,7 @@ the answer rewrites steps of the prompt, which is what the loop mostly generates
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -37,7 +39,7 @@ import misstep
 
 misstep.offline()  # before anything below imports DSPy (and LiteLLM)
 
-from misstep.lm import EmbeddedEngine, local_lm, resolve_model
+from misstep.lm import EmbeddedEngine, EngineSettings, local_lm, resolve_model
 from misstep.lm.client import served_lm
 from misstep.lm.models import fingerprint
 from misstep.lm.serving import VllmOptions, VllmServer
@@ -230,12 +232,12 @@ def bench_engines(
     results: dict = {"max_tokens": max_tokens, "repeats": repeats}
     answers = {}
     for engine in engines:
-        if engine in ("embedded", "embedded-plain"):  # plain: transformers' own kernels, no speculation
-            plain = engine == "embedded-plain"
-            lm = local_lm(
-                engine=EmbeddedEngine(model_dir, max_batch_size=8, speculate=0 if plain else 4, cpu_kernels=not plain),
-                cache=False,
-            )
+        base, *overrides = engine.split(":")
+        if base in ("embedded", "embedded-plain"):  # plain: transformers' own kernels, no speculation
+            plain = base == "embedded-plain"
+            chosen = {"max_batch_size": 8} | ({"speculate": 0, "cpu_kernels": False} if plain else {})
+            settings = replace(EngineSettings(**chosen), **engine_overrides(overrides))
+            lm = local_lm(engine=EmbeddedEngine(model_dir, settings), cache=False)
             try:
                 results[engine], answers[engine] = run_engine(engine, lm, tokenizer, repeats, max_tokens)
             finally:
@@ -260,7 +262,10 @@ def bench_engines(
                 ggufs[engine.removeprefix("llamacpp-")], llamacpp_python, tokenizer, repeats, max_tokens
             )
         else:
-            raise ValueError(f"unknown engine {engine!r}: embedded, embedded-plain, vllm or llamacpp-NAME")
+            raise ValueError(
+                f"unknown engine {engine!r}: embedded, embedded-plain (either with :SETTING=VALUE...), vllm "
+                "or llamacpp-NAME"
+            )
     if "embedded-plain" in answers:  # transformers' own path is the reference for "same outputs"
         for engine in answers.keys() - {"embedded-plain"}:
             results[engine]["same_answers_as_plain"] = same_answers(answers[engine], answers["embedded-plain"])
@@ -274,7 +279,8 @@ def main() -> None:
     parser.add_argument(
         "--engines",
         default="embedded",
-        help="comma-separated: embedded, embedded-plain (transformers' kernels, no speculation), vllm",
+        help="comma-separated: embedded, embedded-plain (transformers' kernels, no speculation), vllm, "
+        "llamacpp-NAME; an embedded engine with other settings: embedded:speculate=6:draft_max_batch=8",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -305,6 +311,27 @@ def main() -> None:
         ),
         constrained=False,  # raw prompts, no adapter: every engine decodes the model's own text
     )
+
+
+def engine_overrides(pairs: list[str]) -> dict:
+    """EngineSettings fields from "name=value" strings (`embedded:speculate=6:draft_max_batch=8`), each
+    value read as the field's default is typed: an integer, a float, or a boolean (true/false)."""
+    fields = {f.name: f for f in dataclasses.fields(EngineSettings)}
+    chosen = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not value:
+            raise ValueError(f"{pair!r}: not SETTING=VALUE for an EngineSettings field ({', '.join(fields)})")
+        default = getattr(EngineSettings(), name)
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"{pair!r}: {name} is true or false")
+            chosen[name] = value.lower() == "true"
+        elif isinstance(default, int | float):
+            chosen[name] = type(default)(value)
+        else:
+            raise ValueError(f"{pair!r}: {name} is not a number or a boolean, so not set here")
+    return chosen
 
 
 def parse_gguf(option: str) -> tuple[str, Path]:
