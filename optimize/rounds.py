@@ -45,7 +45,6 @@ import dspy
 from misstep.data.records import Chain
 from misstep.data.runfiles import holds_run_dir, timed, write_json_atomic
 from misstep.data.splits import without_heldout
-from misstep.data.tables import read_jsonl
 from misstep.lm.checkpoint import SUMMARY
 from misstep.lm.client import release
 from misstep.lm.provider import LocalProvider
@@ -302,8 +301,7 @@ def _frozen_judge(
         fit = folder / "training_fit.json"
         if not fit.exists():  # the positive control: does it give back what it was taught?
             weights = Path(json.loads((folder / "program.json").read_text())["model_dir"])
-            records = [record for _, record in read_jsonl(weights / "train_data.jsonl")]
-            write_json_atomic(fit, training_fit(judge.predictors()[0].lm, records))
+            write_json_atomic(fit, training_fit(judge.predictors()[0].lm, weights))
     return judge
 
 

@@ -38,6 +38,7 @@ import dspy
 
 from misstep.data.records import Chain
 from misstep.data.runfiles import JsonlLog, write_json_atomic
+from misstep.data.tables import read_jsonl
 from misstep.metrics.stats import balanced_accuracy, rate
 from misstep.optimize.demos import attach_demos
 from misstep.optimize.judge_data import checked_recovery, injected_pairs
@@ -227,11 +228,12 @@ def gap_row(
 VERDICT = re.compile(r"\[\[ ## recovery_succeeded ## \]\]\s*(\S+)")
 
 
-def training_fit(lm: dspy.LM, records: list[dict[str, Any]]) -> dict[str, Any]:
+def training_fit(lm: dspy.LM, weights: Path) -> dict[str, Any]:
     """A judge's positive control: its greedy verdict on the prompt of each of its own training
-    records that teaches a verdict (the judge's, among the other stages' ground truth), against the
-    verdict taught. A judge that gives every one the same verdict has not learnt what it was taught,
-    and its verdicts on anything else say nothing (logged as a warning)."""
+    records (`weights`/train_data.jsonl) that teaches a verdict (the judge's, among the other stages'
+    ground truth), against the verdict taught. A judge that gives every one the same verdict has not
+    learnt what it was taught, and its verdicts on anything else say nothing (logged as a warning)."""
+    records = [record for _, record in read_jsonl(weights / "train_data.jsonl")]
     taught = [r for r in records if VERDICT.search(r["messages"][-1]["content"])]
     counts: Counter[str] = Counter()
     right = 0

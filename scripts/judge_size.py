@@ -117,12 +117,11 @@ def main() -> None:
             given = [said.get(item["key"]) for item in items]
             scored = judged(items, said)
             weights = Path(json.loads((folder / "compile_report.json").read_text())["model_dir"])
-            trained_on = [json.loads(line) for line in (weights / "train_data.jsonl").read_text().splitlines()]
             row = {
                 "pairs": n,
                 "epochs": epochs,
                 "max_length": max_length,
-                "training_fit": training_fit(judge.predictors()[0].lm, trained_on),
+                "training_fit": training_fit(judge.predictors()[0].lm, weights),
                 "new_examples": composition(examples),
                 "balanced_accuracy": scored["value"],
                 "true_positive_rate": scored["true_positive_rate"].to_dict(),
