@@ -3,6 +3,12 @@ probe of the same machine's peak, for full and LoRA training, with and without g
 checkpointing, and each one's peak memory.
 
     .venv/bin/python benchmarks/training.py [--steps 4] [--repeats 2] [--max-length 512]
+    .venv/bin/python benchmarks/training.py --records RUN/judge/weights/train_data.jsonl --longest 4 \
+        --steps 1 --repeats 1 --max-length 2048 --configs full,full+checkpointing
+
+`--records` trains on a file of chat records instead (a compile's `train_data.jsonl`), `--longest
+K` on its K longest in tokens only (the memory a long-prompt training needs; written to
+`training-records.json`, not over the default benchmark's `training.json`).
 
 Each configuration trains in a process of its own (so its peak memory is its own) on the
 same ground-truth chat records, batch 4. The first step is left out of the timing (warm-up).
@@ -34,6 +40,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save, summarize  # noqa: E402
 
 CONFIGS = [("full", False), ("full", True), ("lora", False), ("lora", True)]
+
+
+def config_name(method: str, checkpointing: bool) -> str:
+    return f"{method}{' + checkpointing' if checkpointing else ''}"
+
+
+def longest_records(records: list[dict], k: int, model_dir: Path) -> list[dict]:
+    """The `k` records with the most tokens (prompt and answer, as training tokenizes them)."""
+    from transformers import AutoTokenizer
+
+    from misstep.lm.training import TrainSettings, record_parts
+
+    tokenizer, settings = AutoTokenizer.from_pretrained(model_dir), TrainSettings()
+    sizes = [
+        sum(len(part) for part in record_parts(tokenizer, record, n, settings)[:2]) for n, record in enumerate(records)
+    ]
+    order = sorted(range(len(records)), key=lambda n: -sizes[n])[:k]
+    print(f"the {k} longest of {len(records)} records: {', '.join(str(sizes[n]) for n in order)} tokens")
+    return [records[n] for n in order]
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
@@ -81,7 +106,16 @@ print(json.dumps({{"summary": summary, "log": log}}))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_training(model_dir: Path, steps: int = 4, repeats: int = 2, max_length: int = 512) -> dict:
+def bench_training(
+    model_dir: Path,
+    steps: int = 4,
+    repeats: int = 2,
+    max_length: int = 512,
+    records: list[dict] | None = None,
+    configs: list[tuple[str, bool]] = CONFIGS,
+) -> dict:
+    """Each of `configs` trained `repeats` times for `steps` steps on `records` (the sample's
+    ground-truth chat records where None)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from misstep.optimize.demos import ground_truth_chat_data, ground_truth_demos
@@ -91,8 +125,9 @@ def bench_training(model_dir: Path, steps: int = 4, repeats: int = 2, max_length
         params = sum(
             p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters()
         )
-    chains = misstep.load_chains(misstep.sample_path("gsm8k/train.jsonl"))
-    records = ground_truth_chat_data(SelfCorrector(), ground_truth_demos(chains, k=2 * steps))[: 4 * steps]
+    if records is None:
+        chains = misstep.load_chains(misstep.sample_path("gsm8k/train.jsonl"))
+        records = ground_truth_chat_data(SelfCorrector(), ground_truth_demos(chains, k=2 * steps))[: 4 * steps]
     peak = matmul_peak()
     print(
         f"matmul probe: {peak['median'] / 1e9:.1f} GFLOP/s median (fp32, 2048^3, {peak['library']}; "
@@ -104,13 +139,14 @@ def bench_training(model_dir: Path, steps: int = 4, repeats: int = 2, max_length
         "steps": steps,
         "batch_size": 4,
         "max_length": max_length,
+        "records": len(records),
         "matmul_peak_flops": peak,
         "configs": {},
     }
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as data:
         data.write("".join(json.dumps(r) + "\n" for r in records))
         data.flush()
-        for method, checkpointing in CONFIGS:
+        for method, checkpointing in configs:
             step_seconds, token_rates, flop_rates, peaks = [], [], [], []
             for _ in range(repeats):
                 run = _train_once(model_dir, Path(data.name), method, checkpointing, steps, max_length)
@@ -121,7 +157,7 @@ def bench_training(model_dir: Path, steps: int = 4, repeats: int = 2, max_length
                 token_rates.append(tokens / seconds)
                 flop_rates.append((6 if method == "full" else 4) * params * tokens / seconds)
                 peaks.append(run["summary"]["peak_rss_gib"])
-            name = f"{method}{' + checkpointing' if checkpointing else ''}"
+            name = config_name(method, checkpointing)
             row = {
                 "seconds_per_step": summarize(step_seconds),
                 "tokens_per_second": summarize(token_rates),
@@ -169,7 +205,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--shared-prefix", action="store_true", help="only the shared-prefix A/B on stage-3 records")
+    parser.add_argument("--records", type=Path, help="chat records (JSONL) to train on instead")
+    parser.add_argument("--longest", type=int, help="only the K longest of --records, in tokens")
+    names = {config_name(*config).replace(" ", ""): config for config in CONFIGS}
+    parser.add_argument("--configs", default=",".join(names), help=f"comma-separated, of {', '.join(names)}")
     args = parser.parse_args()
+    unknown = [name for name in args.configs.split(",") if name not in names]
+    if unknown:
+        parser.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(names)})")
+    configs = [names[name] for name in args.configs.split(",")]
+    if args.longest is not None and args.records is None:
+        parser.error("--longest needs --records")
     if args.shared_prefix:
         save(
             "training_shared_prefix",
@@ -177,7 +223,19 @@ def main() -> None:
             bench_shared_prefix(resolve_model(args.model), args.steps, args.repeats),
         )
         return
-    save("training", args.model, bench_training(resolve_model(args.model), args.steps, args.repeats, args.max_length))
+    model_dir = resolve_model(args.model)
+    records = None
+    if args.records is not None:
+        from misstep.data.tables import read_jsonl
+
+        records = [record for _, record in read_jsonl(args.records)]
+        if args.longest is not None:
+            records = longest_records(records, args.longest, model_dir)
+    result = bench_training(model_dir, args.steps, args.repeats, args.max_length, records, configs)
+    if args.records is not None:
+        result["records_file"] = str(args.records)
+        result["longest"] = args.longest
+    save("training-records" if args.records is not None else "training", args.model, result)
 
 
 if __name__ == "__main__":
