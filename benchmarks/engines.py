@@ -284,6 +284,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--name", default="engines", help="results file: benchmarks/results/NAME[-avx2].json")
     parser.add_argument("--vllm-python", default=sys.executable, help="a Python that has vLLM installed")
     parser.add_argument("--vllm-compiled", action="store_true", help="let vLLM compile (no --enforce-eager)")
     parser.add_argument("--llamacpp-python", default=None, help="a Python that has llama-cpp-python")
@@ -297,7 +298,7 @@ def main() -> None:
     args = parser.parse_args()
     ggufs = dict(parse_gguf(g) for g in args.gguf)
     save(
-        "engines",
+        args.name,
         args.model,
         bench_engines(
             resolve_model(args.model),
