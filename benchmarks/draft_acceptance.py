@@ -7,10 +7,12 @@ speculative decoder can gain turns on the draft's agreement with the model. Two 
   recover prompts (one stream, 128 tokens), with the engine's counters (passes, drafted, kept, of
   which the draft model's);
 - the draft's greedy pick against the fp32 model's on those same texts, teacher-forced, for the
-  engine's draft and for drafts that skip some of its layers (`--skip`, comma-separated layer
-  numbers): a cheaper draft, if it still agrees.
+  engine's draft and for cheaper drafts, if they still agree: drafts that skip some of its layers
+  (`--skip`, comma-separated layer numbers), and drafts whose LM head scores only the first N token
+  ids (`--head-rows N`; a BPE vocabulary numbers its tokens roughly from common to rare, and the
+  head is a fifth of a draft step's bytes).
 
-    .venv/bin/python benchmarks/draft_acceptance.py --speculate 4 6 8 --skip 20 --skip 24,26
+    .venv/bin/python benchmarks/draft_acceptance.py --speculate 4 6 8 --skip 20 --skip 24,26 --head-rows 8192
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ misstep.offline()
 
 from misstep.lm import EmbeddedEngine, local_lm, resolve_model
 from misstep.lm.fused import FusedLlama
-from misstep.lm.kernels import GrowingCache, on_torch_thread
+from misstep.lm.kernels import GrowingCache, Int8Linear, on_torch_thread
 
 COUNTERS = ("generated_tokens", "forward_passes", "drafted_tokens", "accepted_tokens", "model_drafted_tokens")
 
@@ -76,6 +78,26 @@ def without_layers(draft: FusedLlama, skipped: set[int]) -> FusedLlama:
     )
 
 
+def with_head_rows(draft: FusedLlama, rows: int) -> FusedLlama:
+    """`draft` with an int8 LM head over the first `rows` token ids only (a model with tied embeddings:
+    the head's weight is the embedding's)."""
+    if not draft.config.tie_word_embeddings:
+        raise SystemExit("--head-rows needs a model whose LM head is its input embedding")
+    weight = draft.embed_tokens.weight.detach()[:rows]
+    head = torch.nn.Linear(weight.shape[1], len(weight), bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return FusedLlama(
+        draft.config,
+        draft.generation_config,
+        draft.embed_tokens,
+        draft.rotary_emb,
+        draft.layers,
+        draft.norm,
+        Int8Linear(head),
+    )
+
+
 def measure(args) -> dict:
     model_dir = resolve_model(args.model)
     results: dict = {"prompts": args.prompts, "max_tokens": args.max_tokens, "by_speculate": {}}
@@ -87,10 +109,11 @@ def measure(args) -> dict:
             if engine.draft is None:
                 continue
             if "agreement" not in results:
-                variants = {"engine's draft": set()} | {f"skip {s}": {int(n) for n in s.split(",")} for s in args.skip}
+                drafts = {"engine's draft": engine.draft}
+                drafts |= {f"skip {s}": without_layers(engine.draft, {int(n) for n in s.split(",")}) for s in args.skip}
+                drafts |= {f"head rows {n}": with_head_rows(engine.draft, n) for n in args.head_rows}
                 results["agreement"] = {
-                    name: on_torch_thread(agreement, without_layers(engine.draft, skipped), engine.model, texts)
-                    for name, skipped in variants.items()
+                    name: on_torch_thread(agreement, draft, engine.model, texts) for name, draft in drafts.items()
                 }
                 print(f"agreement: {results['agreement']}", flush=True)
         finally:
@@ -103,10 +126,12 @@ def main() -> None:
     parser.add_argument("--model", default=misstep.DEFAULT_MODEL)
     parser.add_argument("--speculate", type=int, nargs="+", default=[4, 6, 8], help="drafted tokens a pass")
     parser.add_argument("--skip", action="append", default=[], help="layers a cheaper draft leaves out: 20 or 24,26")
+    parser.add_argument("--head-rows", type=int, action="append", default=[], help="an LM head of the first N ids")
     parser.add_argument("--prompts", type=int, default=3, help="prompts of each workload")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--name", default="draft_acceptance", help="results file: benchmarks/results/NAME.json")
     args = parser.parse_args()
-    save("draft_acceptance", args.model, measure(args))
+    save(args.name, args.model, measure(args))
 
 
 if __name__ == "__main__":
