@@ -3,7 +3,7 @@ probe of the same machine's peak, for full and LoRA training, with and without g
 checkpointing, and each one's peak memory.
 
     .venv/bin/python benchmarks/training.py [--steps 4] [--repeats 2] [--max-length 512]
-    .venv/bin/python benchmarks/training.py --records RUN/judge/weights/train_data.jsonl --longest 4 \
+    .venv/bin/python benchmarks/training.py --records CHECKPOINT/train_data.jsonl --longest 4 \
         --steps 1 --repeats 1 --max-length 2048 --configs full,full+checkpointing
 
 `--records` trains on a file of chat records instead (a compile's `train_data.jsonl`), `--longest
