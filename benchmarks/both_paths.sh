@@ -18,15 +18,14 @@ LLAMA_AVX2=${LLAMA_AVX2:-/tmp/llama/avx2/bin/python}
 GGUF_F32=${GGUF_F32:-/tmp/llama/gguf/smollm2-135m-f32.gguf}
 VLLM_PYTHON=${VLLM_PYTHON:-/tmp/vvenv/bin/python}
 PY=.venv/bin/python
+source benchmarks/paths.sh
 paths=("$@")
 [ ${#paths[@]} -gt 0 ] || paths=(native avx2)
 
 for path in "${paths[@]}"; do
-  case $path in
-    native) held=() llama=$LLAMA_NATIVE ;;
-    avx2) held=(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2) llama=$LLAMA_AVX2 ;;
-    *) echo "unknown path $path (native or avx2)" >&2; exit 2 ;;
-  esac
+  hold "$path"
+  llama=$LLAMA_NATIVE
+  if [ "$path" = avx2 ]; then llama=$LLAMA_AVX2; fi
   echo "== $(date -u +%FT%TZ) $path: one stream against llama.cpp f32, alternating rounds"
   env "${held[@]}" $PY benchmarks/single_stream.py --llamacpp-python "$llama" --gguf f32="$GGUF_F32" --rounds 3
   echo "== $(date -u +%FT%TZ) $path: engines at 1, 4 and 8 concurrent"

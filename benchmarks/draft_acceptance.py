@@ -70,12 +70,22 @@ def agreement(draft: FusedLlama, model, texts: list[tuple[str, list, list]]) -> 
     return {workload: same / n for workload, (same, n) in agreed.items()}
 
 
+def rebuilt(draft: FusedLlama, layers=None, lm_head=None) -> FusedLlama:
+    """`draft` with other `layers` or another `lm_head` (its own where None), the rest shared."""
+    return FusedLlama(
+        draft.config,
+        draft.generation_config,
+        draft.embed_tokens,
+        draft.rotary_emb,
+        draft.layers if layers is None else layers,
+        draft.norm,
+        draft.lm_head if lm_head is None else lm_head,
+    )
+
+
 def without_layers(draft: FusedLlama, skipped: set[int]) -> FusedLlama:
     """`draft` with the layers numbered in `skipped` left out (a fresh cache numbers the rest anew)."""
-    kept = [layer for number, layer in enumerate(draft.layers) if number not in skipped]
-    return FusedLlama(
-        draft.config, draft.generation_config, draft.embed_tokens, draft.rotary_emb, kept, draft.norm, draft.lm_head
-    )
+    return rebuilt(draft, layers=[layer for number, layer in enumerate(draft.layers) if number not in skipped])
 
 
 def with_head_rows(draft: FusedLlama, rows: int) -> FusedLlama:
@@ -87,15 +97,7 @@ def with_head_rows(draft: FusedLlama, rows: int) -> FusedLlama:
     head = torch.nn.Linear(weight.shape[1], len(weight), bias=False)
     with torch.no_grad():
         head.weight.copy_(weight)
-    return FusedLlama(
-        draft.config,
-        draft.generation_config,
-        draft.embed_tokens,
-        draft.rotary_emb,
-        draft.layers,
-        draft.norm,
-        Int8Linear(head),
-    )
+    return rebuilt(draft, lm_head=Int8Linear(head))
 
 
 def measure(args) -> dict:
