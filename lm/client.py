@@ -10,6 +10,7 @@ import dspy
 
 from misstep.lm.engine import EmbeddedEngine, EngineSettings
 from misstep.lm.models import DEFAULT_MODEL, fingerprint, resolve_model
+from misstep.lm.pending import PendingEngine
 
 # ChatAdapter ends every answer with this marker; stopping there saves a small model
 # from rambling on to its token limit (the adapter parses fields, not the marker).
@@ -25,7 +26,7 @@ def lm_name(model_dir: Path, prefix: str = "local") -> str:
 def local_lm(
     model: str | Path = DEFAULT_MODEL,
     *,
-    engine: EmbeddedEngine | None = None,
+    engine: EmbeddedEngine | PendingEngine | None = None,
     engine_settings: EngineSettings | None = None,
     temperature: float = 0.0,
     max_tokens: int = 384,
@@ -90,11 +91,13 @@ def served_lm(
 def engine_stats(lm: dspy.LM) -> dict[str, Any] | None:
     """What the in-process engine behind `lm` did so far (`EngineStats`); None for a served LM."""
     engine = getattr(lm, "engine", None)
+    if isinstance(engine, PendingEngine):
+        engine = engine.engine() if engine.loaded else None
     return asdict(engine.stats) if isinstance(engine, EmbeddedEngine) else None
 
 
 def release(lm: dspy.LM) -> None:
     """Close the in-process engine behind `lm`, and its weights go with it; a served LM has none here."""
     engine = getattr(lm, "engine", None)
-    if isinstance(engine, EmbeddedEngine):
+    if isinstance(engine, (EmbeddedEngine, PendingEngine)):
         engine.close()

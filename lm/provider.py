@@ -16,6 +16,10 @@ the new ones to swap in.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +27,21 @@ import dspy
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
-from misstep.data.runfiles import write_jsonl_atomic
-from misstep.lm.checkpoint import checkpoint_problem
+from misstep.data.runfiles import read_records, write_json_atomic, write_jsonl_atomic
+from misstep.lm.checkpoint import SUMMARY, checkpoint_problem, recorded_digests
 from misstep.lm.client import lm_name, local_lm, served_lm
 from misstep.lm.engine import EmbeddedEngine, EngineSettings
 from misstep.lm.kernels import on_torch_thread
 from misstep.lm.launch import train
+from misstep.lm.pending import PendingEngine
 from misstep.lm.serving import VllmOptions, VllmServer
 from misstep.lm.training import TrainSettings, data_key
 
+logger = logging.getLogger(__name__)
+
 SERVINGS = ("embedded", "vllm")
+TRAIN_DATA = "train_data.jsonl"  # the exact records a checkpoint was trained on, kept beside its weights
+REPLAYED = "train_replayed.json"  # a checkpoint made again from its records: whether it came out the same
 
 
 class LocalTrainingJob(TrainingJob):
@@ -70,6 +79,7 @@ class LocalProvider(Provider):
         self.vllm = vllm or VllmOptions()
         self.engine = engine or EngineSettings()  # for the in-process engines (serving="embedded")
         self._folders: dict[str, Path] = {}  # model name -> weights folder: DSPy names models, not folders
+        self._making = threading.RLock()  # one checkpoint made again at a time (and those it starts from)
         self.servers: dict[str, VllmServer] = {}  # model name -> its vLLM server (serving="vllm")
 
     # -- naming and serving ---------------------------------------------------------------
@@ -85,14 +95,24 @@ class LocalProvider(Provider):
         name = self.name_for(folder)
         self._folders.setdefault(name, folder)
         if self.serving == "embedded":
+            engine = None
+            if self.replayable(folder) and checkpoint_problem(folder) is not None:  # made on the first request
+                overrides = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+                engine = PendingEngine(folder, lambda: self.ensure_weights(folder), self.engine, **overrides)
             return local_lm(
-                folder, engine_settings=self.engine, max_batch_size=max_batch_size, provider=self, **lm_options
+                folder,
+                engine=engine,
+                engine_settings=self.engine,
+                max_batch_size=max_batch_size,
+                provider=self,
+                **lm_options,
             )
         return served_lm(self._server(name), provider=self, **lm_options)
 
     def _server(self, name: str) -> VllmServer:
         if name not in self.servers:
             folder = self._folders[name]
+            self.ensure_weights(folder)
             served = name.split("/", 1)[1]
             self.servers[name] = VllmServer(
                 folder, served, self.checkpoint_root / "vllm-logs" / f"{served}.log", self.vllm
@@ -123,7 +143,8 @@ class LocalProvider(Provider):
         """A copy of `lm` (named after a checkpoint of this provider) that runs that checkpoint's weights."""
         folder = self.folder_of(lm)
         if self.serving == "embedded":
-            engine = EmbeddedEngine(folder, lm.engine.settings if isinstance(lm.engine, EmbeddedEngine) else None)
+            known = isinstance(lm.engine, (EmbeddedEngine, PendingEngine))
+            engine = EmbeddedEngine(folder, lm.engine.settings if known else None)
             return lm.copy(engine=engine)
         server = self._server(lm.model)
         return lm.copy(api_base=server.api_base, api_key=server.api_key)  # each server has its own key
@@ -142,16 +163,73 @@ class LocalProvider(Provider):
             raise ValueError(f"LocalProvider trains on chat data, not {train_data_format!r} (use ChatAdapter)")
         settings = (train_kwargs or {}).get("settings") or self.settings
         source = self._folders.get(model, self.base_model_dir)  # a compiled model compiles on from its own weights
+        self.ensure_weights(source)
         # Named by what it is trained from, on and how: a rerun after a kill finds the folder again
         # and resumes there (or, finished and whole, reads it back) instead of starting afresh.
         identity = hashlib.sha256(f"{Path(source).resolve()}\n{data_key(train_data, settings)}".encode())
         folder = self.checkpoint_root / f"compile-{identity.hexdigest()[:16]}"
         if checkpoint_problem(folder) is not None:  # not trained yet, or not whole
             folder.mkdir(parents=True, exist_ok=True)
-            write_jsonl_atomic(folder / "train_data.jsonl", train_data)  # the exact data, kept beside the weights
+            write_jsonl_atomic(folder / TRAIN_DATA, train_data)  # the exact data, kept beside the weights
             # on the process's torch thread, where the engines run too: a second thread's OpenMP pool
             # slows both down (lm/kernels.py; 2.85 vs 2.56 s a training step measured)
             on_torch_thread(train, source, train_data, folder, settings, show_progress=self.show_progress)
         name = self.name_for(folder)
         self._folders[name] = folder
         return name
+
+    # -- weights that did not travel ------------------------------------------------------
+
+    def replayable(self, folder: Path) -> bool:
+        """Whether `folder` was trained by a provider and kept what it takes to train it again: its
+        records and its summary (the settings and the weights it started from)."""
+        try:
+            summary = json.loads((Path(folder) / SUMMARY).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        return (Path(folder) / TRAIN_DATA).exists() and {"settings", "base_model"} <= summary.keys()
+
+    def ensure_weights(self, folder: Path) -> None:
+        """Make `folder`'s weights whole where they are missing or cut short (a run carried between
+        machines without them): trained again on its records, with its settings, from the weights it
+        started from (made whole first, the same way). `folder`/train_replayed.json says whether they
+        came out as the first time's. A folder that is whole, or that no provider trained (the base
+        model), is left as it is."""
+        folder = Path(folder)
+        if not self.replayable(folder):
+            return
+        with self._making:
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return
+            summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+            source = Path(summary["base_model"])
+            self.ensure_weights(source)
+            if not source.exists():
+                raise FileNotFoundError(f"{folder / SUMMARY}: base_model {source} is not there to train it again from")
+            logger.info("%s: made again from its records (%s)", folder, problem)
+            started = time.perf_counter()
+            try:
+                settings = TrainSettings(**summary["settings"])
+            except TypeError as exc:  # a setting since renamed or removed
+                raise ValueError(f"{folder / SUMMARY}: its settings are not this version's ({exc})") from None
+            records = read_records(folder / TRAIN_DATA)
+            first = recorded_digests(folder)
+            on_torch_thread(train, source, records, folder, settings, show_progress=self.show_progress)
+            same = recorded_digests(folder) == first if first else None
+            write_json_atomic(
+                folder / REPLAYED,
+                {
+                    "because": problem,
+                    "trained_from": str(source),
+                    "same_weights": same,
+                    "first_weights": first,
+                    "seconds": round(time.perf_counter() - started, 1),
+                },
+            )
+            logger.log(
+                logging.WARNING if same is False else logging.INFO,
+                "%s trained again: weights %s",
+                folder,
+                {True: "the same as the first time", False: "differ from the first time's", None: "made"}[same],
+            )

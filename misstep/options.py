@@ -128,6 +128,10 @@ OPTIONS: dict[str, Option] = {
         "answers of stages 3-6 per written chain: the greedy one and the rest sampled (each arm keeps the good ones)",
     ),
     "candidate_temperature": Option(("loop.candidate_temperature",), "the temperature candidates are sampled at"),
+    "compile_from": Option(
+        ("loop.compile_from",),
+        "the weights each round's compile starts from: previous (the last round's) or round-0 (a restart each round)",
+    ),
     "self_judge": Option(
         ("loop.self_judge",), "the student judges its own recoveries (its weights trained on the judge's ground truth)"
     ),
@@ -162,6 +166,7 @@ LOOP = (
     "trials",
     "candidates",
     "candidate_temperature",
+    "compile_from",
     "self_judge",
     "verification_chains",
     "verification_size",

@@ -62,6 +62,7 @@ class RobustBootstrapFinetune(BootstrapFinetune):
         *args,
         extra_examples: dict[str, list[dspy.Example]] | None = None,
         extra_records: list[dict] | None = None,
+        weights_from: dspy.LM | None = None,
         **kwargs,
     ):
         """`extra_examples`: worked examples by stage name ("locate", "recover", ...) — ground
@@ -69,8 +70,10 @@ class RobustBootstrapFinetune(BootstrapFinetune):
         them, so a compile never trains on the newest model output alone (the known road to
         collapse) and a model whose traces all fail still learns. `extra_records`: chat records
         already formatted, for stages that share the student's weights but are not its
-        predictors (the scenario writer's), trained on in the student's fine-tune."""
+        predictors (the scenario writer's), trained on in the student's fine-tune. `weights_from`: the
+        LM whose weights the fine-tune starts from (default: the student's own)."""
         super().__init__(*args, **kwargs)
+        self.weights_from = weights_from
         self.extra_examples = extra_examples or {}
         self.extra_records = list(extra_records or [])
 
@@ -107,7 +110,7 @@ class RobustBootstrapFinetune(BootstrapFinetune):
                     self._prepare_finetune_data(trace_data=kept, lm=predictor.lm) if kept else ([], "chat")
                 )
                 jobs[predictor.lm] = {
-                    "lm": predictor.lm,
+                    "lm": self.weights_from or predictor.lm,
                     "train_data": data,
                     "train_data_format": data_format,
                     "train_kwargs": self.train_kwargs[predictor.lm],
@@ -170,6 +173,7 @@ def compile_program(
     num_threads: int = 8,
     teacher: SelfCorrector | None = None,
     constrained: bool = True,
+    weights_from: dspy.LM | None = None,
 ) -> CompileResult:
     """Compile `student` (running on `lm`, whose provider is `provider`) on the traces `metric` keeps:
     usually a `JudgeMetric` (stages 5-6 on their own LM), or an `OracleMetric`.
@@ -182,6 +186,8 @@ def compile_program(
     the provider's checkpoint root. Demos are left out of the training prompts and of the compiled
     program: the weights carry the format now. `constrained`: the traces' answers are decoded under
     their format's grammar (the chat records they become are formatted the same either way).
+    `weights_from`: an LM of `provider` whose weights are trained instead of `lm`'s (the traces still
+    come from `lm`): the loop's restart from round 0.
     """
     optimizer = RobustBootstrapFinetune(
         metric=metric,
@@ -191,6 +197,7 @@ def compile_program(
         train_kwargs={"settings": provider.settings},
         extra_examples=extra_examples,
         extra_records=extra_records,
+        weights_from=weights_from,
     )
     student.set_lm(lm)
     with dspy.context(adapter=AnswerAdapter(constrained)):
@@ -283,15 +290,17 @@ def compiled_or_resumed(
 
     A resumed program runs through `provider`, which learns its checkpoint, so a later
     compile trains on from those weights. Where the weights are gone or not whole (a run carried
-    to another machine without them, a save cut short) the step is trained again from the same
-    files; where the first training's digests survive, `folder`/replayed.json says whether the
-    weights came out the same."""
+    to another machine without them, a save cut short) but their training's records are there, the
+    provider makes them again from those records when they are first needed
+    (`LocalProvider.ensure_weights`), and a step whose model is never asked anything costs nothing.
+    Without records the step is done again from the same files, and where the first training's
+    digests survive, `folder`/replayed.json says whether the weights came out the same."""
     saved = folder / "program.json"
     recorded = None
     if saved.exists():
         model_dir = Path(json.loads(saved.read_text())["model_dir"])
         problem = checkpoint_problem(model_dir)
-        if problem is None:
+        if problem is None or provider.replayable(model_dir):
             return load_compiled(saved, provider=provider, program=program, **lm_options), True
         logger.warning("%s names weights that are not whole, so the step is done again: %s", saved, problem)
         recorded = recorded_digests(model_dir)

@@ -2,15 +2,18 @@
 examples from a source (by default the current model writes scenarios, the frozen judge scores
 them under Optuna-tuned thresholds, and the round's arm admits some of the student's own answers:
 optimize/sources.py), BootstrapFinetune compiles the student on them and on everything earlier
-rounds kept, and the new model is measured on held-out sets. `misstep compile` is one round of it,
-fed by the injector instead of the writer.
+rounds kept (training the last round's weights, or round 0's: `compile_from`), and the new model is
+measured on held-out sets. `misstep compile` is one round of it, fed by the injector instead of the
+writer.
 
     history = run_loop(train_chains, heldout, provider=provider, judge_lm=judge_lm,
                        settings=LoopSettings(rounds=3), run_dir=Path("runs/loop"))
 
 Every step of a round leaves a file behind; a rerun skips the steps whose file exists,
 so a killed run continues from the last finished step (and, inside the generating and
-evaluating steps, from the last finished record).
+evaluating steps, from the last finished record). A run carried to another machine without its
+weights makes each round's weights again from their training's records when they are first
+needed (`LocalProvider.ensure_weights`), and only those.
 
 RUN_DIR/
   loop.json                      settings, and the seed chains kept out (held-out questions)
@@ -125,6 +128,8 @@ def run_loop(
         gap = _gap_meter(start, student, judge, settings, start_dir)
     history = [_finish_round(0, round_0, student, measured, {}, settings, history=[], seconds=seconds, gap=gap)]
 
+    # The weights every compile starts from with compile_from "round-0" (with "previous": the last round's).
+    round_0_lm = student.predictors()[0].lm if settings.compile_from == "round-0" else None
     kept_so_far: dict[str, list[dspy.Example]] = {}
     labels = _label_counts(validation or heldout)
     for r in range(1, settings.rounds + 1):
@@ -140,7 +145,7 @@ def run_loop(
         made.row["judged_by"] = scorer.predictors()[0].lm.model  # the frozen judge, or the student itself
         # Accumulate: the ground truth, every earlier round's kept examples, and this round's.
         extra = _merge(start.truth, kept_so_far, made.examples)
-        student = _compiled(student, made, extra, records, provider, folder, settings, seconds)
+        student = _compiled(student, made, extra, records, provider, folder, settings, seconds, start=round_0_lm)
         for stage, stage_examples in made.for_later_rounds.items():
             kept_so_far.setdefault(stage, []).extend(stage_examples)
         history.append(
@@ -400,9 +405,13 @@ def _compiled(
     folder: Path,
     settings: LoopSettings,
     seconds: dict[str, float],
+    start: dspy.LM | None = None,
 ) -> SelfCorrector:
-    """The round's new student: `student` compiled on the round's examples and on `extra`."""
+    """The round's new student: `student` compiled on the round's examples and on `extra`, its weights
+    trained on from `start`'s (round 0's, say), else from its own. Its traces, where the round has a
+    trainset, are always `student`'s own."""
     previous = student.predictors()[0].lm
+    _refuse_other_start(folder, provider.folder_of(start or previous), settings)
     with timed(seconds, "compile"):
         compiled, _ = compiled_or_resumed(
             folder,
@@ -410,6 +419,7 @@ def _compiled(
                 student,
                 made.trainset,
                 lm=previous,
+                weights_from=start,
                 metric=made.metric,
                 provider=provider,
                 run_dir=folder,
@@ -423,6 +433,22 @@ def _compiled(
         )
     release(previous)  # the round's model is done with: one student in memory at a time
     return compiled
+
+
+def _refuse_other_start(folder: Path, expected: Path, settings: LoopSettings) -> None:
+    """A round compiled from other weights than `compile_from` now asks for is refused, rather than
+    resumed as if it had been trained as asked."""
+    report = folder / "compile_report.json"
+    if not report.exists():
+        return
+    trained_from = Path(json.loads(report.read_text())["training"]["base_model"])
+    if trained_from.resolve() != expected.resolve():
+        raise ValueError(
+            f"{report}: this round was compiled from {trained_from}, but compile_from = {settings.compile_from!r} "
+            f"asks for {expected}. Move its compile (program.json, compile_report.json, metric_decisions.jsonl) "
+            "and what was measured on it (heldout/, validation/, verification/, round.json) aside to compile it "
+            "again, or set compile_from as it was."
+        )
 
 
 def _gap_meter(

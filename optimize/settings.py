@@ -10,6 +10,7 @@ from misstep.signatures import DEFAULT_ERROR_TYPES, get_error_type
 
 SEED_SOURCES = ("gsm8k", "procedural")  # where each round's seed chains come from
 LEVEL_SELECTIONS = ("curriculum", "uniform")  # how the level of procedural seed chains is chosen
+COMPILE_FROM = ("previous", "round-0")  # the weights each round's compile starts from
 
 
 @dataclass
@@ -42,6 +43,11 @@ class LoopSettings:
     # at candidate_temperature, each judged and checked; the arm keeps the good ones (rejection sampling).
     candidates: int = 1
     candidate_temperature: float = 0.7
+    # The weights each round's compile trains, on everything kept so far: "previous" (the last round's
+    # model) or "round-0" (STaR's and ReST-EM's restart: every round's model is round 0 trained once on
+    # the data so far, so it is never trained twice on its own early answers, and making one round's
+    # weights again on a new machine costs one training, not a chain of them).
+    compile_from: str = "previous"
     # The generation-verification gap (optimize/verification.py): up to `verification_chains` chains
     # reserved from the seeds, recovered twice each by round 0's student until a quarter of
     # `verification_size` recoveries the oracle accepts and a quarter it rejects are found; the set of
@@ -92,6 +98,9 @@ class LoopSettings:
             raise ValueError(f"level_selection must be {choices}, not {self.level_selection!r}")
         if not 0 < self.candidate_temperature <= 2:
             raise ValueError(f"candidate_temperature must be in (0, 2], not {self.candidate_temperature}")
+        if self.compile_from not in COMPILE_FROM:
+            choices = " or ".join(map(repr, COMPILE_FROM))
+            raise ValueError(f"compile_from must be {choices}, not {self.compile_from!r}")
         if self.keep not in KEEP_ARMS:
             raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP_ARMS))}, not {self.keep!r}")
         if self.recovery_items is not None and self.recovery_items < 1:

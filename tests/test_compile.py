@@ -134,11 +134,22 @@ def test_a_checkpoint_cut_short_or_without_its_summary_is_trained_again_never_lo
     with (weights / "model.safetensors").open("r+b") as handle:  # the fault: a save cut short
         handle.truncate(recorded["bytes"] // 2)
     assert "cut short" in checkpoint_problem(weights)
+    # Its records and settings are beside it: resumed, and made again from them when first asked,
+    # never loaded half.
+    program, resumed = compiled_or_resumed(tmp_path / "warm", step, provider=provider)
+    assert resumed and len(trainings) == 1 and "cut short" in checkpoint_problem(weights)
+    program.predictors()[0].lm("Hello")
+    assert checkpoint_problem(weights) is None and len(trainings) == 1
+    assert "cut short" in json.loads((weights / "train_replayed.json").read_text())["because"]
+
+    (weights / "train_data.jsonl").unlink()  # the fault: without its records it cannot be made again
+    with (weights / "model.safetensors").open("r+b") as handle:
+        handle.truncate(recorded["bytes"] // 2)
     del summary["weights"]  # a summary from before digests were kept: the format's own lengths tell
     (weights / "train_summary.json").write_text(json.dumps(summary))
     assert "cut short" in checkpoint_problem(weights)
     program, resumed = compiled_or_resumed(tmp_path / "warm", step, provider=provider)
-    assert not resumed and len(trainings) == 2
+    assert not resumed and len(trainings) == 2  # the step itself is done again
     redone = Path(json.loads((tmp_path / "warm" / "program.json").read_text())["model_dir"])
     assert checkpoint_problem(redone) is None  # trained again, in the folder its data and settings name
 
@@ -148,29 +159,52 @@ def test_a_checkpoint_cut_short_or_without_its_summary_is_trained_again_never_lo
     assert len(trainings) == 3
 
 
-def test_a_step_whose_weights_were_not_carried_is_trained_again_and_says_whether_they_came_out_the_same(
+def test_weights_that_were_not_carried_are_made_again_from_their_records_only_when_asked_and_come_out_the_same(
     tmp_path, tiny_model_dir, gsm8k_train
 ):
     # A run's files committed without its weights (they are too large to carry between machines):
-    # resuming trains each step again from the same files, as the loop's rounds do in order.
+    # resuming makes each checkpoint again from the records and settings kept beside it, and the
+    # ones it started from first, but only once a model is asked something or trained on from.
     settings = TrainSettings(method="full", epochs=1.0, batch_size=4, max_length=768)
     provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
     truth = ground_truth_demos(gsm8k_train, k=1)
+    trainings = []
 
-    def step():
-        base = local_lm(tiny_model_dir, max_tokens=16, cache=False, provider=provider)
-        return warm_up(SelfCorrector(), truth, lm=base, provider=provider, run_dir=tmp_path / "warm")
+    def step(folder, start):
+        def compile_step():
+            trainings.append(folder)
+            lm = provider.lm(start, max_tokens=8, cache=False)
+            return warm_up(SelfCorrector(), truth, lm=lm, provider=provider, run_dir=tmp_path / folder)
 
-    compiled_or_resumed(tmp_path / "warm", step, provider=provider)
-    weights = Path(json.loads((tmp_path / "warm" / "program.json").read_text())["model_dir"])
-    first = load_file(weights / "model.safetensors")
-    (weights / "model.safetensors").unlink()  # carried without it; its training summary came along
-    assert not (tmp_path / "warm" / "replayed.json").exists()
+        return compiled_or_resumed(tmp_path / folder, compile_step, provider=provider)
 
-    program, resumed = compiled_or_resumed(tmp_path / "warm", step, provider=provider)
-    assert not resumed and checkpoint_problem(weights) is None
-    replayed = json.loads((tmp_path / "warm" / "replayed.json").read_text())
-    assert "missing" in replayed["because"]
-    again = load_file(weights / "model.safetensors")
-    assert replayed["same_weights"] == all(first[name].equal(again[name]) for name in first)
-    assert replayed["same_weights"], "training on this machine is deterministic: the same files give the same weights"
+    first, _ = step("first", tiny_model_dir)
+    first_dir = Path(json.loads((tmp_path / "first" / "program.json").read_text())["model_dir"])
+    second, _ = step("second", first_dir)  # trained on from the first's weights
+    second_dir = Path(json.loads((tmp_path / "second" / "program.json").read_text())["model_dir"])
+    assert json.loads((second_dir / "train_summary.json").read_text())["base_model"] == str(first_dir)
+    before = {d: load_file(d / "model.safetensors") for d in (first_dir, second_dir)}
+    answer = second.predictors()[0].lm("Hello", max_tokens=8, cache=False)
+    for d in (first_dir, second_dir):
+        (d / "model.safetensors").unlink()  # carried without them; their summaries and records came along
+
+    first, resumed_first = step("first", tiny_model_dir)
+    second, resumed_second = step("second", first_dir)
+    assert resumed_first and resumed_second and len(trainings) == 2  # no step done again
+    assert not (first_dir / "model.safetensors").exists()  # nothing asked yet: nothing made
+
+    # Asked: made, and first the weights it starts from.
+    assert second.predictors()[0].lm("Hello", max_tokens=8, cache=False) == answer
+    for d in (first_dir, second_dir):
+        replayed = json.loads((d / "train_replayed.json").read_text())
+        assert "missing" in replayed["because"] and checkpoint_problem(d) is None
+        again = load_file(d / "model.safetensors")
+        assert replayed["same_weights"] == all(before[d][name].equal(again[name]) for name in again)
+        assert replayed["same_weights"], "training here is deterministic: the same files give the same weights"
+    assert len(trainings) == 2
+
+    (first_dir / "train_summary.json").write_text("{")  # a summary cut short: nothing to make it again from
+    (first_dir / "model.safetensors").unlink()
+    assert not provider.replayable(first_dir)
+    step("first", tiny_model_dir)
+    assert trainings[-1] == "first"  # the step itself is done again

@@ -199,6 +199,60 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     assert (run_dir / "loop.json").read_text() == loop_json
 
 
+def test_a_loop_restarting_from_round_0_carried_without_its_weights_makes_only_the_ones_it_uses(
+    tmp_path, tiny_model_dir, loop_parts
+):
+    train, heldout, validation, train_chains, judge_lm = loop_parts
+    run_dir = tmp_path / "restart"
+
+    def run(rounds, compile_from="round-0"):
+        provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
+        settings = _settings(rounds=rounds, compile_from=compile_from, stop=RUNS_ALL_ROUNDS)
+        return run_loop(
+            train_chains,
+            heldout,
+            provider=provider,
+            judge_lm=judge_lm,
+            settings=settings,
+            run_dir=run_dir,
+            validation=validation,
+        )
+
+    def weights_of(step):
+        return Path(json.loads((run_dir / step / "program.json").read_text())["model_dir"])
+
+    def trained_from(step):
+        return json.loads((run_dir / step / "compile_report.json").read_text())["training"]["base_model"]
+
+    run(2)
+    assert trained_from("round-1") == trained_from("round-2") == str(weights_of("round-0"))
+    for weights in run_dir.glob("checkpoints/*/model.safetensors"):
+        weights.unlink()  # carried to another machine without them
+
+    run(2)  # resumed: no model is asked anything, so none is made
+    assert not list(run_dir.glob("checkpoints/*/model.safetensors"))
+
+    history = run(3)
+    # Round 3 writes with round 2's model, the judge scores what it wrote (where a recovery parsed), and
+    # round 0's weights are trained: those are made again, no other. (The tiny model's rounds keep
+    # nothing, so rounds 1 to 3 train on the same records and share one checkpoint.)
+    made = {path.parent for path in run_dir.glob("checkpoints/*/train_replayed.json")}
+    assert (
+        {weights_of("round-0"), weights_of("round-2")}
+        <= made
+        <= {
+            weights_of("judge"),
+            weights_of("round-0"),
+            weights_of("round-2"),
+        }
+    )
+    assert all(json.loads((folder / "train_replayed.json").read_text())["same_weights"] for folder in made)
+    assert trained_from("round-3") == str(weights_of("round-0")) and [row["round"] for row in history] == [0, 1, 2, 3]
+
+    with pytest.raises(ValueError, match=r"round-2/compile_report.json: this round was compiled from .* compile_from"):
+        run(3, compile_from="previous")  # not resumed as if it had been trained as asked
+
+
 def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item_by_item(
     tmp_path, tiny_model_dir, loop_parts
 ):
