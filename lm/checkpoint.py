@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 SUMMARY = "train_summary.json"
+TRAIN_LOG = "train_log.jsonl"  # one line a step: loss, learning rate, tokens, seconds
 
 
 def weights_files(folder: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
 from misstep.data.runfiles import read_records, write_json_atomic, write_jsonl_atomic
-from misstep.lm.checkpoint import SUMMARY, checkpoint_problem, recorded_digests
+from misstep.lm.checkpoint import SUMMARY, TRAIN_LOG, checkpoint_problem, recorded_digests
 from misstep.lm.client import lm_name, local_lm, served_lm
 from misstep.lm.engine import EmbeddedEngine, EngineSettings
 from misstep.lm.kernels import on_torch_thread
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 SERVINGS = ("embedded", "vllm")
 TRAIN_DATA = "train_data.jsonl"  # the exact records a checkpoint was trained on, kept beside its weights
 REPLAYED = "train_replayed.json"  # a checkpoint made again from its records: whether it came out the same
+FIRST = "first_"  # the first training's summary and log, kept beside a checkpoint made again
 
 
 class LocalTrainingJob(TrainingJob):
@@ -193,8 +195,9 @@ class LocalProvider(Provider):
         """Make `folder`'s weights whole where they are missing or cut short (a run carried between
         machines without them): trained again on its records, with its settings, from the weights it
         started from (made whole first, the same way). `folder`/train_replayed.json says whether they
-        came out as the first time's. A folder that is whole, or that no provider trained (the base
-        model), is left as it is."""
+        came out as the first time's; the first training's summary and log stay beside it as
+        first_train_summary.json and first_train_log.jsonl. A folder that is whole, or that no
+        provider trained (the base model), is left as it is."""
         folder = Path(folder)
         if not self.replayable(folder):
             return
@@ -215,6 +218,11 @@ class LocalProvider(Provider):
                 raise ValueError(f"{folder / SUMMARY}: its settings are not this version's ({exc})") from None
             records = read_records(folder / TRAIN_DATA)
             first = recorded_digests(folder)
+            # Training again rewrites the summary and the log; the first training's (its wall time,
+            # its losses) are the run's evidence, so they stay beside them, never overwritten.
+            for name in (SUMMARY, TRAIN_LOG):
+                if (folder / name).exists() and not (folder / f"{FIRST}{name}").exists():
+                    shutil.copy2(folder / name, folder / f"{FIRST}{name}")
             on_torch_thread(train, source, records, folder, settings, show_progress=self.show_progress)
             same = recorded_digests(folder) == first if first else None
             write_json_atomic(

@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from misstep.data.runfiles import write_json_atomic
-from misstep.lm.checkpoint import SUMMARY, weights_record
+from misstep.lm.checkpoint import SUMMARY, TRAIN_LOG, weights_record
 from misstep.lm.kernels import train_linears_through_onednn
 
 logger = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def train_chat(
     optimizer, schedule = _optimizer(trainable, settings, total_steps)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = output_dir / "train_log.jsonl" if place.rank == 0 else Path(os.devnull)
+    log_path = output_dir / TRAIN_LOG if place.rank == 0 else Path(os.devnull)
     model.train()
     # fp32 products through oneDNN on CPU (twice MKL's speed on this CPU); on GPU nothing changes.
     onednn = settings.onednn and place.device.type == "cpu" and torch.backends.mkldnn.is_available()

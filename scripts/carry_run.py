@@ -4,9 +4,11 @@ A loop run takes longer than one session, and a session's machine keeps nothing 
 repository: its weights (hundreds of MB a round) cannot travel, everything else can. `save` copies
 a run directory into a committed folder, leaving out weights, optimizer state and the tokenizer
 files every checkpoint repeats (each checkpoint keeps its training summary, with its weights'
-sha256, and its loss log); `restore` copies it back. The resumed run trains each step whose
-weights are missing again, from the same files, in order, and writes `replayed.json` beside it
-saying whether the weights came out the same (optimize/compile.py: compiled_or_resumed).
+sha256, its loss log and the records it was trained on); `restore` copies it back. The resumed
+run makes a checkpoint's missing weights again from those records only when its model is asked
+something or trained on from, and writes `train_replayed.json` beside it saying whether they came
+out the same, keeping the first training's summary and log as `first_train_*`
+(lm/provider.py: LocalProvider.ensure_weights).
 
     .venv/bin/python scripts/carry_run.py save runs/arms carried/arms      # before committing
     .venv/bin/python scripts/carry_run.py restore carried/arms runs/arms   # in a fresh checkout

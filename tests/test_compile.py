@@ -184,6 +184,7 @@ def test_weights_that_were_not_carried_are_made_again_from_their_records_only_wh
     second_dir = Path(json.loads((tmp_path / "second" / "program.json").read_text())["model_dir"])
     assert json.loads((second_dir / "train_summary.json").read_text())["base_model"] == str(first_dir)
     before = {d: load_file(d / "model.safetensors") for d in (first_dir, second_dir)}
+    evidence = {d: {n: (d / n).read_bytes() for n in ("train_summary.json", "train_log.jsonl")} for d in before}
     answer = second.predictors()[0].lm("Hello", max_tokens=8, cache=False)
     for d in (first_dir, second_dir):
         (d / "model.safetensors").unlink()  # carried without them; their summaries and records came along
@@ -201,6 +202,8 @@ def test_weights_that_were_not_carried_are_made_again_from_their_records_only_wh
         again = load_file(d / "model.safetensors")
         assert replayed["same_weights"] == all(before[d][name].equal(again[name]) for name in again)
         assert replayed["same_weights"], "training here is deterministic: the same files give the same weights"
+        for name, first_time in evidence[d].items():  # the first training's wall time and losses are kept
+            assert (d / f"first_{name}").read_bytes() == first_time
     assert len(trainings) == 2
 
     (first_dir / "train_summary.json").write_text("{")  # a summary cut short: nothing to make it again from
