@@ -529,7 +529,8 @@ def measure(
         out[kind] = {}
         for name, chains in sets.items():
             job = JobSettings(folder / kind / name, settings.num_threads, demos, constrained=settings.constrained)
-            recover = kind == "heldout" and chains[0].task == "gsm8k"
+            # By the set's name, not its chains' task: the procedural levels are GSM8K-shaped too.
+            recover = kind == "heldout" and name == "gsm8k"
             result = evaluate(chains, lm, job, recover=recover, recover_limit=settings.recovery_items)
             out[kind][name] = {
                 task: {k: v for k, v in m.items() if k in _ROUND_METRICS}

@@ -478,9 +478,14 @@ def test_procedural_seeds_at_the_chosen_level_never_a_held_out_one_and_resumed_t
     and moves at most one level; uniform draws levels; selection.json keeps the chains and why; a
     rerun reads the same choice back."""
     from misstep.data.procedural import LADDER
+    from misstep.data.splits import load_split, split_path
     from misstep.optimize.frontier import heldout_questions
 
     train, heldout, validation, train_chains, judge_lm = loop_parts
+    with_mistakes = [
+        item.chain for item in load_split(split_path("level-1", "test")) if item.chain.mistake_index is not None
+    ]
+    heldout = heldout | {"level-1": with_mistakes[:3]}
     run_dir = tmp_path / "procedural"
     provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
     settings = _settings(seeds_from="procedural", level_selection=selection, start_level=3, probe_items=3)
@@ -508,6 +513,10 @@ def test_procedural_seeds_at_the_chosen_level_never_a_held_out_one_and_resumed_t
             assert sum(how["levels"].values()) == settings.seed_chains
     if selection == "curriculum":
         assert abs(levels[0] - 3) <= 1 and abs(levels[1] - levels[0]) <= 1  # one level a round at most
+    for row in history:  # a level set is measured for location; recovery only on the GSM8K set
+        level = row["heldout"]["level-1"]["gsm8k"]
+        assert level["location_accuracy"]["n"] == 3 and not level.get("recovery_success", {}).get("n")
+        assert row["heldout"]["gsm8k"]["gsm8k"]["recovery_success"]["n"]
     from misstep.optimize.report import write_report
 
     report = write_report(run_dir).read_text()  # the chosen level per round, beside the probe's figures
