@@ -44,7 +44,7 @@ def run_rounds(
     Return the history and the report's path."""
     refuse_another_judge(run_dir, config.loop, config.train)
     write_config(config, run_dir / "config.toml")
-    provider = _provider(config, base_model, run_dir)
+    provider = run_provider(config, base_model, run_dir)
     try:
         history = run_loop(
             train_chains,
@@ -118,7 +118,7 @@ def run_arms(
         raise ValueError("no arm to run")
     refuse_another_judge(run_dir, config.loop, config.train)
     write_config(config, run_dir / "config.toml")
-    provider = _provider(config, base_model, run_dir)
+    provider = run_provider(config, base_model, run_dir)
     histories: dict[str, list[dict[str, Any]]] = {}
     try:
         judge_lm = provider.lm(seed=config.loop.seed).copy(provider=None)  # the frozen judge, shared
@@ -155,14 +155,23 @@ def _measure_at_best(
         best = json.loads((arm_dir(run_dir, arm) / "best.json").read_text())["round"]
         folders.append(round_folder(run_dir, arm, best))
     for folder in dict.fromkeys(folders):
-        student = load_compiled(folder / "program.json", provider=provider, max_batch_size=loop.num_threads)
-        try:
-            measure(student, folder, {AT_BEST: sets}, loop)
-        finally:
-            release(student.predictors()[0].lm)
+        measure_saved_round(folder, {AT_BEST: sets}, provider, loop)
 
 
-def _provider(config: RunConfig, base_model: Path, run_dir: Path) -> LocalProvider:
+def measure_saved_round(
+    folder: Path, measured: dict[str, dict[str, list[Chain]]], provider: LocalProvider, loop: LoopSettings
+) -> dict[str, Any]:
+    """A finished round (its program.json) on `measured`, written and resumed under `folder` as the
+    loop writes them (`measure`); its model is released after."""
+    student = load_compiled(folder / "program.json", provider=provider, max_batch_size=loop.num_threads)
+    try:
+        return measure(student, folder, measured, loop)
+    finally:
+        release(student.predictors()[0].lm)
+
+
+def run_provider(config: RunConfig, base_model: Path, run_dir: Path) -> LocalProvider:
+    """The provider a run of `config` trains and serves through: its checkpoints under RUN_DIR."""
     return LocalProvider(
         base_model,
         run_dir / "checkpoints",

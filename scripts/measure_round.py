@@ -18,11 +18,8 @@ import misstep
 misstep.offline()
 
 from misstep import inputs  # noqa: E402
-from misstep.lm.client import release  # noqa: E402
-from misstep.optimize.compile import load_compiled  # noqa: E402
 from misstep.optimize.config import load_config  # noqa: E402
-from misstep.optimize.rounds import measure  # noqa: E402
-from misstep.optimize.run import _provider  # noqa: E402
+from misstep.optimize.run import measure_saved_round, run_provider  # noqa: E402
 
 
 def main() -> None:
@@ -32,15 +29,11 @@ def main() -> None:
     parser.add_argument("--level", type=int, nargs="+", required=True, help="procedural levels' test sets")
     args = parser.parse_args()
     config = load_config(args.run_dir / "config.toml")
-    provider = _provider(config, inputs.model_dir(config.model), args.run_dir)
-    student = load_compiled(
-        args.round_folder / "program.json", provider=provider, max_batch_size=config.loop.num_threads
-    )
+    provider = run_provider(config, inputs.model_dir(config.model), args.run_dir)
     sets = {f"level-{k}": inputs.split_chains(None, f"level-{k}", "test") for k in args.level}
     try:
-        out = measure(student, args.round_folder, {"heldout": sets}, config.loop)
+        out = measure_saved_round(args.round_folder, {"heldout": sets}, provider, config.loop)
     finally:
-        release(student.predictors()[0].lm)
         provider.close()
     for name, by_task in out["heldout"].items():
         for m in by_task.values():
