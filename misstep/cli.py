@@ -15,14 +15,14 @@ from misstep import options as opt
 from misstep.data import DataFileError
 from misstep.data.procedural import LADDER
 from misstep.data.runfiles import RunLock
-from misstep.data.splits import save_splits, without_heldout
+from misstep.data.splits import save_splits, split_path, without_heldout
 from misstep.inputs import Refused
 from misstep.lm import DEFAULT_MODEL, REGISTRY
 from misstep.lm.training import TrainSettings
 from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits, build_level_splits
 from misstep.metrics.judge_metric import Thresholds
 from misstep.optimize.config import RunConfig
-from misstep.optimize.control import control_grid, publish, run_control, training_pool
+from misstep.optimize.control import control_grid, procedural_training_pool, publish, run_control, training_pool
 from misstep.optimize.demos import questions_of
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
@@ -221,7 +221,7 @@ def splits_command(
 @refusing
 def control_command(
     data: opt.ControlData = Path("../shared/data/gsm8k/train.jsonl"),
-    split: opt.ControlSplit = Path("data/splits/gsm8k-test.jsonl"),
+    split: opt.ControlSplit = None,
     sizes: opt.ControlSizes = None,
     cue: opt.ControlCue = None,
     learning_rate: opt.ControlLearningRates = None,
@@ -230,6 +230,7 @@ def control_command(
     adam_beta2: opt.ControlBeta2 = None,
     loss_weighting: opt.ControlWeighting = None,
     positions: opt.ControlPositions = None,
+    level: opt.ControlLevel = None,
     model: opt.Model = DEFAULT_MODEL,
     run_dir: opt.ControlRunDir = Path("runs/control"),
     results: opt.ControlResults = None,
@@ -243,8 +244,15 @@ def control_command(
     placed by --positions, 15% valid), measure location on a held-out split beside the majority
     and last-step baselines. Every combination of the repeated options is one run; finished runs
     are skipped, a killed one resumes."""
-    runs = control_grid(sizes, cue, learning_rate, epochs, loss, adam_beta2, loss_weighting, seed, positions)
-    items, pool = inputs.split_items(split), training_pool(inputs.chains_of(data))
+    runs = control_grid(sizes, cue, learning_rate, epochs, loss, adam_beta2, loss_weighting, seed, positions, level)
+    items = inputs.split_items(split or split_path("gsm8k" if level is None else f"level-{level}", "test"))
+    if level is None:
+        pool = training_pool(inputs.chains_of(data))
+    else:  # enough distinct problems for the largest run's valid and injected chains
+        try:
+            pool = procedural_training_pool(level, 3 * max(run.train_records for run in runs), seed=seed)
+        except ValueError as exc:
+            raise Refused(f"--level: {exc}") from None
     settings = TrainSettings(method="full", batch_size=batch_size, max_length=max_length, seed=seed)
     common = dict(
         model_dir=inputs.model_dir(model),

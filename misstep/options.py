@@ -437,7 +437,9 @@ SplitsBbm = _option(
 SplitsOut = _option(Path, "where the split files go")
 ControlData = _option(Path, "valid GSM8K chains to train on, labelled by the injector")
 ControlSplit = _option(
-    Path, "the held-out split to measure on (choose settings on gsm8k-validation.jsonl; report on test)"
+    Path | None,
+    "the held-out split to measure on (choose settings on a -validation split, report on -test); default: "
+    "data/splits/gsm8k-test.jsonl, or the --level's test split",
 )
 ControlSizes = _option(list[int] | None, "stage-3 training chains (repeat)", "--size", min=1)
 ControlCue = _option(
@@ -459,6 +461,12 @@ ControlPositions = _option(
     list[_choices("Positions", POSITION_MODES)] | None,
     "where training chains' first errors lie: balanced (even over steps 1-5 and 6+), natural (the injector's "
     "choice, as the held-out splits), or pairs (each question twice, errors at two steps) (repeat; default balanced)",
+)
+ControlLevel = _option(
+    int | None,
+    "train on procedural problems of this difficulty level (data/procedural.py) instead of --data; measured on "
+    "that level's test split unless --split names another",
+    min=1,
 )
 ControlRunDir = _option(Path, "one folder per run; rerun to resume")
 ControlConstrained = _option(

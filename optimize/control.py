@@ -34,6 +34,7 @@ from typing import Any
 
 import dspy
 
+from misstep.data.procedural import LADDER, make_chains
 from misstep.data.records import Chain, format_steps
 from misstep.data.runfiles import holds_run_dir, write_json_atomic, write_jsonl_atomic
 from misstep.data.splits import SplitItem, load_split, shuffled, split_path, without_heldout
@@ -53,6 +54,7 @@ from misstep.metrics.injector import (
 )
 from misstep.metrics.oracle import first_error
 from misstep.optimize.demos import chat_records, ground_truth_chat_data, ground_truth_demos
+from misstep.optimize.frontier import heldout_questions
 from misstep.programs import SelfCorrectionCycle, SelfCorrector
 from misstep.programs.answer_format import AnswerAdapter
 from misstep.programs.parallel import map_logged
@@ -118,6 +120,9 @@ def control_chains(
 def _balanced_chains(checkable: list[Chain], taken: set[int], n_invalid: int, seed: int) -> list[Chain]:
     counts: Counter[int] = Counter()
     invalid: list[Chain] = []
+    # Each pass under a higher cap tries the same injections again; short chains (two or three
+    # steps) reach few buckets, so the cap climbs one pass at a time for many passes.
+    injected: dict[tuple[int, str, int], Chain | None] = {}
     cap = math.ceil(n_invalid / POSITIONS)
     while len(invalid) < n_invalid:
         before = len(invalid)
@@ -126,11 +131,11 @@ def _balanced_chains(checkable: list[Chain], taken: set[int], n_invalid: int, se
                 break
             if id(chain) in taken or not has_annotations(chain):
                 continue
-            injected = _balanced_injection(chain, number, counts, cap, seed)
-            if injected is not None:
+            bad = _balanced_injection(chain, number, counts, cap, seed, injected)
+            if bad is not None:
                 taken.add(id(chain))
-                counts[_bucket(injected.mistake_index)] += 1
-                invalid.append(injected)
+                counts[_bucket(bad.mistake_index)] += 1
+                invalid.append(bad)
         if len(invalid) == before and cap >= n_invalid:
             break  # no chain left that takes an error, whatever the cap
         cap += 1
@@ -163,19 +168,26 @@ def _paired_injections(chains: list[Chain], n_invalid: int, seed: int) -> list[C
     return out[:n_invalid]
 
 
-def _balanced_injection(chain: Chain, number: int, counts: Counter, cap: int, seed: int) -> Chain | None:
-    """`chain` with an error whose first-error bucket is the emptiest still under `cap`, or None."""
+def _balanced_injection(
+    chain: Chain, number: int, counts: Counter, cap: int, seed: int, injected: dict[tuple[int, str, int], Chain | None]
+) -> Chain | None:
+    """`chain` with an error whose first-error bucket is the emptiest still under `cap`, or None.
+    `injected` remembers each (chain, error type, step) tried: the injector is deterministic."""
     candidates = [
         (error_type, step) for error_type in types_in_turn(number) for step in applicable_steps(chain, error_type)
     ]
     # The emptiest bucket first; a skipped step's label lies after the step, so it is found by trying.
     candidates.sort(key=lambda c: counts[_bucket(c[1])])
     for error_type, step in candidates:
-        try:
-            bad = inject(chain, error_type, step=step, seed=seed)
-        except InjectionError:
-            continue
-        if bad.answer != chain.answer and counts[_bucket(bad.mistake_index)] < cap:
+        key = (id(chain), error_type, step)
+        if key not in injected:
+            try:
+                bad = inject(chain, error_type, step=step, seed=seed)
+            except InjectionError:
+                bad = None
+            injected[key] = bad if bad is not None and bad.answer != chain.answer else None
+        bad = injected[key]
+        if bad is not None and counts[_bucket(bad.mistake_index)] < cap:
             return bad
     return None
 
@@ -220,6 +232,7 @@ class ControlRun:
     adam_beta2: float = 0.999
     loss_weighting: str = "tokens"  # TrainSettings.loss_weighting
     positions: str = "balanced"  # POSITION_MODES: where the training chains' first errors lie
+    level: int | None = None  # training chains from this procedural level (data/procedural.py), not GSM8K
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
@@ -234,9 +247,10 @@ class ControlRun:
         beta2 = "" if self.adam_beta2 == 0.999 else f"-b{self.adam_beta2:g}"
         weighting = "" if self.loss_weighting == "tokens" else f"-w{self.loss_weighting}"
         positions = "" if self.positions == "balanced" else f"-p{self.positions}"
+        level = "" if self.level is None else f"-level{self.level}"
         return (
             f"{'cue' if self.cue else 'real'}-n{self.train_records}-lr{self.learning_rate:g}"
-            f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}{positions}-s{self.seed}"
+            f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}{positions}{level}-s{self.seed}"
         )
 
 
@@ -250,6 +264,7 @@ def control_grid(
     loss_weightings: list[str] | None = None,
     seed: int = 0,
     positions: list[str] | None = None,
+    level: int | None = None,
 ) -> list[ControlRun]:
     """One run for every combination of the settings given (`modes`: "cue" and/or "real"), in that
     order; a setting not given takes its default (1,000 records, both modes, lr 1e-4, 1 epoch, the
@@ -259,7 +274,7 @@ def control_grid(
     if unknown:
         raise ValueError(f"modes takes {' or '.join(CUE_MODES)}, not {unknown}")
     return [
-        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w), str(p))
+        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w), str(p), level)
         for n in sizes or [1000]
         for mode in modes
         for lr in learning_rates or [1e-4]
@@ -269,6 +284,15 @@ def control_grid(
         for w in loss_weightings or ["tokens"]
         for p in positions or ["balanced"]
     ]
+
+
+def procedural_training_pool(level: int, n: int, seed: int = 0) -> list[Chain]:
+    """`n` valid chains at procedural `level`, none of them a question of any committed level split:
+    the control's pool where it asks whether the easiest problems' errors can be located."""
+    difficulty = next((d for d in LADDER if d.level == level), None)
+    if difficulty is None:
+        raise ValueError(f"level must be one of {[d.level for d in LADDER]}, not {level}")
+    return make_chains(difficulty, n, seed=seed, exclude=heldout_questions())
 
 
 def training_pool(chains: list[Chain], splits: Path | None = None) -> list[Chain]:

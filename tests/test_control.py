@@ -236,6 +236,48 @@ def test_the_control_command_records_each_run_once_and_refuses_bad_input(tmp_pat
     assert missing.exit_code == 2 and "nowhere.jsonl" in missing.output
 
 
+def test_a_level_control_trains_on_procedural_chains_that_no_held_out_set_holds():
+    """Level 1's chains have two steps: balanced positions fill the two buckets they reach (the cap
+    climbs past the even share of six), and no training question is a committed level split's, even
+    drawn from the seed the held-out sets were made from."""
+    from misstep.data.splits import normalize_question
+    from misstep.metrics.heldout import HELDOUT_SEED
+    from misstep.optimize.control import procedural_training_pool
+    from misstep.optimize.frontier import heldout_questions
+
+    held = procedural_training_pool(1, 120, seed=HELDOUT_SEED)
+    assert len(held) == 120 and not {normalize_question(c.question) for c in held} & heldout_questions()
+    chains = control_chains(procedural_training_pool(1, 120), 40)
+    labels = Counter(c.mistake_index for c in chains)
+    assert labels[None] == 6 and labels[0] == labels[1] == 17 and len(labels) == 3
+    with pytest.raises(ValueError, match="level must be one of"):
+        procedural_training_pool(9, 10)
+
+
+def test_the_control_command_takes_a_procedural_level(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from misstep.cli import app
+    from misstep.data.splits import save_split
+
+    split = tmp_path / "level-1-test.jsonl"
+    save_split(split, load_split(split_path("level-1", "test"))[:4])
+    args = ["control", "--model", str(tiny_model_dir), "--level", "1", "--split", str(split), "--size", "8"]
+    args += ["--cue", "real", "--threads", "2", "--run-dir", str(tmp_path / "runs")]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    [folder] = (tmp_path / "runs").iterdir()
+    assert folder.name == "real-n8-lr0.0001-e1-stage3-level1-s0"
+    result = json.loads((folder / "result.json").read_text())
+    assert result["level"] == 1 and result["heldout_n"] == 4
+    trained = [json.loads(line) for line in (folder / "train_records.jsonl").read_text().splitlines()]
+    names = ("Maya", "Omar", "Lena", "Tariq", "Sofia", "Kenji", "Amara", "Lucas", "Priya", "Mateo", "Ingrid", "Kwame")
+    assert len(trained) == 8 and all(any(n in json.dumps(r) for n in names) for r in trained)  # procedural, not GSM8K
+    refused = CliRunner().invoke(app, args[:3] + ["--level", "9"] + args[5:])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "--level: level must be one of" in said, refused.output
+
+
 def test_a_measured_file_of_another_split_keeps_a_run_name_with_a_dot_whole():
     from misstep.optimize.control import measured_file
 
