@@ -120,8 +120,10 @@ def control_chains(
 def _balanced_chains(checkable: list[Chain], taken: set[int], n_invalid: int, seed: int) -> list[Chain]:
     counts: Counter[int] = Counter()
     invalid: list[Chain] = []
-    # Each pass under a higher cap tries the same injections again; short chains (two or three
-    # steps) reach few buckets, so the cap climbs one pass at a time for many passes.
+    # Each pass under a higher cap asks the same chains again; short chains (two or three steps)
+    # reach few buckets, so the cap climbs one pass at a time for many passes. What a chain can
+    # take is worked out once (the injector is deterministic).
+    candidates: dict[int, list[tuple[str, int]]] = {}
     injected: dict[tuple[int, str, int], Chain | None] = {}
     cap = math.ceil(n_invalid / POSITIONS)
     while len(invalid) < n_invalid:
@@ -129,9 +131,11 @@ def _balanced_chains(checkable: list[Chain], taken: set[int], n_invalid: int, se
         for number, chain in enumerate(checkable):
             if len(invalid) == n_invalid:
                 break
-            if id(chain) in taken or not has_annotations(chain):
+            if id(chain) in taken:
                 continue
-            bad = _balanced_injection(chain, number, counts, cap, seed, injected)
+            if id(chain) not in candidates:
+                candidates[id(chain)] = _candidates(chain, number) if has_annotations(chain) else []
+            bad = _balanced_injection(chain, candidates[id(chain)], counts, cap, seed, injected)
             if bad is not None:
                 taken.add(id(chain))
                 counts[_bucket(bad.mistake_index)] += 1
@@ -168,17 +172,23 @@ def _paired_injections(chains: list[Chain], n_invalid: int, seed: int) -> list[C
     return out[:n_invalid]
 
 
+def _candidates(chain: Chain, number: int) -> list[tuple[str, int]]:
+    """The (error type, step) pairs the injector may try on the `number`th chain, in its turn's order."""
+    return [(error_type, step) for error_type in types_in_turn(number) for step in applicable_steps(chain, error_type)]
+
+
 def _balanced_injection(
-    chain: Chain, number: int, counts: Counter, cap: int, seed: int, injected: dict[tuple[int, str, int], Chain | None]
+    chain: Chain,
+    candidates: list[tuple[str, int]],
+    counts: Counter,
+    cap: int,
+    seed: int,
+    injected: dict[tuple[int, str, int], Chain | None],
 ) -> Chain | None:
     """`chain` with an error whose first-error bucket is the emptiest still under `cap`, or None.
-    `injected` remembers each (chain, error type, step) tried: the injector is deterministic."""
-    candidates = [
-        (error_type, step) for error_type in types_in_turn(number) for step in applicable_steps(chain, error_type)
-    ]
+    `injected` remembers each (chain, error type, step) tried."""
     # The emptiest bucket first; a skipped step's label lies after the step, so it is found by trying.
-    candidates.sort(key=lambda c: counts[_bucket(c[1])])
-    for error_type, step in candidates:
+    for error_type, step in sorted(candidates, key=lambda c: counts[_bucket(c[1])]):
         key = (id(chain), error_type, step)
         if key not in injected:
             try:
