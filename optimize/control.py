@@ -278,7 +278,8 @@ def control_grid(
 ) -> list[ControlRun]:
     """One run for every combination of the settings given (`modes`: "cue" and/or "real"), in that
     order; a setting not given takes its default (1,000 records, both modes, lr 1e-4, 1 epoch, the
-    stage-3 loss, beta2 0.999, a plain mean over tokens, balanced positions)."""
+    stage-3 loss, beta2 0.999, a plain mean over tokens, balanced positions); every run trains on
+    `level`'s procedural problems where one is given, else on GSM8K."""
     modes = modes or list(CUE_MODES)
     unknown = sorted(set(modes) - set(CUE_MODES))
     if unknown:
