@@ -55,6 +55,15 @@ LADDER: tuple[Difficulty, ...] = (
     Difficulty(6, steps=7, max_number=1000, ops=("+", "-", "*", "/"), distractors=3),
 )
 
+
+def difficulty_of(level: int) -> Difficulty:
+    """The ladder's rung numbered `level`."""
+    for difficulty in LADDER:
+        if difficulty.level == level:
+            return difficulty
+    raise ValueError(f"level must be one of {[d.level for d in LADDER]}, not {level}")
+
+
 NAMES = ("Maya", "Omar", "Lena", "Tariq", "Sofia", "Kenji", "Amara", "Lucas", "Priya", "Mateo", "Ingrid", "Kwame")
 THINGS = ("apples", "stickers", "marbles", "books", "coins", "pencils", "stamps", "shells", "cards", "beads")
 OTHERS = ("brother", "sister", "neighbour", "cousin", "teacher", "friend")

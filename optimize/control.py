@@ -34,7 +34,7 @@ from typing import Any
 
 import dspy
 
-from misstep.data.procedural import LADDER, make_chains
+from misstep.data.procedural import difficulty_of, make_chains
 from misstep.data.records import Chain, format_steps
 from misstep.data.runfiles import holds_run_dir, write_json_atomic, write_jsonl_atomic
 from misstep.data.splits import SplitItem, load_split, shuffled, split_path, without_heldout
@@ -300,10 +300,7 @@ def control_grid(
 def procedural_training_pool(level: int, n: int, seed: int = 0) -> list[Chain]:
     """`n` valid chains at procedural `level`, none of them a question of any committed level split:
     the control's pool where it asks whether the easiest problems' errors can be located."""
-    difficulty = next((d for d in LADDER if d.level == level), None)
-    if difficulty is None:
-        raise ValueError(f"level must be one of {[d.level for d in LADDER]}, not {level}")
-    return make_chains(difficulty, n, seed=seed, exclude=heldout_questions())
+    return make_chains(difficulty_of(level), n, seed=seed, exclude=heldout_questions())
 
 
 def training_pool(chains: list[Chain], splits: Path | None = None) -> list[Chain]:

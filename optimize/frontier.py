@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from misstep.data.procedural import LADDER, Difficulty, make_chains
+from misstep.data.procedural import LADDER, Difficulty, difficulty_of, make_chains
 from misstep.data.records import Chain
 from misstep.data.splits import load_split, normalize_question, split_path
 from misstep.optimize.curriculum import LevelProbe, choose_level
@@ -73,7 +73,7 @@ def procedural_pool(
     )
     current = start_level if previous_level is None else previous_level
     choice = choose_level(probe, current)
-    difficulty = next(d for d in LADDER if d.level == choice.level)
+    difficulty = difficulty_of(choice.level)
     return make_chains(difficulty, n, seed=seed, exclude=exclude), {
         "selection": "curriculum",
         "level": choice.level,
