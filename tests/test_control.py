@@ -258,6 +258,7 @@ def test_the_control_command_takes_a_procedural_level(tmp_path, tiny_model_dir):
     from typer.testing import CliRunner
 
     from misstep.cli import app
+    from misstep.data.procedural import NAMES
     from misstep.data.splits import save_split
 
     split = tmp_path / "level-1-test.jsonl"
@@ -271,8 +272,7 @@ def test_the_control_command_takes_a_procedural_level(tmp_path, tiny_model_dir):
     result = json.loads((folder / "result.json").read_text())
     assert result["level"] == 1 and result["heldout_n"] == 4
     trained = [json.loads(line) for line in (folder / "train_records.jsonl").read_text().splitlines()]
-    names = ("Maya", "Omar", "Lena", "Tariq", "Sofia", "Kenji", "Amara", "Lucas", "Priya", "Mateo", "Ingrid", "Kwame")
-    assert len(trained) == 8 and all(any(n in json.dumps(r) for n in names) for r in trained)  # procedural, not GSM8K
+    assert len(trained) == 8 and all(any(n in json.dumps(r) for n in NAMES) for r in trained)  # procedural, not GSM8K
     refused = CliRunner().invoke(app, args[:3] + ["--level", "9"] + args[5:])
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "--level: level must be one of" in said, refused.output
