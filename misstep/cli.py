@@ -231,6 +231,7 @@ def control_command(
     loss_weighting: opt.ControlWeighting = None,
     positions: opt.ControlPositions = None,
     level: opt.ControlLevel = None,
+    lora_rank: opt.ControlLoraRank = None,
     model: opt.Model = DEFAULT_MODEL,
     run_dir: opt.ControlRunDir = Path("runs/control"),
     results: opt.ControlResults = None,
@@ -244,7 +245,9 @@ def control_command(
     placed by --positions, 15% valid), measure location on a held-out split beside the majority
     and last-step baselines. Every combination of the repeated options is one run; finished runs
     are skipped, a killed one resumes."""
-    runs = control_grid(sizes, cue, learning_rate, epochs, loss, adam_beta2, loss_weighting, seed, positions, level)
+    runs = control_grid(
+        sizes, cue, learning_rate, epochs, loss, adam_beta2, loss_weighting, seed, positions, level, lora_rank
+    )
     items = inputs.split_items(split or split_path("gsm8k" if level is None else f"level-{level}", "test"))
     if level is None:
         pool = training_pool(inputs.chains_of(data))

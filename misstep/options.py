@@ -445,7 +445,7 @@ ControlSizes = _option(list[int] | None, "stage-3 training chains (repeat)", "--
 ControlCue = _option(
     list[_choices("Cue", CUE_MODES)] | None, "'cue' (the first error marked), 'real', or both (repeat)"
 )
-ControlLearningRates = _option(list[float] | None, "full fine-tune learning rate (repeat)")
+ControlLearningRates = _option(list[float] | None, "learning rate (repeat; default 1e-4)")
 ControlEpochs = _option(list[float] | None, "(repeat)", min=0.01)
 ControlLoss = _option(
     list[_choices("Loss", LOSSES)] | None,
@@ -466,6 +466,11 @@ ControlLevel = _option(
     int | None,
     "train on procedural problems of this difficulty level (data/procedural.py) instead of --data; measured on "
     "that level's test split unless --split names another",
+    min=1,
+)
+ControlLoraRank = _option(
+    int | None,
+    "train a LoRA adapter of this rank on every linear layer (merged into the run's weights) instead of every weight",
     min=1,
 )
 ControlRunDir = _option(Path, "one folder per run; rerun to resume")

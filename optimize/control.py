@@ -243,6 +243,7 @@ class ControlRun:
     loss_weighting: str = "tokens"  # TrainSettings.loss_weighting
     positions: str = "balanced"  # POSITION_MODES: where the training chains' first errors lie
     level: int | None = None  # training chains from this procedural level (data/procedural.py), not GSM8K
+    lora_rank: int | None = None  # a LoRA adapter of this rank on every linear layer; None: a full fine-tune
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
@@ -251,6 +252,8 @@ class ControlRun:
             raise ValueError(f"loss takes {' or '.join(LOSSES)}, not {self.loss!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting takes {' or '.join(LOSS_WEIGHTINGS)}, not {self.loss_weighting!r}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be positive, not {self.lora_rank}")
 
     @property
     def name(self) -> str:
@@ -258,9 +261,10 @@ class ControlRun:
         weighting = "" if self.loss_weighting == "tokens" else f"-w{self.loss_weighting}"
         positions = "" if self.positions == "balanced" else f"-p{self.positions}"
         level = "" if self.level is None else f"-level{self.level}"
+        lora = "" if self.lora_rank is None else f"-lora{self.lora_rank}"
         return (
             f"{'cue' if self.cue else 'real'}-n{self.train_records}-lr{self.learning_rate:g}"
-            f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}{positions}{level}-s{self.seed}"
+            f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}{positions}{level}{lora}-s{self.seed}"
         )
 
 
@@ -275,17 +279,19 @@ def control_grid(
     seed: int = 0,
     positions: list[str] | None = None,
     level: int | None = None,
+    lora_rank: int | None = None,
 ) -> list[ControlRun]:
     """One run for every combination of the settings given (`modes`: "cue" and/or "real"), in that
     order; a setting not given takes its default (1,000 records, both modes, lr 1e-4, 1 epoch, the
     stage-3 loss, beta2 0.999, a plain mean over tokens, balanced positions); every run trains on
-    `level`'s procedural problems where one is given, else on GSM8K."""
+    `level`'s procedural problems where one is given, else on GSM8K, and trains a LoRA adapter of
+    `lora_rank` where one is given, else every weight."""
     modes = modes or list(CUE_MODES)
     unknown = sorted(set(modes) - set(CUE_MODES))
     if unknown:
         raise ValueError(f"modes takes {' or '.join(CUE_MODES)}, not {unknown}")
     return [
-        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w), str(p), level)
+        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w), str(p), level, lora_rank)
         for n in sizes or [1000]
         for mode in modes
         for lr in learning_rates or [1e-4]
@@ -385,7 +391,8 @@ def run_control(
         write_jsonl_atomic(folder / "train_records.jsonl", records)
     settings = replace(
         settings,
-        method="full",
+        method="full" if run.lora_rank is None else "lora",
+        lora_rank=run.lora_rank or settings.lora_rank,
         learning_rate=run.learning_rate,
         epochs=run.epochs,
         seed=run.seed,

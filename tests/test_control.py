@@ -278,6 +278,27 @@ def test_the_control_command_takes_a_procedural_level(tmp_path, tiny_model_dir):
     assert refused.exit_code == 2 and "--level: level must be one of" in said, refused.output
 
 
+def test_the_control_command_trains_a_lora_adapter_when_given_a_rank(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from misstep.cli import app
+    from misstep.data.splits import save_split
+
+    split = tmp_path / "gsm8k-test.jsonl"
+    save_split(split, load_split(split_path("gsm8k", "test"))[:4])
+    args = ["control", "--model", str(tiny_model_dir), "--split", str(split), "--size", "8", "--cue", "cue"]
+    args += ["--lora-rank", "4", "--threads", "2", "--run-dir", str(tmp_path / "runs")]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    [folder] = (tmp_path / "runs").iterdir()
+    assert folder.name == "cue-n8-lr0.0001-e1-stage3-lora4-s0"
+    assert json.loads((folder / "result.json").read_text())["lora_rank"] == 4
+    trained = json.loads((folder / "model" / "train_summary.json").read_text())["settings"]
+    assert trained["method"] == "lora" and trained["lora_rank"] == 4
+    refused = CliRunner().invoke(app, args[:-4] + ["--lora-rank", "0"] + args[-2:])
+    assert refused.exit_code == 2 and "--lora-rank" in refused.output, refused.output
+
+
 def test_a_measured_file_of_another_split_keeps_a_run_name_with_a_dot_whole():
     from misstep.optimize.control import measured_file
 
