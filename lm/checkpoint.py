@@ -17,6 +17,7 @@ from typing import Any
 
 SUMMARY = "train_summary.json"
 TRAIN_LOG = "train_log.jsonl"  # one line a step: loss, learning rate, tokens, seconds
+ADAPTER = "adapter"  # a LoRA training's adapter, beside the merged weights (peft's folder)
 
 
 def weights_files(folder: Path) -> list[Path]:
@@ -67,6 +68,24 @@ def checkpoint_problem(folder: Path) -> str | None:
             if problem:
                 return problem
         return None
+    return _files_problem(folder, recorded)
+
+
+def adapter_problem(folder: Path) -> str | None:
+    """Why `folder`'s LoRA adapter cannot make its weights again, or None if it can: the summary
+    records one and every file of it is there as recorded."""
+    folder = Path(folder)
+    try:
+        recorded = json.loads((folder / SUMMARY).read_text(encoding="utf-8")).get("adapter")
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return f"{folder}: no whole {SUMMARY}"
+    if not recorded:
+        return f"{folder / SUMMARY}: records no adapter (not a LoRA training)"
+    return _files_problem(folder / ADAPTER, recorded)
+
+
+def _files_problem(folder: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
+    """Why the files under `folder` are not the ones `recorded` ({name: {"bytes", "sha256"}}), or None."""
     for name, expected in recorded.items():
         path = folder / name
         if not path.exists():

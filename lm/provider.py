@@ -29,14 +29,14 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
 from misstep.data.runfiles import read_records, write_json_atomic, write_jsonl_atomic
-from misstep.lm.checkpoint import SUMMARY, TRAIN_LOG, checkpoint_problem, recorded_digests
+from misstep.lm.checkpoint import SUMMARY, TRAIN_LOG, adapter_problem, checkpoint_problem, recorded_digests
 from misstep.lm.client import lm_name, local_lm, served_lm
 from misstep.lm.engine import EmbeddedEngine, EngineSettings
 from misstep.lm.kernels import on_torch_thread
 from misstep.lm.launch import train
 from misstep.lm.pending import PendingEngine
 from misstep.lm.serving import VllmOptions, VllmServer
-from misstep.lm.training import TrainSettings, data_key
+from misstep.lm.training import TrainSettings, data_key, merge_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +193,12 @@ class LocalProvider(Provider):
 
     def ensure_weights(self, folder: Path) -> None:
         """Make `folder`'s weights whole where they are missing or cut short (a run carried between
-        machines without them): trained again on its records, with its settings, from the weights it
-        started from (made whole first, the same way). `folder`/train_replayed.json says whether they
-        came out as the first time's; the first training's summary and log stay beside it as
-        first_train_summary.json and first_train_log.jsonl. A folder that is whole, or that no
-        provider trained (the base model), is left as it is."""
+        machines without them), from the weights it started from (made whole first, the same way):
+        a LoRA training's adapter merged into them where the adapter is there as recorded (seconds),
+        else trained again on its records, with its settings. `folder`/train_replayed.json says how,
+        and whether they came out as the first time's; the first training's summary and log stay
+        beside it as first_train_summary.json and first_train_log.jsonl. A folder that is whole, or
+        that no provider trained (the base model), is left as it is."""
         folder = Path(folder)
         if not self.replayable(folder):
             return
@@ -210,25 +211,31 @@ class LocalProvider(Provider):
             self.ensure_weights(source)
             if not source.exists():
                 raise FileNotFoundError(f"{folder / SUMMARY}: base_model {source} is not there to train it again from")
-            logger.info("%s: made again from its records (%s)", folder, problem)
+            merge = adapter_problem(folder) is None
+            logger.info("%s: made again from its %s (%s)", folder, "adapter" if merge else "records", problem)
             started = time.perf_counter()
-            try:
-                settings = TrainSettings(**summary["settings"])
-            except TypeError as exc:  # a setting since renamed or removed
-                raise ValueError(f"{folder / SUMMARY}: its settings are not this version's ({exc})") from None
-            records = read_records(folder / TRAIN_DATA)
             first = recorded_digests(folder)
-            # Training again rewrites the summary and the log; the first training's (its wall time,
-            # its losses) are the run's evidence, so they stay beside them, never overwritten.
+            # Making them again rewrites the summary (and training, the log); the first training's
+            # (its wall time, its losses) are the run's evidence, so they stay beside them.
             for name in (SUMMARY, TRAIN_LOG):
                 if (folder / name).exists() and not (folder / f"{FIRST}{name}").exists():
                     shutil.copy2(folder / name, folder / f"{FIRST}{name}")
-            on_torch_thread(train, source, records, folder, settings, show_progress=self.show_progress)
+            if merge:
+                weights = on_torch_thread(merge_adapter, source, folder)
+                write_json_atomic(folder / SUMMARY, {**summary, "weights": weights})
+            else:
+                try:
+                    settings = TrainSettings(**summary["settings"])
+                except TypeError as exc:  # a setting since renamed or removed
+                    raise ValueError(f"{folder / SUMMARY}: its settings are not this version's ({exc})") from None
+                records = read_records(folder / TRAIN_DATA)
+                on_torch_thread(train, source, records, folder, settings, show_progress=self.show_progress)
             same = recorded_digests(folder) == first if first else None
             write_json_atomic(
                 folder / REPLAYED,
                 {
                     "because": problem,
+                    "how": "merged its adapter" if merge else "trained on its records",
                     "trained_from": str(source),
                     "same_weights": same,
                     "first_weights": first,

@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from misstep.data.runfiles import write_json_atomic
-from misstep.lm.checkpoint import SUMMARY, TRAIN_LOG, weights_record
+from misstep.lm.checkpoint import ADAPTER, SUMMARY, TRAIN_LOG, weights_record
 from misstep.lm.kernels import train_linears_through_onednn
 
 logger = logging.getLogger(__name__)
@@ -424,6 +424,7 @@ def train_chat(
         "peak_rss_gib": peak_rss,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if place.device.type == "cuda" else None,
         "weights": weights_record(output_dir),  # size and sha256 a resume checks (lm/checkpoint.py)
+        "adapter": weights_record(output_dir / ADAPTER) if settings.method == "lora" else None,
     }
     write_json_atomic(output_dir / SUMMARY, summary)  # last: the sign that the folder is whole
     if resume is not None:
@@ -532,7 +533,9 @@ class _TrainState:
 
     def saved(self, model, optimizer, schedule) -> dict[str, Any]:
         return {
-            "model": model.state_dict(),
+            # What training changes, and only that: with LoRA the adapter (a few MB, so a resume
+            # point is small enough to carry between machines), else every weight.
+            "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "python_random": random.getstate(),
@@ -546,7 +549,7 @@ class _TrainState:
 
     def resumed(self, saved: dict[str, Any], model, optimizer, schedule) -> _TrainState:
         """The state `saved` held, with the model, optimizer, schedule and random generators set back."""
-        model.load_state_dict(saved["model"])
+        _load_trained(model, saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         random.setstate(saved["python_random"])
@@ -559,6 +562,17 @@ class _TrainState:
             tokens=saved["tokens"],
             resumed_at=saved["step"],
         )
+
+
+def _load_trained(model, trained: dict[str, torch.Tensor]) -> None:
+    """Set `model`'s trained parameters from a resume point: every one of them must be there (a
+    point saved before only trained parameters were kept holds the whole state, buffers too)."""
+    outcome = model.load_state_dict(trained, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable & set(outcome.missing_keys))
+    if missing or outcome.unexpected_keys:
+        unexpected = outcome.unexpected_keys[:3]
+        raise ValueError(f"a resume point that does not fit this model: missing {missing[:3]}, unexpected {unexpected}")
 
 
 def _progress_bar(shown: bool) -> Progress:
@@ -625,13 +639,38 @@ def _peak_rss_gib(place: Placement) -> float:
 
 
 def _save_weights(model, tokenizer, output_dir: Path, settings: TrainSettings) -> None:
-    """One plain Hugging Face folder (LoRA merged in) that any engine, vLLM included, can load;
-    written beside and moved in, so the folder never holds half of one save."""
+    """One plain Hugging Face folder (LoRA merged in) that any engine, vLLM included, can load. A
+    LoRA training also keeps its adapter in `output_dir`/adapter: a few MB that make the weights
+    again (merge_adapter) where the folder travels without them."""
     model.eval()
     if settings.method == "lora":
+        adapter_staging = output_dir / f".{ADAPTER}"
+        shutil.rmtree(adapter_staging, ignore_errors=True)
+        model.save_pretrained(adapter_staging, safe_serialization=True)
+        shutil.rmtree(output_dir / ADAPTER, ignore_errors=True)
+        adapter_staging.replace(output_dir / ADAPTER)
         model = model.merge_and_unload()
     if settings.gradient_checkpointing:
         model.config.use_cache = True
+    _write_model_folder(model, tokenizer, output_dir)
+
+
+def merge_adapter(model_dir: Path, output_dir: Path) -> dict[str, dict[str, Any]]:
+    """Write `output_dir`'s weights again from the LoRA adapter its training kept there: `model_dir`'s
+    weights (the ones it was trained from) with the adapter merged in, as the training saved them.
+    Seconds, where training again takes its whole training time. Returns the weights' record."""
+    from peft import PeftModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    merged = PeftModel.from_pretrained(model, output_dir / ADAPTER).merge_and_unload()
+    merged.eval()
+    _write_model_folder(merged, tokenizer, output_dir)
+    return weights_record(output_dir)
+
+
+def _write_model_folder(model, tokenizer, output_dir: Path) -> None:
+    """Written beside and moved in, so the folder never holds half of one save."""
     staging = output_dir / ".weights"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)

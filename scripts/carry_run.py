@@ -5,10 +5,13 @@ repository: its weights (hundreds of MB a round) cannot travel, everything else 
 a run directory into a committed folder, leaving out weights, optimizer state and the tokenizer
 files every checkpoint repeats (each checkpoint keeps its training summary, with its weights'
 sha256, its loss log and the records it was trained on); `restore` copies it back. The resumed
-run makes a checkpoint's missing weights again from those records only when its model is asked
-something or trained on from, and writes `train_replayed.json` beside it saying whether they came
-out the same, keeping the first training's summary and log as `first_train_*`
-(lm/provider.py: LocalProvider.ensure_weights).
+run makes a checkpoint's missing weights again only when its model is asked something or trained
+on from, and writes `train_replayed.json` beside it saying how and whether they came out the same,
+keeping the first training's summary and log as `first_train_*` (lm/provider.py:
+LocalProvider.ensure_weights): a LoRA training's adapter travels (a few MB), and is merged back
+in seconds; a full fine-tune is trained again on its records. A LoRA training cut short by the
+session's end travels with its resume point (the adapter and its optimizer state, tens of MB)
+and continues where it stopped; a full fine-tune's (GBs) stays behind.
 
     .venv/bin/python scripts/carry_run.py save runs/arms carried/arms      # before committing
     .venv/bin/python scripts/carry_run.py restore carried/arms runs/arms   # in a fresh checkout
@@ -41,12 +44,27 @@ LEFT_BEHIND = (
     "*.db-journal",
     "*.db-wal",
 )
+ADAPTER = "adapter"  # a LoRA training's adapter folder (lm/checkpoint.py): travels whole
+RESUME = "resume.pt"
+RESUME_CARRIED_BYTES = 64 * 2**20  # a LoRA training's resume point is below this, a full fine-tune's far above
+
+
+def left_behind(directory: str, names: list[str]) -> set[str]:
+    """What `shutil.copytree` leaves out of `directory`: LEFT_BEHIND, except an adapter's files and
+    a resume point small enough to commit."""
+    if Path(directory).name == ADAPTER:
+        return set()
+    ignored = shutil.ignore_patterns(*LEFT_BEHIND)(directory, names)
+    resume = Path(directory) / RESUME
+    if RESUME in ignored and resume.stat().st_size < RESUME_CARRIED_BYTES:
+        ignored.discard(RESUME)
+    return ignored
 
 
 def save(run_dir: Path, carried: Path) -> None:
     if carried.exists():
         shutil.rmtree(carried)  # what the run dropped since the last save goes too
-    shutil.copytree(run_dir, carried, ignore=shutil.ignore_patterns(*LEFT_BEHIND))
+    shutil.copytree(run_dir, carried, ignore=left_behind)
     for database in run_dir.rglob("*.db"):  # SQLite's own copy: a whole database, never a torn file
         target = carried / database.relative_to(run_dir)
         with sqlite3.connect(database) as source, sqlite3.connect(target) as copy:

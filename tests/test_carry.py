@@ -25,6 +25,16 @@ def test_a_run_is_carried_without_its_weights_and_restored_beside_what_is_there(
     (checkpoint / "tokenizer.json").write_text("{}")
     (checkpoint / "train_summary.json").write_text('{"weights": {"model.safetensors": {"sha256": "00"}}}')
     (checkpoint / "train_log.jsonl").write_text('{"step": 1}\n')
+    lora = run / "checkpoints" / "lora456"  # a LoRA training: its adapter travels; one cut short, its resume point
+    (lora / "adapter").mkdir(parents=True)
+    (lora / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 256)
+    (lora / "adapter" / "adapter_config.json").write_text("{}")
+    (lora / "model.safetensors").write_bytes(b"\0" * 1024)
+    cut = run / "checkpoints" / "lora789"
+    cut.mkdir()
+    (cut / "resume.pt").write_bytes(b"\0" * 128)
+    with (checkpoint / "resume.pt").open("r+b") as handle:  # a full fine-tune's: too large to commit (sparse here)
+        handle.truncate(65 * 2**20)
     (run / "round-1").mkdir()
     (run / "round-1" / "scenarios.jsonl").write_text('{"key": "a"}\n')
     with sqlite3.connect(run / "optuna.db") as db:
@@ -41,6 +51,9 @@ def test_a_run_is_carried_without_its_weights_and_restored_beside_what_is_there(
     assert kept == {
         "checkpoints/abc123/train_summary.json",
         "checkpoints/abc123/train_log.jsonl",
+        "checkpoints/lora456/adapter/adapter_model.safetensors",
+        "checkpoints/lora456/adapter/adapter_config.json",
+        "checkpoints/lora789/resume.pt",
         "round-1/scenarios.jsonl",
         "optuna.db",
     }

@@ -8,7 +8,7 @@ import dspy
 from safetensors.torch import load_file
 
 from misstep.lm import local_lm
-from misstep.lm.checkpoint import checkpoint_problem
+from misstep.lm.checkpoint import adapter_problem, checkpoint_problem
 from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.injector import inject_many
@@ -211,3 +211,50 @@ def test_weights_that_were_not_carried_are_made_again_from_their_records_only_wh
     assert not provider.replayable(first_dir)
     step("first", tiny_model_dir)
     assert trainings[-1] == "first"  # the step itself is done again
+
+
+def test_lora_weights_that_were_not_carried_are_merged_again_from_their_adapters_without_training(
+    tmp_path, tiny_model_dir, gsm8k_train
+):
+    # A LoRA training keeps its adapter (a few MB, carried where the weights are not): the weights
+    # come back by merging it into the ones it started from, made whole first, and come out the same.
+    settings = TrainSettings(method="lora", lora_rank=4, epochs=1.0, batch_size=4, max_length=768, learning_rate=1e-2)
+    provider = LocalProvider(tiny_model_dir, tmp_path / "checkpoints", settings, show_progress=False)
+    truth = ground_truth_demos(gsm8k_train, k=1)
+
+    def step(folder, start):
+        lm = provider.lm(start, max_tokens=8, cache=False)
+        return compiled_or_resumed(
+            tmp_path / folder,
+            lambda: warm_up(SelfCorrector(), truth, lm=lm, provider=provider, run_dir=tmp_path / folder),
+            provider=provider,
+        )
+
+    step("first", tiny_model_dir)
+    first_dir = Path(json.loads((tmp_path / "first" / "program.json").read_text())["model_dir"])
+    second, _ = step("second", first_dir)
+    second_dir = Path(json.loads((tmp_path / "second" / "program.json").read_text())["model_dir"])
+    before = {d: load_file(d / "model.safetensors") for d in (first_dir, second_dir)}
+    logs = {d: (d / "train_log.jsonl").read_text() for d in before}
+    for d in before:
+        assert (d / "adapter" / "adapter_model.safetensors").stat().st_size < (d / "model.safetensors").stat().st_size
+        (d / "model.safetensors").unlink()
+
+    second, resumed = step("second", first_dir)
+    assert resumed and not (first_dir / "model.safetensors").exists()
+    second.predictors()[0].lm("Hello", max_tokens=8, cache=False)  # asked: both made, the first one first
+    for d in before:
+        replayed = json.loads((d / "train_replayed.json").read_text())
+        assert replayed["how"] == "merged its adapter" and replayed["same_weights"]
+        again = load_file(d / "model.safetensors")
+        assert all(before[d][name].equal(again[name]) for name in again)
+        assert checkpoint_problem(d) is None and (d / "train_log.jsonl").read_text() == logs[d]  # not trained again
+
+    # An adapter that is not what its summary records is not merged: the training is done again.
+    (second_dir / "model.safetensors").unlink()
+    (second_dir / "train_replayed.json").unlink()
+    (second_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    assert "adapter_model.safetensors" in adapter_problem(second_dir)
+    provider.ensure_weights(second_dir)
+    assert json.loads((second_dir / "train_replayed.json").read_text())["how"] == "trained on its records"
+    assert adapter_problem(second_dir) is None and checkpoint_problem(second_dir) is None

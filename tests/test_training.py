@@ -418,6 +418,31 @@ def test_a_resume_point_is_keyed_by_what_the_settings_mean():
     assert data_key(records, plain) == data_key(records, TrainSettings(method="full", resume_every_s=5))
 
 
+def test_a_lora_resume_point_holds_the_adapter_alone_and_restores_it(tiny_model_dir):
+    """Small enough to carry between machines (scripts/carry_run.py): the frozen weights are not in it."""
+    import torch
+
+    from misstep.lm.training import _load_trained, _optimizer, _trainable_model, _TrainState
+
+    settings = TrainSettings(method="lora", lora_rank=2)
+    _, model = _trainable_model(tiny_model_dir, settings, torch.device("cpu"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = _optimizer(trainable, settings, total_steps=4)
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(1.0)
+    point = _TrainState(started=0.0).saved(model, optimizer, schedule)["model"]
+    assert point and all("lora_" in name for name in point)
+    assert sum(t.numel() for t in point.values()) == sum(p.numel() for p in trainable)
+
+    _, fresh = _trainable_model(tiny_model_dir, settings, torch.device("cpu"))
+    _load_trained(fresh, point)
+    assert all(torch.equal(fresh.get_parameter(name), tensor) for name, tensor in point.items())
+    missing = dict(list(point.items())[1:])
+    with pytest.raises(ValueError, match="missing"):
+        _load_trained(fresh, missing)
+
+
 def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dir, chat_records, tmp_path):
     """Checkpointing is a memory setting, not a training one: a resume point ignores it (a run may turn
     it on to fit longer records and keep its checkpoints), which holds only if it trains the same."""
