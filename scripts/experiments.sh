@@ -40,6 +40,16 @@ step "issue 14: the constraint's own cost, the same free text both ways (embedde
 [ -f benchmarks/results/constrained_speed_equal_text.json ] || .venv/bin/python benchmarks/constrained_speed.py \
   --engines embedded --equal-text --chains 2 --repeats 3
 
+step "issue 15: can a LoRA adapter learn the cue (docs/control.md)? A training cut short by a session's end travels in carried/control"
+for lora in "1e-3 8" "3e-3 16"; do
+  set -- $lora
+  name=cue-n1000-lr$(.venv/bin/python -c "print(f'{$1:g}')")-e1-stage3-lora$2-s0
+  [ -d runs/control/$name ] || [ ! -d carried/control/$name ] \
+    || .venv/bin/python scripts/carry_run.py restore carried/control/$name runs/control/$name
+  recorded "$name" || $M control --size 1000 --cue cue --learning-rate $1 --epochs 1 --lora-rank $2 \
+    --run-dir runs/control --results docs/results/control.json
+done
+
 step "issue 15: the arms side by side (configs/arms.toml); its files travel between sessions in carried/arms"
 [ -d runs/arms ] || [ ! -d carried/arms ] || .venv/bin/python scripts/carry_run.py restore carried/arms runs/arms
 $M optimize --config configs/arms.toml --data ../shared/data/gsm8k/train.jsonl --keep judge --keep oracle --keep random \
