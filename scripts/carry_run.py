@@ -44,7 +44,9 @@ LEFT_BEHIND = (
     "*.db-journal",
     "*.db-wal",
 )
-ADAPTER = "adapter"  # a LoRA training's adapter folder (lm/checkpoint.py): travels whole
+# A LoRA training's adapter folder, travelling whole: misstep.lm.checkpoint.ADAPTER, written out
+# because importing misstep.lm loads torch into what is a file copy.
+ADAPTER = "adapter"
 RESUME = "resume.pt"
 RESUME_CARRIED_BYTES = 64 * 2**20  # a LoRA training's resume point is below this, a full fine-tune's far above
 

@@ -41,9 +41,9 @@ step "issue 14: the constraint's own cost, the same free text both ways (embedde
   --engines embedded --equal-text --chains 2 --repeats 3
 
 step "issue 15: can a LoRA adapter learn the cue (docs/control.md)? A training cut short by a session's end travels in carried/control"
-for lora in "1e-3 8" "3e-3 16"; do
+for lora in "0.001 8" "0.003 16"; do  # learning rate as the run's name writes it, rank
   set -- $lora
-  name=cue-n1000-lr$(.venv/bin/python -c "print(f'{$1:g}')")-e1-stage3-lora$2-s0
+  name=cue-n1000-lr$1-e1-stage3-lora$2-s0
   [ -d runs/control/$name ] || [ ! -d carried/control/$name ] \
     || .venv/bin/python scripts/carry_run.py restore carried/control/$name runs/control/$name
   recorded "$name" || $M control --size 1000 --cue cue --learning-rate $1 --epochs 1 --lora-rank $2 \
