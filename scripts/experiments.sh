@@ -50,7 +50,7 @@ for lora in "0.001 8" "0.003 16"; do  # learning rate as the run's name writes i
     --run-dir runs/control --results docs/results/control.json
 done
 
-step "issue 15: the arms side by side (configs/arms.toml); its files travel between sessions in carried/arms"
+step "issue 15: the arms side by side (configs/arms.toml, LoRA adapters); its files travel between sessions in carried/arms (the first run, full fine-tunes: carried/arms-full-ft)"
 [ -d runs/arms ] || [ ! -d carried/arms ] || .venv/bin/python scripts/carry_run.py restore carried/arms runs/arms
 $M optimize --config configs/arms.toml --data ../shared/data/gsm8k/train.jsonl --keep judge --keep oracle --keep random \
   --bbm-at-best logical_deduction --bbm-at-best multistep_arithmetic --bbm-at-best word_sorting \
