@@ -316,6 +316,11 @@ def judge_training(settings: LoopSettings, train: TrainSettings) -> TrainSetting
         train,
         epochs=train.epochs if settings.judge_epochs is None else settings.judge_epochs,
         max_length=train.max_length if settings.judge_max_length is None else settings.judge_max_length,
+        gradient_checkpointing=(
+            train.gradient_checkpointing
+            if settings.judge_gradient_checkpointing is None
+            else settings.judge_gradient_checkpointing
+        ),
     )
 
 

@@ -29,6 +29,10 @@ class LoopSettings:
     # Tokens a judge's training record keeps (None: the compile's `[train] max_length`). Its prompts
     # hold four chains; a longer record loses its prompt's head (instructions, question, correct chain).
     judge_max_length: int | None = None
+    # Recompute activations in the judge's fine-tune (None: the compile's `[train]
+    # gradient_checkpointing`). Its four-chain records need it where the student's shorter ones,
+    # which then keep the shared-prefix pass that checkpointing turns off, do not.
+    judge_gradient_checkpointing: bool | None = None
     # Stage-3 chains labelled by the injector (the positive control's data: first errors where the
     # injector puts them, as in the held-out splits, 15% valid) added to round 0's warm-up, so the loop
     # starts from a model trained on as many locations as the control needed to learn one (0: none).

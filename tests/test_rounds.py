@@ -91,6 +91,7 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
                 recovery_items=2,
                 judge_epochs=judge_epochs,
                 judge_max_length=400,
+                judge_gradient_checkpointing=True,
                 stop=RUNS_ALL_ROUNDS,
             ),
             run_dir=run_dir,
@@ -121,6 +122,8 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     assert judge_report["training"]["settings"]["epochs"] == 2 and warm_report["training"]["settings"]["epochs"] == 1
     assert judge_report["training"]["settings"]["max_length"] == 400
     assert warm_report["training"]["settings"]["max_length"] == train.max_length == 512
+    judge_settings, warm_settings = judge_report["training"]["settings"], warm_report["training"]["settings"]
+    assert judge_settings["gradient_checkpointing"] and not warm_settings["gradient_checkpointing"]
     assert judge_report["training"]["steps"] == 2 * math.ceil(judge_report["training"]["records"] / train.batch_size)
     # Its ground truth: a success and a failure per chain, failures the base model wrote where it wrote
     # one (each of its recoveries kept), confidence in levels.
