@@ -22,7 +22,14 @@ from misstep.lm.training import TrainSettings
 from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits, build_level_splits
 from misstep.metrics.judge_metric import Thresholds
 from misstep.optimize.config import RunConfig
-from misstep.optimize.control import control_grid, procedural_training_pool, publish, run_control, training_pool
+from misstep.optimize.control import (
+    control_grid,
+    measured_items,
+    procedural_training_pool,
+    publish,
+    run_control,
+    training_pool,
+)
 from misstep.optimize.demos import questions_of
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
@@ -232,6 +239,7 @@ def control_command(
     positions: opt.ControlPositions = None,
     level: opt.ControlLevel = None,
     lora_rank: opt.ControlLoraRank = None,
+    error_type: opt.ControlErrorType = None,
     model: opt.Model = DEFAULT_MODEL,
     run_dir: opt.ControlRunDir = Path("runs/control"),
     results: opt.ControlResults = None,
@@ -246,7 +254,18 @@ def control_command(
     and last-step baselines. Every combination of the repeated options is one run; finished runs
     are skipped, a killed one resumes."""
     runs = control_grid(
-        sizes, cue, learning_rate, epochs, loss, adam_beta2, loss_weighting, seed, positions, level, lora_rank
+        sizes,
+        cue,
+        learning_rate,
+        epochs,
+        loss,
+        adam_beta2,
+        loss_weighting,
+        seed,
+        positions,
+        level,
+        lora_rank,
+        error_type,
     )
     items = inputs.split_items(split or split_path("gsm8k" if level is None else f"level-{level}", "test"))
     if level is None:
@@ -272,7 +291,7 @@ def control_command(
             raise Refused(f"{run.name}: {exc}") from None
         show_control_run(result)
         if results:
-            publish(result, items, results)
+            publish(result, measured_items(items, error_type), results)
 
 
 @app.command("report")

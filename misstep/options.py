@@ -24,6 +24,7 @@ from misstep.data.runfiles import RunDirBusy
 from misstep.inputs import Refused
 from misstep.lm.models import REGISTRY
 from misstep.lm.training import LOSS_WEIGHTINGS
+from misstep.metrics.injector import INJECTABLE_TYPES
 from misstep.optimize.arms import KEEP_ARMS
 from misstep.optimize.compile import NothingToTrainOn
 from misstep.optimize.config import ConfigError, RunConfig, apply, load_config
@@ -472,6 +473,11 @@ ControlLoraRank = _option(
     int | None,
     "train a LoRA adapter of this rank on every linear layer (merged into the run's weights) instead of every weight",
     min=1,
+)
+ControlErrorType = _option(
+    _choices("InjectedType", INJECTABLE_TYPES) | None,
+    "inject this error type alone into the training chains, and measure on that type's held-out items and the "
+    "valid chains (default: every type, in turn)",
 )
 ControlRunDir = _option(Path, "one folder per run; rerun to resume")
 ControlConstrained = _option(

@@ -45,6 +45,7 @@ from misstep.lm.training import LOSS_WEIGHTINGS, TrainSettings
 from misstep.metrics.checks import location_correct
 from misstep.metrics.heldout import confusion, read_predictions, score, slices
 from misstep.metrics.injector import (
+    INJECTABLE_TYPES,
     InjectionError,
     applicable_steps,
     has_annotations,
@@ -88,10 +89,15 @@ def _bucket(label: int) -> int:
 
 
 def control_chains(
-    pool: list[Chain], n: int, valid_share: float = VALID_SHARE, seed: int = 0, positions: str = "balanced"
+    pool: list[Chain],
+    n: int,
+    valid_share: float = VALID_SHARE,
+    seed: int = 0,
+    positions: str = "balanced",
+    error_types: tuple[str, ...] = INJECTABLE_TYPES,
 ) -> list[Chain]:
     """`n` labelled chains from valid `pool` chains: `round(n * valid_share)` valid ones, the rest
-    injected, error types in turn, with first errors placed by `positions` (POSITION_MODES).
+    injected, `error_types` in turn, with first errors placed by `positions` (POSITION_MODES).
     "balanced": one chain per question, positions as even across buckets as the pool allows, each
     bucket at most its even share, ceil(invalid / POSITIONS); where the pool runs out under that
     cap, the cap rises by one and the unused chains are tried again. A pure function of the inputs."""
@@ -104,11 +110,11 @@ def control_chains(
     taken = {id(c) for c in valid}
     if positions == "natural":
         rest = [c for c in checkable if id(c) not in taken and has_annotations(c)]
-        invalid = [bad for _, bad, _ in inject_many(rest, seed=seed)][:n_invalid]
+        invalid = [bad for _, bad, _ in inject_many(rest, error_types, seed=seed)][:n_invalid]
     elif positions == "pairs":
-        invalid = _paired_injections([c for c in checkable if id(c) not in taken], n_invalid, seed)
+        invalid = _paired_injections([c for c in checkable if id(c) not in taken], n_invalid, seed, error_types)
     else:
-        invalid = _balanced_chains(checkable, taken, n_invalid, seed)
+        invalid = _balanced_chains(checkable, taken, n_invalid, seed, error_types)
     if len(invalid) < n_invalid or len(valid) < n_valid:
         raise ValueError(
             f"the pool of {len(pool)} chains gives {len(invalid)} invalid and {len(valid)} valid "
@@ -117,7 +123,9 @@ def control_chains(
     return shuffled(invalid + valid, seed)
 
 
-def _balanced_chains(checkable: list[Chain], taken: set[int], n_invalid: int, seed: int) -> list[Chain]:
+def _balanced_chains(
+    checkable: list[Chain], taken: set[int], n_invalid: int, seed: int, error_types: tuple[str, ...]
+) -> list[Chain]:
     counts: Counter[int] = Counter()
     invalid: list[Chain] = []
     # Each pass under a higher cap asks the same chains again; short chains (two or three steps)
@@ -134,7 +142,7 @@ def _balanced_chains(checkable: list[Chain], taken: set[int], n_invalid: int, se
             if id(chain) in taken:
                 continue
             if id(chain) not in candidates:
-                candidates[id(chain)] = _candidates(chain, number) if has_annotations(chain) else []
+                candidates[id(chain)] = _candidates(chain, number, error_types) if has_annotations(chain) else []
             bad = _balanced_injection(chain, candidates[id(chain)], counts, cap, seed, injected)
             if bad is not None:
                 taken.add(id(chain))
@@ -146,7 +154,7 @@ def _balanced_chains(checkable: list[Chain], taken: set[int], n_invalid: int, se
     return invalid
 
 
-def _paired_injections(chains: list[Chain], n_invalid: int, seed: int) -> list[Chain]:
+def _paired_injections(chains: list[Chain], n_invalid: int, seed: int, error_types: tuple[str, ...]) -> list[Chain]:
     """Two injected versions of each chain (until `n_invalid`), their first errors at different steps:
     the injector's own choice, then one drawn among the other (error type, step) choices that put
     the first error elsewhere. Both change the answer."""
@@ -157,9 +165,10 @@ def _paired_injections(chains: list[Chain], n_invalid: int, seed: int) -> list[C
         if not has_annotations(chain):
             continue
         versions: list[Chain] = []
-        choices = [(t, step) for t in types_in_turn(number) for step in applicable_steps(chain, t)]
+        in_turn = types_in_turn(number, error_types)
+        choices = [(t, step) for t in in_turn for step in applicable_steps(chain, t)]
         random.Random(f"{seed}:{chain.source_id}").shuffle(choices)
-        for error_type, step in [(t, None) for t in types_in_turn(number)] + choices:
+        for error_type, step in [(t, None) for t in in_turn] + choices:
             try:
                 bad = inject(chain, error_type, step=step, seed=seed)
             except InjectionError:
@@ -172,9 +181,13 @@ def _paired_injections(chains: list[Chain], n_invalid: int, seed: int) -> list[C
     return out[:n_invalid]
 
 
-def _candidates(chain: Chain, number: int) -> list[tuple[str, int]]:
+def _candidates(chain: Chain, number: int, error_types: tuple[str, ...]) -> list[tuple[str, int]]:
     """The (error type, step) pairs the injector may try on the `number`th chain, in its turn's order."""
-    return [(error_type, step) for error_type in types_in_turn(number) for step in applicable_steps(chain, error_type)]
+    return [
+        (error_type, step)
+        for error_type in types_in_turn(number, error_types)
+        for step in applicable_steps(chain, error_type)
+    ]
 
 
 def _balanced_injection(
@@ -244,6 +257,9 @@ class ControlRun:
     positions: str = "balanced"  # POSITION_MODES: where the training chains' first errors lie
     level: int | None = None  # training chains from this procedural level (data/procedural.py), not GSM8K
     lora_rank: int | None = None  # a LoRA adapter of this rank on every linear layer; None: a full fine-tune
+    # One injected error type alone, in training and in what is measured (that type's held-out items
+    # and the valid chains); None: every type, in turn.
+    error_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
@@ -254,6 +270,8 @@ class ControlRun:
             raise ValueError(f"loss_weighting takes {' or '.join(LOSS_WEIGHTINGS)}, not {self.loss_weighting!r}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank must be positive, not {self.lora_rank}")
+        if self.error_type is not None and self.error_type not in INJECTABLE_TYPES:
+            raise ValueError(f"error_type takes one of {', '.join(INJECTABLE_TYPES)}, not {self.error_type!r}")
 
     @property
     def name(self) -> str:
@@ -262,10 +280,24 @@ class ControlRun:
         positions = "" if self.positions == "balanced" else f"-p{self.positions}"
         level = "" if self.level is None else f"-level{self.level}"
         lora = "" if self.lora_rank is None else f"-lora{self.lora_rank}"
+        error_type = "" if self.error_type is None else f"-{self.error_type}"
         return (
             f"{'cue' if self.cue else 'real'}-n{self.train_records}-lr{self.learning_rate:g}"
-            f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}{positions}{level}{lora}-s{self.seed}"
+            f"-e{self.epochs:g}-{self.loss}{beta2}{weighting}{positions}{level}{lora}{error_type}-s{self.seed}"
         )
+
+    @property
+    def error_types(self) -> tuple[str, ...]:
+        """The types its training chains are injected with."""
+        return INJECTABLE_TYPES if self.error_type is None else (self.error_type,)
+
+
+def measured_items(items: list[SplitItem], error_type: str | None) -> list[SplitItem]:
+    """What a run of `error_type` is measured on: that type's items and the valid chains (every item
+    where it is None)."""
+    if error_type is None:
+        return items
+    return [item for item in items if item.error_type == error_type or item.chain.mistake_index is None]
 
 
 def control_grid(
@@ -280,18 +312,20 @@ def control_grid(
     positions: list[str] | None = None,
     level: int | None = None,
     lora_rank: int | None = None,
+    error_type: str | None = None,
 ) -> list[ControlRun]:
     """One run for every combination of the settings given (`modes`: "cue" and/or "real"), in that
     order; a setting not given takes its default (1,000 records, both modes, lr 1e-4, 1 epoch, the
     stage-3 loss, beta2 0.999, a plain mean over tokens, balanced positions); every run trains on
     `level`'s procedural problems where one is given, else on GSM8K, and trains a LoRA adapter of
-    `lora_rank` where one is given, else every weight."""
+    `lora_rank` where one is given, else every weight; with `error_type`, on that type alone."""
     modes = modes or list(CUE_MODES)
+    error_type = None if error_type is None else str(error_type)  # a command line's choice is an enum member
     unknown = sorted(set(modes) - set(CUE_MODES))
     if unknown:
         raise ValueError(f"modes takes {' or '.join(CUE_MODES)}, not {unknown}")
     return [
-        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w), str(p), level, lora_rank)
+        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w), str(p), level, lora_rank, error_type)
         for n in sizes or [1000]
         for mode in modes
         for lr in learning_rates or [1e-4]
@@ -373,7 +407,8 @@ def run_control(
     constrained: bool = False,
 ) -> dict[str, Any]:
     """Train `run`'s model from `model_dir` on chains from `pool` (held-out questions removed),
-    evaluate it on `items`, and write result.json into `run_dir`/<run name>; a finished run is read back.
+    evaluate it on `items` (those of its error type, where it has one: `measured_items`), and write
+    result.json into `run_dir`/<run name>; a finished run is read back.
     `constrained` measures stage 3 under its answer grammar (into files of its own: the model is the
     same). The run's folder is this process's while it runs (`RunLock`)."""
     folder = run_dir / run.name
@@ -381,8 +416,11 @@ def run_control(
     result_path = folder / measured_file("result.json", split, constrained)
     if result_path.exists():
         return json.loads(result_path.read_text())
-    pool = without_heldout(pool, [item.chain for item in items])
-    chains = control_chains(pool, run.train_records, seed=run.seed, positions=run.positions)
+    pool = without_heldout(pool, [item.chain for item in items])  # every held-out question, measured or not
+    items = measured_items(items, run.error_type)
+    chains = control_chains(
+        pool, run.train_records, seed=run.seed, positions=run.positions, error_types=run.error_types
+    )
     records = training_records(chains, cue=run.cue, loss=run.loss, seed=run.seed)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "model"

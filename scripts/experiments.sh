@@ -50,6 +50,10 @@ for lora in "0.001 8" "0.003 16"; do  # learning rate as the run's name writes i
     --run-dir runs/control --results docs/results/control.json
 done
 
+step "issues 15, 18: is one real error type learnable alone, where the mix of five is not? (docs/control.md)"
+recorded "real-n1000-lr0.0001-e1-stage3-misread_quantity-s0" || $M control --size 1000 --cue real \
+  --learning-rate 1e-4 --epochs 1 --error-type misread_quantity --run-dir runs/control --results docs/results/control.json
+
 step "issue 15: the arms side by side (configs/arms.toml, LoRA adapters); its files travel between sessions in carried/arms (the first run, full fine-tunes: carried/arms-full-ft)"
 [ -d runs/arms ] || [ ! -d carried/arms ] || .venv/bin/python scripts/carry_run.py restore carried/arms runs/arms
 $M optimize --config configs/arms.toml --data ../shared/data/gsm8k/train.jsonl --keep judge --keep oracle --keep random \

@@ -306,3 +306,62 @@ def test_a_measured_file_of_another_split_keeps_a_run_name_with_a_dot_whole():
     assert measured_file("result.json", "validation") == "result-validation.json"
     name = "real-n1000-lr0.0001-e1-stage3-s0.jsonl"  # a learning rate's dot is not the suffix's
     assert measured_file(name, "validation") == "real-n1000-lr0.0001-e1-stage3-s0-validation.jsonl"
+
+
+def _types_that_make(source, chain) -> set[str]:
+    """The error types whose injection at some step turns `source` into `chain`."""
+    from misstep.metrics.injector import InjectionError, applicable_steps, inject
+
+    made = set()
+    for error_type in INJECTABLE_TYPES:
+        for step in applicable_steps(source, error_type):
+            try:
+                if inject(source, error_type, step=step, seed=0) == chain:
+                    made.add(error_type)
+            except InjectionError:
+                continue
+    return made
+
+
+@pytest.mark.parametrize("positions", ["balanced", "natural", "pairs"])
+def test_a_control_of_one_error_type_injects_that_type_alone(pool, positions):
+    sources = {c.question: c for c in pool}
+
+    def types(chains):
+        return [_types_that_make(sources[c.question], c) for c in chains if c.mistake_index is not None]
+
+    alone = control_chains(pool, 10, seed=0, positions=positions, error_types=("misread_quantity",))
+    assert len(alone) == 10 and all("misread_quantity" in made for made in types(alone))
+    mixed = control_chains(pool, 10, seed=0, positions=positions)
+    assert any("misread_quantity" not in made for made in types(mixed))  # the check can fail
+
+
+def test_a_control_of_one_error_type_is_named_for_it_and_measured_on_its_items_and_the_valid_chains(
+    tmp_path, tiny_model_dir
+):
+    from typer.testing import CliRunner
+
+    from misstep.cli import app
+    from misstep.data.splits import save_split
+
+    items = load_split(split_path("gsm8k", "test"))[:24]
+    measured = [i for i in items if i.error_type == "misread_quantity" or i.chain.mistake_index is None]
+    assert 0 < len(measured) < len(items)
+    split = tmp_path / "gsm8k-test.jsonl"
+    save_split(split, items)
+    results = tmp_path / "control.json"
+    args = ["control", "--model", str(tiny_model_dir), "--split", str(split), "--size", "8", "--cue", "real"]
+    args += ["--error-type", "misread_quantity", "--threads", "2", "--run-dir", str(tmp_path / "runs")]
+    done = CliRunner().invoke(app, args + ["--results", str(results)])
+    assert done.exit_code == 0, done.output
+    [folder] = (tmp_path / "runs").iterdir()
+    assert folder.name == "real-n8-lr0.0001-e1-stage3-misread_quantity-s0"
+    result = json.loads((folder / "result.json").read_text())
+    assert result["error_type"] == "misread_quantity" and result["heldout_n"] == len(measured)
+    predicted = {json.loads(line)["item_id"] for line in (folder / "predictions.jsonl").read_text().splitlines()}
+    assert predicted == {i.item_id for i in measured}
+    [published] = json.loads(results.read_text())["runs"]
+    table = published["confusion"]["by_true_label"]  # over the measured items, as the result is
+    assert sum(sum(answers.values()) for answers in table.values()) == len(measured)
+    refused = CliRunner().invoke(app, args[:-4] + ["--error-type", "typo"] + args[-2:])
+    assert refused.exit_code == 2 and "--error-type" in refused.output, refused.output
