@@ -22,14 +22,7 @@ from misstep.lm.training import TrainSettings
 from misstep.metrics.heldout import build_bbm_splits, build_gsm8k_splits, build_level_splits
 from misstep.metrics.judge_metric import Thresholds
 from misstep.optimize.config import RunConfig
-from misstep.optimize.control import (
-    control_grid,
-    measured_items,
-    procedural_training_pool,
-    publish,
-    run_control,
-    training_pool,
-)
+from misstep.optimize.control import control_grid, procedural_training_pool, publish, run_control, training_pool
 from misstep.optimize.demos import questions_of
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
@@ -291,7 +284,7 @@ def control_command(
             raise Refused(f"{run.name}: {exc}") from None
         show_control_run(result)
         if results:
-            publish(result, measured_items(items, error_type), results)
+            publish(result, items, results)
 
 
 @app.command("report")

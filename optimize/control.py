@@ -498,7 +498,9 @@ def measured_file(name: str, split: str, constrained: bool = False) -> str:
 def publish(result: dict[str, Any], items: list[SplitItem], results_path: Path) -> dict[str, Any]:
     """Record a finished run in `results_path` ({"runs": [...]}, one entry per run name, kept
     across invocations): its predictions copied beside it (<folder>/control/<run name>.jsonl, the
-    path the entry names), its slices and its confusion table. Returns the entry."""
+    path the entry names), its slices and its confusion table over the items it was measured on
+    (`measured_items`). Returns the entry."""
+    items = measured_items(items, result.get("error_type"))  # runs recorded before it was an option had none
     constrained = result.get("constrained", False)  # runs measured before it was an option were not
     name = f"{result['name']}.jsonl"
     predictions_path = results_path.parent / "control" / measured_file(name, result["split"], constrained)
