@@ -40,13 +40,10 @@ step "issue 14: the constraint's own cost, the same free text both ways (embedde
 [ -f benchmarks/results/constrained_speed_equal_text.json ] || .venv/bin/python benchmarks/constrained_speed.py \
   --engines embedded --equal-text --chains 2 --repeats 3
 
-step "issue 15: can a LoRA adapter learn the cue (docs/control.md)? A training cut short by a session's end travels in carried/control"
+step "issue 15: can a LoRA adapter learn the cue (docs/control.md)?"
 for lora in "0.001 8" "0.003 16"; do  # learning rate as the run's name writes it, rank
   set -- $lora
-  name=cue-n1000-lr$1-e1-stage3-lora$2-s0
-  [ -d runs/control/$name ] || [ ! -d carried/control/$name ] \
-    || .venv/bin/python scripts/carry_run.py restore carried/control/$name runs/control/$name
-  recorded "$name" || $M control --size 1000 --cue cue --learning-rate $1 --epochs 1 --lora-rank $2 \
+  recorded "cue-n1000-lr$1-e1-stage3-lora$2-s0" || $M control --size 1000 --cue cue --learning-rate $1 --epochs 1 --lora-rank $2 \
     --run-dir runs/control --results docs/results/control.json
 done
 
