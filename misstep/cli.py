@@ -247,18 +247,18 @@ def control_command(
     and last-step baselines. Every combination of the repeated options is one run; finished runs
     are skipped, a killed one resumes."""
     runs = control_grid(
-        sizes,
-        cue,
-        learning_rate,
-        epochs,
-        loss,
-        adam_beta2,
-        loss_weighting,
-        seed,
-        positions,
-        level,
-        lora_rank,
-        error_type,
+        sizes=sizes,
+        modes=cue,
+        learning_rates=learning_rate,
+        epochs=epochs,
+        losses=loss,
+        adam_beta2s=adam_beta2,
+        loss_weightings=loss_weighting,
+        seed=seed,
+        positions=positions,
+        level=level,
+        lora_rank=lora_rank,
+        error_type=error_type,
     )
     items = inputs.split_items(split or split_path("gsm8k" if level is None else f"level-{level}", "test"))
     if level is None:

@@ -301,6 +301,7 @@ def measured_items(items: list[SplitItem], error_type: str | None) -> list[Split
 
 
 def control_grid(
+    *,
     sizes: list[int] | None = None,
     modes: list[str] | None = None,
     learning_rates: list[float] | None = None,
@@ -325,7 +326,20 @@ def control_grid(
     if unknown:
         raise ValueError(f"modes takes {' or '.join(CUE_MODES)}, not {unknown}")
     return [
-        ControlRun(n, mode == "cue", lr, e, str(loss), seed, b2, str(w), str(p), level, lora_rank, error_type)
+        ControlRun(
+            train_records=n,
+            cue=mode == "cue",
+            learning_rate=lr,
+            epochs=e,
+            loss=str(loss),
+            seed=seed,
+            adam_beta2=b2,
+            loss_weighting=str(w),
+            positions=str(p),
+            level=level,
+            lora_rank=lora_rank,
+            error_type=error_type,
+        )
         for n in sizes or [1000]
         for mode in modes
         for lr in learning_rates or [1e-4]

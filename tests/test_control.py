@@ -223,6 +223,7 @@ def test_the_control_command_records_each_run_once_and_refuses_bad_input(tmp_pat
     assert again.exit_code == 0, again.output
     runs = json.loads(results.read_text())["runs"]
     assert len(runs) == 1 and RESULT_KEYS <= runs[0].keys() and runs[0]["cue"] is False
+    assert runs[0]["name"] == "real-n8-lr0.001-e1-stage3-s0" and runs[0]["learning_rate"] == 1e-3  # each option its own
     copied = Path(runs[0]["predictions"])
     assert copied.parent == results.parent / "control" and len(copied.read_text().splitlines()) == 5
     assert isinstance(runs[0]["slices"], list)
