@@ -1,11 +1,14 @@
-"""Two `misstep evaluate` runs on the same items, paired: per task and overall, how many answers
+"""Two runs' location predictions on the same items, paired: per task and overall, how many answers
 parsed and were right in each, McNemar's exact p, and on the items that parsed in both, how many
 answers agree and how many each got right (what the difference is made of).
 
     .venv/bin/python scripts/compare_evaluations.py runs/issue14/evaluate-gsm8k-constrained \
         runs/issue14/evaluate-gsm8k-no-constrained [--json out.json]
 
-Each argument is a run directory (or its predictions.jsonl); items are paired by task and source id.
+Each argument is a `misstep evaluate` run directory (or its predictions.jsonl), or a control run's
+predictions (docs/results/control/<run>.jsonl); items are paired by task and source id (an evaluation's
+`source_id`, a control's `item_id`), and an answer is right where its record says so (`location_ok`,
+or the control's `correct`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from misstep.data.tables import read_jsonl
+from misstep.data.tables import DataFileError, read_jsonl
 from misstep.metrics.stats import mcnemar_p, rate
 
 
@@ -24,10 +27,14 @@ def predictions(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     path = path / "predictions.jsonl" if path.is_dir() else path
     records = {}
     for number, record in read_jsonl(path):
-        key = (record["task"], record["source_id"])
+        try:
+            key = (record["task"], record["source_id"] if "source_id" in record else record["item_id"])
+            right = record["location_ok"] if "location_ok" in record else record["correct"]
+        except KeyError as exc:
+            raise SystemExit(f"{path}:{number}: no {exc} field: not a predictions file") from None
         if key in records:
             raise SystemExit(f"{path}:{number}: {key} is there twice")
-        records[key] = record
+        records[key] = record | {"location_ok": right}
     return records
 
 
@@ -81,7 +88,10 @@ def main() -> None:
     parser.add_argument("second", type=Path)
     parser.add_argument("--json", type=Path, help="also write the comparison here")
     args = parser.parse_args()
-    result = compare(args.first, args.second)
+    try:
+        result = compare(args.first, args.second)
+    except DataFileError as exc:
+        raise SystemExit(str(exc)) from None
     print(line("all", result["all"]))
     for task, row in result.get("by_task", {}).items():
         print(line(task, row))
