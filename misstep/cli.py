@@ -26,7 +26,7 @@ from misstep.optimize.control import control_grid, procedural_training_pool, pub
 from misstep.optimize.demos import questions_of
 from misstep.optimize.jobs import JobSettings, evaluate, generate, labelled_chains
 from misstep.optimize.report import write_report
-from misstep.optimize.run import arm_variants, run_arms, run_rounds
+from misstep.optimize.run import arm_variants, named_arms, run_arms, run_rounds
 from misstep.optimize.sources import InjectedTraces
 from misstep.options import COMMON, DATA, LOOP, SERVING, TRAINING, configured, refusing
 from misstep.shown import console, show_compile, show_control_run, show_evaluation, show_generation, show_splits
@@ -143,13 +143,14 @@ def optimize_command(
     level: opt.LevelSets = None,
     keep: opt.Keep = None,
     seed_mode: opt.SeedModes = None,
+    arm: opt.Arms = None,
     run_dir: opt.RunDir = None,
 ) -> None:
     """The self-improvement loop: each round the model writes scenarios, the frozen judge scores
     them under Optuna-tuned thresholds, the round's arm (--keep) admits some of the student's own
     answers, the student is compiled on everything kept so far, and held-out accuracy decides
-    whether to go on. Several --keep arms run side by side from one round 0 and are compared in
-    RUN_DIR/arms.md. Rerun with the same --run-dir to resume."""
+    whether to go on. Several --keep arms (or --arm, by name) run side by side from one round 0 and
+    are compared in RUN_DIR/arms.md. Rerun with the same --run-dir to resume."""
     inputs.check_serving(config)
     train_chains = inputs.chains_of(data, fields=inputs.user_fields(config, data))
     sets = [("gsm8k", "gsm8k")] + [(f"bbm-{t}", t) for t in bbm or []] + [(f"level-{k}",) * 2 for k in level or []]
@@ -163,15 +164,19 @@ def optimize_command(
         f"{', '.join(f'{k} {len(v)}' for k, v in test.items())}, chosen on (validation) "
         f"{', '.join(f'{k} {len(v)}' for k, v in validation.items())} -> {run}"
     )
-    keeps = list(dict.fromkeys(str(arm) for arm in keep or [config.loop.keep]))  # each once, in the order given
+    if arm and (keep or seed_mode):
+        raise Refused("--arm names each arm whole (<keep>-<seed mode>): give it without --keep and --seed-mode")
+    keeps = list(dict.fromkeys(str(k) for k in keep or [config.loop.keep]))  # each once, in the order given
     modes = list(dict.fromkeys(str(mode) for mode in seed_mode or [])) or None
     try:
-        arms = arm_variants(config.loop, keeps, modes)
+        arms = named_arms(config.loop, list(dict.fromkeys(arm))) if arm else arm_variants(config.loop, keeps, modes)
     except ValueError as exc:
-        raise Refused(str(exc)) from None
+        raise Refused(f"--arm: {exc}" if arm else str(exc)) from None
     at_best = {f"bbm-{t}": inputs.split_chains(splits, t, "test", heldout_size) for t in bbm_at_best or []}
     if at_best and len(arms) < 2:
-        raise Refused("--bbm-at-best measures side-by-side arms' best rounds: give two --keep arms or seed modes")
+        raise Refused(
+            "--bbm-at-best measures side-by-side arms' best rounds: give two --keep arms, seed modes or --arm"
+        )
     if len(arms) > 1:
         histories, report = run_arms(
             config,
@@ -187,7 +192,7 @@ def optimize_command(
             console.print(f"{name}: {history[-1]['verdict']['reason']}: {history[-1]['verdict']['detail']}")
         return console.print(f"arms compared: {report}")
     (only,) = arms.values()
-    if keep or seed_mode:  # as given; otherwise the configuration's own (active selection included)
+    if keep or seed_mode or arm:  # as given; otherwise the configuration's own (active selection included)
         config = replace(config, loop=replace(only, active_selection=config.loop.active_selection))
     history, report = run_rounds(
         config, inputs.model_dir(config.model), train_chains, test, run_dir=run, validation=validation

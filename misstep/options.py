@@ -422,6 +422,11 @@ SeedModes = _option(
     "level the curriculum chooses, or at levels drawn uniformly); several (repeat) run side by side from one "
     "round 0, under RUN_DIR/arm-<mode>/",
 )
+Arms = _option(
+    list[str] | None,
+    "an arm by name, <keep> or <keep>-<seed mode> (judge, oracle-uniform, ...): repeat to run exactly these side "
+    "by side from one round 0 (where --keep and --seed-mode run every combination); not with either",
+)
 BbmTasks = _option(
     list[str] | None,
     "BIG-Bench Mistake task measured each round (repeat): word_sorting, multistep_arithmetic, logical_deduction",

@@ -18,6 +18,7 @@ from misstep.data.records import Chain
 from misstep.data.runfiles import holds_run_dir
 from misstep.lm.client import release
 from misstep.lm.provider import LocalProvider
+from misstep.optimize.arms import KEEP_ARMS
 from misstep.optimize.arms_report import AT_BEST, arm_dir, round_folder, write_arms_report
 from misstep.optimize.compile import load_compiled
 from misstep.optimize.config import RunConfig, write_config
@@ -89,8 +90,31 @@ def arm_variants(loop: LoopSettings, keeps: list[str], seed_modes: list[str] | N
                 name = keep
             else:
                 name = mode if len(keeps) == 1 else f"{keep}-{mode}"
-            variants[name] = replace(loop, keep=keep, active_selection=False, **SEED_MODES.get(mode, {}))
+            variants[name] = _arm(loop, keep, mode)
     return variants
+
+
+def named_arms(loop: LoopSettings, names: list[str]) -> dict[str, LoopSettings]:
+    """The loops `run_arms` runs side by side, each named `<keep>` (seeds as `loop` draws them) or
+    `<keep>-<seed mode>` ("judge-curriculum"): any set of arms, where `arm_variants` makes every
+    combination. So one run can hold the judge, oracle and random arms on GSM8K seeds beside the judge
+    arm on procedural seeds, all from one round 0 and one judge."""
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"arms must be distinct, and at least one: {names}")
+    variants = {}
+    for name in names:
+        keep, dash, mode = name.partition("-")
+        if keep not in KEEP_ARMS or (dash and mode not in SEED_MODES):
+            raise ValueError(
+                f"an arm is <keep> or <keep>-<seed mode> (keep: {', '.join(KEEP_ARMS)}; seed mode: "
+                f"{', '.join(SEED_MODES)}), not {name!r}"
+            )
+        variants[name] = _arm(loop, keep, mode or None)
+    return variants
+
+
+def _arm(loop: LoopSettings, keep: str, mode: str | None) -> LoopSettings:
+    return replace(loop, keep=keep, active_selection=False, **SEED_MODES.get(mode, {}))
 
 
 @holds_run_dir(lambda args: args["run_dir"])
@@ -106,7 +130,7 @@ def run_arms(
     demo_chains: list[Chain] | None = None,
     at_best: dict[str, list[Chain]] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], Path]:
-    """Run (or resume) the loops `arms` (by name, from `arm_variants`) side by side, all from one start:
+    """Run (or resume) the loops `arms` (by name, from `arm_variants` or `named_arms`) side by side, all from one start:
     the judge and round 0 are made once in RUN_DIR (from `config.loop`; what the arms vary, the arm and
     how seeds are drawn, does not touch round 0), each arm's rounds go under RUN_DIR/arm-<name>/. Round
     r of every arm runs before round r + 1 of any, so an interrupted run leaves the arms on paired

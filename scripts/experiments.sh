@@ -51,9 +51,10 @@ step "issues 15, 18: is one real error type learnable alone, where the mix of fi
 recorded "real-n1000-lr0.0001-e1-stage3-misread_quantity-s0" || $M control --size 1000 --cue real \
   --learning-rate 1e-4 --epochs 1 --error-type misread_quantity --run-dir runs/control --results docs/results/control.json
 
-step "issue 15: the arms side by side (configs/arms.toml, LoRA adapters); its files travel between sessions in carried/arms (the first run, full fine-tunes: carried/arms-full-ft)"
+step "issues 15, 18: the arms side by side (configs/arms.toml, LoRA adapters), the judge arm also on procedural seeds (the curriculum and uniform levels); its files travel between sessions in carried/arms (the first run, full fine-tunes: carried/arms-full-ft)"
 [ -d runs/arms ] || [ ! -d carried/arms ] || .venv/bin/python scripts/carry_run.py restore carried/arms runs/arms
-$M optimize --config configs/arms.toml --data ../shared/data/gsm8k/train.jsonl --keep judge --keep oracle --keep random \
+$M optimize --config configs/arms.toml --data ../shared/data/gsm8k/train.jsonl \
+  --arm judge --arm oracle --arm random --arm judge-curriculum --arm judge-uniform --level 1 --level 3 --level 5 \
   --bbm-at-best logical_deduction --bbm-at-best multistep_arithmetic --bbm-at-best word_sorting \
   --run-dir runs/arms
 step "done"

@@ -299,6 +299,15 @@ def test_optimize_refuses_bad_arguments_before_any_work(tmp_path, tiny_model_dir
     assert result.exit_code == 2 and "keep must be one of 'judge', 'oracle', 'all', 'random'" in " ".join(
         result.output.split()
     )
+    result = _invoke("optimize", "--arm", "judge-sideways", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
+    said = " ".join(result.output.split())
+    assert (
+        result.exit_code == 2 and "--arm: an arm is <keep> or <keep>-<seed mode>" in said and "'judge-sideways'" in said
+    )
+    result = _invoke(
+        "optimize", "--arm", "judge", "--keep", "oracle", "--model", tiny_model_dir, "--run-dir", tmp_path / "r"
+    )
+    assert result.exit_code == 2 and "without --keep and --seed-mode" in " ".join(result.output.split())
     result = _invoke("optimize", "--judge-epochs", "0", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")
     assert result.exit_code == 2 and "judge_epochs must be above 0" in " ".join(result.output.split())
     result = _invoke("optimize", "--judge-max-length", "8", "--model", tiny_model_dir, "--run-dir", tmp_path / "r")

@@ -577,6 +577,22 @@ def test_arm_variants_are_named_by_what_varies_and_differ_only_there():
         arm_variants(loop, ["judge", "judge"])
 
 
+def test_named_arms_run_exactly_the_arms_named_each_as_arm_variants_makes_it():
+    from misstep.optimize.run import arm_variants, named_arms
+
+    loop = _settings(active_selection=True)
+    names = ["judge", "oracle", "random", "judge-curriculum", "oracle-uniform"]
+    arms = named_arms(loop, names)
+    assert list(arms) == names  # these five, not the fifteen --keep and --seed-mode would combine
+    assert arms["judge"] == arm_variants(loop, ["judge"])["judge"]  # seeds as the configuration draws them
+    assert arms["judge-curriculum"] == arm_variants(loop, ["judge"], ["gsm8k", "curriculum"])["curriculum"]
+    assert arms["oracle-uniform"] == arm_variants(loop, ["oracle"], ["uniform"])["oracle"]
+    assert arms["oracle-uniform"].keep == "oracle" and arms["oracle-uniform"].level_selection == "uniform"
+    for bad in (["judge-sideways"], ["best"], ["judge-"], ["judge", "judge"], []):
+        with pytest.raises(ValueError, match="an arm is|distinct"):
+            named_arms(loop, bad)
+
+
 def test_a_training_file_that_leaves_no_seed_chain_is_refused_before_anything_runs(
     tmp_path, tiny_model_dir, loop_parts
 ):
