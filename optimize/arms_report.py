@@ -16,6 +16,7 @@ test: against round 0 every round, and between arms at each one's best round (ch
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from misstep.data.runfiles import read_records, write_json_atomic  # noqa: E402
 from misstep.metrics.stats import balanced_accuracy, mcnemar_p, rate_text  # noqa: E402
-from misstep.optimize.report import load_history  # noqa: E402
+from misstep.optimize.report import load_history, seed_selection  # noqa: E402
 
 HELDOUT = Path("heldout") / "gsm8k"  # the reported GSM8K set's files, inside a round's folder
 AT_BEST = "at-best"  # sets measured on round 0 and each arm's best round only: <round folder>/at-best/<set>/
@@ -146,6 +147,49 @@ def at_best_rows(run_dir: Path, table: dict[str, list[dict[str, Any]]]) -> dict[
             }
         out[set_folder.name] = row
     return out
+
+
+def seed_mode_rows(loop_dir: Path) -> list[dict[str, Any]]:
+    """One entry per finished round of the loop in `loop_dir` (an arm's folder, or a run of its own),
+    round 0 first: what its seed chains were (`difficulty`: the curriculum's rung; `levels_drawn`: how
+    many chains each level gave where levels were drawn uniformly; both None for seeds from a file) and
+    location on every held-out set (`heldout`: per set n, correct and McNemar's p against round 0 on
+    the same items). Issue 18's comparison of seed modes is these rows, one list per mode."""
+    history = load_history(loop_dir)
+    base_folder = _round_folder_of(loop_dir, 0)
+    entries = []
+    for row in history:
+        r = row["round"]
+        how = seed_selection(loop_dir, r) or {}
+        heldout = {}
+        for name in row["heldout"]:
+            located = _located(_round_folder_of(loop_dir, r) / "heldout" / name / "predictions.jsonl")
+            base = _located(base_folder / "heldout" / name / "predictions.jsonl")
+            items = sorted(set(base) & set(located))
+            heldout[name] = {
+                "n": len(located),
+                "correct": sum(located.values()),
+                "mcnemar_p_vs_round0": None
+                if r == 0 or not items
+                else mcnemar_p([base[i] for i in items], [located[i] for i in items]),
+            }
+        entries.append(
+            {
+                "round": r,
+                "difficulty": how.get("difficulty"),
+                "levels_drawn": how.get("levels"),
+                "heldout": heldout,
+            }
+        )
+    return entries
+
+
+def _round_folder_of(loop_dir: Path, r: int) -> Path:
+    """Round `r`'s folder of the loop in `loop_dir`: round 0 may lie in the shared start (loop.json)."""
+    if r == 0 and not (loop_dir / "round-0").exists():
+        start_dir = json.loads((loop_dir / "loop.json").read_text())["start_dir"]
+        return loop_dir / start_dir / "round-0"
+    return loop_dir / f"round-{r}"
 
 
 def _located(path: Path) -> dict[str, bool]:

@@ -317,14 +317,14 @@ def _written_section(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
     return lines
 
 
-def _procedural(run_dir: Path, r: int) -> dict[str, Any] | None:
+def seed_selection(run_dir: Path, r: int) -> dict[str, Any] | None:
     """How round `r`'s procedural seed chains were chosen (None where they came from a file)."""
     path = run_dir / f"round-{r}" / "selection.json"
     return json.loads(path.read_text()).get("procedural") if path.exists() else None
 
 
 def _curriculum_section(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
-    chosen = [(row["round"], _procedural(run_dir, row["round"])) for row in rows[1:]]
+    chosen = [(row["round"], seed_selection(run_dir, row["round"])) for row in rows[1:]]
     chosen = [(r, how) for r, how in chosen if how]
     if not chosen:
         return []
@@ -359,7 +359,7 @@ def _seed_level(how: dict[str, Any] | None) -> float | None:
 
 def _plot_levels(rows: list[dict[str, Any]], run_dir: Path, path: Path) -> None:
     """The chosen level per round beside held-out location accuracy per level (where measured)."""
-    chosen = [(row["round"], _seed_level(_procedural(run_dir, row["round"]))) for row in rows[1:]]
+    chosen = [(row["round"], _seed_level(seed_selection(run_dir, row["round"]))) for row in rows[1:]]
     chosen = [(r, level) for r, level in chosen if level is not None]
     measured = sorted({name for row in rows for name in row["heldout"] if name.startswith("level-")})
     if not chosen and not measured:

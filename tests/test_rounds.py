@@ -480,7 +480,9 @@ def test_procedural_seeds_at_the_chosen_level_never_a_held_out_one_and_resumed_t
     """Two rounds whose seeds are procedural problems: the curriculum probes every level each round
     and moves at most one level; uniform draws levels; selection.json keeps the chains and why; a
     rerun reads the same choice back."""
-    from misstep.data.procedural import LADDER
+    from dataclasses import asdict
+
+    from misstep.data.procedural import LADDER, difficulty_of
     from misstep.data.splits import load_split, split_path
     from misstep.optimize.frontier import heldout_questions
 
@@ -520,8 +522,22 @@ def test_procedural_seeds_at_the_chosen_level_never_a_held_out_one_and_resumed_t
         level = row["heldout"]["level-1"]["gsm8k"]
         assert level["location_accuracy"]["n"] == 3 and not level.get("recovery_success", {}).get("n")
         assert row["heldout"]["gsm8k"]["gsm8k"]["recovery_success"]["n"]
+    from misstep.optimize.arms_report import seed_mode_rows
     from misstep.optimize.report import write_report
 
+    rows = seed_mode_rows(run_dir)  # issue 18's record of the mode: its seeds' difficulty, every set
+    assert [row["round"] for row in rows] == [0, 1, 2] and rows[0]["difficulty"] is None
+    assert all(set(row["heldout"]) == {"gsm8k", "level-1"} and row["heldout"]["level-1"]["n"] == 3 for row in rows)
+    assert rows[0]["heldout"]["gsm8k"]["mcnemar_p_vs_round0"] is None
+    for r in (1, 2):
+        located = history[r]["heldout"]["level-1"]["gsm8k"]["location_accuracy"]["k"]
+        assert rows[r]["heldout"]["level-1"]["correct"] == located
+        assert 0 <= rows[r]["heldout"]["level-1"]["mcnemar_p_vs_round0"] <= 1
+        if selection == "curriculum":
+            chosen = difficulty_of(levels[r - 1])
+            assert rows[r]["difficulty"] == {**asdict(chosen), "ops": list(chosen.ops)}
+        else:
+            assert rows[r]["difficulty"] is None and sum(rows[r]["levels_drawn"].values()) == settings.seed_chains
     report = write_report(run_dir).read_text()  # the chosen level per round, beside the probe's figures
     assert "### Seed chains' difficulty" in report and f"| 2 | {selection} |" in report
     assert (run_dir / "levels.png").stat().st_size > 1000
