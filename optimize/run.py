@@ -134,10 +134,10 @@ def run_arms(
     all from one start: the judge and round 0 are made once in RUN_DIR (from `config.loop`; what the
     arms vary, the arm and how seeds are drawn, does not touch round 0), each arm's rounds go under
     RUN_DIR/arm-<name>/. Round r of every arm runs before round r + 1 of any, so an interrupted run
-    leaves the arms on paired rounds; an arm whose stop rule stops it runs no further. `at_best` (BIG-Bench Mistake, say) is
-    measured once the arms are done, on round 0 and on each arm's best round only (under
-    <round>/at-best/<set>/). Writes each arm's report.md and RUN_DIR/arms.md. Return each arm's
-    history and the comparison's path."""
+    leaves the arms on paired rounds; an arm whose stop rule stops it runs no further. `at_best`
+    (BIG-Bench Mistake, say) is measured once the arms are done, on round 0 and on each arm's best
+    round only (under <round>/at-best/<set>/). Writes each arm's report.md and RUN_DIR/arms.md.
+    Return each arm's history and the comparison's path."""
     if not arms:
         raise ValueError("no arm to run")
     refuse_another_judge(run_dir, config.loop, config.train)
