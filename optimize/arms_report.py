@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from misstep.data.runfiles import read_records, write_json_atomic  # noqa: E402
 from misstep.metrics.stats import balanced_accuracy, mcnemar_p, rate_text  # noqa: E402
-from misstep.optimize.report import load_history, seed_selection  # noqa: E402
+from misstep.optimize.report import finished_rounds, load_history, seed_selection  # noqa: E402
 
 HELDOUT = Path("heldout") / "gsm8k"  # the reported GSM8K set's files, inside a round's folder
 AT_BEST = "at-best"  # sets measured on round 0 and each arm's best round only: <round folder>/at-best/<set>/
@@ -155,23 +155,25 @@ def seed_mode_rows(loop_dir: Path) -> list[dict[str, Any]]:
     many chains each level gave where levels were drawn uniformly; both None for seeds from a file) and
     location on every held-out set (`heldout`: per set n, correct and McNemar's p against round 0 on
     the same items). Issue 18's comparison of seed modes is these rows, one list per mode."""
-    history = load_history(loop_dir)
-    base_folder = _round_folder_of(loop_dir, 0)
+    folders = finished_rounds(loop_dir)
+    base: dict[str, dict[str, bool]] = {}  # round 0's answers, per set
     entries = []
-    for row in history:
+    for folder in folders:
+        row = json.loads((folder / "round.json").read_text())
         r = row["round"]
         how = seed_selection(loop_dir, r) or {}
         heldout = {}
         for name in row["heldout"]:
-            located = _located(_round_folder_of(loop_dir, r) / "heldout" / name / "predictions.jsonl")
-            base = _located(base_folder / "heldout" / name / "predictions.jsonl")
-            items = sorted(set(base) & set(located))
+            located = _located(folder / "heldout" / name / "predictions.jsonl")
+            if r == 0:
+                base[name] = located
+            items = sorted(set(base.get(name, {})) & set(located))
             heldout[name] = {
                 "n": len(located),
                 "correct": sum(located.values()),
                 "mcnemar_p_vs_round0": None
                 if r == 0 or not items
-                else mcnemar_p([base[i] for i in items], [located[i] for i in items]),
+                else mcnemar_p([base[name][i] for i in items], [located[i] for i in items]),
             }
         entries.append(
             {
@@ -182,14 +184,6 @@ def seed_mode_rows(loop_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return entries
-
-
-def _round_folder_of(loop_dir: Path, r: int) -> Path:
-    """Round `r`'s folder of the loop in `loop_dir`: round 0 may lie in the shared start (loop.json)."""
-    if r == 0 and not (loop_dir / "round-0").exists():
-        start_dir = json.loads((loop_dir / "loop.json").read_text())["start_dir"]
-        return loop_dir / start_dir / "round-0"
-    return loop_dir / f"round-{r}"
 
 
 def _located(path: Path) -> dict[str, bool]:

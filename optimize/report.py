@@ -16,21 +16,24 @@ from misstep.metrics.health import StopRule  # noqa: E402
 from misstep.metrics.stats import rate, rate_text  # noqa: E402
 
 
-def load_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The rounds' rows in order; round 0 from the folder the loop started from (loop.json's
-    `start_dir`, for an arm of a shared start) when it is not in `run_dir`."""
-    rows = []
+def finished_rounds(run_dir: Path) -> list[Path]:
+    """The folders of the finished rounds (those with a round.json) in order; round 0 from the folder
+    the loop started from (loop.json's `start_dir`, for an arm of a shared start) when it is not in
+    `run_dir`."""
     folders = sorted(run_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
     loop_file = run_dir / "loop.json"
     start_dir = json.loads(loop_file.read_text()).get("start_dir") if loop_file.exists() else None
     if start_dir and not (run_dir / "round-0").exists():
         folders.insert(0, run_dir / start_dir / "round-0")
-    for folder in folders:
-        if (folder / "round.json").exists():
-            rows.append(json.loads((folder / "round.json").read_text()))
-    if not rows:
+    finished = [folder for folder in folders if (folder / "round.json").exists()]
+    if not finished:
         raise FileNotFoundError(f"{run_dir}: no finished round (round-*/round.json) to report on")
-    return rows
+    return finished
+
+
+def load_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The finished rounds' rows in order (`finished_rounds`)."""
+    return [json.loads((folder / "round.json").read_text()) for folder in finished_rounds(run_dir)]
 
 
 def _number(value: float | None, digits: int = 3) -> str:
