@@ -169,7 +169,7 @@ def optimize_command(
     keeps = list(dict.fromkeys(str(k) for k in keep or [config.loop.keep]))  # each once, in the order given
     modes = list(dict.fromkeys(str(mode) for mode in seed_mode or [])) or None
     try:
-        arms = named_arms(config.loop, list(dict.fromkeys(arm))) if arm else arm_variants(config.loop, keeps, modes)
+        arms = named_arms(config.loop, list(arm)) if arm else arm_variants(config.loop, keeps, modes)
     except ValueError as exc:
         raise Refused(f"--arm: {exc}" if arm else str(exc)) from None
     at_best = {f"bbm-{t}": inputs.split_chains(splits, t, "test", heldout_size) for t in bbm_at_best or []}

@@ -99,8 +99,11 @@ def named_arms(loop: LoopSettings, names: list[str]) -> dict[str, LoopSettings]:
     `<keep>-<seed mode>` ("judge-curriculum"): any set of arms, where `arm_variants` makes every
     combination. So one run can hold the judge, oracle and random arms on GSM8K seeds beside the judge
     arm on procedural seeds, all from one round 0 and one judge."""
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"arms must be distinct, and at least one: {names}")
+    if not names:
+        raise ValueError("name at least one arm")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # a repeated name is a slip (another arm meant); running it once would hide that
+        raise ValueError(f"each arm once: {', '.join(map(repr, repeated))} given more than once")
     variants = {}
     for name in names:
         keep, dash, mode = name.partition("-")

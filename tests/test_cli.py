@@ -305,6 +305,12 @@ def test_optimize_refuses_bad_arguments_before_any_work(tmp_path, tiny_model_dir
         result.exit_code == 2 and "--arm: an arm is <keep> or <keep>-<seed mode>" in said and "'judge-sideways'" in said
     )
     result = _invoke(
+        "optimize", "--arm", "judge", "--arm", "judge", "--model", tiny_model_dir, "--run-dir", tmp_path / "r"
+    )
+    assert result.exit_code == 2 and "--arm: each arm once: 'judge' given more than once" in " ".join(
+        result.output.split()
+    )
+    result = _invoke(
         "optimize", "--arm", "judge", "--keep", "oracle", "--model", tiny_model_dir, "--run-dir", tmp_path / "r"
     )
     assert result.exit_code == 2 and "without --keep and --seed-mode" in " ".join(result.output.split())
