@@ -83,9 +83,22 @@ def arm_rows(run_dir: Path, arm: str) -> list[dict[str, Any]]:
                     [bool(predictions[i]["location_ok"]) for i in paired],
                 ),
                 "predictions": str(folder / HELDOUT / "predictions.jsonl"),
+                "floors": _floors(row),
+                # each step's wall time, in the process that ran it (a resumed step counts its last run)
+                "seconds": row.get("seconds"),
             }
         )
     return entries
+
+
+def _floors(row: dict[str, Any]) -> dict[str, int | None]:
+    """The reported set's baselines, correct answers out of the same n: always the majority label, and
+    always the last step."""
+    measured = next(iter((row.get("heldout") or {}).get(HELDOUT.name, {}).values()), {})
+    return {
+        "majority": (measured.get("majority_baseline") or {}).get("k"),
+        "last_step": (measured.get("last_step_baseline") or {}).get("k"),
+    }
 
 
 def _predictions(folder: Path) -> dict[str, dict[str, Any]]:
@@ -201,10 +214,11 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
         "",
         "Location on the reported GSM8K set (the same items for every arm and round), each round against",
         "the shared round 0 with McNemar's exact test; the best round is chosen on the validation split.",
+        *_floors_line(comparison["arms"]),
         "",
         "| arm | round | location | p vs round 0 | recovery | judge / self-judge bal. acc. (verification set) "
-        "| kept | labels taught (oracle-true) | top answer share |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kept | labels taught (oracle-true) | top answer share | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, rows in comparison["arms"].items():
         for row in rows:
@@ -216,7 +230,8 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
                 f"| {rate_text({'k': row['recovery_correct'], 'n': row['recovery_n']})} "
                 f"| {_number(row['judge_balanced_accuracy'])} / {_number(row['self_judge_balanced_accuracy'])} "
                 f"| {row['kept'] if row['kept'] is not None else '-'} "
-                f"| {located} ({taught.get('locations_true', '-')}) | {_number(row['top_answer_share'])} |"
+                f"| {located} ({taught.get('locations_true', '-')}) | {_number(row['top_answer_share'])} "
+                f"| {_number(sum(row['seconds'].values()) if row['seconds'] else None, '.0f')} |"
             )
     lines += ["", "## Arms against each other, at their best rounds", ""]
     lines += ["| arms | rounds | correct | n | McNemar p |", "|---|---|---|---|---|"]
@@ -244,6 +259,18 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
     return path
 
 
+def _floors_line(table: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One sentence of round 0's floors (every round is measured on the same items)."""
+    rows = next(iter(table.values()), [])
+    floors = rows[0]["floors"] if rows else {}
+    if floors.get("majority") is None:
+        return []
+    return [
+        f"Floors on the same {rows[0]['n']} items: the majority label {floors['majority']}, "
+        f"always the last step {floors['last_step']}."
+    ]
+
+
 def _plot(table: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, rows in table.items():
@@ -262,5 +289,5 @@ def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _number(value: float | None, form: str = ".3f") -> str:
+    return "-" if value is None else format(value, form)

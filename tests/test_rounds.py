@@ -309,6 +309,10 @@ def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item
         assert [row["round"] for row in rows] == [0, 1] and rows[0]["mcnemar_p_vs_round0"] is None
         assert rows[1]["n"] == 3 and 0 <= rows[1]["mcnemar_p_vs_round0"] <= 1
         assert Path(rows[1]["predictions"]).exists()
+        assert rows[1]["floors"] == rows[0]["floors"] and 0 <= rows[1]["floors"]["majority"] <= 3
+        assert {"compile", "heldout"} <= set(rows[1]["seconds"]) and "warm_up" in rows[0]["seconds"]
+    floors = comparison["arms"]["judge"][0]["floors"]
+    assert f"majority label {floors['majority']}, always the last step {floors['last_step']}" in report.read_text()
     assert comparison["pairs"]["judge vs all"]["n"] == 3
     # BIG-Bench Mistake at round 0 and at each arm's best round only, paired against round 0.
     at_best = comparison["at_best"]["bbm-word_sorting"]
@@ -591,6 +595,14 @@ def test_arm_variants_are_named_by_what_varies_and_differ_only_there():
         arm_variants(loop, ["judge"], ["gsm8k", "sideways"])
     with pytest.raises(ValueError, match="distinct"):
         arm_variants(loop, ["judge", "judge"])
+
+
+def test_the_arms_table_reads_each_floor_from_its_own_baseline():
+    from misstep.optimize.arms_report import _floors
+
+    measured = {"majority_baseline": {"k": 102, "n": 360}, "last_step_baseline": {"k": 113, "n": 360}}
+    assert _floors({"heldout": {"gsm8k": {"gsm8k": measured}}}) == {"majority": 102, "last_step": 113}
+    assert _floors({"heldout": {}}) == {"majority": None, "last_step": None}  # a round measured elsewhere
 
 
 def test_named_arms_run_exactly_the_arms_named_each_as_arm_variants_makes_it():
