@@ -30,7 +30,9 @@ if [ -n "$log" ]; then
 fi
 pkill -f scripts/experiments.sh || true
 pkill -f "bin/misstep optimize --config" || true
-while pgrep -f "bin/misstep optimize --config" > /dev/null; do sleep 1; done
+# The run's lock (an flock, data/runfiles.py: RunLock) is free once the last process holding it is
+# gone, forked workers included, which can outlive the loop by seconds.
+flock -w 120 "$run_dir/.lock" true
 echo "== $(date -u +%FT%TZ) $why" >> "$run_dir/pauses.txt"
 .venv/bin/python scripts/carry_run.py save "$run_dir" "$carried"
 du -sh "$carried"
