@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from misstep.data.runfiles import read_records, write_json_atomic  # noqa: E402
-from misstep.metrics.stats import balanced_accuracy, mcnemar_p, rate_text  # noqa: E402
+from misstep.metrics.stats import Rate, balanced_accuracy, mcnemar_p  # noqa: E402
 from misstep.optimize.report import finished_rounds, load_history, seed_selection  # noqa: E402
 
 HELDOUT = Path("heldout") / "gsm8k"  # the reported GSM8K set's files, inside a round's folder
@@ -226,8 +226,8 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
             located = sum((taught.get("locations") or {}).values())
             lines.append(
                 f"| {arm} | {row['round']}{' (best)' if row['round'] == rows[-1]['best_round'] else ''} "
-                f"| {rate_text({'k': row['location_correct'], 'n': row['n']})} | {_p(row['mcnemar_p_vs_round0'])} "
-                f"| {rate_text({'k': row['recovery_correct'], 'n': row['recovery_n']})} "
+                f"| {Rate(row['location_correct'], row['n'])} | {_p(row['mcnemar_p_vs_round0'])} "
+                f"| {Rate(row['recovery_correct'], row['recovery_n'])} "
                 f"| {_number(row['judge_balanced_accuracy'])} / {_number(row['self_judge_balanced_accuracy'])} "
                 f"| {row['kept'] if row['kept'] is not None else '-'} "
                 f"| {located} ({taught.get('locations_true', '-')}) | {_number(row['top_answer_share'])} "
@@ -247,11 +247,11 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
         ]
         for name, row in comparison["at_best"].items():
             cells = [
-                f"round {row[arm]['round']}: {rate_text({'k': row[arm]['location_correct'], 'n': row[arm]['n']})}"
+                f"round {row[arm]['round']}: {Rate(row[arm]['location_correct'], row[arm]['n'])}"
                 f" (p {_p(row[arm]['mcnemar_p_vs_round0'])})"
                 for arm in comparison["arms"]
             ]
-            base = rate_text({"k": row["round 0"]["location_correct"], "n": row["round 0"]["n"]})
+            base = str(Rate(row["round 0"]["location_correct"], row["round 0"]["n"]))
             lines.append(f"| {name} | {base} | " + " | ".join(cells) + " |")
     lines += ["", "![location by round](arms.png)", ""]
     path = run_dir / "arms.md"

@@ -17,6 +17,7 @@ from misstep.lm.provider import LocalProvider
 from misstep.lm.training import TrainSettings
 from misstep.metrics.evaluation import injected_gsm8k
 from misstep.metrics.health import StopRule
+from misstep.metrics.stats import Rate
 from misstep.optimize.rounds import LoopSettings, run_loop
 from misstep.optimize.sources import select_seeds
 
@@ -312,7 +313,11 @@ def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item
         assert rows[1]["floors"] == rows[0]["floors"] and 0 <= rows[1]["floors"]["majority"] <= 3
         assert {"compile", "heldout"} <= set(rows[1]["seconds"]) and "warm_up" in rows[0]["seconds"]
     floors = comparison["arms"]["judge"][0]["floors"]
-    assert f"majority label {floors['majority']}, always the last step {floors['last_step']}" in report.read_text()
+    written = report.read_text()
+    assert f"majority label {floors['majority']}, always the last step {floors['last_step']}" in written
+    for rows in comparison["arms"].values():  # each rate with its interval and n
+        assert str(Rate(rows[1]["location_correct"], rows[1]["n"])) in written
+        assert f"({rows[1]['recovery_correct']}/{rows[1]['recovery_n']})" in written
     assert comparison["pairs"]["judge vs all"]["n"] == 3
     # BIG-Bench Mistake at round 0 and at each arm's best round only, paired against round 0.
     at_best = comparison["at_best"]["bbm-word_sorting"]
