@@ -160,6 +160,11 @@ def run_loop(
         run_dir / "best.json",
         {"round": best, "program": str(best_dir / "program.json"), "verdict": history[-1]["verdict"]},
     )
+    # The models this call loaded go with it: an engine holds its weights until it is closed, and
+    # run_arms calls run_loop once an arm and a round, each call loading its judge and students again.
+    for lm in (student.predictors()[0].lm, judge.predictors()[0].lm, round_0_lm):
+        if lm is not None and lm is not judge_lm:  # the caller's
+            release(lm)
     return history
 
 

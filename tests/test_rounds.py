@@ -109,8 +109,9 @@ def test_two_rounds_end_to_end_resume_after_a_failure_and_no_leak(tmp_path, tiny
     provider = LocalProvider(tiny_model_dir, run_dir / "checkpoints", train, show_progress=False)
     open_before = _open_engines(run_dir)
     history = run(provider)
-    # Each round's model is let go once the next is compiled: the judge and the last student stay.
-    assert len(_open_engines(run_dir) - open_before) == 2
+    # Each round's model is let go once the next is compiled, the judge and the last student when
+    # the loop returns: nothing it loaded stays in memory.
+    assert not _open_engines(run_dir) - open_before
 
     # Resumed: round 0 was not trained again and round 1's finished steps were not redone.
     assert (run_dir / "round-1" / "scenarios.jsonl").read_text() == scenarios_before
@@ -333,6 +334,7 @@ def test_arms_start_from_one_round_0_write_from_the_same_chains_and_compare_item
 
     run()  # resumed: nothing is trained again
     assert sorted((run_dir / "checkpoints").glob("compile-*")) == checkpoints
+    assert not _open_engines(run_dir)  # no arm's judge or students left loaded (one each per arm and round)
 
 
 def test_a_self_judging_student_learns_to_judge_and_judges_its_own_scenarios(tmp_path, tiny_model_dir, loop_parts):
