@@ -92,8 +92,8 @@ def arm_rows(run_dir: Path, arm: str) -> list[dict[str, Any]]:
 
 
 def _floors(row: dict[str, Any]) -> dict[str, int | None]:
-    """The reported set's baselines, correct answers out of the same n: always the majority label, and
-    always the last step."""
+    """The reported set's two baselines, as correct answers out of its n: answering every chain with
+    the majority label, and with its last step."""
     measured = next(iter((row.get("heldout") or {}).get(HELDOUT.name, {}).values()), {})
     return {
         "majority": (measured.get("majority_baseline") or {}).get("k"),

@@ -29,7 +29,7 @@ if [ -n "$log" ]; then
   done
 fi
 pkill -f scripts/experiments.sh || true
-pkill -f "bin/misstep optimize --config" || true
+pkill -f "bin/misstep optimize .*--run-dir $run_dir" || true  # this run's loop, no other
 # The run's lock (an flock, data/runfiles.py: RunLock) is free once the last process holding it is
 # gone, forked workers included, which can outlive the loop by seconds.
 flock -w 120 "$run_dir/.lock" true
