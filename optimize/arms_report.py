@@ -94,7 +94,7 @@ def arm_rows(run_dir: Path, arm: str) -> list[dict[str, Any]]:
 def _floors(row: dict[str, Any]) -> dict[str, int | None]:
     """The reported set's two baselines, as correct answers out of its n: answering every chain with
     the majority label, and with its last step."""
-    measured = next(iter((row.get("heldout") or {}).get(HELDOUT.name, {}).values()), {})
+    measured = row.get("heldout", {}).get("gsm8k", {}).get("gsm8k", {})  # set, then task: as report.py reads it
     return {
         "majority": (measured.get("majority_baseline") or {}).get("k"),
         "last_step": (measured.get("last_step_baseline") or {}).get("k"),
