@@ -11,7 +11,7 @@ Two kinds of evidence, both on what the loop never trains on or cannot fake:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 
 from misstep.metrics.stats import Rate, two_proportion_p
@@ -65,6 +65,9 @@ class StopRule:
       held-out items and more than in the round before;
     - plateau: no round in the last `patience` rounds was significantly better than the
       best before it.
+
+    With `fixed_budget` the verdict is still given every round but stops nothing: the run goes on to
+    its last round, as a comparison of arms at the same budget needs.
     """
 
     patience: int = 2
@@ -74,6 +77,7 @@ class StopRule:
     # collapse when it is also more than the round before gave (so a degenerate round 0 is flagged
     # in the report, not a reason to stop after round 1).
     max_top_share: float = 0.6
+    fixed_budget: bool = False
 
     def __post_init__(self) -> None:
         if self.patience < 1:
@@ -83,7 +87,7 @@ class StopRule:
 @dataclass(frozen=True)
 class Verdict:
     stop: bool
-    reason: str  # "continue", "plateau" or "collapse"
+    reason: str  # "continue", "plateau" or "collapse" (which stops nothing under a fixed budget)
     best_round: int
     detail: str
 
@@ -99,6 +103,15 @@ def judge_health(
     `accuracy` is the primary held-out metric per round; `distinct_2` the kept set's
     distinct-2 per round (None where nothing was kept); `top_share` the share of held-out items
     given the round's most common stage-3 answer (None where unknown)."""
+    verdict = _verdict(accuracy, distinct_2, rule, top_share)
+    if verdict.stop and rule.fixed_budget:
+        return replace(verdict, stop=False, detail=f"{verdict.detail}; a fixed budget: the run goes on")
+    return verdict
+
+
+def _verdict(
+    accuracy: list[Rate], distinct_2: list[float | None], rule: StopRule, top_share: list[float | None] | None
+) -> Verdict:
     if not accuracy:
         raise ValueError("no rounds to judge")
     best = max(range(len(accuracy)), key=lambda r: (accuracy[r].value if accuracy[r].n else -1.0, -r))

@@ -166,12 +166,15 @@ def optimize_command(
     )
     if arm and (keep or seed_mode):
         raise Refused("--arm names each arm whole (<keep>-<seed mode>): give it without --keep and --seed-mode")
-    keeps = list(dict.fromkeys(str(k) for k in keep or [config.loop.keep]))  # each once, in the order given
-    modes = list(dict.fromkeys(str(mode) for mode in seed_mode or [])) or None
+    keeps = [str(k) for k in keep or [config.loop.keep]]
+    modes = [str(mode) for mode in seed_mode or []] or None
     try:
-        arms = named_arms(config.loop, list(arm)) if arm else arm_variants(config.loop, keeps, modes)
+        if arm:
+            arms = named_arms(config.loop, list(arm), config.arms)
+        else:
+            arms = arm_variants(config.loop, keeps, modes, config.arms)
     except ValueError as exc:
-        raise Refused(f"--arm: {exc}" if arm else str(exc)) from None
+        raise Refused(f"--arm: {exc}" if arm else f"--keep, --seed-mode: {exc}") from None
     at_best = {f"bbm-{t}": inputs.split_chains(splits, t, "test", heldout_size) for t in bbm_at_best or []}
     if at_best and len(arms) < 2:
         raise Refused(

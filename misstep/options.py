@@ -29,7 +29,7 @@ from misstep.optimize.arms import KEEP_ARMS
 from misstep.optimize.compile import NothingToTrainOn
 from misstep.optimize.config import ConfigError, RunConfig, apply, load_config
 from misstep.optimize.control import CUE_MODES, LOSSES, POSITION_MODES
-from misstep.optimize.run import SEED_MODES
+from misstep.optimize.settings import SEED_MODES
 from misstep.shown import console
 
 

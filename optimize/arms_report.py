@@ -75,7 +75,8 @@ def arm_rows(run_dir: Path, arm: str) -> list[dict[str, Any]]:
                 "top_answer_share": (row.get("answers") or {}).get("top_share"),
                 "chosen_on": row.get("chosen_on"),
                 "best_round": row["verdict"]["best_round"],
-                "stop": row["verdict"]["reason"] if row["verdict"]["stop"] else None,
+                # the stop rule's verdict where it found one, stopping the arm or not (a fixed budget)
+                "stop": None if row["verdict"]["reason"] == "continue" else row["verdict"]["reason"],
                 "mcnemar_p_vs_round0": None
                 if r == 0
                 else mcnemar_p(
@@ -214,6 +215,7 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
         "",
         "Location on the reported GSM8K set (the same items for every arm and round), each round against",
         "the shared round 0 with McNemar's exact test; the best round is chosen on the validation split.",
+        "A round's stop-rule verdict (plateau, collapse) follows its number; an arm at a fixed budget goes on.",
         *_floors_line(comparison["arms"]),
         "",
         "| arm | round | location | p vs round 0 | recovery | judge / self-judge bal. acc. (verification set) "
@@ -224,8 +226,9 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
         for row in rows:
             taught = row["taught"] or {}
             located = sum((taught.get("locations") or {}).values())
+            verdict = f", {row['stop']}" if row["stop"] else ""  # the stop rule's, where it found one
             lines.append(
-                f"| {arm} | {row['round']}{' (best)' if row['round'] == rows[-1]['best_round'] else ''} "
+                f"| {arm} | {row['round']}{' (best)' if row['round'] == rows[-1]['best_round'] else ''}{verdict} "
                 f"| {Rate(row['location_correct'], row['n'])} | {_p(row['mcnemar_p_vs_round0'])} "
                 f"| {Rate(row['recovery_correct'], row['recovery_n'])} "
                 f"| {_number(row['judge_balanced_accuracy'])} / {_number(row['self_judge_balanced_accuracy'])} "

@@ -25,6 +25,9 @@ A TOML file has one table per section, with the fields it changes:
 
     [loop.stop]
     patience = 3
+
+    [arms.judge-curriculum]   # one arm of a side-by-side run (`misstep optimize --arm`), unlike [loop]
+    rounds = 4
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from misstep.lm.models import DEFAULT_MODEL
 from misstep.lm.provider import SERVINGS
 from misstep.lm.serving import VllmOptions
 from misstep.lm.training import TrainSettings
-from misstep.optimize.settings import LoopSettings
+from misstep.optimize.settings import LoopSettings, arm_parts
 
 
 @dataclass
@@ -59,10 +62,19 @@ class RunConfig:
     engine: EngineSettings = field(default_factory=EngineSettings)
     vllm: VllmOptions = field(default_factory=VllmOptions)
     loop: LoopSettings = field(default_factory=LoopSettings)
+    # What one arm of a side-by-side run does differently from [loop], by the arm's name
+    # ([arms.judge-curriculum] with rounds = 4): a table of LoopSettings fields, applied to the arm
+    # after [loop] and the command line's loop options.
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.serving not in SERVINGS:
             raise ValueError(f"serving must be one of {SERVINGS}, not {self.serving!r}")
+        for name, changes in self.arms.items():  # checked here, so a bad table fails naming its file and key
+            arm_parts(name)
+            if not isinstance(changes, dict):
+                raise ConfigError(f"arms.{name} is a section ([arms.{name}]), not a value")
+            apply(self.loop, changes, f"arms.{name}.")
 
 
 class ConfigError(ValueError):
@@ -96,7 +108,7 @@ def _without_none(data: dict[str, Any], settings: Any, where: str) -> dict[str, 
     out = {}
     for f in dataclasses.fields(settings):
         value = data[f.name]
-        if isinstance(value, dict):
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(settings, f.name)):
             out[f.name] = _without_none(value, getattr(settings, f.name), f"{where}{f.name}.")
         elif value is not None:
             out[f.name] = value

@@ -18,13 +18,12 @@ from misstep.data.records import Chain
 from misstep.data.runfiles import holds_run_dir
 from misstep.lm.client import release
 from misstep.lm.provider import LocalProvider
-from misstep.optimize.arms import KEEP_ARMS
 from misstep.optimize.arms_report import AT_BEST, arm_dir, round_folder, write_arms_report
 from misstep.optimize.compile import load_compiled
-from misstep.optimize.config import RunConfig, write_config
+from misstep.optimize.config import RunConfig, apply, write_config
 from misstep.optimize.report import write_report
 from misstep.optimize.rounds import measure, refuse_another_judge, run_loop
-from misstep.optimize.settings import LoopSettings
+from misstep.optimize.settings import SEED_MODES, LoopSettings, arm_parts, each_once
 from misstep.optimize.sources import RoundSource
 
 
@@ -63,26 +62,26 @@ def run_rounds(
     return history, write_report(run_dir)
 
 
-# How a side-by-side loop draws its seed chains (`arm_variants`): the training file, or procedural
-# problems at the level the curriculum chooses or at levels drawn uniformly.
-SEED_MODES: dict[str, dict[str, str]] = {
-    "gsm8k": {"seeds_from": "gsm8k"},
-    "curriculum": {"seeds_from": "procedural", "level_selection": "curriculum"},
-    "uniform": {"seeds_from": "procedural", "level_selection": "uniform"},
-}
-
-
-def arm_variants(loop: LoopSettings, keeps: list[str], seed_modes: list[str] | None = None) -> dict[str, LoopSettings]:
+def arm_variants(
+    loop: LoopSettings,
+    keeps: list[str],
+    seed_modes: list[str] | None = None,
+    changes: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, LoopSettings]:
     """The loops `run_arms` runs side by side, by name: one per arm (`LoopSettings.keep`) and seed mode
-    (`SEED_MODES`), each otherwise `loop`. Named by what varies: the arm, the seed mode, or both
-    ("judge-curriculum"); every one draws its seeds uniformly (no active selection of error types),
-    so the arms of one seed mode write from the same chains each round."""
+    (`SEED_MODES`), each otherwise `loop` with its own `changes` (`RunConfig.arms`, by the arm's full
+    name, `<keep>` or `<keep>-<seed mode>`).
+    Named by what varies: the arm, the seed mode, or both ("judge-curriculum"); every one draws its
+    seeds uniformly (no active selection of error types), so the arms of one seed mode write from the
+    same chains each round."""
     modes = seed_modes or [None]
     unknown = sorted(set(m for m in modes if m is not None) - set(SEED_MODES))
     if unknown:
         raise ValueError(f"seed modes are {', '.join(SEED_MODES)}, not {unknown}")
-    if not keeps or len(set(keeps)) != len(keeps) or len(set(modes)) != len(modes):
-        raise ValueError(f"arms and seed modes must be distinct, and at least one arm: {keeps}, {seed_modes}")
+    if not keeps:
+        raise ValueError("name at least one arm")
+    each_once(keeps, "arm")
+    each_once([m for m in modes if m is not None], "seed mode")
     variants = {}
     for keep in keeps:
         for mode in modes:
@@ -90,34 +89,29 @@ def arm_variants(loop: LoopSettings, keeps: list[str], seed_modes: list[str] | N
                 name = keep
             else:
                 name = mode if len(keeps) == 1 else f"{keep}-{mode}"
-            variants[name] = _arm(loop, keep, mode)
+            full_name = keep if mode is None else f"{keep}-{mode}"  # as --arm and [arms.<name>] name it
+            variants[name] = _arm(loop, keep, mode, (changes or {}).get(full_name, {}), full_name)
     return variants
 
 
-def named_arms(loop: LoopSettings, names: list[str]) -> dict[str, LoopSettings]:
+def named_arms(
+    loop: LoopSettings, names: list[str], changes: dict[str, dict[str, Any]] | None = None
+) -> dict[str, LoopSettings]:
     """The loops `run_arms` runs side by side, each named `<keep>` (seeds as `loop` draws them) or
-    `<keep>-<seed mode>` ("judge-curriculum"): any set of arms, where `arm_variants` makes every
-    combination. So one run can hold the judge, oracle and random arms on GSM8K seeds beside the judge
-    arm on procedural seeds, all from one round 0 and one judge."""
+    `<keep>-<seed mode>` ("judge-curriculum"), each with its own `changes` (`RunConfig.arms`): any
+    set of arms, where `arm_variants` makes every combination. So one run can hold the judge, oracle
+    and random arms on GSM8K seeds beside the judge arm on procedural seeds, all from one round 0 and
+    one judge."""
     if not names:
         raise ValueError("name at least one arm")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:  # a repeated name is a slip (another arm meant); running it once would hide that
-        raise ValueError(f"each arm once: {', '.join(map(repr, repeated))} given more than once")
-    variants = {}
-    for name in names:
-        keep, dash, mode = name.partition("-")
-        if keep not in KEEP_ARMS or (dash and mode not in SEED_MODES):
-            raise ValueError(
-                f"an arm is <keep> or <keep>-<seed mode> (keep: {', '.join(KEEP_ARMS)}; seed mode: "
-                f"{', '.join(SEED_MODES)}), not {name!r}"
-            )
-        variants[name] = _arm(loop, keep, mode or None)
-    return variants
+    each_once(names, "arm")
+    return {name: _arm(loop, *arm_parts(name), (changes or {}).get(name, {}), name) for name in names}
 
 
-def _arm(loop: LoopSettings, keep: str, mode: str | None) -> LoopSettings:
-    return replace(loop, keep=keep, active_selection=False, **SEED_MODES.get(mode, {}))
+def _arm(loop: LoopSettings, keep: str, mode: str | None, changes: dict[str, Any], name: str) -> LoopSettings:
+    """`loop` as the arm runs it: its keep arm, its seed mode, no active selection, then its own changes."""
+    arm = replace(loop, keep=keep, active_selection=False, **SEED_MODES.get(mode, {}))
+    return apply(arm, changes, f"arms.{name}.")
 
 
 @holds_run_dir(lambda args: args["run_dir"])

@@ -12,6 +12,33 @@ SEED_SOURCES = ("gsm8k", "procedural")  # where each round's seed chains come fr
 LEVEL_SELECTIONS = ("curriculum", "uniform")  # how the level of procedural seed chains is chosen
 COMPILE_FROM = ("previous", "round-0")  # the weights each round's compile starts from
 
+# How an arm of a side-by-side run draws its seed chains: the training file, or procedural problems
+# at the level the curriculum chooses or at levels drawn uniformly. An arm is named `<keep>` or
+# `<keep>-<seed mode>` ("judge-curriculum").
+SEED_MODES: dict[str, dict[str, str]] = {
+    "gsm8k": {"seeds_from": "gsm8k"},
+    "curriculum": {"seeds_from": "procedural", "level_selection": "curriculum"},
+    "uniform": {"seeds_from": "procedural", "level_selection": "uniform"},
+}
+
+
+def arm_parts(name: str) -> tuple[str, str | None]:
+    """An arm's name as its keep arm (`LoopSettings.keep`) and seed mode (None: the loop's own)."""
+    keep, dash, mode = name.partition("-")
+    if keep not in KEEP_ARMS or (dash and mode not in SEED_MODES):
+        raise ValueError(
+            f"an arm is <keep> or <keep>-<seed mode> (keep: {', '.join(KEEP_ARMS)}; seed mode: "
+            f"{', '.join(SEED_MODES)}), not {name!r}"
+        )
+    return keep, mode or None
+
+
+def each_once(values: list[str], what: str) -> None:
+    """Refuse a name given twice: a repeat is a slip (another one meant), and running it once would hide that."""
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"each {what} once: {', '.join(map(repr, repeated))} given more than once")
+
 
 @dataclass
 class LoopSettings:

@@ -311,6 +311,10 @@ def test_optimize_refuses_bad_arguments_before_any_work(tmp_path, tiny_model_dir
         result.output.split()
     )
     result = _invoke(
+        "optimize", "--keep", "oracle", "--keep", "oracle", "--model", tiny_model_dir, "--run-dir", tmp_path / "r"
+    )
+    assert result.exit_code == 2 and "--keep, --seed-mode: each arm once: 'oracle'" in " ".join(result.output.split())
+    result = _invoke(
         "optimize", "--arm", "judge", "--keep", "oracle", "--model", tiny_model_dir, "--run-dir", tmp_path / "r"
     )
     assert result.exit_code == 2 and "without --keep and --seed-mode" in " ".join(result.output.split())

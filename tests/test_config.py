@@ -50,6 +50,51 @@ def test_a_file_changes_only_what_it_sets_and_names_the_key_it_cannot_use(tmp_pa
             load_config(path)
 
 
+def test_an_arm_s_own_table_changes_that_arm_only_and_a_bad_one_names_its_file_and_key(tmp_path):
+    from misstep.optimize.run import arm_variants, named_arms
+
+    path = tmp_path / "arms.toml"
+    path.write_text(
+        "[loop]\nrounds = 3\n[arms.judge-curriculum]\nrounds = 4\n[arms.judge-curriculum.stop]\nfixed_budget = true\n"
+    )
+    config = load_config(path)
+    arms = named_arms(config.loop, ["judge", "judge-curriculum", "oracle"], config.arms)
+    assert [arms[name].rounds for name in arms] == [3, 4, 3]
+    assert arms["judge-curriculum"].stop.fixed_budget and not arms["judge"].stop.fixed_budget
+    assert arms["judge-curriculum"].seeds_from == "procedural"  # the seed mode stays the arm's own
+    # --keep with --seed-mode names the same arm "curriculum": the table still finds it by its full name
+    assert arm_variants(config.loop, ["judge"], ["gsm8k", "curriculum"], config.arms)["curriculum"].rounds == 4
+    write_config(config, tmp_path / "written.toml")
+    assert load_config(tmp_path / "written.toml") == config
+
+    for text, message in [
+        ("[arms.judge-curiculum]\nrounds = 4\n", "an arm is <keep> or <keep>-<seed mode>.*'judge-curiculum'"),
+        ("[arms.judge]\nround = 4\n", "unknown key arms.judge.round"),
+        ('[arms.judge]\nrounds = "four"\n', "arms.judge.rounds must be int"),
+        ("[arms.judge]\nrounds = 0\n", "rounds must be at least 1"),
+        ("[arms]\njudge = 4\n", r"arms.judge is a section \(\[arms.judge\]\)"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"^{path}: .*{message}"):
+            load_config(path)
+
+
+def test_the_arms_run_s_configuration_loads_with_its_judge_arms_at_a_fixed_budget():
+    from pathlib import Path
+
+    from misstep.optimize.run import named_arms
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "arms.toml")
+    arms = named_arms(config.loop, ["judge", "oracle", "random", "judge-curriculum", "judge-uniform"], config.arms)
+    assert {name: (arm.rounds, arm.stop.fixed_budget) for name, arm in arms.items()} == {
+        "judge": (4, True),
+        "oracle": (3, False),
+        "random": (3, False),
+        "judge-curriculum": (4, True),
+        "judge-uniform": (4, True),
+    }
+
+
 def test_none_where_the_default_is_not_none_is_refused_when_written(tmp_path):
     config = RunConfig()
     with pytest.raises(ConfigError, match="train.resume_every_s is None"):

@@ -25,6 +25,14 @@ def test_no_significant_gain_for_patience_rounds_is_a_plateau():
     assert not judge_health(history[:3], [None, 0.6, 0.6], StopRule(patience=3)).stop  # patience not yet spent
 
 
+def test_a_fixed_budget_records_the_verdict_and_stops_nothing():
+    history = [Rate(20, 200), Rate(50, 200), Rate(53, 200), Rate(51, 200)]
+    plateau = judge_health(history, [None, 0.6, 0.6, 0.6], StopRule(patience=2, fixed_budget=True))
+    assert not plateau.stop and plateau.reason == "plateau" and "fixed budget" in plateau.detail
+    fell = judge_health([Rate(20, 200), Rate(80, 200), Rate(40, 200)], [None, 0.6, 0.6], StopRule(fixed_budget=True))
+    assert not fell.stop and fell.reason == "collapse" and fell.best_round == 1
+
+
 def test_a_significant_drop_or_a_diversity_fall_is_a_collapse():
     fell = judge_health([Rate(20, 200), Rate(80, 200), Rate(40, 200)], [None, 0.6, 0.6])
     assert fell.stop and fell.reason == "collapse" and fell.best_round == 1

@@ -600,8 +600,12 @@ def test_arm_variants_are_named_by_what_varies_and_differ_only_there():
     assert list(both) == ["judge-gsm8k", "judge-uniform", "random-gsm8k", "random-uniform"]
     with pytest.raises(ValueError, match="seed modes are"):
         arm_variants(loop, ["judge"], ["gsm8k", "sideways"])
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="each arm once: 'judge' given more than once"):
         arm_variants(loop, ["judge", "judge"])
+    with pytest.raises(ValueError, match="each seed mode once: 'uniform' given more than once"):
+        arm_variants(loop, ["judge"], ["uniform", "gsm8k", "uniform"])
+    with pytest.raises(ValueError, match="at least one arm"):
+        arm_variants(loop, [])
 
 
 def test_the_arms_table_reads_each_floor_from_its_own_baseline():
