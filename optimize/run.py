@@ -89,8 +89,7 @@ def arm_variants(
                 name = keep
             else:
                 name = mode if len(keeps) == 1 else f"{keep}-{mode}"
-            full_name = keep if mode is None else f"{keep}-{mode}"  # as --arm and [arms.<name>] name it
-            variants[name] = _arm(loop, keep, mode, (changes or {}).get(full_name, {}), full_name)
+            variants[name] = _arm(loop, keep if mode is None else f"{keep}-{mode}", changes)
     return variants
 
 
@@ -105,13 +104,15 @@ def named_arms(
     if not names:
         raise ValueError("name at least one arm")
     each_once(names, "arm")
-    return {name: _arm(loop, *arm_parts(name), (changes or {}).get(name, {}), name) for name in names}
+    return {name: _arm(loop, name, changes) for name in names}
 
 
-def _arm(loop: LoopSettings, keep: str, mode: str | None, changes: dict[str, Any], name: str) -> LoopSettings:
-    """`loop` as the arm runs it: its keep arm, its seed mode, no active selection, then its own changes."""
+def _arm(loop: LoopSettings, name: str, changes: dict[str, dict[str, Any]] | None) -> LoopSettings:
+    """`loop` as the arm `name` (`<keep>` or `<keep>-<seed mode>`, as --arm and [arms.<name>] name
+    it) runs it: its keep arm, its seed mode, no active selection, then its own table of `changes`."""
+    keep, mode = arm_parts(name)
     arm = replace(loop, keep=keep, active_selection=False, **SEED_MODES.get(mode, {}))
-    return apply(arm, changes, f"arms.{name}.")
+    return apply(arm, (changes or {}).get(name, {}), f"arms.{name}.")
 
 
 @holds_run_dir(lambda args: args["run_dir"])
