@@ -499,9 +499,10 @@ def _finish_round(
     """Measure the round's model on the held-out sets (`measured`: "heldout", the reported test sets,
     and "validation", the sets choices are made on) and write round.json with what the round's
     source recorded (`made`), the stop rule's verdict and the seconds each step took here (a step
-    resumed from its file takes ~0)."""
+    resumed from its file takes ~0). A finished round keeps its measurements; only its verdict is
+    given again, by `settings.stop` as it is now (below)."""
     if (folder / "round.json").exists():
-        return json.loads((folder / "round.json").read_text())
+        return _verdict_again(json.loads((folder / "round.json").read_text()), history, settings, folder)
     seconds = dict(seconds or {})
     row: dict[str, Any] = {"round": r, "model": student.predictors()[0].lm.model}
     with timed(seconds, "heldout"):
@@ -511,17 +512,36 @@ def _finish_round(
         with timed(seconds, "verification"):
             row["verification"] = gap.row(student, folder)
     row.update(made)
-    past = [*history, row]
-    primary = [_primary(h, settings.primary_metric) for h in past]
     row["answers"] = _answers(row)
+    row["verdict"] = _verdict(row, history, settings)
+    row["seconds"] = {step: round(value, 1) for step, value in seconds.items()}
+    write_json_atomic(folder / "round.json", row)
+    return row
+
+
+def _verdict(row: dict[str, Any], history: list[dict[str, Any]], settings: LoopSettings) -> dict[str, Any]:
+    """The stop rule's verdict on the rounds up to `row`."""
+    past = [*history, row]
     verdict = judge_health(
-        primary,
+        [_primary(h, settings.primary_metric) for h in past],
         [h.get("diversity", {}).get("distinct_2") for h in past],
         settings.stop,
         top_share=[(h.get("answers") or {}).get("top_share") for h in past],
     )
-    row["verdict"] = asdict(verdict)
-    row["seconds"] = {step: round(value, 1) for step, value in seconds.items()}
+    return asdict(verdict)
+
+
+def _verdict_again(
+    row: dict[str, Any], history: list[dict[str, Any]], settings: LoopSettings, folder: Path
+) -> dict[str, Any]:
+    """A finished round's row, its verdict given again by the stop rule the run resumes with: a run
+    resumed under a new rule (a fixed budget for an arm that a collapse had stopped) goes on or stops
+    by that rule, not the one its round was finished under. A changed verdict is written to round.json
+    with the ones before it kept under "verdicts_before"."""
+    verdict = _verdict(row, history, settings)
+    if verdict == row["verdict"]:
+        return row
+    row = {**row, "verdicts_before": [*row.get("verdicts_before", []), row["verdict"]], "verdict": verdict}
     write_json_atomic(folder / "round.json", row)
     return row
 

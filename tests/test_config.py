@@ -79,7 +79,7 @@ def test_an_arm_s_own_table_changes_that_arm_only_and_a_bad_one_names_its_file_a
             load_config(path)
 
 
-def test_the_arms_run_s_configuration_loads_with_its_judge_arms_at_a_fixed_budget():
+def test_the_arms_run_s_configuration_loads_with_every_arm_at_a_fixed_budget():
     from pathlib import Path
 
     from misstep.optimize.run import named_arms
@@ -88,8 +88,8 @@ def test_the_arms_run_s_configuration_loads_with_its_judge_arms_at_a_fixed_budge
     arms = named_arms(config.loop, ["judge", "oracle", "random", "judge-curriculum", "judge-uniform"], config.arms)
     assert {name: (arm.rounds, arm.stop.fixed_budget) for name, arm in arms.items()} == {
         "judge": (4, True),
-        "oracle": (3, False),
-        "random": (3, False),
+        "oracle": (3, True),
+        "random": (3, True),
         "judge-curriculum": (4, True),
         "judge-uniform": (4, True),
     }

@@ -484,6 +484,46 @@ def test_rounds_are_chosen_on_the_validation_split_not_the_reported_one():
     assert _primary(legacy, "location_accuracy").k == 90
 
 
+def test_a_finished_round_resumed_under_a_new_stop_rule_is_judged_by_it(tmp_path):
+    from misstep.optimize.rounds import _finish_round
+
+    def row(r, k, share):
+        metrics = {"location_accuracy": {"k": k, "n": 180}, "answers": {"top_share": share}}
+        return {
+            "round": r,
+            "validation": {"gsm8k": {"gsm8k": metrics}},
+            "chosen_on": "validation",
+            "answers": {"top_share": share},  # as round.json carries it
+        }
+
+    # Round 2 of an arm that answers one step for 96% of the items, up from 82%: a collapse, which
+    # stopped the arm when the round was finished.
+    history = [row(0, 58, 0.96), row(1, 49, 0.82)]
+    folder = tmp_path / "round-2"
+    folder.mkdir()
+    finished = row(2, 58, 0.96)
+    finished["verdict"] = {
+        "stop": True,
+        "reason": "collapse",
+        "best_round": 0,
+        "detail": ("round 2 gives one stage-3 answer to 96% of the held-out items (above 60%, and up from 82%)"),
+    }
+    (folder / "round.json").write_text(json.dumps(finished))
+
+    stopping = _settings(stop=StopRule(patience=3))  # the rule it was finished under: nothing changes
+    again = _finish_round(2, folder, None, {}, {}, stopping, history)
+    assert again == finished and json.loads((folder / "round.json").read_text()) == finished
+
+    budget = _settings(stop=StopRule(patience=3, fixed_budget=True))  # resumed at a fixed budget: it goes on
+    resumed = _finish_round(2, folder, None, {}, {}, budget, history)
+    assert not resumed["verdict"]["stop"] and resumed["verdict"]["reason"] == "collapse"
+    assert resumed["verdicts_before"] == [finished["verdict"]]  # the verdict it was finished with is kept
+    assert json.loads((folder / "round.json").read_text()) == resumed
+    assert {k: v for k, v in resumed.items() if k not in ("verdict", "verdicts_before")} == {
+        k: v for k, v in finished.items() if k != "verdict"
+    }  # its measurements are untouched
+
+
 @pytest.mark.parametrize("selection", ["curriculum", "uniform"])
 def test_procedural_seeds_at_the_chosen_level_never_a_held_out_one_and_resumed_the_same(
     tmp_path, tiny_model_dir, loop_parts, selection
