@@ -5,12 +5,14 @@ round's paired test against the shared round 0 (RUN_DIR/arms.json, arms.md, arms
                 "recovery_correct", "judge_balanced_accuracy", "self_judge_balanced_accuracy", "verification",
                 "judge_balanced_accuracy_on_scenarios", "kept", "taught", "top_answer_share",
                 "mcnemar_p_vs_round0", "predictions"}, ...]},
-                "pairs": {"<arm> vs <arm>": {"rounds", "mcnemar_p", ...}},
+                "pairs": {"<arm> vs <arm>": {"rounds", "n", "location_correct", "mcnemar_p"}},
+                "pairs_at_last": {the same, each arm at its last round},
                 "at_best": {"<set>": {"round 0": {"n", "location_correct"}, "<arm>": {"round", "n",
                             "location_correct", "mcnemar_p_vs_round0"}}}}
 
 Round 0 is each arm's first entry (its p null). Location is compared per item with McNemar's exact
-test: against round 0 every round, and between arms at each one's best round (chosen on validation).
+test: against round 0 every round, and between arms at each one's best round (chosen on validation)
+and at each one's last.
 """
 
 from __future__ import annotations
@@ -116,15 +118,28 @@ def _judge_on_scenarios(folder: Path) -> float | None:
 
 
 def compare_arms(run_dir: Path, arms: list[str]) -> dict[str, Any]:
-    """Every arm's rounds, and each pair of arms compared item by item at their best rounds."""
+    """Every arm's rounds, and each pair of arms compared item by item at their best rounds
+    ("pairs") and at their last rounds ("pairs_at_last": each arm at its budget; where every best
+    round is the shared round 0, the best rounds' comparison is of one model with itself)."""
     table = {arm: arm_rows(run_dir, arm) for arm in arms if (arm_dir(run_dir, arm) / "loop.json").exists()}
+    best = {arm: rows[-1]["best_round"] for arm, rows in table.items()}
+    last = {arm: rows[-1]["round"] for arm, rows in table.items()}
+    return {
+        "arms": table,
+        "pairs": _pairs(run_dir, best),
+        "pairs_at_last": _pairs(run_dir, last),
+        "at_best": at_best_rows(run_dir, table),
+    }
+
+
+def _pairs(run_dir: Path, rounds: dict[str, int]) -> dict[str, Any]:
+    """Each pair of arms, each at its round in `rounds`, on the reported GSM8K items both answered."""
     pairs = {}
-    for first, second in itertools.combinations(table, 2):
-        best = {arm: table[arm][-1]["best_round"] for arm in (first, second)}
-        a, b = (_predictions(round_folder(run_dir, arm, best[arm])) for arm in (first, second))
+    for first, second in itertools.combinations(rounds, 2):
+        a, b = (_predictions(round_folder(run_dir, arm, rounds[arm])) for arm in (first, second))
         items = sorted(set(a) & set(b))
         pairs[f"{first} vs {second}"] = {
-            "rounds": best,
+            "rounds": {first: rounds[first], second: rounds[second]},
             "n": len(items),
             "location_correct": {
                 first: sum(bool(a[i]["location_ok"]) for i in items),
@@ -134,7 +149,7 @@ def compare_arms(run_dir: Path, arms: list[str]) -> dict[str, Any]:
                 [bool(a[i]["location_ok"]) for i in items], [bool(b[i]["location_ok"]) for i in items]
             ),
         }
-    return {"arms": table, "pairs": pairs, "at_best": at_best_rows(run_dir, table)}
+    return pairs
 
 
 def at_best_rows(run_dir: Path, table: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -236,12 +251,12 @@ def write_arms_report(run_dir: Path, arms: list[str]) -> Path:
                 f"| {located} ({taught.get('locations_true', '-')}) | {_number(row['top_answer_share'])} "
                 f"| {_number(sum(row['seconds'].values()) if row['seconds'] else None, '.0f')} |"
             )
-    lines += ["", "## Arms against each other, at their best rounds", ""]
-    lines += ["| arms | rounds | correct | n | McNemar p |", "|---|---|---|---|---|"]
-    for name, pair in comparison["pairs"].items():
-        lines.append(
-            f"| {name} | {pair['rounds']} | {pair['location_correct']} | {pair['n']} | {_p(pair['mcnemar_p'])} |"
-        )
+    for key, title in (("pairs", "at their best rounds"), ("pairs_at_last", "at their last rounds")):
+        lines += ["", f"## Arms against each other, {title}", ""]
+        lines += ["| first arm (round): correct | second arm (round): correct | n | McNemar p |", "|---|---|---|---|"]
+        for pair in comparison[key].values():
+            cells = [f"{arm} ({pair['rounds'][arm]}): {pair['location_correct'][arm]}" for arm in pair["rounds"]]
+            lines.append(f"| {cells[0]} | {cells[1]} | {pair['n']} | {_p(pair['mcnemar_p'])} |")
     if comparison["at_best"]:
         lines += ["", "## Measured at round 0 and at each arm's best round only", ""]
         lines += [

@@ -41,3 +41,37 @@ def test_a_perfect_rate_whose_upper_bound_rounds_below_it_still_plots(tmp_path):
     assert "1.000 [0.830, 1.000] (19/19)" in report
     assert (tmp_path / "judge.png").stat().st_size > 1000
     assert "| 1 | 60 | 600 | 660 |" in report  # the wall-time table
+
+
+def test_arms_compare_item_by_item_at_their_best_and_at_their_last_rounds(tmp_path):
+    from misstep.optimize.arms_report import write_arms_report
+
+    # Four held-out chains. Round 0 locates items 0 and 1; the "up" arm's round 1 locates all four
+    # (its best), its round 2 none; the "flat" arm's round 1 answers as round 0 (best: round 0).
+    answers = {
+        "round-0": [1, 1, 0, 0],
+        "arm-up/round-1": [1, 1, 1, 1],
+        "arm-up/round-2": [0, 0, 0, 0],
+        "arm-flat/round-1": [1, 1, 0, 0],
+    }
+    best = {"arm-up": 1, "arm-flat": 0}
+    for folder, located in answers.items():
+        arm = folder.split("/")[0]
+        r = int(folder.rsplit("-", 1)[1])
+        verdict = {"stop": False, "reason": "continue", "best_round": best.get(arm, 0), "detail": "d"}
+        (tmp_path / folder / "heldout" / "gsm8k").mkdir(parents=True)
+        (tmp_path / folder / "round.json").write_text(json.dumps({"round": r, "heldout": {}, "verdict": verdict}))
+        (tmp_path / folder / "heldout" / "gsm8k" / "predictions.jsonl").write_text(
+            "".join(json.dumps({"source_id": f"c{i}", "location_ok": bool(ok)}) + "\n" for i, ok in enumerate(located))
+        )
+    for arm in best:
+        (tmp_path / arm / "loop.json").write_text(json.dumps({"start_dir": ".."}))
+
+    report = write_arms_report(tmp_path, ["up", "flat"]).read_text()
+    comparison = json.loads((tmp_path / "arms.json").read_text())
+    at_best, at_last = comparison["pairs"]["up vs flat"], comparison["pairs_at_last"]["up vs flat"]
+    assert at_best["rounds"] == {"up": 1, "flat": 0} and at_best["location_correct"] == {"up": 4, "flat": 2}
+    assert at_last["rounds"] == {"up": 2, "flat": 1} and at_last["location_correct"] == {"up": 0, "flat": 2}
+    assert at_best["n"] == at_last["n"] == 4 and at_best["mcnemar_p"] == at_last["mcnemar_p"] == 0.5
+    assert [row["round"] for row in comparison["arms"]["up"]] == [0, 1, 2]
+    assert "| up (1): 4 | flat (0): 2 | 4 | 0.5 |" in report and "| up (2): 0 | flat (1): 2 | 4 | 0.5 |" in report
