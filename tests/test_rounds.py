@@ -506,7 +506,7 @@ def test_a_finished_round_resumed_under_a_new_stop_rule_is_judged_by_it(tmp_path
         "stop": True,
         "reason": "collapse",
         "best_round": 0,
-        "detail": ("round 2 gives one stage-3 answer to 96% of the held-out items (above 60%, and up from 82%)"),
+        "detail": "round 2 gives one stage-3 answer to 96% of the held-out items (above 60%, and up from 82%)",
     }
     (folder / "round.json").write_text(json.dumps(finished))
 
