@@ -72,14 +72,19 @@ def _plot_rates(rows, lines: dict[str, Any], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _written(path: Path) -> dict[str, dict | None]:
-    """Of a round's model-written chains: how many carry a mistake the oracle finds, and how many
-    carry it at the step the writer described (the oracle's `injection_ok`)."""
+def _written(path: Path) -> dict[str, Any]:
+    """Of a round's model-written chains: how many carry a mistake the oracle finds, how many carry
+    it at the step the writer described (the oracle's `injection_ok`), and the first by error type
+    (which mistakes the writer can write at all)."""
     records = read_records(path)
     oracles = [r.get("oracle") or {} for r in records]
+    by_type: dict[str, list[bool]] = {}
+    for record, oracle in zip(records, oracles):
+        by_type.setdefault(record.get("error_type", "?"), []).append(oracle.get("invalid_first_error") is not None)
     return {
         "checkable": rate(o.get("invalid_first_error") is not None for o in oracles).to_dict() if oracles else None,
         "as_described": rate(bool(o.get("injection_ok")) for o in oracles).to_dict() if oracles else None,
+        "checkable_by_type": {t: (sum(found), len(found)) for t, found in sorted(by_type.items())},
     }
 
 
@@ -311,12 +316,16 @@ def _written_section(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
         "",
         "### What the model wrote (stages 1-2), by the oracle",
         "",
-        "| round | chains with a mistake the oracle finds | mistake where the writer said it would be |",
-        "|---|---|---|",
+        "| round | chains with a mistake the oracle finds | mistake where the writer said it would be "
+        "| a mistake the oracle finds, by error type |",
+        "|---|---|---|---|",
     ]
     for row in rows[1:]:
         written = _written(run_dir / f"round-{row['round']}" / "scenarios.jsonl")
-        lines.append(f"| {row['round']} | {rate_text(written['checkable'])} | {rate_text(written['as_described'])} |")
+        by_type = ", ".join(f"{t} {k}/{n}" for t, (k, n) in written["checkable_by_type"].items())
+        lines.append(
+            f"| {row['round']} | {rate_text(written['checkable'])} | {rate_text(written['as_described'])} | {by_type} |"
+        )
     return lines
 
 

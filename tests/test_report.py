@@ -10,7 +10,8 @@ def _rate(k, n, low, high):
     return {"k": k, "n": n, "value": k / n, "low": low, "high": high}
 
 
-def test_a_perfect_rate_whose_upper_bound_rounds_below_it_still_plots(tmp_path):
+def _write_rounds(run_dir, judge_recall):
+    """Round 0 and a round 1 with 24 scenarios, as round.json files."""
     heldout = {
         "gsm8k": {
             "gsm8k": {"n": 4, "location_accuracy": _rate(1, 4, 0.05, 0.7), "recovery_success": _rate(0, 4, 0.0, 0.49)}
@@ -24,7 +25,7 @@ def test_a_perfect_rate_whose_upper_bound_rounds_below_it_still_plots(tmp_path):
             "model": "m1",
             "heldout": heldout,
             "verdict": verdict,
-            "judge": {"precision": _rate(19, 24, 0.6, 0.9), "recall": _rate(19, 19, 0.83, 0.9999999999999999)},
+            "judge": {"precision": _rate(19, 24, 0.6, 0.9), "recall": judge_recall},
             "scenarios": 24,
             "kept": 23,
             "acceptance": _rate(23, 24, 0.8, 0.99),
@@ -35,12 +36,33 @@ def test_a_perfect_rate_whose_upper_bound_rounds_below_it_still_plots(tmp_path):
         },
     ]
     for row in rows:
-        (tmp_path / f"round-{row['round']}").mkdir()
-        (tmp_path / f"round-{row['round']}" / "round.json").write_text(json.dumps(row))
+        (run_dir / f"round-{row['round']}").mkdir()
+        (run_dir / f"round-{row['round']}" / "round.json").write_text(json.dumps(row))
+
+
+def test_a_perfect_rate_whose_upper_bound_rounds_below_it_still_plots(tmp_path):
+    _write_rounds(tmp_path, judge_recall=_rate(19, 19, 0.83, 0.9999999999999999))
     report = write_report(tmp_path).read_text()
     assert "1.000 [0.830, 1.000] (19/19)" in report
     assert (tmp_path / "judge.png").stat().st_size > 1000
     assert "| 1 | 60 | 600 | 660 |" in report  # the wall-time table
+
+
+def test_the_writers_chains_are_counted_by_error_type(tmp_path):
+    # Round 1 wrote three chains: a skipped step the oracle finds, and two wrong operations, one a
+    # copy of its valid chain (no first error), one with the mistake a step early.
+    _write_rounds(tmp_path, judge_recall=_rate(19, 19, 0.83, 0.99))
+    written = [
+        ("skipped_step", {"invalid_first_error": 1, "injection_ok": True}),
+        ("wrong_operation", {"invalid_first_error": None, "injection_ok": False}),
+        ("wrong_operation", {"invalid_first_error": 0, "injection_ok": False}),
+    ]
+    lines = [json.dumps({"error_type": t, "oracle": oracle}) for t, oracle in written]
+    (tmp_path / "round-1" / "scenarios.jsonl").write_text("\n".join(lines) + "\n")
+    report = write_report(tmp_path).read_text()
+    writer = report.split("### What the model wrote")[1].split("###")[0]
+    assert "(2/3) | " in writer and "(1/3) | " in writer
+    assert "| skipped_step 1/1, wrong_operation 1/2 |" in writer
 
 
 def test_arms_compare_item_by_item_at_their_best_and_at_their_last_rounds(tmp_path):
