@@ -72,18 +72,27 @@ def _plot_rates(rows, lines: dict[str, Any], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def written_chains(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """A round's model-written chains, one each (a round's candidates share their written chain),
+    keyed by seed chain and error type: the error type and the oracle's checks of the chain."""
+    return {
+        (r["source_id"], r.get("error_type", "?")): {"error_type": r.get("error_type", "?"), **(r.get("oracle") or {})}
+        for r in read_records(path)
+        if not r.get("candidate")
+    }
+
+
 def _written(path: Path) -> dict[str, Any]:
     """Of a round's model-written chains: how many carry a mistake the oracle finds, how many carry
     it at the step the writer described (the oracle's `injection_ok`), and the first by error type
     (which mistakes the writer can write at all)."""
-    records = read_records(path)
-    oracles = [r.get("oracle") or {} for r in records]
+    chains = list(written_chains(path).values())
     by_type: dict[str, list[bool]] = {}
-    for record, oracle in zip(records, oracles):
-        by_type.setdefault(record.get("error_type", "?"), []).append(oracle.get("invalid_first_error") is not None)
+    for chain in chains:
+        by_type.setdefault(chain["error_type"], []).append(chain.get("invalid_first_error") is not None)
     return {
-        "checkable": rate(o.get("invalid_first_error") is not None for o in oracles).to_dict() if oracles else None,
-        "as_described": rate(bool(o.get("injection_ok")) for o in oracles).to_dict() if oracles else None,
+        "checkable": rate(c.get("invalid_first_error") is not None for c in chains).to_dict() if chains else None,
+        "as_described": rate(bool(c.get("injection_ok")) for c in chains).to_dict() if chains else None,
         "checkable_by_type": {t: (sum(found), len(found)) for t, found in sorted(by_type.items())},
     }
 
@@ -316,7 +325,7 @@ def _written_section(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
         "",
         "### What the model wrote (stages 1-2), by the oracle",
         "",
-        "| round | chains with a mistake the oracle finds | mistake where the writer said it would be "
+        "| round | written chains with a mistake the oracle finds | mistake where the writer said it would be "
         "| a mistake the oracle finds, by error type |",
         "|---|---|---|---|",
     ]

@@ -2,8 +2,8 @@
 the oracle finds, by error type, and each pair of arms that wrote from the same seeds in a round
 compared chain by chain (McNemar's exact p).
 
-A round's candidates share one written chain (stages 3-6 are sampled again on it), so this counts
-written chains, where the report's "What the model wrote" table counts scenarios.
+`misstep report` gives each arm's counts by error type ("What the model wrote"); this puts the arms
+side by side and pairs them.
 
     .venv/bin/python scripts/writer_compare.py runs/arms
 """
@@ -14,19 +14,15 @@ import argparse
 import itertools
 from pathlib import Path
 
-from misstep.data.runfiles import read_records
 from misstep.metrics.stats import mcnemar_p
+from misstep.optimize.report import written_chains
 
 ERROR_TYPES = ("skipped_step", "arithmetic_slip", "misread_quantity", "wrong_operand", "wrong_operation")
 
 
-def written_chains(scenarios: Path) -> dict[tuple[str, str], bool]:
+def findable(scenarios: Path) -> dict[tuple[str, str], bool]:
     """(seed chain, error type) -> whether the written chain has a first error the oracle finds."""
-    return {
-        (s["source_id"], s["error_type"]): s["oracle"].get("invalid_first_error") is not None
-        for s in read_records(scenarios)
-        if s.get("candidate", 0) == 0
-    }
+    return {key: c.get("invalid_first_error") is not None for key, c in written_chains(scenarios).items()}
 
 
 def _found(chains: dict[tuple[str, str], bool], error_type: str) -> str:
@@ -43,7 +39,7 @@ def main() -> None:
         if not (scenarios.parent / "round.json").exists():
             continue  # a round still being written
         arm, r = scenarios.parent.parent.name.removeprefix("arm-"), int(scenarios.parent.name.split("-")[1])
-        by_round.setdefault(r, {})[arm] = written_chains(scenarios)
+        by_round.setdefault(r, {})[arm] = findable(scenarios)
     print(f"| round | arm | all | {' | '.join(ERROR_TYPES)} |")
     print(f"|---|---|---|{'---|' * len(ERROR_TYPES)}")
     for r, arms in sorted(by_round.items()):

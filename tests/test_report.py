@@ -48,17 +48,19 @@ def test_a_perfect_rate_whose_upper_bound_rounds_below_it_still_plots(tmp_path):
     assert "| 1 | 60 | 600 | 660 |" in report  # the wall-time table
 
 
-def test_the_writers_chains_are_counted_by_error_type(tmp_path):
+def test_the_writers_chains_are_counted_by_error_type_once_a_chain(tmp_path):
     # Round 1 wrote three chains: a skipped step the oracle finds, and two wrong operations, one a
-    # copy of its valid chain (no first error), one with the mistake a step early.
+    # copy of its valid chain (no first error), one with the mistake a step early. The first was
+    # judged three times (candidates 0-2 share its written chain): it counts once.
     _write_rounds(tmp_path, judge_recall=_rate(19, 19, 0.83, 0.99))
     written = [
-        ("skipped_step", {"invalid_first_error": 1, "injection_ok": True}),
-        ("wrong_operation", {"invalid_first_error": None, "injection_ok": False}),
-        ("wrong_operation", {"invalid_first_error": 0, "injection_ok": False}),
+        ("a", "skipped_step", {"invalid_first_error": 1, "injection_ok": True}),
+        ("b", "wrong_operation", {"invalid_first_error": None, "injection_ok": False}),
+        ("c", "wrong_operation", {"invalid_first_error": 0, "injection_ok": False}),
     ]
-    lines = [json.dumps({"error_type": t, "oracle": oracle}) for t, oracle in written]
-    (tmp_path / "round-1" / "scenarios.jsonl").write_text("\n".join(lines) + "\n")
+    records = [{"source_id": s, "error_type": t, "oracle": oracle} for s, t, oracle in written]
+    records += [{**records[0], "candidate": candidate} for candidate in (1, 2)]
+    (tmp_path / "round-1" / "scenarios.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     report = write_report(tmp_path).read_text()
     writer = report.split("### What the model wrote")[1].split("###")[0]
     assert "(2/3) | " in writer and "(1/3) | " in writer
