@@ -87,11 +87,12 @@ def _written(path: Path) -> dict[str, Any]:
     it at the step the writer described (the oracle's `injection_ok`), and the first by error type
     (which mistakes the writer can write at all)."""
     chains = list(written_chains(path).values())
+    found = [c.get("invalid_first_error") is not None for c in chains]
     by_type: dict[str, list[bool]] = {}
-    for chain in chains:
-        by_type.setdefault(chain["error_type"], []).append(chain.get("invalid_first_error") is not None)
+    for chain, found_in_chain in zip(chains, found):
+        by_type.setdefault(chain["error_type"], []).append(found_in_chain)
     return {
-        "checkable": rate(c.get("invalid_first_error") is not None for c in chains).to_dict() if chains else None,
+        "checkable": rate(found).to_dict() if chains else None,
         "as_described": rate(bool(c.get("injection_ok")) for c in chains).to_dict() if chains else None,
         "checkable_by_type": {t: (sum(found), len(found)) for t, found in sorted(by_type.items())},
     }

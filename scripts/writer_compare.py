@@ -14,10 +14,10 @@ import argparse
 import itertools
 from pathlib import Path
 
+from misstep.metrics.injector import INJECTABLE_TYPES
 from misstep.metrics.stats import mcnemar_p
-from misstep.optimize.report import written_chains
-
-ERROR_TYPES = ("skipped_step", "arithmetic_slip", "misread_quantity", "wrong_operand", "wrong_operation")
+from misstep.optimize.arms_report import arm_dir, round_folder
+from misstep.optimize.report import load_history, written_chains
 
 
 def findable(scenarios: Path) -> dict[tuple[str, str], bool]:
@@ -35,16 +35,15 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args()
     by_round: dict[int, dict[str, dict[tuple[str, str], bool]]] = {}
-    for scenarios in sorted(args.run_dir.glob("arm-*/round-*/scenarios.jsonl")):
-        if not (scenarios.parent / "round.json").exists():
-            continue  # a round still being written
-        arm, r = scenarios.parent.parent.name.removeprefix("arm-"), int(scenarios.parent.name.split("-")[1])
-        by_round.setdefault(r, {})[arm] = findable(scenarios)
-    print(f"| round | arm | all | {' | '.join(ERROR_TYPES)} |")
-    print(f"|---|---|---|{'---|' * len(ERROR_TYPES)}")
+    for arm in sorted(folder.name.removeprefix("arm-") for folder in args.run_dir.glob("arm-*")):
+        for row in load_history(arm_dir(args.run_dir, arm))[1:]:  # finished rounds after the shared round 0
+            scenarios = round_folder(args.run_dir, arm, row["round"]) / "scenarios.jsonl"
+            by_round.setdefault(row["round"], {})[arm] = findable(scenarios)
+    print(f"| round | arm | all | {' | '.join(INJECTABLE_TYPES)} |")
+    print(f"|---|---|---|{'---|' * len(INJECTABLE_TYPES)}")
     for r, arms in sorted(by_round.items()):
         for arm, chains in arms.items():
-            cells = [_found(chains, error_type) for error_type in ERROR_TYPES]
+            cells = [_found(chains, error_type) for error_type in INJECTABLE_TYPES]
             print(f"| {r} | {arm} | {sum(chains.values())}/{len(chains)} | {' | '.join(cells)} |")
     for r, arms in sorted(by_round.items()):
         for first, second in itertools.combinations(arms, 2):
