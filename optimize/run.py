@@ -78,19 +78,15 @@ def arm_variants(
     unknown = sorted(set(m for m in modes if m is not None) - set(SEED_MODES))
     if unknown:
         raise ValueError(f"seed modes are {', '.join(SEED_MODES)}, not {unknown}")
-    if not keeps:
-        raise ValueError("name at least one arm")
     each_once(keeps, "arm")
     each_once([m for m in modes if m is not None], "seed mode")
-    variants = {}
+    full_names = {}  # the name shown -> the arm's full name, as named_arms and [arms.<name>] know it
     for keep in keeps:
         for mode in modes:
-            if len(modes) == 1:
-                name = keep
-            else:
-                name = mode if len(keeps) == 1 else f"{keep}-{mode}"
-            variants[name] = _arm(loop, keep if mode is None else f"{keep}-{mode}", changes)
-    return variants
+            shown = keep if len(modes) == 1 else mode if len(keeps) == 1 else f"{keep}-{mode}"
+            full_names[shown] = keep if mode is None else f"{keep}-{mode}"
+    arms = named_arms(loop, list(full_names.values()), changes)
+    return {shown: arms[name] for shown, name in full_names.items()}
 
 
 def named_arms(
